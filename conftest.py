@@ -1,0 +1,1 @@
+# Makes the project's packages (data, models, utils) importable from tests without installing.

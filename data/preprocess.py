@@ -1,0 +1,73 @@
+"""The one preprocessing definition, shared by training, evaluation, export and inference.
+
+Pixels arrive as uint8 grayscale already resized to img_size (data/images.py). Here, on whatever
+device the model runs on: optional augmentation (training), scaling to [0, 1], normalization,
+and replication to the 3 channels ImageNet-style backbones expect.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Preprocessor(nn.Module):
+    """uint8 (B, 1, H, W) -> normalized float (B, 3, H, W); augments per sample when training."""
+
+    def __init__(self, mean, std, augment: bool = False, hflip: float = 0.5, rotation: float = 10.0,
+                 brightness: float = 0.2, contrast: float = 0.2):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.augment, self.hflip, self.rotation = augment, hflip, rotation
+        self.brightness, self.contrast = brightness, contrast
+
+    @classmethod
+    def from_config(cls, cfg, mean, std, train: bool) -> "Preprocessor":
+        t = cfg.transform
+        return cls(mean, std, augment=train and t.augmentation, hflip=t.hflip, rotation=t.rotation,
+                   brightness=t.brightness, contrast=t.contrast)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().div_(255.0)
+        if self.augment and self.training:
+            x = self._augment(x)
+        # Normalize per output channel; the 3 channels are copies of the one grayscale plane.
+        return (x.expand(-1, 3, -1, -1) - self.mean) / self.std
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        # Per-sample random parameters, drawn with torch's RNG so --seed makes runs repeatable.
+        b = x.shape[0]
+        dev = x.device
+        flip = torch.rand(b, device=dev) < self.hflip
+        x = torch.where(flip.view(b, 1, 1, 1), x.flip(-1), x)
+        if self.rotation > 0:
+            angle = (torch.rand(b, device=dev) * 2 - 1) * math.radians(self.rotation)
+            cos, sin = torch.cos(angle), torch.sin(angle)
+            zero = torch.zeros_like(cos)
+            theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if self.brightness > 0:
+            factor = 1 + (torch.rand(b, 1, 1, 1, device=dev) * 2 - 1) * self.brightness
+            x = (x * factor).clamp_(0, 1)
+        if self.contrast > 0:
+            # As torchvision's adjust_contrast: blend with the image's mean gray level.
+            factor = 1 + (torch.rand(b, 1, 1, 1, device=dev) * 2 - 1) * self.contrast
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            x = (mean + factor * (x - mean)).clamp_(0, 1)
+        return x
+
+
+def preprocess_numpy(gray: np.ndarray, mean, std) -> np.ndarray:
+    """Inference without torch: uint8 (H, W) -> float32 (1, 3, H, W), same arithmetic as Preprocessor."""
+    x = gray.astype(np.float32) / np.float32(255.0)
+    m = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+    return ((x[None] - m) / s)[None].astype(np.float32, copy=False)
