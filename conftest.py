@@ -1,1 +1,1 @@
-# Makes the project's packages (data, models, utils) importable from tests without installing.
+# Puts the project root on sys.path so tests import data/, models/, utils/ and the scripts.

@@ -97,6 +97,7 @@ class MlflowSection(Section):
     enabled: bool = True
     tracking_uri: str = "sqlite:///mlflow.db"
     artifact_location: str = "./mlartifacts"
+    parent_run_id: Optional[str] = None  # set by run_experiments.py to nest training runs under its run
 
 
 class WandbSection(Section):

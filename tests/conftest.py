@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny synthetic data set and a config overlay that keeps every output in tmp."""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def write_overlay(tmp: Path, data_path: Path, **extra) -> Path:
+    """A --config overlay for tests: tiny images, no workers, every output under tmp, trackers local/off."""
+    overlay = {
+        "dataset": {
+            "path": str(data_path), "img_size": 32, "num_workers": 0, "batch_size": 8,
+            "stats_path": str(tmp / "normalization_stats.json"), "manifest_dir": str(tmp / "splits"),
+            "cache_dir": str(tmp / "cache"),
+        },
+        "models": {"resnet18": {"batch_size": 8, "pretrained": False, "lr": 0.003},
+                   "efficientnet_b0": {"batch_size": 8, "pretrained": False}},
+        "train": {"epochs": 1, "output_dir": str(tmp / "checkpoints"), "save_every": 0, "warmup_epochs": 0},
+        "monitoring": {"tensorboard_log_dir": str(tmp / "runs"),
+                       "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
+                                  "artifact_location": str(tmp / "mlartifacts")},
+                       "wandb": {"mode": "disabled", "dir": str(tmp)}},
+        "performance": {"mixed_precision": False, "compile_model": False, "channels_last": False},
+        "evaluation": {"bootstrap_samples": 200, "timing_runs": 3, "timing_warmup": 1},
+    }
+    for key, value in extra.items():  # dotted keys: {"train.epochs": 2}
+        node = overlay
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    path = tmp / "overlay.yaml"
+    path.write_text(yaml.safe_dump(overlay))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A synthetic data set, 8 images per class at 48 px (class root)."""
+    from data.synthetic import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("tiny data"), n_per_class=8, size=48, seed=1)
+
+
+@pytest.fixture
+def overlay(tmp_path, tiny_data) -> Path:
+    return write_overlay(tmp_path, tiny_data)
+
+
+def run_script(name: str, argv: list[str]) -> int:
+    """Run a top-level script's main() in-process, as its command line would; returns the exit code."""
+    module = importlib.import_module(name)
+    args = module.get_args_parser().parse_args([str(a) for a in argv])
+    return module.main(args) or 0
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_data):
+    """A resnet18 trained for one epoch on the tiny set: (overlay path, tmp dir, checkpoint path)."""
+    tmp = tmp_path_factory.mktemp("trained run")
+    cfg = write_overlay(tmp, tiny_data)
+    assert run_script("train", ["--config", cfg, "--model", "resnet18"]) == 0
+    return cfg, tmp, tmp / "checkpoints" / "resnet18_outputs" / "best_model.pth"
