@@ -1,0 +1,201 @@
+"""Model zoo: the eight models as a table (name -> builder + recipe), not an if/elif chain."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+from utils.errors import UserError
+
+# timm's port of Chollet's original Xception (the name timm 0.9+ gives the old "xception").
+XCEPTION_TIMM_NAME = "legacy_xception"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str  # "torchvision" | "timm"
+    default_img_size: int
+    frozen_prefixes: tuple[str, ...]  # parameter-name prefixes frozen by definition of the model
+    build: Callable[[int], nn.Module]  # num_classes -> randomly initialised model
+    load_pretrained: Callable[[nn.Module, dict], None] | None  # ImageNet state dict -> backbone (head kept)
+    torchvision_weights: str | None  # weights enum name, for the torch hub cache / download
+    timm_name: str | None = None  # timm model name, for the HF hub cache / download
+
+
+class BackboneWithHead(nn.Module):
+    """A feature extractor (.backbone) giving flat features, then a small classifier (.head)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, freeze_backbone: bool = False):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+
+    def train(self, mode: bool = True) -> "BackboneWithHead":
+        super().train(mode)
+        # Frozen means frozen: BatchNorm running stats must not drift while the head trains.
+        if self.freeze_backbone:
+            self.backbone.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def _medical_head(in_features: int, num_classes: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Dropout(0.3), nn.Linear(in_features, 128), nn.ReLU(inplace=True),
+        nn.Dropout(0.25), nn.Linear(128, num_classes),
+    )
+
+
+# ---- builders: one per family / head kind ----
+
+def _torchvision(arch: str) -> Callable[[int], nn.Module]:
+    return lambda num_classes: torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def _medical_cnn(num_classes: int) -> nn.Module:
+    effnet = torchvision.models.efficientnet_b0(weights=None)
+    backbone = nn.Sequential(effnet.features, effnet.avgpool, nn.Flatten(1))
+    return BackboneWithHead(backbone, _medical_head(1280, num_classes), freeze_backbone=True)
+
+
+def _xception_medical(num_classes: int) -> nn.Module:
+    import timm  # lazy: timm is slow to import and only this model needs it
+
+    backbone = timm.create_model(XCEPTION_TIMM_NAME, pretrained=False, num_classes=0)  # pooled features
+    return BackboneWithHead(backbone, _medical_head(backbone.num_features, num_classes))
+
+
+# ---- loaders: ImageNet state dict (original classifier included) -> backbone ----
+
+def _load_into(target: nn.Module, state: dict, skip: tuple[str, ...] = ()) -> None:
+    """Strict load of everything but the keys under `skip` (the head); one-line ValueError on mismatch."""
+    own = {k: v for k, v in target.state_dict().items() if not k.startswith(skip)}
+    given = {k: v for k, v in state.items() if not k.startswith(skip)}
+    # pre-0.4.1 torchvision files lack BatchNorm's counter; BatchNorm fills it in itself
+    missing = [k for k in own if k not in given and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in given if k not in own]
+    wrong = [k for k in own.keys() & given.keys() if own[k].shape != given[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{len(missing)} missing keys {missing[:2]}, {len(unexpected)} unexpected keys "
+            f"{unexpected[:2]}, {len(wrong)} shape mismatches {sorted(wrong)[:2]}")
+    target.load_state_dict(given, strict=False)
+
+
+def _skip_head(head_prefix: str) -> Callable[[nn.Module, dict], None]:
+    return lambda model, state: _load_into(model, state, skip=(head_prefix,))
+
+
+def _load_medical_cnn(model: nn.Module, state: dict) -> None:
+    # backbone is Sequential(features, avgpool, flatten): torchvision's "features.*" is our "0.*"
+    renamed = {("0." + k.removeprefix("features.") if k.startswith("features.") else k): v
+               for k, v in state.items()}
+    _load_into(model.backbone, renamed, skip=("classifier.",))
+
+
+def _load_xception(model: nn.Module, state: dict) -> None:
+    _load_into(model.backbone, state, skip=("fc.",))
+
+
+def _tv(name: str, weights: str, head_prefix: str) -> ModelSpec:
+    return ModelSpec(name, "torchvision", 224, (), _torchvision(name), _skip_head(head_prefix), weights)
+
+
+# IMAGENET1K_V1 everywhere: the weights the original project's `pretrained=True` gave.
+MODEL_SPECS: dict[str, ModelSpec] = {s.name: s for s in [
+    _tv("resnet18", "ResNet18_Weights.IMAGENET1K_V1", "fc."),
+    _tv("resnet50", "ResNet50_Weights.IMAGENET1K_V1", "fc."),
+    _tv("efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1", "classifier."),
+    _tv("swin_t", "Swin_T_Weights.IMAGENET1K_V1", "head."),
+    _tv("swin_s", "Swin_S_Weights.IMAGENET1K_V1", "head."),
+    _tv("vit_b_16", "ViT_B_16_Weights.IMAGENET1K_V1", "heads."),
+    ModelSpec("medical_cnn", "torchvision", 224, ("backbone.",), _medical_cnn, _load_medical_cnn,
+              "EfficientNet_B0_Weights.IMAGENET1K_V1"),
+    ModelSpec("xception_medical", "timm", 299, (), _xception_medical, _load_xception, None,
+              timm_name=XCEPTION_TIMM_NAME),
+]}
+
+
+def model_names() -> list[str]:
+    return list(MODEL_SPECS)
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in MODEL_SPECS:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_SPECS)}")
+    return MODEL_SPECS[name]
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
+
+def _read_weights_file(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"weights file {path} not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and weights_only errors all mean "not a usable file"
+        raise UserError(f"weights file {path} is unreadable: {_one_line(err)}") from None
+    for key in ("state_dict", "model_state"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"weights file {path} holds no state dict (tensors by parameter name)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}  # DataParallel/DDP prefix
+
+
+def _download_imagenet(spec: ModelSpec) -> dict:
+    try:
+        if spec.torchvision_weights:  # uses $TORCH_HOME/hub/checkpoints when the file is there
+            return torchvision.models.get_weight(spec.torchvision_weights).get_state_dict(progress=True)
+        import timm  # uses the HF hub cache when the file is there
+
+        return timm.create_model(spec.timm_name, pretrained=True, num_classes=0).state_dict()
+    except Exception as err:  # URLError, OSError, HF hub errors...: all mean "no weights reachable"
+        raise UserError(
+            f"cannot download ImageNet weights for {spec.name} (offline?): pass --weights PATH "
+            f"to a local .pth file, or --no-pretrained [{_one_line(err)}]") from err
+
+
+def build_model(name: str, num_classes: int, pretrained: bool = False,
+                weights_path: str | Path | None = None) -> nn.Module:
+    spec = get_spec(name)
+    if num_classes < 1:
+        raise UserError(f"num_classes must be at least 1, got {num_classes}")
+    state = None
+    if weights_path is not None:
+        state = _read_weights_file(Path(weights_path))
+    elif pretrained:
+        state = _download_imagenet(spec)
+    model = spec.build(num_classes)
+    if state is not None:
+        if spec.load_pretrained is None:
+            raise UserError(f"model {name} takes no pretrained weights")
+        try:
+            spec.load_pretrained(model, state)
+        except (ValueError, RuntimeError) as err:
+            source = f"weights file {weights_path}" if weights_path is not None else "ImageNet weights"
+            raise UserError(f"{source} does not fit {name}: {_one_line(err)}") from None
+    return model
+
+
+def trainable_parameter_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def expected_trainable(name: str, model: nn.Module) -> list[str]:
+    frozen = get_spec(name).frozen_prefixes
+    return [n for n, _ in model.named_parameters() if not n.startswith(frozen)]
