@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from data.preprocess_numpy import preprocess_numpy  # noqa: F401  (re-exported: the torch-free path)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -63,11 +64,3 @@ class Preprocessor(nn.Module):
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
             x = (mean + factor * (x - mean)).clamp_(0, 1)
         return x
-
-
-def preprocess_numpy(gray: np.ndarray, mean, std) -> np.ndarray:
-    """Inference without torch: uint8 (H, W) -> float32 (1, 3, H, W), same arithmetic as Preprocessor."""
-    x = gray.astype(np.float32) / np.float32(255.0)
-    m = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
-    s = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
-    return ((x[None] - m) / s)[None].astype(np.float32, copy=False)
