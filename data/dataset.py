@@ -33,8 +33,12 @@ class GrayImageDataset(Dataset):
 
 
 def make_loader(dataset: Dataset, cfg, batch_size: int, shuffle: bool = False, sampler=None,
-                drop_last: bool = False, device: torch.device | None = None) -> DataLoader:
-    """A DataLoader with the settings that fit the device (pinned memory and prefetch on CUDA)."""
+                drop_last: bool = False, device: torch.device | None = None,
+                generator: torch.Generator | None = None) -> DataLoader:
+    """A DataLoader with the settings that fit the device (pinned memory and prefetch on CUDA).
+
+    `generator` drives the shuffle order and worker seeds (saved in checkpoints so a resumed run
+    sees the same order)."""
     workers = cfg.dataset.num_workers
     cuda = device is not None and device.type == "cuda"
     extra = {}
@@ -42,7 +46,8 @@ def make_loader(dataset: Dataset, cfg, batch_size: int, shuffle: bool = False, s
         extra = {"persistent_workers": cfg.performance.persistent_workers,
                  "prefetch_factor": cfg.performance.prefetch_factor}
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=workers, pin_memory=cuda and cfg.dataset.pin_memory, drop_last=drop_last, **extra)
+                      num_workers=workers, pin_memory=cuda and cfg.dataset.pin_memory, drop_last=drop_last,
+                      generator=generator, **extra)
 
 
 def build_dataset(cfg, split, split_name: str, img_size: int) -> GrayImageDataset:
