@@ -1,0 +1,227 @@
+"""Synthetic brain MRI phantoms for trying the toolkit without the real data set.
+
+THIS IS SYNTHETIC DATA, NOT MEDICAL DATA. The images are drawn from simple geometric
+shapes and noise so that the whole pipeline (scan, split, train, evaluate, export) can be
+run end to end on any machine, offline, in seconds. Numbers obtained on it say nothing
+about performance on real MRI and must never be reported as such.
+
+The tree mirrors the Mendeley "Brain Cancer - MRI dataset" layout:
+``<root>/Brain_Cancer raw MRI data/Brain_Cancer/{brain_glioma,brain_menin,brain_tumor}/*.jpg``
+Each axial slice has a head, a skull ring, textured parenchyma and ventricles, with random
+pose, contrast, bias field and Rician noise, plus one class-specific lesion:
+glioma (irregular intra-axial mass, necrotic core, edema), meningioma (round homogeneous
+extra-axial mass on the skull or the falx), pituitary (small round midline sellar lesion).
+About a fifth of the images are hard cases with small, low-contrast lesions.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CLASS_FOLDERS = ("brain_glioma", "brain_menin", "brain_tumor")
+DEMO_SUBDIR = Path("Brain_Cancer raw MRI data") / "Brain_Cancer"
+FILE_PREFIXES = {"brain_glioma": "glioma", "brain_menin": "meningioma", "brain_tumor": "pituitary"}
+HARD_FRACTION = 0.22
+JPEG_QUALITY = 90
+MARKER_NAME = ".complete"
+# Bump when the drawing changes so that old trees are regenerated instead of silently reused.
+GENERATOR_VERSION = 1
+
+
+def _smooth_noise(rng: np.random.Generator, u: np.ndarray, v: np.ndarray,
+                  n: int, fmin: float, fmax: float) -> np.ndarray:
+    """Sum of random plane waves: a cheap band-limited field in roughly [-1, 1]."""
+    angles = rng.uniform(0, np.pi, n)
+    freqs = rng.uniform(fmin, fmax, n) * np.pi
+    phases = rng.uniform(0, 2 * np.pi, n)
+    field = np.zeros_like(u)
+    for a, f, p in zip(angles, freqs, phases):
+        field += np.cos(f * (np.cos(a) * u + np.sin(a) * v) + p)
+    return field * np.sqrt(2.0 / n)
+
+
+def _soft(signed_dist: np.ndarray, px: float) -> np.ndarray:
+    """Anti-aliased inside mask from a signed distance (negative inside)."""
+    return np.clip(0.5 - signed_dist / px, 0.0, 1.0)
+
+
+def _ellipse_dist(u, v, cx, cy, a, b):
+    """Approximate signed distance to an axis-aligned ellipse (exact for circles)."""
+    return (np.hypot((u - cx) / a, (v - cy) / b) - 1.0) * min(a, b)
+
+
+def _blob_dist(rng, u, v, cx, cy, r0, roughness):
+    """Signed distance to a lobulated blob whose radius is perturbed by a few harmonics."""
+    du, dv = u - cx, v - cy
+    theta = np.arctan2(dv, du)
+    radius = np.ones_like(u)
+    for k in range(2, 6):
+        radius += roughness * rng.uniform(0.3, 1.0) / k * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+    return np.hypot(du, dv) - r0 * radius
+
+
+def _paint(img, mask, value):
+    """Blend a constant (or field) into the image under a soft mask."""
+    return img * (1.0 - mask) + value * mask
+
+
+def _lesion(cls, rng, u, v, px, brain_a, brain_b, hard):
+    """Return (intensity offset field, lesion mask) for the class-specific lesion."""
+    # Contrast and size shrink for hard cases so that accuracy is not trivially perfect.
+    gain = rng.uniform(0.35, 0.55) if hard else rng.uniform(0.8, 1.0)
+    zeros = np.zeros_like(u)
+    if cls == "brain_glioma":
+        r0 = rng.uniform(0.07, 0.11) if hard else rng.uniform(0.17, 0.28)
+        ang, rad = rng.uniform(0, 2 * np.pi), rng.uniform(0.15, 0.6)
+        cx, cy = rad * brain_a * np.cos(ang), rad * brain_b * np.sin(ang)
+        d = _blob_dist(rng, u, v, cx, cy, r0, roughness=0.6)
+        mass, edema = _soft(d, px), _soft(d - r0 * rng.uniform(0.4, 0.8), 6 * px)
+        core = _soft(d + r0 * rng.uniform(0.35, 0.55), 2 * px)
+        # Enhancing rim bright, necrotic core dark, edema a faint halo around the mass.
+        offset = gain * (0.12 * edema + 0.3 * mass - 0.7 * core)
+        return offset, mass
+    if cls == "brain_menin":
+        r0 = rng.uniform(0.06, 0.09) if hard else rng.uniform(0.15, 0.25)
+        if rng.random() < 0.3:  # falx meningioma: on the midline, anywhere front to back
+            cx, cy = 0.0, rng.uniform(-0.6, 0.3) * brain_b
+            cx += rng.choice([-1, 1]) * r0 * 0.7
+        else:  # convexity meningioma: centre just inside the inner table of the skull
+            ang = rng.uniform(0, 2 * np.pi)
+            cx = (brain_a - 0.6 * r0) * np.cos(ang)
+            cy = (brain_b - 0.6 * r0) * np.sin(ang)
+        mass = _soft(_ellipse_dist(u, v, cx, cy, r0, r0 * rng.uniform(0.85, 1.0)), px)
+        return gain * 0.45 * mass, mass
+    if cls == "brain_tumor":
+        r0 = rng.uniform(0.045, 0.06) if hard else rng.uniform(0.08, 0.12)
+        cx, cy = rng.normal(0, 0.015), rng.uniform(0.3, 0.42) * brain_b
+        mass = _soft(_ellipse_dist(u, v, cx, cy, r0 * 1.15, r0), px)
+        return gain * 0.4 * mass, mass
+    raise ValueError(f"unknown class {cls!r}; expected one of {CLASS_FOLDERS}")
+
+
+def _render(cls: str, rng: np.random.Generator, size: int, hard: bool, lesion: bool = True):
+    """Draw one slice as floats in [0, 1] plus its lesion mask; lesion=False leaves it out."""
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
+    x, y = (2 * xs + 1) / size - 1, (2 * ys + 1) / size - 1
+    # Random pose: shapes are drawn in head coordinates (u, v) and the grid is moved instead.
+    theta = rng.uniform(-0.3, 0.3)
+    tx, ty = rng.uniform(-0.08, 0.08, 2)
+    scale = rng.uniform(0.85, 1.02)
+    c, s = np.cos(theta), np.sin(theta)
+    u = (c * (x - tx) + s * (y - ty)) / scale
+    v = (-s * (x - tx) + c * (y - ty)) / scale
+    px = 2.0 / size / scale
+
+    head_a, head_b = rng.uniform(0.7, 0.78), rng.uniform(0.86, 0.94)
+    scalp, bone = rng.uniform(0.04, 0.07), rng.uniform(0.04, 0.07)
+    brain_a, brain_b = head_a - scalp - bone - 0.02, head_b - scalp - bone - 0.02
+    t2 = rng.random() < 0.4  # T2-like: fluid bright; otherwise T1-like: fluid dark
+    csf = rng.uniform(0.75, 0.9) if t2 else rng.uniform(0.08, 0.18)
+    gray, white = rng.uniform(0.45, 0.55), rng.uniform(0.3, 0.38) if t2 else rng.uniform(0.6, 0.7)
+
+    img = np.zeros((size, size))
+    img = _paint(img, _soft(_ellipse_dist(u, v, 0, 0, head_a, head_b), px), rng.uniform(0.55, 0.75))
+    skull_rim = rng.uniform(0.8, 0.95) if rng.random() < 0.4 else rng.uniform(0.03, 0.1)
+    img = _paint(img, _soft(_ellipse_dist(u, v, 0, 0, head_a - scalp, head_b - scalp), px), skull_rim)
+    img = _paint(img, _soft(_ellipse_dist(u, v, 0, 0, brain_a + 0.02, brain_b + 0.02), px), csf)
+
+    # Cortex is a folded ribbon under the surface; white matter fills the rest.
+    rho = np.hypot(u / brain_a, v / brain_b)
+    folds = _smooth_noise(rng, u, v, 10, 6, 12)
+    wm = _soft(rho - 0.8 - 0.07 * folds, 0.04)
+    tissue = gray * (1 - wm) + white * wm + 0.03 * _smooth_noise(rng, u, v, 12, 10, 20)
+    # Sulci: thin CSF clefts along a level set of a second field, only in the outer cortex.
+    sulci = _soft(np.abs(_smooth_noise(rng, u, v, 8, 5, 10)) - 0.06, 0.06) * _soft(0.8 - rho, 0.05)
+    tissue = _paint(tissue, 0.7 * sulci, csf)
+    brain = _soft(_ellipse_dist(u, v, 0, 0, brain_a, brain_b), px)
+    img = _paint(img, brain, tissue)
+    # Interhemispheric fissure: a thin CSF line on the midline, interrupted by the ventricles.
+    img = _paint(img, brain * _soft(np.abs(u) - 0.006, px) * (np.abs(v) > 0.3 * brain_b), csf)
+
+    # Lateral ventricles: two crescents (ellipse minus offset ellipse) either side of midline.
+    va, vb, vgap = rng.uniform(0.06, 0.1), rng.uniform(0.2, 0.28), rng.uniform(0.04, 0.07)
+    for side in (-1, 1):
+        outer = _soft(_ellipse_dist(u, v, side * (vgap + va), -0.05, va, vb), px)
+        inner = _soft(_ellipse_dist(u, v, side * (vgap + 1.6 * va), -0.05, va, vb * 0.8), px)
+        img = _paint(img, outer * (1 - inner), csf)
+
+    offset, mask = _lesion(cls, rng, u, v, px, brain_a, brain_b, hard)
+    if lesion:
+        img = img + offset * brain
+
+    # Smooth multiplicative bias field, as from coil sensitivity.
+    img = img * (1.0 + rng.uniform(0.1, 0.3) * _smooth_noise(rng, u, v, 3, 0.3, 1.0))
+    # Rician noise: the magnitude of a complex signal with Gaussian noise in both channels.
+    sigma = rng.uniform(0.015, 0.05)
+    noise = rng.normal(0, sigma, (2, size, size))
+    img = np.hypot(img + noise[0], noise[1])
+    img = np.clip(img * rng.uniform(0.85, 1.1), 0, 1) ** rng.uniform(0.8, 1.25)
+    return img, mask * brain
+
+
+def render_slice(cls: str, rng: np.random.Generator, size: int = 128, hard: bool = False) -> np.ndarray:
+    """Render one synthetic axial slice of class folder ``cls`` as a uint8 (size, size) array."""
+    img, _ = _render(cls, rng, size, hard)
+    return np.round(img * 255).astype(np.uint8)
+
+
+def _marker_args(n_per_class: int, size: int, seed: int) -> dict:
+    return {"n_per_class": n_per_class, "size": size, "seed": seed, "version": GENERATOR_VERSION}
+
+
+def _is_complete(root: Path, args: dict) -> bool:
+    try:
+        return json.loads((root / MARKER_NAME).read_text()) == args
+    except (OSError, ValueError):
+        return False
+
+
+def generate_dataset(root: str | Path, n_per_class: int = 60, size: int = 128, seed: int = 0) -> Path:
+    """Write the synthetic tree under ``root`` and return the class root (root / DEMO_SUBDIR).
+
+    Same arguments give byte-identical files. The marker ``root/.complete`` is written last,
+    so an interrupted run is regenerated rather than mistaken for a complete one.
+    """
+    root = Path(root)
+    class_root = root / DEMO_SUBDIR
+    args = _marker_args(n_per_class, size, seed)
+    if _is_complete(root, args):
+        return class_root
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER_NAME).unlink(missing_ok=True)
+    for class_index, folder in enumerate(CLASS_FOLDERS):
+        out_dir = class_root / folder
+        out_dir.mkdir(parents=True, exist_ok=True)
+        prefix = FILE_PREFIXES[folder]
+        wanted = set()
+        for i in range(n_per_class):
+            # One generator per image: output does not depend on order or on n_per_class.
+            rng = np.random.default_rng([seed, class_index, i])
+            hard = bool(rng.random() < HARD_FRACTION)
+            pixels = render_slice(folder, rng, size, hard)
+            name = f"{prefix}_{i + 1:04d}.jpg"
+            wanted.add(name)
+            tmp = out_dir / f".{name}.tmp"
+            Image.fromarray(pixels, mode="L").save(tmp, format="JPEG", quality=JPEG_QUALITY)
+            os.replace(tmp, out_dir / name)
+        # Drop images left by an earlier, larger generation so counts match the arguments.
+        for stale in out_dir.glob(f"{prefix}_*.jpg"):
+            if stale.name not in wanted:
+                stale.unlink()
+    tmp_marker = root / f"{MARKER_NAME}.tmp"
+    tmp_marker.write_text(json.dumps(args, sort_keys=True))
+    os.replace(tmp_marker, root / MARKER_NAME)
+    return class_root
+
+
+def ensure_demo_dataset(root: str | Path, n_per_class: int = 60, size: int = 128, seed: int = 0) -> Path:
+    """Return the class root of the demo data set, generating it first if it is not complete."""
+    root = Path(root)
+    if _is_complete(root, _marker_args(n_per_class, size, seed)):
+        return root / DEMO_SUBDIR
+    print(f"Generating synthetic demo data set in {root} ({n_per_class * len(CLASS_FOLDERS)} images)...")
+    return generate_dataset(root, n_per_class, size, seed)
