@@ -141,7 +141,8 @@ def write_manifest(path: Path, rows: list[Row], meta: dict) -> None:
     os.replace(tmp, path)  # the CSV last: a manifest without its JSON is never left behind
 
 
-def read_manifest(path: Path) -> tuple[list[Row], dict]:
+def read_manifest(path: str | Path) -> tuple[list[Row], dict]:
+    path = Path(path)
     try:
         with open(path, newline="") as fh:
             reader = csv.DictReader(fh)

@@ -1,0 +1,85 @@
+"""The one image loader: every mode a user may hand us, and every kind of bad file."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from data.images import ImageReadError, load_gray, open_image
+
+
+def gradient(size=40):
+    return np.tile(np.linspace(0, 255, size, dtype=np.float64), (size, 1))
+
+
+def test_grayscale_rgb_palette_cmyk_agree(tmp_path):
+    gray = gradient().astype(np.uint8)
+    Image.fromarray(gray).save(tmp_path / "g.png")
+    Image.fromarray(gray).convert("RGB").save(tmp_path / "rgb.png")
+    Image.fromarray(gray).convert("RGB").quantize(256, dither=Image.Dither.NONE).save(tmp_path / "p.png")
+    Image.fromarray(gray).convert("CMYK").save(tmp_path / "c.tif")
+    ref = load_gray(tmp_path / "g.png", 40)
+    for name in ("rgb.png", "p.png", "c.tif"):
+        out = load_gray(tmp_path / name, 40)
+        assert out.dtype == np.uint8 and out.shape == (40, 40)
+        assert np.abs(out.astype(int) - ref).max() <= 3, name
+
+
+def test_sixteen_bit_png_uses_its_full_range(tmp_path):
+    arr = (gradient() * 16).astype(np.uint16)  # 12-bit data stored in 16 bits, as MRI exports often are
+    Image.fromarray(arr).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    out = load_gray(tmp_path / "deep.png", 40)
+    assert out.min() == 0 and out.max() == 255
+
+
+def test_rgba_transparent_background_is_black(tmp_path):
+    rgba = np.zeros((20, 20, 4), dtype=np.uint8)
+    rgba[..., :3] = 255
+    rgba[5:15, 5:15, 3] = 255  # opaque white square, transparent (white) elsewhere
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    out = load_gray(tmp_path / "a.png", 20)
+    assert out[0, 0] == 0 and out[10, 10] == 255
+
+
+def test_resize_and_spaces_in_path(tmp_path):
+    folder = tmp_path / "with space" / "brain tumor"
+    folder.mkdir(parents=True)
+    Image.fromarray(gradient(512).astype(np.uint8)).save(folder / "scan 1.jpg")
+    assert load_gray(folder / "scan 1.jpg", 64).shape == (64, 64)
+
+
+@pytest.mark.parametrize("kind", ["empty", "text", "truncated", "garbage"])
+def test_bad_files_raise_image_read_error_with_path(tmp_path, kind):
+    path = tmp_path / f"bad {kind}.jpg"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("not an image")
+    elif kind == "garbage":
+        path.write_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 4)
+    else:
+        Image.fromarray(gradient(256).astype(np.uint8)).save(path, quality=95)
+        path.write_bytes(path.read_bytes()[:600])
+    with pytest.raises(ImageReadError) as err:
+        open_image(path)
+    assert str(path) in str(err.value)
+
+
+def test_dicom_uses_window(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = FileDataset(str(tmp_path / "x.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+    arr = (gradient(32) * 8).astype(np.uint16)
+    ds.Rows, ds.Columns = arr.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.WindowCenter, ds.WindowWidth = 1020, 1000
+    ds.PixelData = arr.tobytes()
+    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    out = load_gray(tmp_path / "x.dcm", 32)
+    assert out[:, 0].max() == 0 and out[:, -1].min() == 255  # values beyond the window saturate
