@@ -164,6 +164,8 @@ def split_settings(cfg) -> dict:
         "seed": ds.seed,
         "ratios": [ds.train_split, ds.val_split, ds.test_split],
         "group_pattern": ds.group_pattern,
+        # A regenerated demo set with other settings is another data set, not a changed one.
+        "demo": [cfg.demo.n_per_class, cfg.demo.size, cfg.demo.seed] if ds.demo else None,
     }
 
 

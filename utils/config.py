@@ -36,7 +36,7 @@ class ModelRecipe(Section):
 
 class DemoSection(Section):
     root: str = "./data/demo"
-    n_per_class: int = 60
+    n_per_class: int = 150
     size: int = 128
     seed: int = 0
 
