@@ -79,12 +79,13 @@ def _save(path: Path, record: dict, append: bool) -> None:
 
 
 def monitor(thresholds, interval: float = 2.0, once: bool = False, count: int | None = None,
-            save: str | None = None, processes: bool = True, out=sys.stdout) -> int:
+            save: str | None = None, processes: bool = True, out=None) -> int:
     """Print the dashboard once, or redraw it every `interval` s until Ctrl-C or `count` refreshes."""
     if interval <= 0:
         raise UserError(f"--interval must be > 0 seconds, got {interval:g}")
     if count is not None and count < 1:
         raise UserError(f"--count must be >= 1, got {count}")
+    out = out or sys.stdout
     total = 1 if once else count
     redraw = not once and out.isatty()
     meter, n = CpuMeter(), 0
