@@ -83,11 +83,14 @@ class OnnxPredictor:
         c = self.contract
         return preprocess_numpy(load_gray(path, int(c["img_size"])), c["mean"], c["std"])
 
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Raw model outputs (N, C) for preprocessed inputs (N, 3, S, S)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
     def predict_array(self, x: np.ndarray) -> np.ndarray:
         """Softmax probabilities (N, C) for preprocessed inputs (N, 3, S, S)."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        logits = self.session.run([self.output_name], {self.input_name: x})[0]
-        return softmax(logits.astype(np.float64)).astype(np.float32)
+        return softmax(self.logits(x).astype(np.float64)).astype(np.float32)
 
     def predict_path(self, path) -> dict:
         probs = self.predict_array(self.preprocess(path))[0]
