@@ -44,6 +44,8 @@ class Preprocessor(nn.Module):
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         # Per-sample random parameters, drawn with torch's RNG so --seed makes runs repeatable.
+        # Each step follows its torchvision counterpart (RandomHorizontalFlip, RandomRotation,
+        # ColorJitter); tests/test_augmentation.py checks that the distributions match.
         b = x.shape[0]
         dev = x.device
         flip = torch.rand(b, device=dev) < self.hflip
@@ -54,13 +56,25 @@ class Preprocessor(nn.Module):
             zero = torch.zeros_like(cos)
             theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
             grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        if self.brightness > 0:
-            factor = 1 + (torch.rand(b, 1, 1, 1, device=dev) * 2 - 1) * self.brightness
-            x = (x * factor).clamp_(0, 1)
-        if self.contrast > 0:
-            # As torchvision's adjust_contrast: blend with the image's mean gray level.
-            factor = 1 + (torch.rand(b, 1, 1, 1, device=dev) * 2 - 1) * self.contrast
-            mean = x.mean(dim=(1, 2, 3), keepdim=True)
-            x = (mean + factor * (x - mean)).clamp_(0, 1)
+            # Nearest, as RandomRotation's default: bilinear would blur and shrink the empty corners.
+            x = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        if self.brightness > 0 or self.contrast > 0:
+            x = self._color_jitter(x)
         return x
+
+    def _color_jitter(self, x: torch.Tensor) -> torch.Tensor:
+        # ColorJitter applies brightness and contrast in a random order per sample; clamping makes it matter.
+        b, dev = x.shape[0], x.device
+        fb = 1 + (torch.rand(b, 1, 1, 1, device=dev) * 2 - 1) * self.brightness
+        fc = 1 + (torch.rand(b, 1, 1, 1, device=dev) * 2 - 1) * self.contrast
+        brightness_first = torch.rand(b, 1, 1, 1, device=dev) < 0.5
+
+        def brightness(t):
+            return (t * fb).clamp_(0, 1)
+
+        def contrast(t):  # as adjust_contrast: blend with the image's mean gray level
+            mean = t.mean(dim=(1, 2, 3), keepdim=True)
+            return (mean + fc * (t - mean)).clamp_(0, 1)
+
+        first = torch.where(brightness_first, brightness(x), contrast(x))
+        return torch.where(brightness_first, contrast(first), brightness(first))

@@ -1,0 +1,190 @@
+"""A preprocessed image cache: every image decoded, made grayscale and resized once, kept as uint8.
+
+One file per (split manifest fingerprint, split, image size):
+``{cache_dir}/{fingerprint}_{split}_{size}px.npy`` holds the images as a uint8 (N, S, S) array
+(a standard .npy: ``np.load(path, mmap_mode="r")`` opens it as a memmap), and a JSON sidecar
+beside it records what it was built from. The sidecar is written last and is the completion
+marker: a cache without it, or whose sidecar, size or row list disagree with the split, is
+rebuilt (with one line saying why), never trusted.
+
+Readers use positioned reads (``os.preadv``) rather than a long-lived memory map: the page cache
+still serves repeated epochs, but the process's resident memory stays flat however large the
+data set grows, and nothing big is pickled into DataLoader workers.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from data.images import ImageReadError, load_gray
+from utils.errors import UserError
+
+CACHE_VERSION = 1
+# Below this many images a process pool costs more than it saves.
+MIN_PARALLEL = 32
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def rows_hash(names: list[str]) -> str:
+    """Hash of the row list in order: row i of the cache is image i of the split."""
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
+def cache_paths(cache_dir: str | Path, fingerprint: str, split_name: str, img_size: int) -> tuple[Path, Path]:
+    stem = f"{fingerprint}_{split_name}_{img_size}px"
+    return Path(cache_dir) / f"{stem}.npy", Path(cache_dir) / f"{stem}.json"
+
+
+class CachedImages:
+    """Read-only rows of a cache file; the file is opened lazily in each process that reads it."""
+
+    def __init__(self, path: str | Path, count: int, img_size: int, offset: int):
+        self.path, self.count, self.img_size, self.offset = Path(path), count, img_size, offset
+        self.row_bytes = img_size * img_size
+        self._fd: int | None = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getstate__(self) -> dict:
+        # Workers get the path, not a file descriptor or any pixels.
+        return dict(self.__dict__, _fd=None)
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+    def _read_into(self, out: np.ndarray, first_row: int) -> None:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        got = os.preadv(self._fd, [out], self.offset + first_row * self.row_bytes)
+        if got != out.nbytes:
+            raise UserError(f"image cache {self.path} is truncated; delete it to rebuild")
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not -self.count <= i < self.count:
+            raise IndexError(f"row {i} out of range for a cache of {self.count} images")
+        out = np.empty((self.img_size, self.img_size), dtype=np.uint8)
+        self._read_into(out, i % self.count)
+        return out
+
+    def read_rows(self, indices) -> np.ndarray:
+        """uint8 (k, S, S) for the given rows; each run of consecutive rows is one read."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.count):
+            raise IndexError(f"rows out of range for a cache of {self.count} images")
+        out = np.empty((idx.size, self.img_size, self.img_size), dtype=np.uint8)
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        for start, end in zip(np.r_[0, breaks], np.r_[breaks, idx.size]):
+            self._read_into(out[start:end], int(idx[start]))
+        return out
+
+    def as_memmap(self) -> np.memmap:
+        """The whole cache as a read-only numpy memmap (random access for analysis)."""
+        return np.load(self.path, mmap_mode="r")
+
+
+def cache_problem(data_path: Path, header_path: Path, key: dict) -> str | None:
+    """Why the cache on disk cannot be used for `key` (None: it can)."""
+    if not header_path.is_file():
+        return "incomplete earlier build (no completion marker)" if data_path.exists() else None
+    try:
+        header = json.loads(header_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "unreadable header"
+    if header.get("complete") is not True:
+        return "incomplete earlier build"
+    for field, value in key.items():
+        if header.get(field) != value:
+            return f"stale: {field} changed ({header.get(field)!r} -> {value!r})"
+    expected = header.get("offset", 0) + key["count"] * key["img_size"] ** 2
+    size = data_path.stat().st_size if data_path.is_file() else None
+    if size != expected:
+        return f"truncated or corrupt: data file has {size} bytes, header says {expected}"
+    return None
+
+
+def decode_images(paths: list[Path], img_size: int, progress: bool = True, desc: str = "Caching images"):
+    """load_gray over paths in order, on all usable cores, with a progress bar."""
+    load = functools.partial(load_gray, size=img_size)
+    workers = min(usable_cpus(), len(paths))
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        if workers <= 1 or len(paths) < MIN_PARALLEL:
+            for path in paths:
+                yield load(path)
+                bar.update()
+            return
+        chunk = max(1, min(16, len(paths) // (workers * 8)))
+        with multiprocessing.get_context().Pool(workers) as pool:
+            for image in pool.imap(load, paths, chunksize=chunk):
+                yield image
+                bar.update()
+
+
+def write_cache(paths: list[Path], img_size: int, data_path: Path, header_path: Path, key: dict,
+                progress: bool = True) -> int:
+    """Decode into a temporary file, rename it into place, then write the header (the marker) last."""
+    data_path.parent.mkdir(parents=True, exist_ok=True)
+    header_path.unlink(missing_ok=True)  # the old marker goes first: a crash leaves "incomplete"
+    tmp = data_path.with_name(f"{data_path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            np.lib.format.write_array_header_1_0(
+                fh, {"descr": "|u1", "fortran_order": False, "shape": (len(paths), img_size, img_size)})
+            offset = fh.tell()
+            desc = f"Caching {key['split']} images ({img_size}px)"
+            for image in decode_images(paths, img_size, progress, desc):
+                fh.write(image.tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, data_path)
+    except ImageReadError as exc:
+        raise UserError(f"cannot cache {exc} (the file changed since the split manifest was made; "
+                        f"fix it or rerun with --resplit)") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    header_tmp = header_path.with_name(f"{header_path.name}.{os.getpid()}.tmp")
+    header_tmp.write_text(json.dumps(dict(key, offset=offset, dtype="uint8", complete=True), indent=2))
+    os.replace(header_tmp, header_path)
+    return offset
+
+
+def open_cache(paths: list[Path], names: list[str], img_size: int, cache_dir: str | Path, fingerprint: str,
+               split_name: str, log=print, progress: bool = True) -> CachedImages:
+    """The cache for these rows, built (or rebuilt, saying why) when the one on disk cannot be used."""
+    key = {"version": CACHE_VERSION, "fingerprint": fingerprint, "split": split_name,
+           "img_size": int(img_size), "count": len(paths), "rows_hash": rows_hash(names)}
+    data_path, header_path = cache_paths(cache_dir, fingerprint, split_name, img_size)
+    if key["count"] == 0:
+        return CachedImages(data_path, 0, img_size, 0)
+    problem = cache_problem(data_path, header_path, key)
+    if problem is None and header_path.is_file():
+        offset = json.loads(header_path.read_text())["offset"]
+        return CachedImages(data_path, key["count"], img_size, offset)
+    if problem is not None:
+        log(f"Rebuilding image cache {data_path}: {problem}")
+    offset = write_cache(paths, img_size, data_path, header_path, key, progress)
+    return CachedImages(data_path, key["count"], img_size, offset)
+
+
+def split_cache(cfg, split, split_name: str, img_size: int, log=print, progress: bool = True) -> CachedImages:
+    """The cache of one split of the manifest, in cfg.dataset.cache_dir."""
+    paths, _ = split.samples(split_name)
+    names = [r.path for r in split.rows_for(split_name)]
+    return open_cache(paths, names, img_size, cfg.dataset.cache_dir, split.fingerprint, split_name, log, progress)
