@@ -1,0 +1,157 @@
+"""The preprocessed image cache: same tensors as decoding each file, rebuilt when stale, never trusted blindly."""
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_overlay
+from data.cache import cache_paths
+from data.dataset import build_dataset, make_loader
+from data.images import load_gray
+from data.manifest import prepare_split
+from data.preprocess import Preprocessor
+from utils.config import load_config
+from utils.errors import UserError
+
+
+def setup(tmp_path, data_path, **extra):
+    cfg = load_config(write_overlay(tmp_path, data_path, **extra))
+    return cfg, prepare_split(cfg, log=lambda *_: None)
+
+
+def loader_tensors(cfg, split, name="test", size=32, workers=0):
+    """Evaluation tensors as test.py/evaluate.py see them: loader + Preprocessor (no augmentation)."""
+    cfg.dataset.num_workers = workers
+    loader = make_loader(build_dataset(cfg, split, name, size), cfg, batch_size=5)
+    pre = Preprocessor([0.2] * 3, [0.3] * 3).eval()
+    xs, ys = zip(*[(pre(x), y) for x, y in loader])
+    return torch.cat(xs), torch.cat(ys)
+
+
+def split_files(cfg, split, name, size):
+    data, header = cache_paths(cfg.dataset.cache_dir, split.fingerprint, name, size)
+    return data, header
+
+
+def test_cached_pipeline_gives_the_per_sample_tensors(tmp_path, tiny_data):
+    cfg, split = setup(tmp_path, tiny_data)
+    cfg.dataset.cache = False
+    x_plain, y_plain = loader_tensors(cfg, split)
+    cfg.dataset.cache = True
+    x_cached, y_cached = loader_tensors(cfg, split)
+    assert split_files(cfg, split, "test", 32)[0].is_file()
+    assert torch.equal(y_plain, y_cached)
+    torch.testing.assert_close(x_cached, x_plain, rtol=0, atol=0)  # both go through load_gray
+    # Second use reads the cache: same tensors, also through DataLoader worker processes.
+    x_workers, _ = loader_tensors(cfg, split, workers=2)
+    torch.testing.assert_close(x_workers, x_plain, rtol=0, atol=0)
+
+
+def test_dataset_pickles_small_for_workers(tmp_path, tiny_data):
+    cfg, split = setup(tmp_path, tiny_data)
+    dataset = build_dataset(cfg, split, "train", 32)
+    assert len(pickle.dumps(dataset)) < 4096 + 300 * len(dataset)  # paths and labels, never pixels
+    images, labels = zip(*dataset.__getitems__([3, 0, 1, 2]))
+    assert torch.equal(images[0][0], torch.from_numpy(load_gray(dataset.paths[3], 32)))
+
+
+def test_build_shows_progress_then_reuses(tmp_path, tiny_data, capsys):
+    cfg, split = setup(tmp_path, tiny_data)
+    build_dataset(cfg, split, "train", 32)
+    assert "Caching train images (32px)" in capsys.readouterr().err
+    data, header = split_files(cfg, split, "train", 32)
+    built = data.stat().st_mtime_ns
+    build_dataset(cfg, split, "train", 32)
+    assert data.stat().st_mtime_ns == built and "Caching" not in capsys.readouterr().err
+    meta = json.loads(header.read_text())
+    assert meta["complete"] is True and meta["count"] == split.sizes()["train"]
+    assert np.load(data, mmap_mode="r").shape == (meta["count"], 32, 32)
+
+
+def test_new_image_size_gets_its_own_cache(tmp_path, tiny_data):
+    cfg, split = setup(tmp_path, tiny_data)
+    build_dataset(cfg, split, "val", 32)
+    dataset = build_dataset(cfg, split, "val", 40)
+    assert split_files(cfg, split, "val", 40)[0].is_file()
+    assert dataset[0][0].shape == (1, 40, 40)
+    assert torch.equal(dataset[1][0][0], torch.from_numpy(load_gray(dataset.paths[1], 40)))
+
+
+def test_changed_data_new_fingerprint_rebuilds(tmp_path, tiny_data):
+    data_path = tmp_path / "data"
+    shutil.copytree(tiny_data, data_path)
+    cfg, split = setup(tmp_path, data_path)
+    before = build_dataset(cfg, split, "train", 32)
+    # Replace one training image with another picture, then make a new split (new fingerprint).
+    target, donor = before.paths[0], before.paths[-1]
+    shutil.copyfile(donor, target)
+    with pytest.raises(UserError):
+        prepare_split(cfg, log=lambda *_: None)
+    split2 = prepare_split(cfg, resplit=True, log=lambda *_: None)
+    assert split2.fingerprint != split.fingerprint
+    after = build_dataset(cfg, split2, "train", 32)
+    for i, path in enumerate(after.paths):
+        assert torch.equal(after[i][0][0], torch.from_numpy(load_gray(path, 32))), path
+
+
+def corrupt_and_reload(cfg, split, damage, capsys):
+    dataset = build_dataset(cfg, split, "train", 32)
+    expected = [dataset[i][0] for i in range(len(dataset))]
+    capsys.readouterr()
+    data, header = split_files(cfg, split, "train", 32)
+    damage(data, header)
+    rebuilt = build_dataset(cfg, split, "train", 32)
+    out = capsys.readouterr().out
+    assert all(torch.equal(rebuilt[i][0], expected[i]) for i in range(len(rebuilt)))
+    return out
+
+
+def test_truncated_cache_is_rebuilt(tmp_path, tiny_data, capsys):
+    cfg, split = setup(tmp_path, tiny_data)
+    out = corrupt_and_reload(cfg, split, lambda data, _: data.write_bytes(data.read_bytes()[:-100]), capsys)
+    assert "Rebuilding image cache" in out and "truncated" in out
+
+
+def test_stale_header_is_rebuilt(tmp_path, tiny_data, capsys):
+    def stale(_, header):
+        meta = json.loads(header.read_text())
+        header.write_text(json.dumps(dict(meta, fingerprint="0" * 16)))
+
+    cfg, split = setup(tmp_path, tiny_data)
+    assert "stale: fingerprint" in corrupt_and_reload(cfg, split, stale, capsys)
+
+
+def test_interrupted_build_is_rebuilt(tmp_path, tiny_data, capsys):
+    def interrupted(data, header):  # data written, completion marker never was
+        header.unlink()
+        data.write_bytes(b"\x93NUMPY garbage")
+
+    cfg, split = setup(tmp_path, tiny_data)
+    assert "incomplete" in corrupt_and_reload(cfg, split, interrupted, capsys)
+
+
+def test_file_truncated_while_open_is_refused(tmp_path, tiny_data):
+    cfg, split = setup(tmp_path, tiny_data)
+    dataset = build_dataset(cfg, split, "train", 32)
+    data, _ = split_files(cfg, split, "train", 32)
+    with open(data, "r+b") as fh:
+        fh.truncate(data.stat().st_size // 2)
+    with pytest.raises(UserError, match="truncated"):
+        dataset.__getitems__(list(range(len(dataset))))
+
+
+def test_parallel_build_keeps_row_order(tmp_path, tiny_data):
+    from data.cache import MIN_PARALLEL, open_cache
+
+    paths = sorted(tiny_data.rglob("*.jpg"))
+    paths = (paths * (MIN_PARALLEL // len(paths) + 2))[::-1]  # enough rows for the process pool
+    names = [f"{i}/{p.name}" for i, p in enumerate(paths)]
+    cache = open_cache(paths, names, 24, tmp_path, "f" * 16, "train", progress=False)
+    expected = np.stack([load_gray(p, 24) for p in paths])
+    assert np.array_equal(cache.read_rows(range(len(paths))), expected)
+    assert np.array_equal(cache.read_rows([7, 2, 3, 4, 0]), expected[[7, 2, 3, 4, 0]])
