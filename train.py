@@ -2,88 +2,121 @@
 
     python train.py --model resnet18 --demo
     python train.py --model efficientnet_b0 --epochs 30 --batch-size 64 --lr 0.001
+    python train.py --model resnet18 --resume            # continue from checkpoints/resnet18_outputs/last_model.pth
+    torchrun --nproc-per-node=2 train.py --model resnet18   # DistributedDataParallel, one process per GPU
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 
-import torch
-
-from data.dataset import build_dataset, make_loader
 from data.manifest import prepare_split
 from data.normalization import resolve_normalization
-from data.preprocess import Preprocessor
 from models.zoo import build_model
-from utils.checkpoint import save_checkpoint
+from utils.banner import banner_lines
 from utils.cli import add_common_args, config_from_args, run
 from utils.config import save_resolved
 from utils.device import seed_everything, select_device
-from utils.metrics import classification_metrics
-from utils.prediction import predict
-from utils.training import build_optimizer, checkpoint_payload, train_one_epoch
+from utils.distributed import DistInfo, barrier, init_distributed, shutdown
+from utils.resume import load_resume_checkpoint
+from utils.tracking import RunTracker
+from utils.training import GracefulStop, build_trainer, fit, precision_label, restore_training_state
+
+INTERRUPTED = 130  # the shell's code for a run stopped by Ctrl-C
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a brain MRI classifier (checkpoints in checkpoints/{model}_outputs/)")
     add_common_args(p)
     p.add_argument("--epochs", type=int, default=None, help="number of epochs (config: train.epochs)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (config: the model's recipe)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size per process (config: the model's recipe)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (config: the model's recipe)")
     p.add_argument("--weights", default=None, metavar="PATH", help="local file with ImageNet weights (offline sites)")
     p.add_argument("--no-pretrained", action="store_true", help="start from random weights")
     p.add_argument("--seed", type=int, default=None, help="random seed (config: train.seed)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms: a CPU run repeats bit for bit (config: train.deterministic)")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="continue an interrupted run from last_model.pth (or the checkpoint PATH)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     return p
 
 
-def load_data(cfg, split, mean, std, device):
-    recipe = cfg.recipe
-    train_ds = build_dataset(cfg, split, "train", cfg.img_size)
-    val_ds = build_dataset(cfg, split, "val", cfg.img_size)
-    train_loader = make_loader(train_ds, cfg, recipe.batch_size, shuffle=True, device=device)
-    val_loader = make_loader(val_ds, cfg, recipe.batch_size, device=device)
-    train_pre = Preprocessor.from_config(cfg, mean, std, train=True).to(device)
-    val_pre = Preprocessor.from_config(cfg, mean, std, train=False).to(device)
-    return train_loader, val_loader, train_pre, val_pre
-
-
 def main(args) -> int:
+    info, device = init_distributed(args.device)
+    try:
+        return train(args, info, device)
+    finally:
+        shutdown()
+
+
+def main_first(info: DistInfo):
+    """Rank 0 writes shared files (split manifest, statistics) before the other ranks read them."""
+    @contextlib.contextmanager
+    def ctx():
+        if not info.is_main:
+            barrier()
+        yield
+        if info.is_main:
+            barrier()
+    return ctx()
+
+
+def train(args, info: DistInfo, device) -> int:
     cfg = config_from_args(args, **{
-        "train.epochs": args.epochs, "train.seed": args.seed,
+        "train.epochs": args.epochs, "train.seed": args.seed, "train.deterministic": args.deterministic or None,
         "models.{model}.batch_size": args.batch_size, "models.{model}.lr": args.lr,
         "models.{model}.weights": args.weights, "models.{model}.pretrained": False if args.no_pretrained else None,
     })
-    seed_everything(cfg.train.seed, cfg.train.deterministic)
-    device = select_device(args.device)
-    split = prepare_split(cfg, args.resplit)
-    mean, std, _ = resolve_normalization(cfg, split, cfg.img_size)
+    seed_everything(cfg.train.seed + info.rank, cfg.train.deterministic)
+    device = device or select_device(args.device)
+    log = print if info.is_main else (lambda *a, **k: None)
+    with main_first(info):
+        split = prepare_split(cfg, args.resplit, log=log)
+        mean, std, source = resolve_normalization(cfg, split, cfg.img_size)
+    ckpt = load_resume_checkpoint(cfg, args.resume, split.fingerprint) if args.resume is not None else None
     recipe = cfg.recipe
-    model = build_model(cfg.model, len(split.class_names), recipe.pretrained, recipe.weights).to(device)
-    train_loader, val_loader, train_pre, val_pre = load_data(cfg, split, mean, std, device)
-    optimizer = build_optimizer(model, recipe)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-    out_dir = cfg.output_dir
-    save_resolved(cfg, out_dir)
-    sizes = split.sizes()
-    print(f"Dataset: {sizes['train']} train, {sizes['val']} validation samples | model {cfg.model} | "
-          f"batch {recipe.batch_size} | lr {recipe.lr} | epochs {cfg.train.epochs} | device {device}")
+    model = build_model(cfg.model, len(split.class_names), recipe.pretrained and ckpt is None, recipe.weights)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model_state"])
+    t = build_trainer(cfg, split, mean, std, device, info, model.to(device))
+    if ckpt is not None:
+        restore_training_state(t, ckpt)
+    main_rank = info.is_main
+    tags = {"model": cfg.model, "resumed_from": ckpt["path"]} if ckpt else {"model": cfg.model}
+    with RunTracker(cfg, run_name=cfg.model, tags=tags,
+                    mlflow_experiment=f"brain-cancer-mri-v2-{cfg.model}" if main_rank else None,
+                    wandb_project=cfg.monitoring.wandb.project if main_rank else None,
+                    tensorboard_dir=f"{cfg.monitoring.tensorboard_log_dir}/{cfg.model}_logs" if main_rank else None,
+                    ) as tracker, GracefulStop() as stop:
+        if main_rank:
+            print("\n".join(banner_lines(cfg, split.sizes(), len(split.class_names), device, info.world_size,
+                                         precision_label(t.amp), cfg.performance.compile_model,
+                                         tracker.targets(), ckpt["path"] if ckpt else None)), flush=True)
+            tracker.log_params({**cfg.to_dict(), "normalization": {"mean": list(mean), "std": list(std),
+                                                                   "source": source},
+                                "world_size": info.world_size, "device": str(device)})
+            tracker.log_artifact(save_resolved(cfg, cfg.output_dir), "config")
+            if source == "dataset":
+                tracker.log_artifact(cfg.dataset.stats_path, "normalization")
+        outcome = fit(t, tracker, stop)
+        return finish(cfg, t, tracker, outcome, main_rank)
 
-    best = -1.0
-    for epoch in range(1, cfg.train.epochs + 1):
-        stats = train_one_epoch(model, train_loader, train_pre, criterion, optimizer, device, epoch, cfg.train.epochs)
-        y, prob, val_loss = predict(model, val_loader, val_pre, device, desc="Validating")
-        val = classification_metrics(y, prob, split.class_names)
-        print(f"Epoch {epoch}/{cfg.train.epochs}: {stats['time']:.1f}s | train loss {stats['loss']:.4f} "
-              f"acc {stats['acc']:.2%} | val loss {val_loss:.4f} acc {val['accuracy']:.2%}")
-        metrics = {"train_loss": stats["loss"], "train_acc": stats["acc"], "val_loss": val_loss,
-                   "val_acc": val["accuracy"], "val_balanced_acc": val["balanced_accuracy"]}
-        payload = checkpoint_payload(model, cfg, split, mean, std, epoch, metrics)
-        if val["accuracy"] > best:
-            best = val["accuracy"]
-            save_checkpoint(payload, out_dir / "best_model.pth")
-            print(f"New best model saved! Val Acc: {best:.2%}")
-        save_checkpoint(dict(payload, optimizer_state=optimizer.state_dict()), out_dir / "last_model.pth")
-    print(f"Best validation accuracy: {best:.2%} | checkpoints in {out_dir}")
+
+def finish(cfg, t, tracker, outcome: str, main_rank: bool) -> int:
+    out = cfg.output_dir
+    if outcome == "interrupted":
+        tracker.close("KILLED")
+        if main_rank:
+            print(f"Training interrupted after epoch {t.epoch}: state saved to {out / 'last_model.pth'}\n"
+                  f"Resume with: python train.py --model {cfg.model} --resume (plus the same options as before)")
+        return INTERRUPTED
+    if main_rank:
+        print(t.stopper.summary())
+        tracker.log_metrics({f"best_{cfg.train.monitor}": t.stopper.best, "best_epoch": t.stopper.best_epoch})
+        if (out / "best_model.pth").is_file():
+            tracker.log_artifact(out / "best_model.pth", "checkpoints")
+        print(f"Checkpoints in {out} ({'early stop' if outcome == 'early_stop' else 'all epochs done'})")
     return 0
 
 
