@@ -11,13 +11,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from data.manifest import prepare_split
-from models.loading import model_from_checkpoint
-from utils.checkpoint import default_checkpoint, load_checkpoint
 from utils.cli import add_common_args, config_from_args, run
 from utils.errors import UserError
-from utils.export import (EXPORTERS, FORMATS, LABELS, PROB_TOLERANCE, artifact_path, check_parity,
-                          contract_from_checkpoint, format_size, load_runner, parity_inputs, write_contract_json)
+from utils.export import (FORMATS, LABELS, PROB_TOLERANCE, artifact_path, export_checked, format_size,
+                          load_export_source, parity_line, write_contract_json)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -35,32 +32,20 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args) -> int:
     cfg = config_from_args(args)
-    ckpt_path = Path(args.checkpoint or default_checkpoint(cfg))
-    ckpt = load_checkpoint(ckpt_path)
-    if args.model and ckpt["model_name"] != args.model:
-        raise UserError(f"{ckpt_path} holds a {ckpt['model_name']} model, not {args.model}")
-    name = ckpt["model_name"]
-    model = model_from_checkpoint(ckpt, "cpu")
-    contract = contract_from_checkpoint(ckpt)
+    src = load_export_source(cfg, args.checkpoint, args.model, args.resplit, args.parity_images)
+    model, contract, name = src.model, src.contract, src.ckpt["model_name"]
     out_dir = Path(args.output_dir or cfg.output_dir / "exported_models")
-    print(f"📦 Exporting {name} (epoch {ckpt['epoch']}, {contract['img_size']} px, classes: "
-          f"{', '.join(contract['class_names'])}) from {ckpt_path}")
-
-    split = prepare_split(cfg, args.resplit)
-    x = parity_inputs(split.samples("test")[0], contract, args.parity_images)
-    print(f"🔍 Parity inputs: {len(x)} test images of {split.manifest_path}, preprocessed with the checkpoint's contract")
+    print(f"📦 Exporting {name} (epoch {src.ckpt['epoch']}, {contract['img_size']} px, classes: "
+          f"{', '.join(contract['class_names'])}) from {src.ckpt_path}")
 
     failed = []
     for fmt in FORMATS[args.format]:
         if fmt == "torchscript":
             print("⚠️  TorchScript is deprecated upstream; ONNX or .pt2 is the recommended artifact")
-        path = EXPORTERS[fmt](model, contract, artifact_path(out_dir, name, fmt), contract["img_size"])
-        result = check_parity(fmt, model, load_runner(fmt, path), x)
+        path, result = export_checked(fmt, model, contract, artifact_path(out_dir, name, fmt), src.x)
         mark = "✅" if result.passed else "❌"
         print(f"{mark} {LABELS[fmt]} model saved: {path} ({format_size(path.stat().st_size)})")
-        print(f"   parity vs PyTorch on {result.n_images} images (+ batch of 1): max |Δlogit| "
-              f"{result.max_abs_logit:.2e}, max |Δprob| {result.max_abs_prob:.2e} (tolerance {PROB_TOLERANCE:.0e}), "
-              f"same predicted class: {'yes' if result.same_argmax else 'NO'}")
+        print(f"   {parity_line(result)}")
         if not result.passed:
             failed.append(LABELS[fmt])
     contract_path = write_contract_json(contract, out_dir, name)

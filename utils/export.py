@@ -162,3 +162,45 @@ def check_parity(fmt: str, model: torch.nn.Module, runner, x: np.ndarray) -> Par
 
 def format_size(n_bytes: int) -> str:
     return f"{n_bytes / 1024 ** 2:.1f} MB"
+
+
+def export_checked(fmt: str, model: torch.nn.Module, contract: dict, path, x: np.ndarray) -> tuple[Path, ParityResult]:
+    """Export one format and compare it with PyTorch on the inputs x."""
+    path = EXPORTERS[fmt](model, contract, path, contract["img_size"])
+    return path, check_parity(fmt, model, load_runner(fmt, path), x)
+
+
+def parity_line(result: ParityResult) -> str:
+    return (f"parity vs PyTorch on {result.n_images} images (+ batch of 1): max |Δlogit| {result.max_abs_logit:.2e}, "
+            f"max |Δprob| {result.max_abs_prob:.2e} (tolerance {PROB_TOLERANCE:.0e}), "
+            f"same predicted class: {'yes' if result.same_argmax else 'NO'}")
+
+
+@dataclass
+class ExportSource:
+    """A checkpoint ready to export: the model on CPU, its contract, and real inputs for the parity checks."""
+    ckpt_path: Path
+    ckpt: dict
+    model: torch.nn.Module
+    contract: dict
+    x: np.ndarray
+
+
+def load_export_source(cfg, checkpoint, model_flag: str | None, resplit: bool = False, n_images: int = 8,
+                       log=print) -> ExportSource:
+    from data.manifest import prepare_split
+    from models.loading import model_from_checkpoint
+    from utils.checkpoint import default_checkpoint, load_checkpoint
+
+    ckpt_path = Path(checkpoint or default_checkpoint(cfg))
+    ckpt = load_checkpoint(ckpt_path)
+    if model_flag and ckpt["model_name"] != model_flag:
+        raise UserError(f"{ckpt_path} holds a {ckpt['model_name']} model, not {model_flag}")
+    contract = contract_from_checkpoint(ckpt)
+    split = prepare_split(cfg, resplit, log=log)
+    x = parity_inputs(split.samples("test")[0], contract, n_images)
+    log(f"🔍 Parity inputs: {len(x)} test images of {split.manifest_path}, preprocessed with the checkpoint's contract")
+    if ckpt.get("data_fingerprint") not in (None, split.fingerprint):
+        log(f"   note: the checkpoint was trained on data {ckpt['data_fingerprint']}, these images are from "
+            f"{split.fingerprint}; the parity check is still valid")
+    return ExportSource(ckpt_path, ckpt, model_from_checkpoint(ckpt, "cpu"), contract, x)

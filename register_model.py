@@ -1,0 +1,102 @@
+"""Register a trained, evaluated model in the MLflow Model Registry (PyTorch + ONNX flavors, with its model card).
+
+    python evaluate.py --model resnet18 --medical-validation      # the evidence registration reads
+    python register_model.py --model resnet18 --version 1.0.0 --description "First production model"
+    python register_model.py --model resnet18 --version 1.1.0 --alias production --tags "medical_ai=validated"
+
+A model that failed or never ran the medical-validation gates is refused unless --force (then tagged forced=true).
+Stages are deprecated in MLflow 3: --alias staging|production replaces them; the version number is the tag `semver`.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from utils.cli import add_common_args, config_from_args, run
+from utils.errors import UserError
+from utils.export import export_checked, load_export_source, parity_line, write_contract_json
+from utils.model_card import build_model_card
+from utils.registry import (ONNX_LINK_TAG, check_provenance, connect, ensure_version_free, gate_tags, log_flavors,
+                            parse_tags, promote, read_evaluation, register, registered_names, run_link,
+                            validate_alias, validate_semver)
+from utils.tracking import RunTracker
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Register a model (PyTorch + ONNX) in the MLflow Model Registry")
+    add_common_args(p)
+    p.add_argument("--version", required=True, help="semantic version of this release, e.g. 1.0.0")
+    p.add_argument("--checkpoint", default=None, metavar="PATH", help="default: checkpoints/{model}_outputs/best_model.pth")
+    p.add_argument("--description", default=None, help="text shown on the model version")
+    p.add_argument("--tags", nargs="*", default=[], metavar="KEY=VALUE", help='version tags, e.g. "production=ready"')
+    p.add_argument("--alias", default=None, help="point this alias at the new version (staging, production, ...)")
+    p.add_argument("--force", action="store_true",
+                   help="register although medical validation failed or is missing (tagged forced=true)")
+    return p
+
+
+def main(args) -> int:
+    cfg = config_from_args(args)
+    semver, alias, user_tags = validate_semver(args.version), validate_alias(args.alias), parse_tags(args.tags)
+    evaluation = read_evaluation(cfg.output_dir)
+    gates = gate_tags(evaluation, args.force, cfg.output_dir, cfg.model)
+    if gates["forced"] == "true":
+        print(f"⚠️  --force: registering although medical validation is {evaluation.status}; tagged forced=true")
+    client = connect(cfg.monitoring.mlflow)
+    names = registered_names(cfg.model)
+    ensure_version_free(client, names, semver)
+    src = load_export_source(cfg, args.checkpoint, args.model, args.resplit)
+    check_provenance(evaluation.metrics, src.ckpt)
+    card = build_model_card(ckpt=src.ckpt, contract=src.contract, metrics=evaluation.metrics,
+                            validation=evaluation.validation, status=evaluation.status,
+                            forced=gates["forced"] == "true", semver=semver, names=names, alias=alias,
+                            demo=cfg.dataset.demo, description=args.description,
+                            training_run=run_link(client, src.ckpt.get("mlflow_run_id"), cfg.monitoring.mlflow.tracking_uri))
+    card_path = cfg.output_dir / "model_card.md"
+    card_path.write_text(card)
+    tags = {**user_tags, **gates, "semver": semver, "data_fingerprint": src.ckpt.get("data_fingerprint") or "unknown",
+            "checkpoint_epoch": src.ckpt["epoch"], "training_run_id": src.ckpt.get("mlflow_run_id") or "none",
+            "demo_data": str(cfg.dataset.demo).lower()}
+    with tempfile.TemporaryDirectory() as tmp:
+        uris = log_models(cfg, src, Path(tmp), card, card_path, tags, semver)
+        description = "\n\n".join(filter(None, [args.description, card]))
+        onnx_mv = register(client, uris["onnx"], names["onnx"], tags, description)
+        torch_mv = register(client, uris["pytorch"], names["pytorch"], {**tags, ONNX_LINK_TAG: onnx_mv.version},
+                            description)
+    print(f"📝 Model {names['pytorch']} v{torch_mv.version} registered (semver {semver}, PyTorch torch.export flavor)")
+    print(f"📦 ONNX model registered: {names['onnx']} v{onnx_mv.version}")
+    print(f"📄 Model card: {card_path}")
+    if alias:
+        promote(client, names, {"pytorch": torch_mv.version, "onnx": onnx_mv.version}, alias, evaluation.status)
+    print(f"🔮 Predict: python inference_with_mlflow.py --model {names['pytorch']} "
+          f"{f'--alias {alias}' if alias else f'--version {torch_mv.version}'} --image PATH")
+    return 0
+
+
+def log_models(cfg, src, tmp: Path, card: str, card_path: Path, tags: dict, semver: str) -> dict[str, str]:
+    """Export ONNX (parity-checked), then log both flavors, the card and the evidence in one MLflow run."""
+    import mlflow
+
+    onnx_path, result = export_checked("onnx", src.model, src.contract, tmp / f"{cfg.model}_model.onnx", src.x)
+    print(f"✅ ONNX export {parity_line(result)}")
+    if not result.passed:
+        raise UserError("the ONNX export does not match PyTorch; not registered")
+    contract_path = write_contract_json(src.contract, tmp, cfg.model)
+    with RunTracker(cfg, run_name=f"register-{cfg.model}-{semver}", mlflow_experiment=f"brain-cancer-mri-registry-{cfg.model}",
+                    wandb_project=None, tags=tags, job_type="register") as tracker:
+        if tracker.mlflow_run_id is None:
+            raise UserError(f"cannot open the MLflow store {cfg.monitoring.mlflow.tracking_uri} "
+                            "(monitoring.mlflow.enabled must be true to register)")
+        with mlflow.start_run(run_id=tracker.mlflow_run_id):
+            uris = log_flavors(src.model, onnx_path, src.x[:2], [src.ckpt_path, contract_path, card_path])
+            mlflow.log_text(card, "model_card.md")
+            for name in ("evaluation_metrics.json", "medical_validation.json"):
+                if (cfg.output_dir / name).is_file():
+                    mlflow.log_artifact(str(cfg.output_dir / name), "evaluation")
+    print(f"📝 Best PyTorch and ONNX models logged to MLflow (run {tracker.mlflow_run_id})")
+    return uris
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser())
