@@ -233,6 +233,31 @@ def onnx_twin(client, mv):
 
 
 def download(mv, dst: Path) -> Path:
+    import os
+
     import mlflow
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # local copies take milliseconds
+
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(dst)))
+
+
+def load_predictor(client, mv, workdir: Path, flavor: str = "auto"):
+    """(predictor, version used, flavor name): ONNX Runtime when an ONNX flavor exists (auto), else PyTorch."""
+    twin = onnx_twin(client, mv) if flavor in ("auto", "onnx") else None
+    if flavor == "onnx" and twin is None:
+        raise UserError(f"{mv.name} v{mv.version} has no ONNX flavor registered")
+    if twin is not None:
+        from utils.onnx_inference import OnnxPredictor
+
+        folder = download(twin, Path(workdir) / "onnx")
+        return OnnxPredictor(next(folder.rglob("*.onnx"))), twin, "onnx"
+    if mv.name.endswith("-onnx"):
+        raise UserError(f"{mv.name} is the ONNX flavor; for PyTorch use {mv.name.removesuffix('-onnx')}")
+    folder = download(mv, Path(workdir) / "pytorch")
+    checkpoints = sorted(folder.rglob("*.pth"))
+    if not checkpoints:
+        raise UserError(f"{mv.name} v{mv.version} holds no toolkit checkpoint (was it registered by register_model.py?)")
+    from utils.torch_inference import TorchPredictor
+
+    return TorchPredictor(checkpoints[0]), mv, "pytorch"

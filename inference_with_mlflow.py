@@ -1,0 +1,134 @@
+"""Predict brain MRI slices with a model from the MLflow Model Registry.
+
+    python inference_with_mlflow.py --model brain-cancer-resnet18 --alias production --image scan.jpg
+    python inference_with_mlflow.py --model brain-cancer-resnet18 --version 3 --image folder/ slice.dcm --json
+    python inference_with_mlflow.py --model brain-cancer-resnet18 --alias production --image scan.png --gradcam cams/
+
+Uses the ONNX flavor with ONNX Runtime when one is registered (no PyTorch at prediction), else the PyTorch flavor.
+Images: jpg/png/bmp/tif (any size, 8/16-bit, RGBA, palette) and DICOM (.dcm). Exit code 1 if any input failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from data.images import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, ImageReadError
+from utils.cli import add_common_args, config_from_args, run
+from utils.errors import UserError
+from utils.onnx_inference import prediction_record
+from utils.registry import connect, load_predictor, resolve_version
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Predict MRI images with a registered model (MLflow Model Registry)")
+    add_common_args(p, model=False)
+    p.add_argument("--model", dest="registered_model", required=True, help="registered model, e.g. brain-cancer-resnet18")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--alias", default=None, help="model version alias, e.g. production or staging")
+    which.add_argument("--stage", default=None, help="deprecated MLflow stage name; used as the alias of the same name")
+    which.add_argument("--version", default=None, help="model version number (default: the latest)")
+    p.add_argument("--image", nargs="+", required=True, metavar="PATH", help="image files or folders of images")
+    p.add_argument("--img-size", type=int, default=None, help="default: the image size of the model's contract")
+    p.add_argument("--flavor", choices=["auto", "onnx", "pytorch"], default="auto",
+                   help="auto: ONNX when registered, else PyTorch")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of the report")
+    p.add_argument("--gradcam", default=None, metavar="OUT_DIR", help="write Grad-CAM overlays here (PyTorch flavor)")
+    return p
+
+
+def expand_inputs(items: list[str]) -> list[Path]:
+    """Folders become their image files (sorted); files are kept as given, even with odd suffixes."""
+    paths = []
+    for item in map(Path, items):
+        if item.is_dir():
+            paths += sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith(".")
+                            and p.suffix.lower() in IMAGE_EXTENSIONS + DICOM_EXTENSIONS)
+        else:
+            paths.append(item)
+    return paths
+
+
+def print_prediction(predictor, path: Path) -> dict:
+    """The original README's report for one image; raises ImageReadError for an unreadable file."""
+    print(f"📸 Loading and preprocessing image: {path}")
+    x = predictor.preprocess(path)
+    print(f"✅ Image preprocessed successfully (shape: {tuple(x.shape)})")
+    print("🔮 Making prediction...")
+    record = prediction_record(path, predictor.predict_array(x)[0], predictor.class_names)
+    print(f"\n PREDICTION RESULTS\n{'-' * 30}\n Predicted Class: {record['predicted_class']}")
+    print(f"📈 Confidence: {record['confidence']:.2%}\n🔢 Class Index: {record['class_index']}\n")
+    print("📋 All Class Probabilities:")
+    for name, p in record["probabilities"].items():
+        print(f"  {name}: {p:.2%}")
+    print()
+    return record
+
+
+def predict_all(predictor, paths: list[Path], as_json: bool) -> tuple[list[dict], list[dict]]:
+    records, errors = [], []
+    for path in paths:
+        try:
+            if not path.exists():
+                raise ImageReadError(f"{path}: no such file")
+            records.append(predictor.predict_path(path) if as_json else print_prediction(predictor, path))
+        except ImageReadError as exc:
+            reason = str(exc).replace(f"{path}: ", "")
+            errors.append({"path": str(path), "error": reason})
+            print(f"❌ Cannot read {path}: {reason}", file=sys.stderr if as_json else sys.stdout)
+    return records, errors
+
+
+def main(args) -> int:
+    cfg = config_from_args(args)
+    alias = args.alias
+    if args.stage:
+        alias = args.stage.lower()
+        print(f"note: MLflow stages are deprecated; using the alias @{alias}", file=sys.stderr)
+    paths = expand_inputs(args.image)
+    if not paths:
+        raise UserError(f"no image files in {' '.join(args.image)}")
+    client = connect(cfg.monitoring.mlflow)
+    mv = resolve_version(client, args.registered_model, alias, args.version)
+    with tempfile.TemporaryDirectory() as tmp:
+        predictor, used, flavor = load_predictor(client, mv, Path(tmp), args.flavor)
+        apply_img_size(predictor, args.img_size, flavor)
+        label = f"@{alias}, " if alias else ""
+        if not args.json:
+            print(f"🧠 Brain Cancer MRI Inference with MLflow\n{'=' * 50}")
+            runtime = "ONNX Runtime" if flavor == "onnx" else "PyTorch"
+            print(f"✅ Successfully loaded model: {mv.name} ({label}v{mv.version}; {flavor} flavor "
+                  f"{used.name} v{used.version} on {runtime})")
+        records, errors = predict_all(predictor, paths, args.json)
+        if args.gradcam and records:
+            write_gradcam(client, mv, Path(tmp), records, Path(args.gradcam), args.json)
+    if args.json:
+        print(json.dumps({"model": mv.name, "version": mv.version, "alias": alias, "flavor": flavor,
+                          "contract": predictor.contract, "predictions": records, "errors": errors}, indent=2))
+    elif errors:
+        print(f"⚠️  {len(errors)} of {len(paths)} input(s) could not be read; {len(records)} predicted")
+    return 1 if errors else 0
+
+
+def apply_img_size(predictor, img_size: int | None, flavor: str) -> None:
+    if img_size is None or img_size == predictor.contract["img_size"]:
+        return
+    if flavor == "onnx":
+        raise UserError(f"the ONNX model takes {predictor.contract['img_size']} px input; "
+                        "use --flavor pytorch to predict at another size")
+    print(f"warning: --img-size {img_size} differs from the training size {predictor.contract['img_size']}; "
+          "predictions may be unreliable", file=sys.stderr)
+    predictor.contract = {**predictor.contract, "img_size": img_size}
+
+
+def write_gradcam(client, mv, tmp: Path, records: list[dict], out_dir: Path, quiet: bool) -> None:
+    torch_predictor, _, _ = load_predictor(client, mv, tmp, "pytorch")
+    files = torch_predictor.gradcam([r["path"] for r in records], [r["class_index"] for r in records], out_dir)
+    if not quiet:
+        print(f"🔥 Grad-CAM overlays: {len(files)} file(s) in {out_dir}")
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser())
