@@ -1,10 +1,15 @@
 """Quick check of a trained model on the split manifest's test rows, with the checkpoint's own preprocessing.
 
     python test.py --model resnet18 --demo
+
+Accuracy, macro F1, per-class metrics and the confusion matrix (console and confusion_matrix.png),
+logged to MLflow `brain-cancer-mri-test-{model}` / W&B `brain-cancer-mri-test`. The same metrics code
+as evaluate.py; for intervals, calibration, timing and gates use evaluate.py.
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from data.dataset import build_dataset, make_loader
 from data.manifest import prepare_split
@@ -13,7 +18,10 @@ from models.loading import model_from_checkpoint
 from utils.checkpoint import default_checkpoint, load_checkpoint
 from utils.cli import add_common_args, config_from_args, run
 from utils.device import select_device
+from utils.errors import UserError
+from utils.evaluation import check_same_split, open_tracker
 from utils.metrics import classification_metrics, format_metrics
+from utils.plots import confusion_matrix_plot
 from utils.prediction import predict
 
 
@@ -25,20 +33,41 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def test_metrics(m: dict, class_names: list[str]) -> dict[str, float]:
+    """Scalars for the trackers: test_accuracy, test_macro_f1, test_recall_<class>, ..."""
+    out = {"test_accuracy": m["accuracy"], "test_balanced_accuracy": m["balanced_accuracy"], "test_macro_f1": m["macro_f1"]}
+    for c in class_names:
+        out.update({f"test_{k}_{c}": m["per_class"][c][k] for k in ("precision", "recall", "specificity", "f1")})
+    return out
+
+
 def main(args) -> int:
     cfg = config_from_args(args)
     device = select_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint or default_checkpoint(cfg))
+    ckpt_path = Path(args.checkpoint) if args.checkpoint else default_checkpoint(cfg)
+    ckpt = load_checkpoint(ckpt_path)
+    name, classes = ckpt["model_name"], list(ckpt["class_names"])
+    if args.model and args.model != name:
+        raise UserError(f"{ckpt_path} holds a {name} model, not {args.model}")
     split = prepare_split(cfg, args.resplit)
-    model = model_from_checkpoint(ckpt, device)
-    # Preprocessing comes from the checkpoint, never re-derived from the config.
-    dataset = build_dataset(cfg, split, "test", ckpt["img_size"])
-    loader = make_loader(dataset, cfg, cfg.recipe.batch_size, device=device)
-    pre = Preprocessor(ckpt["mean"], ckpt["std"]).to(device)
-    y, prob, _ = predict(model, loader, pre, device, desc="Testing")
-    metrics = classification_metrics(y, prob, ckpt["class_names"])
-    print(f"Test split of {split.manifest_path} ({len(y)} images), checkpoint epoch {ckpt['epoch']}")
-    print(format_metrics(metrics, ckpt["class_names"]))
+    check_same_split(ckpt, split)
+    with open_tracker(cfg, name, "test", ckpt) as tracker:
+        model = model_from_checkpoint(ckpt, device)
+        # Preprocessing comes from the checkpoint, never re-derived from the config.
+        dataset = build_dataset(cfg, split, "test", ckpt["img_size"])
+        loader = make_loader(dataset, cfg, cfg.recipe.batch_size, device=device)
+        pre = Preprocessor(ckpt["mean"], ckpt["std"]).to(device)
+        y, prob, _ = predict(model, loader, pre, device, desc="Testing")
+        metrics = classification_metrics(y, prob, classes)
+        png = confusion_matrix_plot(metrics["confusion_matrix"], classes, ckpt_path.parent / "confusion_matrix.png",
+                                    title=f"{name} test set")
+        print(f"Test split of {split.manifest_path} ({len(y)} images), checkpoint epoch {ckpt['epoch']}")
+        print(format_metrics(metrics, classes))
+        print(f"📁 {png}")
+        tracker.log_params({"checkpoint": str(ckpt_path), "checkpoint_epoch": ckpt["epoch"],
+                            "split_manifest": str(split.manifest_path), "n_test": len(y)})
+        tracker.log_metrics(test_metrics(metrics, classes))
+        tracker.log_artifact(png, "test")
     return 0
 
 

@@ -115,3 +115,16 @@ Left: the image as the model saw it (after resizing); right: Grad-CAM of the pre
     path = out_dir / "index.html"
     path.write_text(page)
     return path
+
+
+def explain_test_set(model, model_name: str, dataset, rel_paths: list[str], y_true, y_prob, preprocess,
+                     class_names: list[str], out_dir, n_correct: int, device, seed: int = 0) -> Path:
+    """Grad-CAM for every misclassified and n_correct correctly classified test images; returns index.html."""
+    y_prob = np.asarray(y_prob)
+    y_pred = y_prob.argmax(axis=1)
+    indices = select_examples(y_true, y_pred, n_correct, seed)
+    files = gradcam_gallery(model, model_name, dataset, preprocess, indices, y_pred, out_dir, device)
+    entries = [{"file": f.name, "path": rel_paths[i], "true": class_names[int(y_true[i])],
+                "predicted": class_names[int(y_pred[i])], "confidence": float(y_prob[i].max())}
+               for i, f in zip(indices, files)]
+    return write_gradcam_index(entries, out_dir, model_name)

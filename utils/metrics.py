@@ -1,6 +1,8 @@
 """One metrics routine for test.py, evaluate.py and validation during training (scikit-learn)."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
                              multilabel_confusion_matrix, precision_recall_fscore_support, roc_auc_score)
@@ -31,7 +33,7 @@ def classification_metrics(y_true: np.ndarray, y_prob: np.ndarray, class_names: 
         }
     out = {
         "accuracy": float(accuracy_score(y_true, y_pred)) if len(y_true) else 0.0,
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)) if len(y_true) else 0.0,
+        "balanced_accuracy": _balanced_accuracy(y_true, y_pred),
         "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
@@ -43,6 +45,14 @@ def classification_metrics(y_true: np.ndarray, y_prob: np.ndarray, class_names: 
             per_class[name]["roc_auc"] = auc
         out.update(roc_auc_macro=macro, notes=notes, confusion_matrix_row_pct=row_percentages(cm))
     return out
+
+
+def _balanced_accuracy(y_true, y_pred) -> float:
+    if not len(y_true):
+        return 0.0
+    with warnings.catch_warnings():  # a class absent from y_true is reported in the notes instead
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(balanced_accuracy_score(y_true, y_pred))
 
 
 def specificities(y_true: np.ndarray, y_pred: np.ndarray, labels: list[int]) -> list[float]:

@@ -126,3 +126,18 @@ def comparison_plot(rows: list[dict], path) -> Path:
     ax_t.set_title("Latency")
     ax_t.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def evaluation_figures(out_dir, record: dict, y_true, y_prob, bins: dict, bins_after: dict | None) -> list[Path]:
+    """The four figures of an evaluation, from the same numbers as evaluation_metrics.json."""
+    out_dir = Path(out_dir)
+    names = record["class_names"]
+    cal = record["calibration"]
+    return [
+        confusion_matrix_plot(record["confusion_matrix"], names, out_dir / "confusion_matrix.png",
+                              title=f"{record['model']} test set"),
+        per_class_plot(record["per_class"], out_dir / "per_class_metrics.png"),
+        roc_curves_plot(y_true, y_prob, names, [record["per_class"][c]["roc_auc"] for c in names],
+                        out_dir / "roc_curves.png"),
+        reliability_plot(bins, cal["ece"], out_dir / "reliability_diagram.png", bins_after, cal["ece_after_temperature"]),
+    ]

@@ -1,0 +1,142 @@
+"""Medical-grade evaluation of a checkpoint on the split manifest's test rows, with the checkpoint's own preprocessing.
+
+    python evaluate.py --model resnet18 --demo
+    python evaluate.py --model resnet18 --detailed --medical-validation --compare [--strict] [--calibrate]
+
+Exit codes: 0 success (and gates passed with --medical-validation), 3 gates failed, 2 user error.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from data.dataset import build_dataset, make_loader
+from data.manifest import prepare_split
+from data.preprocess import Preprocessor
+from models.loading import model_from_checkpoint
+from utils.checkpoint import default_checkpoint, load_checkpoint
+from utils.cli import add_common_args, config_from_args, run
+from utils.device import select_device
+from utils.errors import UserError
+from utils.evaluation import (calibration_summary, check_same_split, evaluation_record, open_tracker,
+                              score_predictions)
+from utils.gates import GATES_FAILED_EXIT, check_gates, format_gates
+from utils.plots import comparison_plot, evaluation_figures
+from utils.prediction import predict
+from utils.reports import (collect_evaluations, flat_metrics, format_comparison, format_evaluation, recommend,
+                           write_comparison_csv, write_json, write_predictions, write_report)
+from utils.timing import measure_inference
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Evaluate a checkpoint on the test split: metrics with 95% bootstrap "
+                                "intervals, ROC, calibration, timing, plots (outputs in checkpoints/{model}_outputs/)")
+    add_common_args(p)
+    p.add_argument("--checkpoint", default=None, metavar="PATH", help="default: checkpoints/{model}_outputs/best_model.pth")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when present)")
+    p.add_argument("--detailed", action="store_true", help="Grad-CAM overlays of misclassified and sample correct images")
+    p.add_argument("--medical-validation", action="store_true",
+                   help="check the quality gates (config: evaluation.gates); exit code 3 when they fail")
+    p.add_argument("--strict", action="store_true", help="judge the gates on the lower bound of the 95%% CI")
+    p.add_argument("--calibrate", action="store_true", help="fit a temperature on the validation split; ECE before/after")
+    p.add_argument("--compare", action="store_true", help="rank every evaluated model under the checkpoints folder")
+    return p
+
+
+def predict_split(cfg, split, name: str, ckpt, model, pre, device):
+    dataset = build_dataset(cfg, split, name, ckpt["img_size"])
+    if len(dataset) == 0:
+        raise UserError(f"the {name} split of {split.manifest_path} is empty")
+    loader = make_loader(dataset, cfg, cfg.recipe.batch_size, device=device)
+    y, prob, _ = predict(model, loader, pre, device, desc=f"Evaluating ({name})")
+    return dataset, y, prob
+
+
+def log_evaluation(tracker, record: dict, validation: dict | None, files: list[Path], args) -> None:
+    tracker.log_params({"checkpoint": record["checkpoint"], "checkpoint_epoch": record["checkpoint_epoch"],
+                        "split_manifest": record["split_manifest"], "n_test": record["n_test"],
+                        "bootstrap_samples": record["bootstrap_samples"], "device": record["timing"]["device"],
+                        "strict": args.strict, "calibrate": args.calibrate})
+    tracker.log_metrics(flat_metrics(record))
+    if validation is not None:
+        tracker.set_tags({"deployment_ready": validation["deployment_ready"], "gate_basis": validation["basis"]})
+    for path in files:
+        tracker.log_artifact(path, "evaluation")
+
+
+def compare_models(cfg) -> None:
+    root = Path(cfg.train.output_dir)
+    rows = collect_evaluations(root)
+    _, reason = recommend(rows)
+    print("\n" + format_comparison(rows, reason))
+    if rows:
+        csv_path = write_comparison_csv(root / "model_comparison.csv", rows)
+        png = comparison_plot(rows, root / "model_comparison.png")
+        print(f"📁 {csv_path}, {png}")
+
+
+def main(args) -> int:
+    cfg = config_from_args(args)
+    device = select_device(args.device)
+    ckpt_path = Path(args.checkpoint) if args.checkpoint else default_checkpoint(cfg)
+    ckpt = load_checkpoint(ckpt_path)
+    name, classes, out_dir = ckpt["model_name"], list(ckpt["class_names"]), ckpt_path.parent
+    if args.model and args.model != name:
+        raise UserError(f"{ckpt_path} holds a {name} model, not {args.model}")
+    split = prepare_split(cfg, args.resplit)
+    check_same_split(ckpt, split)
+    print(f"Evaluating {name} (epoch {ckpt['epoch']}) on the test split of {split.manifest_path}")
+    with open_tracker(cfg, name, "evaluation", ckpt) as tracker:
+        model = model_from_checkpoint(ckpt, device)
+        pre = Preprocessor(ckpt["mean"], ckpt["std"]).to(device)  # the checkpoint's preprocessing, not the config's
+        test_ds, y, prob = predict_split(cfg, split, "test", ckpt, model, pre, device)
+        val = predict_split(cfg, split, "val", ckpt, model, pre, device)[1:] if args.calibrate else None
+        scores = score_predictions(y, prob, classes, cfg.evaluation)
+        calibration, bins, bins_after = calibration_summary(y, prob, cfg.evaluation.ece_bins, val)
+        timing = measure_inference(model, pre, test_ds, cfg.recipe.batch_size, device,
+                                   cfg.evaluation.timing_warmup, cfg.evaluation.timing_runs)
+        record = evaluation_record(ckpt, ckpt_path, split, scores, calibration, timing)
+        validation = check_gates(record, cfg.evaluation.gates, args.strict) if args.medical_validation else None
+
+        rel_paths = [r.path for r in split.rows_for("test")]
+        files = [write_json(out_dir / "evaluation_metrics.json", record),
+                 write_predictions(out_dir / "predictions.csv", rel_paths, y, prob, classes),
+                 write_report(out_dir / "evaluation_report.txt", record, validation),
+                 *evaluation_figures(out_dir, record, y, prob, bins, bins_after)]
+        stale = out_dir / "medical_validation.json"
+        if validation is not None:
+            files.append(write_json(stale, validation))
+        elif stale.exists():
+            stale.unlink()  # its gates judged an earlier evaluation: no verdict is better than a stale one
+        print("\n" + format_evaluation(record))
+        if args.detailed:
+            index = explain_gradcam(cfg, model, name, test_ds, rel_paths, y, prob, pre, classes, out_dir, device)
+            files.append(index.parent)
+            print(f"🔍 Grad-CAM overlays: {index}")
+        log_evaluation(tracker, record, validation, files, args)
+    print(f"\n📁 Outputs in {out_dir}: " + ", ".join(p.name for p in files))
+    if args.compare:
+        compare_models(cfg)
+    return verdict(record, validation, cfg)
+
+
+def explain_gradcam(cfg, model, name, dataset, rel_paths, y, prob, pre, classes, out_dir, device):
+    from utils.explain import explain_test_set  # lazy: pytorch-grad-cam pulls in OpenCV
+
+    return explain_test_set(model, name, dataset, rel_paths, y, prob, pre, classes, out_dir / "gradcam",
+                            cfg.evaluation.gradcam_correct_samples, device, seed=cfg.evaluation.bootstrap_seed)
+
+
+def verdict(record: dict, validation: dict | None, cfg) -> int:
+    if validation is not None:
+        print("\n" + format_gates(validation))
+        if not validation["deployment_ready"]:
+            return GATES_FAILED_EXIT
+        print("🏆 Model shows excellent performance for medical AI!")
+    elif record["accuracy"]["value"] >= cfg.evaluation.gates.accuracy:
+        print("🏆 Model shows excellent performance for medical AI! (run --medical-validation for every gate)")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser())

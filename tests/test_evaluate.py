@@ -1,0 +1,163 @@
+"""evaluate.py and test.py end to end on the session's one-epoch checkpoint: files, figures, gates, exit codes, MLflow."""
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score, roc_auc_score
+
+from tests.conftest import run_script, write_overlay
+from utils.errors import UserError
+
+OUTPUTS = ["evaluation_metrics.json", "medical_validation.json", "predictions.csv", "evaluation_report.txt",
+           "confusion_matrix.png", "per_class_metrics.png", "roc_curves.png", "reliability_diagram.png"]
+PASS_ALL = ["--set", "evaluation.gates.accuracy=0", "--set", "evaluation.gates.sensitivity=0",
+            "--set", "evaluation.gates.latency_ms=100000", "--set", "evaluation.gates.max_imbalance=100"]
+
+
+@pytest.fixture(scope="module")
+def full_run(trained):
+    """One evaluate.py --detailed --medical-validation --compare run (1-epoch model: the gates fail)."""
+    overlay, tmp, best = trained
+    code = run_script("evaluate", ["--config", overlay, "--model", "resnet18", "--detailed",
+                                   "--medical-validation", "--compare"])
+    return code, tmp, best.parent
+
+
+def test_failed_gates_exit_3_and_every_file_is_written(full_run):
+    code, tmp, out = full_run
+    assert code == 3
+    for name in OUTPUTS:
+        assert (out / name).is_file(), name
+    for png in ("confusion_matrix.png", "per_class_metrics.png", "roc_curves.png", "reliability_diagram.png"):
+        with Image.open(out / png) as im:
+            im.verify()
+    v = json.loads((out / "medical_validation.json").read_text())
+    assert v["deployment_ready"] is False and v["strict"] is False and v["basis"] == "point estimate"
+    assert {g["name"] for g in v["gates"]} >= {"accuracy", "latency_ms", "class_imbalance", "sensitivity_glioma"}
+    assert "Deployment ready: NO" in (out / "evaluation_report.txt").read_text()
+    # --compare: the table, its CSV and plot beside the model folders
+    rows = list(csv.DictReader(open(tmp / "checkpoints" / "model_comparison.csv")))
+    assert rows[0]["model"] == "resnet18" and rows[0]["gates"] == "FAIL"
+    with Image.open(tmp / "checkpoints" / "model_comparison.png") as im:
+        im.verify()
+
+
+def test_metrics_json_follows_the_contract(full_run, trained):
+    _, _, out = full_run
+    r = json.loads((out / "evaluation_metrics.json").read_text())
+    for key in ("model", "checkpoint", "checkpoint_epoch", "split_manifest", "data_fingerprint", "class_names",
+                "n_test", "confidence", "bootstrap_samples", "roc_auc_macro", "confusion_matrix",
+                "confusion_matrix_row_pct", "class_imbalance_ratio", "training_run_id", "created"):
+        assert key in r, key
+    assert r["bootstrap_samples"] == 200 and r["confidence"] == 0.95  # the test overlay's setting
+    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
+        assert r[key]["ci_low"] <= r[key]["value"] <= r[key]["ci_high"]
+    for row in r["per_class"].values():
+        assert set(row) >= {"precision", "recall", "sensitivity", "specificity", "f1", "support", "roc_auc"}
+        assert set(row["sensitivity"]) == {"value", "ci_low", "ci_high"}
+    assert set(r["calibration"]) == {"ece", "n_bins", "temperature", "ece_after_temperature"}
+    assert set(r["timing"]) == {"device", "latency_ms_mean", "latency_ms_p95", "throughput_images_per_s", "batch_size"}
+    assert r["timing"]["device"] == "cpu" and r["timing"]["latency_ms_mean"] > 0
+    import torch
+
+    ckpt = torch.load(trained[2], map_location="cpu", weights_only=True)
+    assert r["data_fingerprint"] == ckpt["data_fingerprint"] and r["class_names"] == ckpt["class_names"]
+
+
+def test_predictions_csv_reproduces_the_reported_figures(full_run):
+    """Recompute every headline figure from predictions.csv alone, independently of the toolkit's code."""
+    _, _, out = full_run
+    r = json.loads((out / "evaluation_metrics.json").read_text())
+    classes = r["class_names"]
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(rows) == r["n_test"]
+    y = np.array([classes.index(row["true_class"]) for row in rows])
+    prob = np.array([[float(row[f"prob_{c}"]) for c in classes] for row in rows])
+    pred = np.array([classes.index(row["predicted_class"]) for row in rows])
+    assert np.array_equal(pred, prob.argmax(1))
+    assert accuracy_score(y, pred) == pytest.approx(r["accuracy"]["value"], abs=1e-12)
+    assert f1_score(y, pred, average="macro", labels=range(len(classes)), zero_division=0) == pytest.approx(
+        r["macro_f1"]["value"], abs=1e-12)
+    assert confusion_matrix(y, pred, labels=range(len(classes))).tolist() == r["confusion_matrix"]
+    sens = recall_score(y, pred, average=None, labels=range(len(classes)), zero_division=0)
+    for k, c in enumerate(classes):
+        assert sens[k] == pytest.approx(r["per_class"][c]["sensitivity"]["value"], abs=1e-12)
+        if r["per_class"][c]["roc_auc"] is not None:
+            assert roc_auc_score(y == k, prob[:, k]) == pytest.approx(r["per_class"][c]["roc_auc"], abs=1e-12)
+    manifest = {row["path"] for row in csv.DictReader(open(r["split_manifest"])) if row["split"] == "test"}
+    assert {row["path"] for row in rows} == manifest  # relative paths, exactly the manifest's test rows
+
+
+def test_gradcam_page_shows_every_misclassified_image(full_run):
+    _, _, out = full_run
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    wrong = sum(row["true_class"] != row["predicted_class"] for row in rows)
+    page = (out / "gradcam" / "index.html").read_text()
+    assert page.count("MISCLASSIFIED") == wrong
+    overlays = sorted((out / "gradcam").glob("gradcam_*.png"))
+    assert len(overlays) == page.count("<img")
+    with Image.open(overlays[0]) as im:
+        assert im.size[0] > 2 * im.size[1] - 20  # image and overlay side by side
+
+
+def test_evaluation_run_is_in_mlflow(full_run, trained):
+    from mlflow import MlflowClient
+
+    _, tmp, _ = full_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("brain-cancer-mri-evaluation-resnet18")
+    assert exp is not None
+    run = client.search_runs([exp.experiment_id], max_results=1)[0]
+    assert "test_accuracy" in run.data.metrics and "test_sensitivity_glioma_ci_low" in run.data.metrics
+    assert run.data.tags["deployment_ready"] == "False" and "training_run_id" in run.data.tags
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert "evaluation/evaluation_metrics.json" in logged and "evaluation/confusion_matrix.png" in logged
+
+
+def test_gates_pass_when_thresholds_allow_and_strict_says_so(trained, capsys):
+    overlay, _, best = trained
+    code = run_script("evaluate", ["--config", overlay, "--model", "resnet18", "--medical-validation",
+                                   "--strict", "--calibrate", *PASS_ALL])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "Deployment ready: YES" in out and "lower bound of the 95% confidence interval" in out
+    v = json.loads((best.parent / "medical_validation.json").read_text())
+    assert v["deployment_ready"] and v["strict"] and v["basis"] == "lower bound of the 95% confidence interval"
+    r = json.loads((best.parent / "evaluation_metrics.json").read_text())
+    assert r["calibration"]["temperature"] > 0 and r["calibration"]["ece_after_temperature"] is not None
+
+
+def test_tracker_down_costs_a_warning_only(tmp_path, tiny_data, trained, capsys):
+    _, tmp, best = trained
+    down = write_overlay(tmp_path, tiny_data, **{"monitoring.mlflow.tracking_uri": "http://127.0.0.1:9",
+                                                 "dataset.manifest_dir": str(tmp / "splits")})
+    code = run_script("evaluate", ["--config", down, "--checkpoint", best])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "MLflow tracking is off" in captured.err
+    assert (best.parent / "evaluation_metrics.json").is_file()
+    assert not (best.parent / "medical_validation.json").exists()  # no stale verdict without --medical-validation
+
+
+def test_checkpoint_of_another_split_is_refused(trained, tmp_path, tiny_data):
+    _, _, best = trained
+    other = write_overlay(tmp_path, tiny_data, **{"dataset.seed": 7})
+    with pytest.raises(UserError, match="another split"):
+        run_script("evaluate", ["--config", other, "--checkpoint", best])
+
+
+def test_test_script_writes_confusion_matrix_and_logs_the_test_run(trained, capsys):
+    from mlflow import MlflowClient
+
+    overlay, tmp, best = trained
+    assert run_script("test", ["--config", overlay, "--model", "resnet18"]) == 0
+    out = capsys.readouterr().out
+    assert "MLflow experiment: brain-cancer-mri-test-resnet18" in out and "Macro F1" in out
+    with Image.open(best.parent / "confusion_matrix.png") as im:
+        im.verify()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("brain-cancer-mri-test-resnet18")
+    run = client.search_runs([exp.experiment_id], max_results=1)[0]
+    assert "test_accuracy" in run.data.metrics and "test_macro_f1" in run.data.metrics
