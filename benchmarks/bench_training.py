@@ -1,0 +1,163 @@
+"""Training throughput (images/s, forward + backward + optimizer step) of three input pipelines.
+
+  toolkit   uint8 cache -> DataLoader -> Preprocessor (augmentation + normalization on the model's device)
+  original  the original per-sample PIL pipeline: ImageFolder, Resize, Grayscale(3), flip, rotation,
+            ColorJitter, ToTensor, Normalize in DataLoader workers
+  model     the model alone on a batch already in memory: the limit
+
+Same model, batch, image size, threads and worker count; the three alternate epoch by epoch in one
+process, so the ratios hold on a busy machine.
+
+    python benchmarks/bench_training.py                      # CPU: resnet18, 224 px, 512 px JPEGs
+    python benchmarks/bench_training.py --device cuda --amp --channels-last --batch-size 128 --workers 8
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+
+try:
+    from benchmarks import common
+except ImportError:  # run as a file
+    import common
+
+import torch
+from torch import nn
+
+from data.cache import open_cache, usable_cpus
+from data.dataset import GrayImageDataset, make_loader
+from data.preprocess import Preprocessor
+from models.zoo import build_model
+from utils.config import load_config
+
+MEAN, STD = [0.2] * 3, [0.25] * 3
+VARIANTS = ("toolkit", "original", "model")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Training throughput: toolkit pipeline vs original PIL pipeline vs model alone")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--jpeg-size", type=int, default=512, help="size of the generated JPEGs")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batches", type=int, default=4, help="batches per timed epoch")
+    p.add_argument("--repeats", type=int, default=3, help="timed epochs per variant (interleaved)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (both pipelines)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: usable cores)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--data-dir", default=str(common.DEFAULT_DATA_DIR))
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the benchmark runs")
+    return p
+
+
+def original_loader(root, args, device) -> torch.utils.data.DataLoader:
+    """The original project's pipeline, per sample in PIL (torchvision.transforms v1, as it used)."""
+    from torchvision import datasets, transforms as T
+
+    tf = T.Compose([T.Resize((args.img_size, args.img_size)), T.Grayscale(3), T.RandomHorizontalFlip(),
+                    T.RandomRotation(10), T.ColorJitter(brightness=0.2, contrast=0.2), T.ToTensor(),
+                    T.Normalize(MEAN, STD)])
+    extra = {"persistent_workers": True, "prefetch_factor": 4} if args.workers else {}
+    return torch.utils.data.DataLoader(datasets.ImageFolder(str(root), tf), batch_size=args.batch_size,
+                                       shuffle=True, drop_last=True, num_workers=args.workers,
+                                       pin_memory=device.type == "cuda", **extra)
+
+
+def toolkit_loader(root, args, device, cfg):
+    """The toolkit's pipeline: the cache (built once, timed separately), make_loader, Preprocessor."""
+    paths, labels = common.list_images(root)
+    names = [str(p.relative_to(root)) for p in paths]
+    key = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+    with common.Stopwatch() as build:
+        cache = open_cache(paths, names, args.img_size, root.parent / "cache", key, "bench", progress=False)
+    dataset = GrayImageDataset(paths, labels, args.img_size, cache)
+    loader = make_loader(dataset, cfg, args.batch_size, shuffle=True, drop_last=True, device=device)
+    return loader, build.seconds
+
+
+class Trainer:
+    """One optimizer step per batch on the same model for every variant."""
+
+    def __init__(self, args, device):
+        self.device, self.args = device, args
+        self.model = build_model(args.model, 3).to(device).train()
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.memory_format)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.criterion = nn.CrossEntropyLoss()
+        self.pre = Preprocessor(MEAN, STD, augment=True).to(device).train()
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else None
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x = x.contiguous(memory_format=self.memory_format)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.amp):
+            loss = self.criterion(self.model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def epoch(self, variant: str, source) -> float:
+        """images/s over one epoch (the timer includes waiting for the loader's first batch)."""
+        dev, n = self.device, 0
+        with common.Stopwatch(self.sync) as sw:
+            if variant == "model":
+                x, y = source
+                for _ in range(self.args.batches):
+                    self.step(x, y)
+                    n += y.shape[0]
+            else:
+                for images, labels in source:
+                    images = images.to(dev, non_blocking=True)
+                    x = self.pre(images) if variant == "toolkit" else images
+                    self.step(x, labels.to(dev, non_blocking=True))
+                    n += labels.shape[0]
+        return n / sw.seconds
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads or usable_cpus())
+    n_images = args.batch_size * args.batches
+    root = common.make_jpegs(common.Path(args.data_dir) / f"train_{args.jpeg_size}px_{n_images}" / "images",
+                             n_images, args.jpeg_size)
+    cfg = load_config(overrides={"dataset.num_workers": args.workers})
+    loaders = {}
+    loaders["toolkit"], build_s = toolkit_loader(root, args, device, cfg)
+    loaders["original"] = original_loader(root, args, device)
+    trainer = Trainer(args, device)
+    first = next(iter(loaders["toolkit"]))
+    x = trainer.pre.eval()(first[0].to(device)).detach()
+    trainer.pre.train()
+    loaders["model"] = (x, first[1].to(device))
+    for v in VARIANTS:  # warm-up: workers start, files reach the page cache, kernels get picked
+        trainer.epoch(v, loaders[v])
+    rates = {v: [] for v in VARIANTS}
+    for r in range(args.repeats):
+        for v in VARIANTS[r % 3:] + VARIANTS[:r % 3]:  # rotate the order so no variant always goes first
+            rates[v].append(trainer.epoch(v, loaders[v]))
+    ratios = {f"{v}/model": [a / b for a, b in zip(rates[v], rates["model"])] for v in ("toolkit", "original")}
+    return {"images_per_s": {v: common.spread(r) for v, r in rates.items()},
+            "ratios": {k: common.spread(r) for k, r in ratios.items()},
+            "cache_build_s": build_s, "cache_build_images_per_s": n_images / build_s if build_s else None}
+
+
+def main(args) -> int:
+    if args.smoke:
+        args.img_size, args.jpeg_size, args.batch_size, args.batches, args.repeats = 64, 64, 4, 2, 2
+        args.model = "resnet18"
+    results = run(args)
+    settings = {k: getattr(args, k) for k in ("device", "model", "img_size", "jpeg_size", "batch_size", "batches",
+                                              "repeats", "workers", "amp", "channels_last")}
+    settings["threads"] = torch.get_num_threads()
+    ips, ratio = results["images_per_s"], results["ratios"]
+    rows = [[v, ips[v]["median"], ips[v]["min"], ips[v]["max"],
+             ratio.get(f"{v}/model", {"median": 1.0})["median"]] for v in VARIANTS]
+    common.report("bench_training", settings, ["pipeline", "img/s median", "min", "max", "x model"], rows,
+                  results, args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
