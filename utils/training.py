@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import math
 import signal
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -243,16 +244,16 @@ def optimizer_step(t: Trainer, loss_ok: torch.Tensor, epoch: int) -> None:
     bad = any_rank(not bool(loss_ok & grad_ok), t.device)  # one host sync per step
     if not bad:
         t.scaler.step(t.optimizer)
+        t.scheduler.step()  # a skipped step does not advance the schedule
     t.scaler.update()
     t.optimizer.zero_grad(set_to_none=True)
-    t.scheduler.step()
     t.step += 1
     if bad:
         t.nonfinite += 1
         limit = t.cfg.train.max_nonfinite_steps
         if t.dist.is_main:
             tqdm.write(f"warning: non-finite loss or gradient at epoch {epoch}, step {t.step}: step skipped "
-                       f"({t.nonfinite}/{limit})")
+                       f"({t.nonfinite}/{limit})", file=sys.stderr)
         if t.nonfinite >= limit:
             raise UserError(
                 f"training stopped: {t.nonfinite} steps had a non-finite (NaN/inf) loss or gradient. "
