@@ -145,8 +145,7 @@ def run(args) -> dict:
 
 def main(args) -> int:
     if args.smoke:
-        args.img_size, args.jpeg_size, args.batch_size, args.batches, args.repeats = 64, 64, 4, 2, 2
-        args.model = "resnet18"
+        args.img_size, args.jpeg_size, args.batch_size, args.batches, args.repeats = 32, 64, 2, 2, 1
     results = run(args)
     settings = {k: getattr(args, k) for k in ("device", "model", "img_size", "jpeg_size", "batch_size", "batches",
                                               "repeats", "workers", "amp", "channels_last")}

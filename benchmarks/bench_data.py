@@ -1,0 +1,164 @@
+"""Data-path speed and memory: compute_normalization and evaluate vs bare decoding on one core.
+
+  decode    load_gray over the training split in a plain loop: one core, the reference rate
+  stats     data.normalization.compute_stats (what compute_normalization.py runs); cold = the cache
+            is built first (parallel decode), warm = the cache exists
+  evaluate  evaluate/test's data path over the test split: build_dataset + make_loader + Preprocessor
+
+Each task runs in its own subprocess, so its peak resident memory (main process, and the largest
+worker) is its own; all of them at 1x and 10x the data set size.
+
+    python benchmarks/bench_data.py                       # 400 and 4000 512x512 JPEGs, 224 px
+    python benchmarks/bench_data.py --n-images 1000 --repeats 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+try:
+    from benchmarks import common
+except ImportError:  # run as a file
+    import common
+
+TASKS = ("decode", "stats", "evaluate")
+SCALES = (1, 10)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="compute_normalization / evaluate data path vs one-core decoding; peak memory at 1x and 10x")
+    p.add_argument("--n-images", type=int, default=400, help="images at 1x (10x is ten times this)")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--jpeg-size", type=int, default=512)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (dataset.num_workers)")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--data-dir", default=str(common.DEFAULT_DATA_DIR))
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the benchmark runs")
+    p.add_argument("--child", choices=TASKS, help=argparse.SUPPRESS)
+    p.add_argument("--root", help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    return p
+
+
+def data_config(root, work, img_size: int, workers: int):
+    from utils.config import load_config
+
+    work = common.Path(work)
+    return load_config(overrides={"dataset.path": str(root), "dataset.img_size": img_size,
+                                  "dataset.num_workers": workers, "dataset.manifest_dir": str(work / "splits"),
+                                  "dataset.cache_dir": str(work / "cache"),
+                                  "dataset.stats_path": str(work / "normalization_stats.json")})
+
+
+def evaluate_pass(cfg, split, img_size: int) -> int:
+    """What test.py / evaluate.py do before the model: dataset, loader, preprocessing."""
+    from data.dataset import build_dataset, make_loader
+    from data.preprocess import Preprocessor
+
+    loader = make_loader(build_dataset(cfg, split, "test", img_size), cfg, cfg.recipe.batch_size)
+    pre = Preprocessor([0.2] * 3, [0.25] * 3).eval()
+    return sum(pre(images).shape[0] for images, _ in loader)
+
+
+def timed_rate(fn, n: int) -> float:
+    start = time.perf_counter()
+    fn()
+    return n / (time.perf_counter() - start)
+
+
+def child(args) -> dict:
+    """One task in this process; prints its rates and peak memory as JSON."""
+    from data.images import load_gray
+    from data.manifest import prepare_split
+    from data.normalization import compute_stats
+
+    cfg = data_config(args.root, args.work, args.img_size, args.workers)
+    split = prepare_split(cfg, log=lambda *_: None)
+    paths = split.samples("train")[0]
+    n_test = split.sizes()["test"]
+    out = {"task": args.child, "n_train": len(paths), "n_test": n_test}
+    if args.child == "decode":
+        out["rate"] = timed_rate(lambda: [load_gray(p, args.img_size) for p in paths], len(paths))
+    else:
+        shutil.rmtree(cfg.dataset.cache_dir, ignore_errors=True)  # cold: the cache is built inside the timing
+        if args.child == "stats":
+            fn, n = (lambda: compute_stats(cfg, split, args.img_size, progress=False)), len(paths)
+        else:
+            fn, n = (lambda: evaluate_pass(cfg, split, args.img_size)), n_test
+        out["rate_cold"] = timed_rate(fn, n)
+        out["rate"] = timed_rate(fn, n)  # warm
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["workers_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return out
+
+
+def run_child(task: str, root, work, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", task, "--root", str(root), "--work", str(work),
+           "--img-size", str(args.img_size), "--workers", str(args.workers)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=common.ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{task} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def prepare(args, scale: int):
+    """The scale's JPEG tree and its split manifest (made here, once, outside any timing)."""
+    from data.manifest import prepare_split
+
+    n = args.n_images * scale
+    base = common.Path(args.data_dir) / f"data_{args.jpeg_size}px_{n}"
+    root = common.make_jpegs(base / "images", n, args.jpeg_size)
+    prepare_split(data_config(root, base / "work", args.img_size, args.workers), log=lambda *_: None)
+    return root, base / "work"
+
+
+def summarize(runs: dict) -> tuple[dict, list[list]]:
+    results, rows = {}, []
+    for scale in SCALES:
+        decode = common.spread([r["rate"] for r in runs[scale, "decode"]])["median"]
+        for task in TASKS:
+            rs = runs[scale, task]
+            res = {"rate": common.spread([r["rate"] for r in rs]),
+                   "peak_rss_mb": common.spread([r["peak_rss_mb"] for r in rs]),
+                   "workers_peak_rss_mb": common.spread([r["workers_peak_rss_mb"] for r in rs]),
+                   "n_images": rs[0]["n_test" if task == "evaluate" else "n_train"]}
+            if "rate_cold" in rs[0]:
+                res["rate_cold"] = common.spread([r["rate_cold"] for r in rs])
+                res["cold_vs_decode"] = res["rate_cold"]["median"] / decode
+            res["vs_decode"] = res["rate"]["median"] / decode
+            results[f"{task}@{scale}x"] = res
+            rows.append([f"{task} {scale}x", res["n_images"], res.get("rate_cold", {}).get("median", "-"),
+                         res.get("cold_vs_decode", "-"), res["rate"]["median"], res["vs_decode"],
+                         res["peak_rss_mb"]["median"], res["workers_peak_rss_mb"]["median"]])
+    for task in TASKS:
+        results[f"{task}_memory_10x_vs_1x"] = (results[f"{task}@10x"]["peak_rss_mb"]["median"]
+                                               / results[f"{task}@1x"]["peak_rss_mb"]["median"])
+    return results, rows
+
+
+def main(args) -> int:
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    if args.smoke:
+        args.n_images, args.img_size, args.jpeg_size, args.repeats = 30, 32, 64, 1
+    trees = {scale: prepare(args, scale) for scale in SCALES}
+    runs = {(s, t): [] for s in SCALES for t in TASKS}
+    for _ in range(args.repeats):
+        for scale in SCALES:
+            for task in TASKS:
+                runs[scale, task].append(run_child(task, *trees[scale], args))
+    results, rows = summarize(runs)
+    settings = {k: getattr(args, k) for k in ("n_images", "img_size", "jpeg_size", "workers", "repeats")}
+    common.report("bench_data", settings, ["task", "images", "cold img/s", "cold x decode", "warm img/s",
+                                           "warm x decode", "peak MB", "worker peak MB"], rows, results)
+    return 0
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

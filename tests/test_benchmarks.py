@@ -1,0 +1,43 @@
+"""The benchmark scripts keep working: each runs in --smoke mode and prints its table and JSON line.
+
+The figures themselves are not asserted (they depend on the machine and its load).
+"""
+from __future__ import annotations
+
+import json
+
+from benchmarks import bench_data, bench_inference, bench_training
+
+
+def run_smoke(module, tmp_path, capsys, *extra) -> dict:
+    args = module.get_args_parser().parse_args(["--smoke", "--data-dir", str(tmp_path), *extra])
+    assert module.main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    record = json.loads(lines[-1])
+    assert record["benchmark"] == module.__name__.split(".")[-1]
+    assert record["machine"]["cpu"] and record["machine"]["cores"] >= 1
+    assert any(line.startswith("---") for line in lines), "no table printed"
+    return record["results"]
+
+
+def test_training_smoke(tmp_path, capsys):
+    results = run_smoke(bench_training, tmp_path, capsys, "--threads", "1", "--workers", "1")
+    assert set(results["images_per_s"]) == {"toolkit", "original", "model"}
+    assert all(v["median"] > 0 for v in results["images_per_s"].values())
+    assert set(results["ratios"]) == {"toolkit/model", "original/model"}
+
+
+def test_inference_smoke(tmp_path, capsys):
+    results = run_smoke(bench_inference, tmp_path, capsys, "--threads", "1")
+    assert set(results["latency"]) == {"onnx_e2e", "torch_eager", "onnx_limit"}
+    assert all(v["median_ms"] > 0 and v["p95_ms"] >= v["median_ms"] for v in results["latency"].values())
+    assert results["ratios"]["onnx_e2e/onnx_limit"] > 0
+
+
+def test_data_smoke(tmp_path, capsys):
+    results = run_smoke(bench_data, tmp_path, capsys)
+    for scale in ("1x", "10x"):
+        assert results[f"decode@{scale}"]["rate"]["median"] > 0
+        assert results[f"stats@{scale}"]["rate_cold"]["median"] > 0
+        assert results[f"evaluate@{scale}"]["n_images"] > 0
+    assert results["stats_memory_10x_vs_1x"] > 0
