@@ -119,6 +119,7 @@ class Trainer:
 def run(args) -> dict:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads or usable_cpus())
+    torch.backends.cudnn.benchmark = True  # as train.py does (performance.benchmark_cudnn)
     n_images = args.batch_size * args.batches
     root = common.make_jpegs(common.Path(args.data_dir) / f"train_{args.jpeg_size}px_{n_images}" / "images",
                              n_images, args.jpeg_size)
