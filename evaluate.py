@@ -37,7 +37,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--detailed", action="store_true", help="Grad-CAM overlays of misclassified and sample correct images")
     p.add_argument("--medical-validation", action="store_true",
                    help="check the quality gates (config: evaluation.gates); exit code 3 when they fail")
-    p.add_argument("--strict", action="store_true", help="judge the gates on the lower bound of the 95%% CI")
+    p.add_argument("--strict", action="store_true",
+                   help="judge the gates on the lower bound of the 95%% CI (implies --medical-validation)")
     p.add_argument("--calibrate", action="store_true", help="fit a temperature on the validation split; ECE before/after")
     p.add_argument("--compare", action="store_true", help="rank every evaluated model under the checkpoints folder")
     return p
@@ -77,6 +78,7 @@ def compare_models(cfg) -> None:
 
 def main(args) -> int:
     cfg = config_from_args(args)
+    args.medical_validation = args.medical_validation or args.strict
     device = select_device(args.device)
     ckpt_path = Path(args.checkpoint) if args.checkpoint else default_checkpoint(cfg)
     ckpt = load_checkpoint(ckpt_path)
@@ -115,9 +117,10 @@ def main(args) -> int:
             print(f"🔍 Grad-CAM overlays: {index}")
         log_evaluation(tracker, record, validation, files, args)
     print(f"\n📁 Outputs in {out_dir}: " + ", ".join(p.name for p in files))
+    code = verdict(record, validation, cfg)
     if args.compare:
         compare_models(cfg)
-    return verdict(record, validation, cfg)
+    return code
 
 
 def explain_gradcam(cfg, model, name, dataset, rel_paths, y, prob, pre, classes, out_dir, device):

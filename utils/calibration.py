@@ -37,21 +37,25 @@ def logits_from_probs(y_prob) -> np.ndarray:
     return np.log(np.clip(np.asarray(y_prob, dtype=np.float64), 1e-30, None))
 
 
+MAX_TEMPERATURE = 100.0  # a near-chance model's best T runs off to infinity (uniform output): stop there
+
+
 def fit_temperature(logits, y_true, max_iter: int = 200) -> float:
-    """The temperature T > 0 minimising the NLL of softmax(logits / T) (LBFGS on log T)."""
+    """The temperature T in [1/MAX, MAX] minimising the NLL of softmax(logits / T) (LBFGS on log T)."""
     z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(y_true), dtype=torch.long)
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)  # log T keeps T positive
+    bound = float(np.log(MAX_TEMPERATURE))
     opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), y)
+        loss = torch.nn.functional.cross_entropy(z / log_t.clamp(-bound, bound).exp(), y)
         loss.backward()
         return loss
 
     opt.step(closure)
-    return float(log_t.detach().exp())
+    return float(log_t.detach().clamp(-bound, bound).exp())
 
 
 def apply_temperature(logits, temperature: float) -> np.ndarray:

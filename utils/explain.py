@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -56,20 +56,21 @@ def select_examples(y_true, y_pred, n_correct: int, seed: int = 0) -> list[int]:
     return sorted(wrong.tolist()) + sorted(sample.tolist())
 
 
-def _overlay_panel(gray: np.ndarray, cam: np.ndarray) -> Image.Image:
-    """The image and its Grad-CAM overlay side by side, each TILE pixels wide."""
+def _overlay_panel(gray: np.ndarray, cam: np.ndarray, caption: str = "") -> Image.Image:
+    """The image and its Grad-CAM overlay side by side, each TILE pixels wide, a caption underneath."""
     rgb = np.repeat(gray[..., None].astype(np.float32) / 255.0, 3, axis=2)
     overlay = show_cam_on_image(rgb, cam, use_rgb=True, image_weight=0.6)
     left = Image.fromarray(gray).convert("RGB").resize((TILE, TILE), Image.BILINEAR)
     right = Image.fromarray(overlay).resize((TILE, TILE), Image.BILINEAR)
-    panel = Image.new("RGB", (2 * TILE + 8, TILE), "white")
+    panel = Image.new("RGB", (2 * TILE + 8, TILE + 28), "white")
     panel.paste(left, (0, 0))
     panel.paste(right, (TILE + 8, 0))
+    ImageDraw.Draw(panel).text((6, TILE + 6), caption, fill="black", font_size=16)
     return panel
 
 
 def gradcam_gallery(model, model_name: str, dataset, preprocess, indices: list[int], y_pred, out_dir,
-                    device, batch_size: int = 16) -> list[Path]:
+                    device, captions: list[str] | None = None, batch_size: int = 16) -> list[Path]:
     """One PNG per index (Grad-CAM of the predicted class); returns the file paths in order."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -84,9 +85,9 @@ def gradcam_gallery(model, model_name: str, dataset, preprocess, indices: list[i
             with torch.no_grad():
                 x = preprocess(images.to(device))
             maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(y_pred[i])) for i in chunk])
-            for i, gray, m in zip(chunk, images[:, 0].numpy(), maps):
+            for j, (i, gray, m) in enumerate(zip(chunk, images[:, 0].numpy(), maps)):
                 path = out_dir / f"gradcam_{i:05d}.png"
-                _overlay_panel(gray, m).save(path)
+                _overlay_panel(gray, m, captions[start + j] if captions else "").save(path)
                 files.append(path)
     return files
 
@@ -123,7 +124,9 @@ def explain_test_set(model, model_name: str, dataset, rel_paths: list[str], y_tr
     y_prob = np.asarray(y_prob)
     y_pred = y_prob.argmax(axis=1)
     indices = select_examples(y_true, y_pred, n_correct, seed)
-    files = gradcam_gallery(model, model_name, dataset, preprocess, indices, y_pred, out_dir, device)
+    captions = [f"true: {class_names[int(y_true[i])]} | predicted: {class_names[int(y_pred[i])]} "
+                f"({y_prob[i].max():.1%})" for i in indices]
+    files = gradcam_gallery(model, model_name, dataset, preprocess, indices, y_pred, out_dir, device, captions)
     entries = [{"file": f.name, "path": rel_paths[i], "true": class_names[int(y_true[i])],
                 "predicted": class_names[int(y_pred[i])], "confidence": float(y_prob[i].max())}
                for i, f in zip(indices, files)]

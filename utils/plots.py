@@ -88,14 +88,16 @@ def reliability_plot(bins: dict, ece: float, path, after: dict | None = None, ec
     edges = np.asarray(bins["edges"])
     centers, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
     fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5.5, 6), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
-    ax.bar(centers, np.nan_to_num(bins["accuracy"]), width * 0.9, alpha=0.7, edgecolor="k",
+    filled = np.asarray(bins["count"]) > 0
+    ax.bar(centers[filled], np.asarray(bins["accuracy"])[filled], width * 0.9, alpha=0.7, edgecolor="k",
            label=f"accuracy per bin (ECE = {ece:.3f})")
+    ax.plot(centers, bins["accuracy"], "D", color="k", markersize=4)  # marks every filled bin, even at accuracy 0
     if after is not None:
         ax.plot(centers, after["accuracy"], "o-", color="tab:orange",
                 label=f"after temperature scaling (ECE = {ece_after:.3f})")
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(-0.03, 1.02)
     ax.set_title("Reliability diagram (top-class confidence)")
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)

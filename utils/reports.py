@@ -160,8 +160,12 @@ def recommend(rows: list[dict]) -> tuple[dict | None, str]:
         return None, "no evaluated model found"
     passing = [r for r in rows if r["gates"].startswith("PASS")]
     pick = passing[0] if passing else rows[0]
-    basis = ("it passes the medical-validation gates" if passing else
-             "no model passes the medical-validation gates yet (run with --medical-validation), so it is the best available")
+    if passing:
+        basis = "it passes the medical-validation gates"
+    elif any(r["gates"].startswith("FAIL") for r in rows):
+        basis = "no model passes the medical-validation gates yet, so it is only the best available"
+    else:
+        basis = "gates not checked (run evaluate.py --medical-validation)"
     reason = (f"{pick['model']}: highest accuracy ({pick['accuracy']:.2%}, 95% CI {pick['accuracy_ci_low']:.2%}-"
               f"{pick['accuracy_ci_high']:.2%}) and macro F1 ({pick['macro_f1']:.4f}) of the models ranked, "
               f"{pick['latency_ms']:.1f} ms per image on {pick['device']}; {basis}")
