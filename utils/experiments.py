@@ -22,10 +22,10 @@ from pathlib import Path
 
 from utils.config import PROJECT_ROOT, load_config
 from utils.errors import UserError
+from utils.gates import GATES_FAILED_EXIT  # evaluate.py: evaluated, but the gates failed
 
 MLFLOW_EXPERIMENT = "brain-cancer-mri-experiments"
 RULE = "=" * 60
-EVAL_GATES_FAILED = 3  # evaluate.py: evaluated, but the medical-validation gates failed
 ERROR_HINT = re.compile(r"error|exception|out of memory|killed|traceback", re.IGNORECASE)
 
 
@@ -178,7 +178,7 @@ def run_experiment(model: str, plan: Plan, logs: Path, parent_run_id: str | None
     started = time.time()
     rc, exp.eval_seconds, error = run_child(child_argv("evaluate.py", model, plan, parent_run_id, False),
                                             Path(exp.eval_log), echo)
-    if rc not in (0, EVAL_GATES_FAILED):
+    if rc not in (0, GATES_FAILED_EXIT):
         exp.status, exp.error = "FAILED", f"evaluate.py: {error}"
         return exp
     read_evaluation_result(exp, cfg, started)
