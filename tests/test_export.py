@@ -1,0 +1,95 @@
+"""export_model.py / utils/export.py: real exports, real ONNX Runtime sessions, parity with PyTorch."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, run_script
+from models.loading import model_from_checkpoint
+from models.zoo import build_model
+from utils.checkpoint import load_checkpoint
+from utils.errors import UserError
+from utils.export import check_parity, contract_from_checkpoint, export_onnx, load_runner
+from utils.onnx_inference import OnnxPredictor, read_contract
+
+
+def _export(trained, tmp_path, fmt):
+    overlay, _, ckpt_path = trained
+    out = tmp_path / "exported"
+    code = run_script("export_model", ["--config", overlay, "--model", "resnet18", "--checkpoint", ckpt_path,
+                                       "--format", fmt, "--output-dir", out, "--parity-images", "4"])
+    return code, out, load_checkpoint(ckpt_path)
+
+
+def test_export_all_writes_three_artifacts_that_match_pytorch(trained, tmp_path, capsys):
+    code, out, ckpt = _export(trained, tmp_path, "all")
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert printed.count("max |Δprob|") == 3 and "MB)" in printed
+    files = sorted(p.name for p in out.iterdir())
+    # one self-contained ONNX file: no external-data file beside it
+    assert files == ["resnet18_contract.json", "resnet18_model.onnx", "resnet18_model.pt", "resnet18_model.pt2"]
+
+    contract = read_contract(out / "resnet18_model.onnx")
+    assert contract == {k: contract_from_checkpoint(ckpt)[k] for k in contract}
+    assert contract["class_names"] == ckpt["class_names"] and contract["img_size"] == ckpt["img_size"]
+    assert json.loads((out / "resnet18_contract.json").read_text())["mean"] == ckpt["mean"]
+    with zipfile.ZipFile(out / "resnet18_model.pt2") as z:  # the contract travels inside the .pt2 archive
+        assert any(n.endswith("contract.json") for n in z.namelist())
+
+    # The ONNX model alone (contract from its metadata) predicts what PyTorch predicts, at any batch size.
+    model = model_from_checkpoint(ckpt)
+    predictor = OnnxPredictor(out / "resnet18_model.onnx")
+    x = np.random.default_rng(0).normal(size=(5, 3, ckpt["img_size"], ckpt["img_size"])).astype(np.float32)
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.from_numpy(x)), 1).numpy()
+    np.testing.assert_allclose(predictor.predict_array(x), expected, atol=1e-4)
+    for fmt, name in (("torchscript", "resnet18_model.pt"), ("pt2", "resnet18_model.pt2")):
+        assert check_parity(fmt, model, load_runner(fmt, out / name), x).passed
+
+
+def test_parity_failure_fails_the_export(trained, tmp_path, monkeypatch):
+    import utils.export
+
+    monkeypatch.setattr(utils.export, "PROB_TOLERANCE", -1.0)  # any difference, even 0, now counts as too large
+    with pytest.raises(UserError, match="parity check failed for ONNX"):
+        _export(trained, tmp_path, "onnx")
+
+
+def test_parity_check_catches_a_wrong_artifact():
+    model = build_model("resnet18", 3).eval()
+    x = np.random.default_rng(1).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        reference = model(torch.from_numpy(x)).numpy()
+    shifted = check_parity("onnx", model, lambda a: reference[: len(a)] + np.array([0.5, 0, 0], np.float32), x)
+    assert not shifted.passed and shifted.max_abs_prob > 1e-3
+
+
+def test_transformer_onnx_export_matches_pytorch(tmp_path):
+    model = build_model("swin_t", 3).eval()
+    contract = {"model_name": "swin_t", "class_names": ["a", "b", "c"], "img_size": 64,
+                "mean": [0.5] * 3, "std": [0.25] * 3}
+    path = export_onnx(model, contract, tmp_path / "swin_t.onnx", 64)
+    assert read_contract(path) == contract
+    x = np.random.default_rng(2).normal(size=(3, 3, 64, 64)).astype(np.float32)
+    result = check_parity("onnx", model, load_runner("onnx", path), x)
+    assert result.passed, result
+
+
+def test_onnx_inference_needs_no_torch():
+    code = ("import sys, utils.onnx_inference, data.images, data.preprocess_numpy; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_model_name_mismatch_is_a_user_error(trained, tmp_path):
+    overlay, _, ckpt_path = trained
+    with pytest.raises(UserError, match="holds a resnet18 model"):
+        run_script("export_model", ["--config", overlay, "--model", "efficientnet_b0", "--checkpoint", ckpt_path,
+                                    "--output-dir", tmp_path])

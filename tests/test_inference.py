@@ -1,0 +1,113 @@
+"""inference_with_mlflow.py: a registered model predicts real files of every kind; bad files don't stop the rest."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_script
+from utils.errors import UserError
+
+
+def write_dicom(path, pixels: np.ndarray, window: tuple[float, float] | None) -> None:
+    """A 16-bit MR slice as a scanner writes it (optionally with a display window)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "MR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+@pytest.fixture(scope="module")
+def registered(trained, tmp_path_factory):
+    """The trained model registered (forced: the tiny model is never evaluated) in a registry of its own."""
+    overlay, _, ckpt_path = trained
+    tmp = tmp_path_factory.mktemp("inference registry")
+    (tmp / "checkpoints" / "resnet18_outputs").mkdir(parents=True)
+    shutil.copy(ckpt_path, tmp / "checkpoints" / "resnet18_outputs" / "best_model.pth")
+    store = ["--config", overlay, "--set", f"monitoring.mlflow.tracking_uri=sqlite:///{tmp / 'registry.db'}",
+             "--set", f"monitoring.mlflow.artifact_location={tmp / 'mlartifacts'}"]
+    assert run_script("register_model", store + ["--model", "resnet18", "--version", "1.0.0", "--alias", "production",
+                                                 "--force", "--set", f"train.output_dir={tmp / 'checkpoints'}"]) == 0
+    return store
+
+
+@pytest.fixture(scope="module")
+def images(tiny_data, tmp_path_factory):
+    """One input of every kind a user hands us, made from a real (synthetic) slice, plus a corrupt file."""
+    folder = tmp_path_factory.mktemp("inputs")
+    gray = Image.open(next(tiny_data.rglob("*.jpg"))).convert("L")
+    arr = np.asarray(gray)
+    gray.resize((97, 131)).convert("RGB").save(folder / "odd size.jpg")
+    rgba = gray.convert("RGBA")
+    rgba.putalpha(200)
+    rgba.save(folder / "rgba.png")
+    Image.fromarray(arr.astype(np.uint16) * 257).save(folder / "sixteen.png")
+    assert Image.open(folder / "sixteen.png").mode.startswith("I")
+    write_dicom(folder / "windowed.dcm", arr.astype(np.uint16) * 16, (2000, 4000))
+    write_dicom(folder / "plain.dcm", arr.astype(np.uint16) * 16, None)
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    return folder
+
+
+def test_every_image_kind_is_predicted_and_a_corrupt_file_is_reported(registered, images, capsys):
+    paths = [images / n for n in ("odd size.jpg", "rgba.png", "sixteen.png", "windowed.dcm", "plain.dcm")]
+    code = run_script("inference_with_mlflow", registered + ["--model", "brain-cancer-resnet18", "--alias", "production",
+                                                             "--json", "--image", *paths, images / "corrupt.png"])
+    out = capsys.readouterr()
+    assert code == 1  # one input failed
+    doc = json.loads(out.out)
+    assert doc["flavor"] == "onnx" and [p["path"] for p in doc["predictions"]] == [str(p) for p in paths]
+    for p in doc["predictions"]:
+        assert p["predicted_class"] in doc["contract"]["class_names"]
+        assert abs(sum(p["probabilities"].values()) - 1) < 1e-5
+        assert p["confidence"] == max(p["probabilities"].values())
+    assert [e["path"] for e in doc["errors"]] == [str(images / "corrupt.png")]
+    assert "corrupt.png" in out.err
+
+
+def test_onnx_and_pytorch_flavors_agree_and_report_format(registered, images, capsys):
+    argv = registered + ["--model", "brain-cancer-resnet18", "--version", "1", "--image", images / "windowed.dcm"]
+    assert run_script("inference_with_mlflow", argv) == 0
+    report = capsys.readouterr().out
+    for line in ("🧠 Brain Cancer MRI Inference with MLflow", "✅ Successfully loaded model: brain-cancer-resnet18",
+                 "📸 Loading and preprocessing image:", " PREDICTION RESULTS", " Predicted Class: ", "📈 Confidence: ",
+                 "🔢 Class Index: ", "📋 All Class Probabilities:"):
+        assert line in report
+    onnx_run = run_script("inference_with_mlflow", argv + ["--json"])
+    onnx_doc = json.loads(capsys.readouterr().out)
+    assert onnx_run == 0 and run_script("inference_with_mlflow", argv + ["--json", "--flavor", "pytorch"]) == 0
+    torch_doc = json.loads(capsys.readouterr().out)
+    assert torch_doc["flavor"] == "pytorch"
+    a, b = onnx_doc["predictions"][0]["probabilities"], torch_doc["predictions"][0]["probabilities"]
+    assert max(abs(a[k] - b[k]) for k in a) < 1e-4
+
+
+def test_stage_maps_to_alias_and_gradcam_writes_overlays(registered, images, tmp_path, capsys):
+    code = run_script("inference_with_mlflow", registered + ["--model", "brain-cancer-resnet18", "--stage", "Production",
+                                                             "--image", images, "--gradcam", tmp_path / "cams"])
+    assert code == 1  # the folder holds the corrupt file too
+    assert "stages are deprecated" in capsys.readouterr().err
+    overlays = sorted(p.name for p in (tmp_path / "cams").glob("*_gradcam.png"))
+    assert len(overlays) == 5 and Image.open(tmp_path / "cams" / overlays[0]).size[0] > 256
+
+
+def test_unknown_alias_is_a_user_error(registered, images):
+    with pytest.raises(UserError, match="no alias @staging"):
+        run_script("inference_with_mlflow", registered + ["--model", "brain-cancer-resnet18", "--alias", "staging",
+                                                          "--image", images / "rgba.png"])
