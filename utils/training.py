@@ -158,7 +158,10 @@ def build_trainer(cfg, split, mean, std, device, info: DistInfo, model, progress
     if info.enabled:  # each process validates every world_size-th image; the results are gathered
         val_ds = Subset(val_ds, range(info.rank, len(val_ds), info.world_size))
     bs = cfg.recipe.batch_size
-    train_loader = make_loader(train_ds, cfg, bs, shuffle=True, sampler=sampler, device=device, generator=generator)
+    per_process = math.ceil(len(train_ds) / info.world_size)
+    # drop the ragged last batch (a batch of 1 breaks batch norm) unless the data set is smaller than a batch
+    train_loader = make_loader(train_ds, cfg, bs, shuffle=True, sampler=sampler, device=device,
+                               generator=generator, drop_last=per_process > bs)
     val_loader = make_loader(val_ds, cfg, bs, device=device)
     wrapped = prepare_model(model, cfg, device, info)
     optimizer = build_optimizer(wrapped, cfg.recipe)
