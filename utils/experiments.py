@@ -171,9 +171,6 @@ def run_experiment(model: str, plan: Plan, logs: Path, parent_run_id: str | None
     if exp.error:
         exp.status = "FAILED"
         return exp
-    if not (PROJECT_ROOT / "evaluate.py").is_file():
-        exp.status, exp.error = "SUCCESS", "evaluate.py not found: not evaluated"
-        return exp
     exp.eval_log = str(logs / f"{model}_evaluate.log")
     started = time.time()
     rc, exp.eval_seconds, error = run_child(child_argv("evaluate.py", model, plan, parent_run_id, False),
