@@ -99,7 +99,7 @@ def test_gradcam_page_shows_every_misclassified_image(full_run):
     overlays = sorted((out / "gradcam").glob("gradcam_*.png"))
     assert len(overlays) == page.count("<img")
     with Image.open(overlays[0]) as im:
-        assert im.size[0] > 2 * im.size[1] - 20  # image and overlay side by side
+        assert im.size[0] > 1.5 * im.size[1]  # image and overlay side by side, caption underneath
 
 
 def test_evaluation_run_is_in_mlflow(full_run, trained):
