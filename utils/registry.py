@@ -8,6 +8,7 @@ with the number of its twin in `brain-cancer-{model}-onnx`, so inference can pic
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -120,6 +121,7 @@ def connect(section):
     from utils.tracking import _probe_http
 
     uri = section.tracking_uri
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # local copies: bars are noise
     if uri.startswith(("http://", "https://")):
         try:
             _probe_http(uri)
@@ -181,10 +183,10 @@ def register(client, model_uri: str, name: str, tags: dict, description: str):
     """One model version; creates the registered model on first use."""
     import mlflow
 
-    if not client.search_registered_models(f"name='{name}'"):
-        client.create_registered_model(name, description="Brain MRI slice classifier (brain-cancer toolkit)")
     mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
     client.update_model_version(name, mv.version, description=description)
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(name, description="Brain MRI slice classifier (brain-cancer toolkit)")
     return mv
 
 
@@ -200,7 +202,7 @@ def promote(client, names: dict[str, str], versions: dict[str, str], alias: str,
         client.set_registered_model_alias(name, alias, versions[flavor])
         client.set_model_version_tag(name, versions[flavor], f"alias.{alias}", f"set {stamp} (gates {status})")
         moved = f" (was v{previous})" if previous and previous != versions[flavor] else ""
-        mark = "🏆" if alias == PRODUCTION else "🏷️ "
+        mark = "⚠️ " if status != "passed" else "🏆" if alias == PRODUCTION else "🏷️ "
         log(f"{mark} Model {name} v{versions[flavor]} is now @{alias}{moved}; medical validation: {status}")
 
 
@@ -233,11 +235,8 @@ def onnx_twin(client, mv):
 
 
 def download(mv, dst: Path) -> Path:
-    import os
-
     import mlflow
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # local copies take milliseconds
 
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(dst)))
 
