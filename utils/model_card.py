@@ -5,6 +5,10 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _ci(entry) -> str:
     if not isinstance(entry, dict):
         return "n/a" if entry is None else f"{float(entry):.3f}"
@@ -27,11 +31,11 @@ def _metrics_section(metrics: dict | None) -> list[str]:
                      f"{_ci(m.get('precision'))} | {_ci(m.get('f1'))} | {m.get('support')} |")
     cal, timing = metrics.get("calibration") or {}, metrics.get("timing") or {}
     if cal:
-        lines += ["", f"Calibration: ECE {cal.get('ece')} ({cal.get('n_bins')} bins); after temperature "
-                      f"{cal.get('temperature')}: {cal.get('ece_after_temperature')}."]
+        lines += ["", f"Calibration: ECE {_fmt(cal.get('ece'))} ({cal.get('n_bins')} bins); after temperature "
+                      f"{_fmt(cal.get('temperature'))}: {_fmt(cal.get('ece_after_temperature'))}."]
     if timing:
-        lines.append(f"Latency on {timing.get('device')}: mean {timing.get('latency_ms_mean')} ms, p95 "
-                     f"{timing.get('latency_ms_p95')} ms (batch {timing.get('batch_size')}).")
+        lines.append(f"Latency on {timing.get('device')}: mean {_fmt(timing.get('latency_ms_mean'))} ms, p95 "
+                     f"{_fmt(timing.get('latency_ms_p95'))} ms (batch {timing.get('batch_size')}).")
     return lines + [""]
 
 
@@ -42,7 +46,7 @@ def _gates_section(validation: dict | None, status: str, forced: bool) -> list[s
         lines = [f"Basis: {validation.get('basis')}; strict: {validation.get('strict')}.", "",
                  "| gate | value | threshold | passed |", "|---|---|---|---|"]
         for g in validation.get("gates", []):
-            lines.append(f"| {g['name']} | {g['value']} | {g['comparison']} {g['threshold']} | "
+            lines.append(f"| {g['name']} | {_fmt(g['value'])} | {g['comparison']} {_fmt(g['threshold'])} | "
                          f"{'yes' if g['passed'] else '**NO**'} |")
         lines += ["", f"Deployment ready: **{'yes' if validation.get('deployment_ready') else 'NO'}**."]
     if forced:
