@@ -43,38 +43,41 @@ class Preprocessor(nn.Module):
         return (x.expand(-1, 3, -1, -1) - self.mean) / self.std
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        # Per-sample random parameters, drawn with torch's RNG so --seed makes runs repeatable.
         # Each step follows its torchvision counterpart (RandomHorizontalFlip, RandomRotation,
         # ColorJitter); tests/test_augmentation.py checks that the distributions match.
-        b = x.shape[0]
-        dev = x.device
-        flip = torch.rand(b, device=dev) < self.hflip
-        x = torch.where(flip.view(b, 1, 1, 1), x.flip(-1), x)
+        # On a GPU the training step is nearly launch-bound, so the per-sample parameters are drawn
+        # on the CPU (torch's seeded RNG) and sent in one copy, and the image sees few kernels.
+        p = self._draw_params(x.shape[0], pin=x.is_cuda).to(x.device, non_blocking=True)
         if self.rotation > 0:
-            angle = (torch.rand(b, device=dev) * 2 - 1) * math.radians(self.rotation)
-            cos, sin = torch.cos(angle), torch.sin(angle)
-            zero = torch.zeros_like(cos)
-            theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-            # Nearest, as RandomRotation's default: bilinear would blur and shrink the empty corners.
-            x = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+            x = self._flip_rotate(x, p[:, :6].view(-1, 2, 3))
+        else:
+            x = torch.where(p[:, 0].view(-1, 1, 1, 1) < 0, x.flip(-1), x)
         if self.brightness > 0 or self.contrast > 0:
-            x = self._color_jitter(x)
+            for a, k in ((p[:, 6], p[:, 7]), (p[:, 8], p[:, 9])):
+                # y = clamp(a * x + k * mean(x)): brightness has k = 0, contrast k = 1 - factor
+                shift = x.mean(dim=(1, 2, 3), keepdim=True).mul_(k.view(-1, 1, 1, 1))
+                x = torch.addcmul(shift, x, a.view(-1, 1, 1, 1)).clamp_(0, 1)
         return x
 
-    def _color_jitter(self, x: torch.Tensor) -> torch.Tensor:
-        # ColorJitter applies brightness and contrast in a random order per sample; clamping makes it matter.
-        b, dev = x.shape[0], x.device
-        fb = 1 + (torch.rand(b, 1, 1, 1, device=dev) * 2 - 1) * self.brightness
-        fc = 1 + (torch.rand(b, 1, 1, 1, device=dev) * 2 - 1) * self.contrast
-        brightness_first = torch.rand(b, 1, 1, 1, device=dev) < 0.5
+    def _draw_params(self, b: int, pin: bool = False) -> torch.Tensor:
+        """(b, 10) float32: the rotation+flip matrix (6), then two (factor, mean weight) jitter steps."""
+        u = torch.rand(b, 5)
+        sign = torch.where(u[:, 0] < self.hflip, -1.0, 1.0)  # a flip negates the sampled x coordinate
+        angle = (u[:, 1] * 2 - 1) * math.radians(self.rotation)
+        cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros(b)
+        fb = 1 + (u[:, 2] * 2 - 1) * self.brightness
+        fc = 1 + (u[:, 3] * 2 - 1) * self.contrast
+        # ColorJitter applies brightness and contrast in a random order per sample (clamping makes it matter).
+        contrast_first = u[:, 4] < 0.5
+        brightness_step, contrast_step = (fb, zero), (fc, 1 - fc)
+        first = [torch.where(contrast_first, c, b_) for c, b_ in zip(contrast_step, brightness_step)]
+        second = [torch.where(contrast_first, b_, c) for c, b_ in zip(contrast_step, brightness_step)]
+        params = torch.stack([sign * cos, -sign * sin, zero, sin, cos, zero, *first, *second], 1)
+        return params.pin_memory() if pin else params  # pinned: the copy to the GPU stays asynchronous
 
-        def brightness(t):
-            return (t * fb).clamp_(0, 1)
-
-        def contrast(t):  # as adjust_contrast: blend with the image's mean gray level
-            mean = t.mean(dim=(1, 2, 3), keepdim=True)
-            return (mean + fc * (t - mean)).clamp_(0, 1)
-
-        first = torch.where(brightness_first, brightness(x), contrast(x))
-        return torch.where(brightness_first, contrast(first), brightness(first))
+    @staticmethod
+    def _flip_rotate(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """Flip then rotate in one resampling."""
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        # Nearest, as RandomRotation's default: bilinear would blur and shrink the empty corners.
+        return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)

@@ -54,8 +54,9 @@ def assert_same_distribution(a: torch.Tensor, b: torch.Tensor, what: str, p_min:
     assert p > p_min, f"{what}: KS p={p:.2g}, ours {a.mean():.4f}±{a.std():.4f} vs torchvision {b.mean():.4f}±{b.std():.4f}"
 
 
-def test_flip_fraction_and_identity_elsewhere(images):
-    out = ours(images, hflip=0.5, rotation=0, brightness=0, contrast=0)
+@pytest.mark.parametrize("rotation", [0, 1e-6])  # 1e-6: the flip goes through the rotation's resampling
+def test_flip_fraction_and_identity_elsewhere(images, rotation):
+    out = ours(images, hflip=0.5, rotation=rotation, brightness=0, contrast=0)
     x = images[:, 0].float() / 255
     flipped = (out == x.flip(-1)).flatten(1).all(1)
     unchanged = (out == x).flatten(1).all(1)
