@@ -22,8 +22,6 @@ def check_same_split(ckpt: dict, split) -> None:
             f"the checkpoint was trained on another split (fingerprint {trained_on}, manifest "
             f"{ckpt.get('split_manifest')}) than {split.manifest_path} (fingerprint {split.fingerprint}); "
             "evaluate with the data set and config it was trained with")
-    if list(ckpt["class_names"]) != list(split.class_names):
-        raise UserError(f"the checkpoint's classes {ckpt['class_names']} differ from the split's {split.class_names}")
 
 
 def class_imbalance(train_labels, class_names: list[str]) -> tuple[float, dict[str, int]]:
