@@ -32,6 +32,8 @@ from utils.config import load_config
 
 MEAN, STD = [0.2] * 3, [0.25] * 3
 VARIANTS = ("toolkit", "original", "model")
+# Optional: the cached dataset through a DataLoader with worker processes (what make_loader picks off CUDA).
+EXTRA_VARIANTS = ("toolkit_workers",)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -48,6 +50,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--data-dir", default=str(common.DEFAULT_DATA_DIR))
+    p.add_argument("--with-workers-variant", action="store_true",
+                   help="also time the cache through DataLoader worker processes (on CUDA the toolkit uses a thread)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the benchmark runs")
     return p
 
@@ -74,7 +78,11 @@ def toolkit_loader(root, args, device, cfg):
         cache = open_cache(paths, names, args.img_size, root.parent / "cache", key, "bench", progress=False)
     dataset = GrayImageDataset(paths, labels, args.img_size, cache)
     loader = make_loader(dataset, cfg, args.batch_size, shuffle=True, drop_last=True, device=device)
-    return loader, build.seconds
+    workers = torch.utils.data.DataLoader(dataset, args.batch_size, shuffle=True, drop_last=True,
+                                          num_workers=args.workers, pin_memory=device.type == "cuda",
+                                          persistent_workers=args.workers > 0,
+                                          prefetch_factor=4 if args.workers else None)
+    return loader, workers, build.seconds
 
 
 class Trainer:
@@ -110,7 +118,7 @@ class Trainer:
             else:
                 for images, labels in source:
                     images = images.to(dev, non_blocking=True)
-                    x = self.pre(images) if variant == "toolkit" else images
+                    x = images if variant == "original" else self.pre(images)
                     self.step(x, labels.to(dev, non_blocking=True))
                     n += labels.shape[0]
         return n / sw.seconds
@@ -125,20 +133,22 @@ def run(args) -> dict:
                              n_images, args.jpeg_size)
     cfg = load_config(overrides={"dataset.num_workers": args.workers})
     loaders = {}
-    loaders["toolkit"], build_s = toolkit_loader(root, args, device, cfg)
+    loaders["toolkit"], loaders["toolkit_workers"], build_s = toolkit_loader(root, args, device, cfg)
     loaders["original"] = original_loader(root, args, device)
     trainer = Trainer(args, device)
     first = next(iter(loaders["toolkit"]))
     x = trainer.pre.eval()(first[0].to(device)).detach()
     trainer.pre.train()
     loaders["model"] = (x, first[1].to(device))
-    for v in VARIANTS:  # warm-up: workers start, files reach the page cache, kernels get picked
+    variants = VARIANTS + (EXTRA_VARIANTS if args.with_workers_variant else ())
+    for v in variants:  # warm-up: workers start, files reach the page cache, kernels get picked
         trainer.epoch(v, loaders[v])
-    rates = {v: [] for v in VARIANTS}
+    rates = {v: [] for v in variants}
     for r in range(args.repeats):
-        for v in VARIANTS[r % 3:] + VARIANTS[:r % 3]:  # rotate the order so no variant always goes first
+        k = r % len(variants)
+        for v in variants[k:] + variants[:k]:  # rotate the order so no variant always goes first
             rates[v].append(trainer.epoch(v, loaders[v]))
-    ratios = {f"{v}/model": [a / b for a, b in zip(rates[v], rates["model"])] for v in ("toolkit", "original")}
+    ratios = {f"{v}/model": [a / b for a, b in zip(rates[v], rates["model"])] for v in variants if v != "model"}
     return {"images_per_s": {v: common.spread(r) for v, r in rates.items()},
             "ratios": {k: common.spread(r) for k, r in ratios.items()},
             "cache_build_s": build_s, "cache_build_images_per_s": n_images / build_s if build_s else None}
@@ -150,10 +160,10 @@ def main(args) -> int:
     results = run(args)
     settings = {k: getattr(args, k) for k in ("device", "model", "img_size", "jpeg_size", "batch_size", "batches",
                                               "repeats", "workers", "amp", "channels_last")}
-    settings["threads"] = torch.get_num_threads()
+    settings["threads"] = args.threads or usable_cpus()
     ips, ratio = results["images_per_s"], results["ratios"]
     rows = [[v, ips[v]["median"], ips[v]["min"], ips[v]["max"],
-             ratio.get(f"{v}/model", {"median": 1.0})["median"]] for v in VARIANTS]
+             ratio.get(f"{v}/model", {"median": 1.0})["median"]] for v in ips]
     common.report("bench_training", settings, ["pipeline", "img/s median", "min", "max", "x model"], rows,
                   results, args.device)
     return 0

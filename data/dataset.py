@@ -1,15 +1,17 @@
 """Datasets and loaders: uint8 grayscale images in, batches of (uint8 images, labels) out.
 
-Decoding and resizing happen here (in worker processes); everything else runs in the
-Preprocessor on the model's device.
+Decoding and resizing happen once, in the cache (data/cache.py), or here in worker processes when
+the cache is off; everything else runs in the Preprocessor on the model's device.
 """
 from __future__ import annotations
 
+import queue
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from data.cache import CachedImages, split_cache
 from data.images import load_gray
@@ -40,21 +42,78 @@ class GrayImageDataset(Dataset):
         return [(images[k], self.labels[i]) for k, i in enumerate(indices)]
 
 
+class PrefetchLoader:
+    """Batches of a cached dataset, read by a background thread straight into pinned memory.
+
+    For CUDA: there the training step keeps the main process busy launching kernels, and worker
+    processes cost it time (receiving and pinning every batch); a thread whose reads release the
+    GIL does not. Iterates like a DataLoader: (uint8 images (B, 1, S, S), labels), len, .sampler.
+    """
+
+    def __init__(self, dataset: GrayImageDataset, batch_sampler: BatchSampler, pin_memory: bool, depth: int):
+        self.dataset, self.batch_sampler, self.pin_memory, self.depth = dataset, batch_sampler, pin_memory, depth
+        self.sampler = batch_sampler.sampler
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def _read(self, indices: list[int]):
+        images = torch.from_numpy(self.dataset.cache.read_rows(indices)).unsqueeze(1)
+        labels = torch.as_tensor([self.dataset.labels[i] for i in indices])
+        return (images.pin_memory(), labels.pin_memory()) if self.pin_memory else (images, labels)
+
+    def __iter__(self):
+        batches, stop = queue.Queue(self.depth), threading.Event()
+
+        def produce():
+            try:
+                for indices in self.batch_sampler:
+                    if stop.is_set():
+                        return
+                    batches.put(self._read(indices))
+                batches.put(None)
+            except BaseException as exc:  # handed to the consumer, raised there
+                batches.put(exc)
+
+        thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+        thread.start()
+        try:
+            while (item := batches.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:  # the consumer stopped early: let the producer finish its last put and exit
+            stop.set()
+            while thread.is_alive():
+                try:
+                    batches.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+
+
 def make_loader(dataset: Dataset, cfg, batch_size: int, shuffle: bool = False, sampler=None,
                 drop_last: bool = False, device: torch.device | None = None,
-                generator: torch.Generator | None = None) -> DataLoader:
-    """A DataLoader with the settings that fit the device (pinned memory and prefetch on CUDA).
+                generator: torch.Generator | None = None):
+    """A loader with the settings that fit the device.
 
-    `generator` drives the shuffle order and worker seeds (saved in checkpoints so a resumed run
-    sees the same order)."""
+    CUDA: pinned memory (so copies with non_blocking=True overlap the step) and, for a cached dataset,
+    a prefetch thread instead of worker processes. Otherwise a DataLoader whose workers persist across
+    epochs and prefetch. `generator` drives the shuffle order and worker seeds (saved in checkpoints so
+    a resumed run sees the same order)."""
     workers = cfg.dataset.num_workers
     cuda = device is not None and device.type == "cuda"
+    pin = cuda and cfg.dataset.pin_memory
+    if cuda and getattr(dataset, "cache", None) is not None:
+        if sampler is None:
+            sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        return PrefetchLoader(dataset, BatchSampler(sampler, batch_size, drop_last), pin,
+                              depth=max(2, cfg.performance.prefetch_factor))
     extra = {}
     if workers > 0:
         extra = {"persistent_workers": cfg.performance.persistent_workers,
                  "prefetch_factor": cfg.performance.prefetch_factor}
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=workers, pin_memory=cuda and cfg.dataset.pin_memory, drop_last=drop_last,
+                      num_workers=workers, pin_memory=pin, drop_last=drop_last,
                       generator=generator, **extra)
 
 

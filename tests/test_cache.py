@@ -155,3 +155,35 @@ def test_parallel_build_keeps_row_order(tmp_path, tiny_data):
     expected = np.stack([load_gray(p, 24) for p in paths])
     assert np.array_equal(cache.read_rows(range(len(paths))), expected)
     assert np.array_equal(cache.read_rows([7, 2, 3, 4, 0]), expected[[7, 2, 3, 4, 0]])
+
+
+def test_cuda_loader_prefetches_the_sampler_batches(tmp_path, tiny_data):
+    """On CUDA a cached dataset is read by a prefetch thread: the seeded shuffle order's rows, in batches."""
+    from data.dataset import PrefetchLoader
+
+    cfg, split = setup(tmp_path, tiny_data)
+    cfg.dataset.pin_memory = False  # pinning needs a GPU; the rest of the CUDA path runs here
+    dataset = build_dataset(cfg, split, "train", 32)
+    fast = make_loader(dataset, cfg, 5, shuffle=True, device=torch.device("cuda"),
+                       generator=torch.Generator().manual_seed(3))
+    assert isinstance(fast, PrefetchLoader) and len(fast) == -(-len(dataset) // 5)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(3)).tolist()
+    for k, (images, labels) in enumerate(fast):
+        rows = order[5 * k:5 * k + 5]
+        assert torch.equal(images, torch.stack([dataset[i][0] for i in rows]))
+        assert labels.tolist() == [dataset.labels[i] for i in rows]
+    for _ in fast:  # an abandoned epoch leaves nothing behind and the next one starts over
+        break
+    assert sum(len(y) for _, y in fast) == len(dataset)
+
+
+def test_cuda_loader_raises_reader_errors(tmp_path, tiny_data):
+    cfg, split = setup(tmp_path, tiny_data)
+    cfg.dataset.pin_memory = False
+    dataset = build_dataset(cfg, split, "train", 32)
+    loader = make_loader(dataset, cfg, 4, device=torch.device("cuda"))
+    data, _ = split_files(cfg, split, "train", 32)
+    with open(data, "r+b") as fh:
+        fh.truncate(200)
+    with pytest.raises(UserError, match="truncated"):
+        list(loader)
