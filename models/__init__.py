@@ -1,13 +1,2 @@
-"""Models: the zoo table and its builders."""
-from models.zoo import (
-    MODEL_SPECS,
-    ModelSpec,
-    build_model,
-    expected_trainable,
-    get_spec,
-    model_names,
-    trainable_parameter_names,
-)
-
-__all__ = ["MODEL_SPECS", "ModelSpec", "build_model", "expected_trainable", "get_spec",
-           "model_names", "trainable_parameter_names"]
+"""Models: the zoo table (models/zoo.py) and its builders. Kept import-free so that torch-free
+callers (config validation, ONNX inference, monitoring) can read models/names.py cheaply."""

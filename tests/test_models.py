@@ -162,3 +162,9 @@ def test_pretrained_offline_without_cache_is_a_user_error(offline, name):
         build_model(name, NUM_CLASSES, pretrained=True)
     assert f"cannot download ImageNet weights for {name}" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_torch_free_name_list_matches_the_table():
+    from models.names import MODEL_NAMES
+
+    assert tuple(model_names()) == MODEL_NAMES

@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from models.names import MODEL_NAMES
 from utils.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -171,11 +172,9 @@ class Config(Section):
     @field_validator("models")
     @classmethod
     def _known_models(cls, value):
-        from models.zoo import model_names  # late import: the zoo imports torch
-
-        unknown = sorted(set(value) - set(model_names()))
+        unknown = sorted(set(value) - set(MODEL_NAMES))
         if unknown:
-            raise ValueError(f"unknown model {unknown[0]!r}; choose from: {', '.join(model_names())}")
+            raise ValueError(f"unknown model {unknown[0]!r}; choose from: {', '.join(MODEL_NAMES)}")
         return value
 
     @model_validator(mode="after")
