@@ -73,7 +73,7 @@ def train(args, info: DistInfo, device) -> int:
     log = print if info.is_main else (lambda *a, **k: None)
     with main_first(info):
         split = prepare_split(cfg, args.resplit, log=log)
-        mean, std, source = resolve_normalization(cfg, split, cfg.img_size)
+        mean, std, source = resolve_normalization(cfg, split, cfg.img_size, log=log)
     ckpt = load_resume_checkpoint(cfg, args.resume, split.fingerprint) if args.resume is not None else None
     recipe = cfg.recipe
     model = build_model(cfg.model, len(split.class_names), recipe.pretrained and ckpt is None, recipe.weights)
@@ -97,7 +97,7 @@ def train(args, info: DistInfo, device) -> int:
                                                                    "source": source},
                                 "world_size": info.world_size, "device": str(device)})
             tracker.log_artifact(save_resolved(cfg, cfg.output_dir), "config")
-            if source == "dataset":
+            if source == "precomputed":  # computed/imagenet statistics are in the params above
                 tracker.log_artifact(cfg.dataset.stats_path, "normalization")
         outcome = fit(t, tracker, stop)
         return finish(cfg, t, tracker, outcome, main_rank)
