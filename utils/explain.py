@@ -74,6 +74,8 @@ def gradcam_gallery(model, model_name: str, dataset, preprocess, indices: list[i
     """One PNG per index (Grad-CAM of the predicted class); returns the file paths in order."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("gradcam_*.png"):  # overlays of an earlier evaluation would mix with these
+        old.unlink()
     model = unwrap(model).eval()
     model.requires_grad_(True)  # frozen backbones (medical_cnn) need gradients at the target layer
     layers, reshape = cam_target(model, model_name)
