@@ -89,6 +89,7 @@ def train(args, info: DistInfo, device) -> int:
                     wandb_project=cfg.monitoring.wandb.project if main_rank else None,
                     tensorboard_dir=f"{cfg.monitoring.tensorboard_log_dir}/{cfg.model}_logs" if main_rank else None,
                     ) as tracker, GracefulStop() as stop:
+        t.run_id = tracker.mlflow_run_id
         if main_rank:
             print("\n".join(banner_lines(cfg, split.sizes(), len(split.class_names), device, info.world_size,
                                          precision_label(t.amp), cfg.performance.compile_model,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from conftest import run_script, write_overlay
@@ -31,6 +32,9 @@ def test_training_leaves_tensorboard_events_and_an_mlflow_run(trained):
     assert run.data.params["models.resnet18.lr"] == "0.003" and "normalization.mean" in run.data.params
     artifacts = {a.path for d in ("checkpoints", "config") for a in client.list_artifacts(run.info.run_id, d)}
     assert {"checkpoints/best_model.pth", "config/resolved_config.yaml"} <= artifacts
+    # the checkpoint links back to its training run (evaluation and the model card cite it)
+    ckpt = torch.load(tmp / "checkpoints" / "resnet18_outputs" / "best_model.pth", map_location="cpu", weights_only=True)
+    assert ckpt["mlflow_run_id"] == run.info.run_id
 
 
 def test_params_are_flattened_and_clipped_and_runs_nest_and_end_with_their_status(trained):

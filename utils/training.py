@@ -138,9 +138,11 @@ class Trainer:
     split: object = None  # for the checkpoint payload
     mean: tuple = ()
     std: tuple = ()
+    run_id: str | None = None  # the MLflow training run, so evaluation and the registry can link back to it
 
     def payload(self, epoch: int, metrics: dict, **extra) -> dict:
-        return checkpoint_payload(self.model, self.cfg, self.split, self.mean, self.std, epoch, metrics, **extra)
+        return checkpoint_payload(self.model, self.cfg, self.split, self.mean, self.std, epoch, metrics,
+                                  mlflow_run_id=self.run_id, **extra)
 
 
 def build_trainer(cfg, split, mean, std, device, info: DistInfo, model, progress: bool = True) -> Trainer:
