@@ -13,7 +13,6 @@ data set grows, and nothing big is pickled into DataLoader workers.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import multiprocessing
@@ -120,20 +119,37 @@ def cache_problem(data_path: Path, header_path: Path, key: dict) -> str | None:
     return None
 
 
-def decode_images(paths: list[Path], img_size: int, progress: bool = True, desc: str = "Caching images"):
-    """load_gray over paths in order, on all usable cores, with a progress bar."""
-    load = functools.partial(load_gray, size=img_size)
+_out: dict = {}  # the cache file being written, opened once in each decoding process
+
+
+def _open_output(path: str, offset: int, img_size: int) -> None:
+    _out.update(fd=os.open(path, os.O_WRONLY), offset=offset, img_size=img_size)
+
+
+def _decode_row(item: tuple[int, Path]) -> None:
+    """Decode image i and write it at row i: pixels never travel back through a pipe."""
+    i, path = item
+    image = load_gray(path, _out["img_size"])
+    os.pwrite(_out["fd"], image, _out["offset"] + i * image.nbytes)
+
+
+def decode_into(path: Path, offset: int, paths: list[Path], img_size: int, progress: bool, desc: str) -> None:
+    """load_gray over paths into the rows of `path`, on all usable cores, with a progress bar."""
     workers = min(usable_cpus(), len(paths))
+    items = list(enumerate(paths))
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         if workers <= 1 or len(paths) < MIN_PARALLEL:
-            for path in paths:
-                yield load(path)
-                bar.update()
+            _open_output(str(path), offset, img_size)
+            try:
+                for item in items:
+                    _decode_row(item)
+                    bar.update()
+            finally:
+                os.close(_out.pop("fd"))
             return
         chunk = max(1, min(16, len(paths) // (workers * 8)))
-        with multiprocessing.get_context().Pool(workers) as pool:
-            for image in pool.imap(load, paths, chunksize=chunk):
-                yield image
+        with multiprocessing.get_context().Pool(workers, _open_output, (str(path), offset, img_size)) as pool:
+            for _ in pool.imap_unordered(_decode_row, items, chunksize=chunk):
                 bar.update()
 
 
@@ -148,11 +164,13 @@ def write_cache(paths: list[Path], img_size: int, data_path: Path, header_path: 
             np.lib.format.write_array_header_1_0(
                 fh, {"descr": "|u1", "fortran_order": False, "shape": (len(paths), img_size, img_size)})
             offset = fh.tell()
-            desc = f"Caching {key['split']} images ({img_size}px)"
-            for image in decode_images(paths, img_size, progress, desc):
-                fh.write(image.tobytes())
-            fh.flush()
-            os.fsync(fh.fileno())
+            fh.truncate(offset + len(paths) * img_size * img_size)
+        decode_into(tmp, offset, paths, img_size, progress, f"Caching {key['split']} images ({img_size}px)")
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # every process's writes are on disk before the rename makes them visible
+        finally:
+            os.close(fd)
         os.replace(tmp, data_path)
     except ImageReadError as exc:
         raise UserError(f"cannot cache {exc} (the file changed since the split manifest was made; "
