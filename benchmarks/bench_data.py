@@ -3,7 +3,7 @@
   decode    load_gray over the training split in a plain loop: one core, the reference rate
   stats     data.normalization.compute_stats (what compute_normalization.py runs); cold = the cache
             is built first (parallel decode), warm = the cache exists
-  evaluate  evaluate/test's data path over the test split: build_dataset + make_loader + Preprocessor
+  evaluate  evaluate/test's data path over the test split: build_dataset + make_loader
 
 Each task runs in its own subprocess, so its peak resident memory (main process, and the largest
 worker) is its own; all of them at 1x and 10x the data set size.
@@ -56,13 +56,11 @@ def data_config(root, work, img_size: int, workers: int):
 
 
 def evaluate_pass(cfg, split, img_size: int) -> int:
-    """What test.py / evaluate.py do before the model: dataset, loader, preprocessing."""
+    """What test.py / evaluate.py read before preprocessing and the model: dataset and loader."""
     from data.dataset import build_dataset, make_loader
-    from data.preprocess import Preprocessor
 
     loader = make_loader(build_dataset(cfg, split, "test", img_size), cfg, cfg.recipe.batch_size)
-    pre = Preprocessor([0.2] * 3, [0.25] * 3).eval()
-    return sum(pre(images).shape[0] for images, _ in loader)
+    return sum(images.shape[0] for images, _ in loader)
 
 
 def timed_rate(fn, n: int) -> float:

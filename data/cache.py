@@ -25,7 +25,7 @@ from tqdm import tqdm
 from data.images import ImageReadError, load_gray
 from utils.errors import UserError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the header holds the pixel histogram
 # Below this many images a process pool costs more than it saves.
 MIN_PARALLEL = 32
 
@@ -53,8 +53,10 @@ def cache_paths(cache_dir: str | Path, fingerprint: str, split_name: str, img_si
 class CachedImages:
     """Read-only rows of a cache file; the file is opened lazily in each process that reads it."""
 
-    def __init__(self, path: str | Path, count: int, img_size: int, offset: int):
+    def __init__(self, path: str | Path, count: int, img_size: int, offset: int, histogram=None):
         self.path, self.count, self.img_size, self.offset = Path(path), count, img_size, offset
+        # 256-bin histogram of every pixel, counted while building: exact statistics without a pass.
+        self.histogram = None if histogram is None else np.asarray(histogram, dtype=np.int64)
         self.row_bytes = img_size * img_size
         self._fd: int | None = None
 
@@ -126,31 +128,37 @@ def _open_output(path: str, offset: int, img_size: int) -> None:
     _out.update(fd=os.open(path, os.O_WRONLY), offset=offset, img_size=img_size)
 
 
-def _decode_row(item: tuple[int, Path]) -> None:
-    """Decode image i and write it at row i: pixels never travel back through a pipe."""
+def _decode_row(item: tuple[int, Path]) -> np.ndarray:
+    """Decode image i and write it at row i (pixels never travel back through a pipe); its histogram."""
     i, path = item
     image = load_gray(path, _out["img_size"])
     os.pwrite(_out["fd"], image, _out["offset"] + i * image.nbytes)
+    return np.bincount(image.ravel(), minlength=256)
 
 
-def decode_into(path: Path, offset: int, paths: list[Path], img_size: int, progress: bool, desc: str) -> None:
-    """load_gray over paths into the rows of `path`, on all usable cores, with a progress bar."""
+def decode_into(path: Path, offset: int, paths: list[Path], img_size: int, progress: bool, desc: str) -> np.ndarray:
+    """load_gray over paths into the rows of `path`, on all usable cores, with a progress bar.
+
+    Returns the 256-bin histogram of all pixels: the exact statistics come free with the build."""
     workers = min(usable_cpus(), len(paths))
     items = list(enumerate(paths))
+    hist = np.zeros(256, dtype=np.int64)
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         if workers <= 1 or len(paths) < MIN_PARALLEL:
             _open_output(str(path), offset, img_size)
             try:
                 for item in items:
-                    _decode_row(item)
+                    hist += _decode_row(item)
                     bar.update()
             finally:
                 os.close(_out.pop("fd"))
-            return
+            return hist
         chunk = max(1, min(16, len(paths) // (workers * 8)))
         with multiprocessing.get_context().Pool(workers, _open_output, (str(path), offset, img_size)) as pool:
-            for _ in pool.imap_unordered(_decode_row, items, chunksize=chunk):
+            for row_hist in pool.imap_unordered(_decode_row, items, chunksize=chunk):
+                hist += row_hist
                 bar.update()
+    return hist
 
 
 def write_cache(paths: list[Path], img_size: int, data_path: Path, header_path: Path, key: dict,
@@ -165,7 +173,7 @@ def write_cache(paths: list[Path], img_size: int, data_path: Path, header_path: 
                 fh, {"descr": "|u1", "fortran_order": False, "shape": (len(paths), img_size, img_size)})
             offset = fh.tell()
             fh.truncate(offset + len(paths) * img_size * img_size)
-        decode_into(tmp, offset, paths, img_size, progress, f"Caching {key['split']} images ({img_size}px)")
+        hist = decode_into(tmp, offset, paths, img_size, progress, f"Caching {key['split']} images ({img_size}px)")
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)  # every process's writes are on disk before the rename makes them visible
@@ -178,7 +186,8 @@ def write_cache(paths: list[Path], img_size: int, data_path: Path, header_path: 
     finally:
         tmp.unlink(missing_ok=True)
     header_tmp = header_path.with_name(f"{header_path.name}.{os.getpid()}.tmp")
-    header_tmp.write_text(json.dumps(dict(key, offset=offset, dtype="uint8", complete=True), indent=2))
+    header = dict(key, offset=offset, dtype="uint8", pixel_histogram=hist.tolist(), complete=True)
+    header_tmp.write_text(json.dumps(header))
     os.replace(header_tmp, header_path)
     return offset
 
@@ -190,15 +199,16 @@ def open_cache(paths: list[Path], names: list[str], img_size: int, cache_dir: st
            "img_size": int(img_size), "count": len(paths), "rows_hash": rows_hash(names)}
     data_path, header_path = cache_paths(cache_dir, fingerprint, split_name, img_size)
     if key["count"] == 0:
-        return CachedImages(data_path, 0, img_size, 0)
+        return CachedImages(data_path, 0, img_size, 0, np.zeros(256, dtype=np.int64))
     problem = cache_problem(data_path, header_path, key)
     if problem is None and header_path.is_file():
-        offset = json.loads(header_path.read_text())["offset"]
-        return CachedImages(data_path, key["count"], img_size, offset)
+        header = json.loads(header_path.read_text())
+        return CachedImages(data_path, key["count"], img_size, header["offset"], header.get("pixel_histogram"))
     if problem is not None:
         log(f"Rebuilding image cache {data_path}: {problem}")
-    offset = write_cache(paths, img_size, data_path, header_path, key, progress)
-    return CachedImages(data_path, key["count"], img_size, offset)
+    write_cache(paths, img_size, data_path, header_path, key, progress)
+    header = json.loads(header_path.read_text())
+    return CachedImages(data_path, key["count"], img_size, header["offset"], header["pixel_histogram"])
 
 
 def split_cache(cfg, split, split_name: str, img_size: int, log=print, progress: bool = True) -> CachedImages:

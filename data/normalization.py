@@ -41,9 +41,11 @@ def stats_from_histogram(hist: np.ndarray) -> tuple[float, float]:
 def compute_stats(cfg, split, img_size: int, progress: bool = True) -> dict:
     """Statistics of the training rows at img_size, no augmentation; the grayscale plane fills 3 channels."""
     dataset = build_dataset(cfg, split, "train", img_size)
-    # A cached dataset reads faster in-process, with flat memory; worker processes only add IPC.
-    workers = 0 if dataset.cache is not None else cfg.dataset.num_workers
-    mean, std = stats_from_histogram(pixel_histogram(dataset, workers, progress=progress))
+    if dataset.cache is not None:  # the cache counted every pixel while it was built
+        hist = dataset.cache.histogram
+    else:
+        hist = pixel_histogram(dataset, cfg.dataset.num_workers, progress=progress)
+    mean, std = stats_from_histogram(hist)
     return {
         "mean": [round(mean, 6)] * 3,
         "std": [round(std, 6)] * 3,

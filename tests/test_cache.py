@@ -155,10 +155,11 @@ def test_parallel_build_keeps_row_order(tmp_path, tiny_data):
     expected = np.stack([load_gray(p, 24) for p in paths])
     assert np.array_equal(cache.read_rows(range(len(paths))), expected)
     assert np.array_equal(cache.read_rows([7, 2, 3, 4, 0]), expected[[7, 2, 3, 4, 0]])
+    assert np.array_equal(cache.histogram, np.bincount(expected.ravel(), minlength=256))
 
 
 def test_cuda_loader_prefetches_the_sampler_batches(tmp_path, tiny_data):
-    """On CUDA a cached dataset is read by a prefetch thread: the seeded shuffle order's rows, in batches."""
+    """A cached dataset is read by a prefetch thread (pinned on CUDA): the seeded shuffle order's rows."""
     from data.dataset import PrefetchLoader
 
     cfg, split = setup(tmp_path, tiny_data)
@@ -187,3 +188,16 @@ def test_cuda_loader_raises_reader_errors(tmp_path, tiny_data):
         fh.truncate(200)
     with pytest.raises(UserError, match="truncated"):
         list(loader)
+
+
+def test_statistics_from_the_cache_equal_a_pass_over_the_images(tmp_path, tiny_data):
+    from data.normalization import compute_stats
+
+    cfg, split = setup(tmp_path, tiny_data)
+    cached = compute_stats(cfg, split, 32, progress=False)  # builds the cache, histogram counted on the way
+    cfg.dataset.cache = False
+    plain = compute_stats(cfg, split, 32, progress=False)
+    assert cached["mean"] == plain["mean"] and cached["std"] == plain["std"]
+    paths = split.samples("train")[0]
+    pixels = np.stack([load_gray(p, 32) for p in paths]).astype(np.float64) / 255
+    assert abs(cached["mean"][0] - pixels.mean()) < 1e-6 and abs(cached["std"][0] - pixels.std()) < 1e-6
