@@ -1,6 +1,8 @@
 """Data-path speed and memory: compute_normalization and evaluate vs bare decoding on one core.
 
   decode    load_gray over the training split in a plain loop: one core, the reference rate
+  decode_all_cores  the same in a process pool on every usable core: what the machine can give
+            right now (on a shared machine, less than cores x decode)
   stats     data.normalization.compute_stats (what compute_normalization.py runs); cold = the cache
             is built first (parallel decode), warm = the cache exists
   evaluate  evaluate/test's data path over the test split: build_dataset + make_loader
@@ -26,7 +28,7 @@ try:
 except ImportError:  # run as a file
     import common
 
-TASKS = ("decode", "stats", "evaluate")
+TASKS = ("decode", "decode_all_cores", "stats", "evaluate")
 SCALES = (1, 10)
 
 
@@ -63,6 +65,18 @@ def evaluate_pass(cfg, split, img_size: int) -> int:
     return sum(images.shape[0] for images, _ in loader)
 
 
+def pool_decode(paths, img_size: int) -> int:
+    import functools
+    import multiprocessing
+
+    from data.cache import usable_cpus
+    from data.images import load_gray
+
+    with multiprocessing.Pool(usable_cpus()) as pool:
+        load = functools.partial(load_gray, size=img_size)
+        return sum(1 for _ in pool.imap_unordered(load, paths, chunksize=16))
+
+
 def timed_rate(fn, n: int) -> float:
     start = time.perf_counter()
     fn()
@@ -82,6 +96,8 @@ def child(args) -> dict:
     out = {"task": args.child, "n_train": len(paths), "n_test": n_test}
     if args.child == "decode":
         out["rate"] = timed_rate(lambda: all(load_gray(p, args.img_size).size for p in paths), len(paths))
+    elif args.child == "decode_all_cores":
+        out["rate"] = timed_rate(lambda: pool_decode(paths, args.img_size), len(paths))
     else:
         shutil.rmtree(cfg.dataset.cache_dir, ignore_errors=True)  # cold: the cache is built inside the timing
         if args.child == "stats":
