@@ -69,3 +69,21 @@ def trained(tmp_path_factory, tiny_data):
     cfg = write_overlay(tmp, tiny_data)
     assert run_script("train", ["--config", cfg, "--model", "resnet18"]) == 0
     return cfg, tmp, tmp / "checkpoints" / "resnet18_outputs" / "best_model.pth"
+
+
+def build_with_training_hook(on_forward):
+    """A build_model replacement whose model calls on_forward(n, output) on its n-th training forward
+    (1-based); a non-None return replaces the output. Tests use it to inject NaNs or signals."""
+    from models.zoo import build_model
+
+    def build(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        count = {"n": 0}
+
+        def hook(module, inputs, output):
+            if module.training:
+                count["n"] += 1
+                return on_forward(count["n"], output)
+        model.register_forward_hook(hook)
+        return model
+    return build

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_script, write_overlay
+from conftest import build_with_training_hook, run_script, write_overlay
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
 from utils.resume import capture_rng, restore_rng
@@ -19,20 +19,10 @@ SETTINGS = {"train.epochs": 2, "models.resnet18.batch_size": 4, "monitoring.mlfl
 
 def sigterm_at(call: int):
     """A build_model replacement that sends this process SIGTERM during training forward number `call`."""
-    from models.zoo import build_model
-
-    def build(*args, **kwargs):
-        model = build_model(*args, **kwargs)
-        count = {"n": 0}
-
-        def hook(module, inputs, output):
-            if module.training:
-                count["n"] += 1
-                if count["n"] == call:
-                    os.kill(os.getpid(), signal.SIGTERM)
-        model.register_forward_hook(hook)
-        return model
-    return build
+    def on_forward(n, output):
+        if n == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return build_with_training_hook(on_forward)
 
 
 def test_interrupted_and_resumed_run_matches_the_uninterrupted_one(tmp_path, tiny_data, monkeypatch, capsys):

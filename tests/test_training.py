@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import run_script, write_overlay
+from conftest import build_with_training_hook, run_script, write_overlay
 from utils.checkpoint import load_checkpoint
 from utils.config import load_config
 from utils.early_stopping import EarlyStopping
@@ -163,21 +163,7 @@ def test_optimizer_state_covers_every_trainable_parameter(trained):
 
 def nan_on(calls: set[int]):
     """A build_model replacement whose model outputs NaN on the given training forward calls (1-based)."""
-    from models.zoo import build_model
-
-    def build(*args, **kwargs):
-        model = build_model(*args, **kwargs)
-        count = {"n": 0}
-
-        def hook(module, inputs, output):
-            if module.training:
-                count["n"] += 1
-                if count["n"] in calls:
-                    return output * float("nan")
-            return output
-        model.register_forward_hook(hook)
-        return model
-    return build
+    return build_with_training_hook(lambda n, output: output * float("nan") if n in calls else None)
 
 
 def test_one_nan_step_is_skipped_and_training_goes_on(tmp_path, tiny_data, monkeypatch, capsys):

@@ -54,7 +54,29 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-class OnnxPredictor:
+class Predictor:
+    """What every predictor shares: the contract's preprocessing and the output record.
+    Subclasses set `self.contract` and implement `predict_array`."""
+
+    contract: dict
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.contract["class_names"])
+
+    def preprocess(self, path) -> np.ndarray:
+        """(1, 3, S, S) float32, the training preprocessing; raises data.images.ImageReadError."""
+        c = self.contract
+        return preprocess_numpy(load_gray(path, int(c["img_size"])), c["mean"], c["std"])
+
+    def predict_array(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict_path(self, path) -> dict:
+        return prediction_record(path, self.predict_array(self.preprocess(path))[0], self.class_names)
+
+
+class OnnxPredictor(Predictor):
     """One ONNX Runtime session, created once and reused for every prediction."""
 
     def __init__(self, onnx_path: str | Path, contract: dict | None = None,
@@ -74,15 +96,6 @@ class OnnxPredictor:
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
 
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.contract["class_names"])
-
-    def preprocess(self, path) -> np.ndarray:
-        """(1, 3, S, S) float32, the training preprocessing; raises data.images.ImageReadError."""
-        c = self.contract
-        return preprocess_numpy(load_gray(path, int(c["img_size"])), c["mean"], c["std"])
-
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Raw model outputs (N, C) for preprocessed inputs (N, 3, S, S)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -91,10 +104,6 @@ class OnnxPredictor:
     def predict_array(self, x: np.ndarray) -> np.ndarray:
         """Softmax probabilities (N, C) for preprocessed inputs (N, 3, S, S)."""
         return softmax(self.logits(x).astype(np.float64)).astype(np.float32)
-
-    def predict_path(self, path) -> dict:
-        probs = self.predict_array(self.preprocess(path))[0]
-        return prediction_record(path, probs, self.class_names)
 
 
 def prediction_record(path, probs: np.ndarray, class_names: list[str]) -> dict:

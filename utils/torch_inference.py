@@ -8,35 +8,23 @@ import numpy as np
 import torch
 
 from data.images import load_gray
-from data.preprocess_numpy import preprocess_numpy
 from models.loading import model_from_checkpoint
 from utils.checkpoint import load_checkpoint
 from utils.export import contract_from_checkpoint
-from utils.onnx_inference import prediction_record
+from utils.onnx_inference import Predictor
 
 
-class TorchPredictor:
+class TorchPredictor(Predictor):
     def __init__(self, checkpoint_path: str | Path, contract: dict | None = None, device: str = "cpu"):
         ckpt = load_checkpoint(checkpoint_path)  # weights_only=True: nothing is unpickled
         self.contract = contract or contract_from_checkpoint(ckpt)
         self.device = torch.device(device)
         self.model = model_from_checkpoint(ckpt, self.device)
 
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.contract["class_names"])
-
-    def preprocess(self, path) -> np.ndarray:
-        c = self.contract
-        return preprocess_numpy(load_gray(path, int(c["img_size"])), c["mean"], c["std"])
-
     def predict_array(self, x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             logits = self.model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device))
         return torch.softmax(logits.float(), dim=1).cpu().numpy()
-
-    def predict_path(self, path) -> dict:
-        return prediction_record(path, self.predict_array(self.preprocess(path))[0], self.class_names)
 
     def gradcam(self, paths: list, predicted: list[int], out_dir) -> list[Path]:
         """One overlay PNG per image (Grad-CAM of its predicted class), named after the image."""
