@@ -11,14 +11,12 @@ import argparse
 from pathlib import Path
 
 from data.dataset import build_dataset, make_loader
-from data.manifest import prepare_split
 from data.preprocess import Preprocessor
 from models.loading import model_from_checkpoint
-from utils.checkpoint import default_checkpoint, load_checkpoint
-from utils.cli import add_common_args, config_from_args, run
+from utils.cli import add_common_args, run
 from utils.device import select_device
 from utils.errors import UserError
-from utils.evaluation import (calibration_summary, check_same_split, evaluation_record, open_tracker,
+from utils.evaluation import (calibration_summary, evaluation_record, load_for_evaluation, open_tracker,
                               score_predictions)
 from utils.gates import GATES_FAILED_EXIT, check_gates, format_gates
 from utils.plots import comparison_plot, evaluation_figures
@@ -77,16 +75,10 @@ def compare_models(cfg) -> None:
 
 
 def main(args) -> int:
-    cfg = config_from_args(args)
     args.medical_validation = args.medical_validation or args.strict
     device = select_device(args.device)
-    ckpt_path = Path(args.checkpoint) if args.checkpoint else default_checkpoint(cfg)
-    ckpt = load_checkpoint(ckpt_path)
+    cfg, ckpt_path, ckpt, split = load_for_evaluation(args)
     name, classes, out_dir = ckpt["model_name"], list(ckpt["class_names"]), ckpt_path.parent
-    if args.model and args.model != name:
-        raise UserError(f"{ckpt_path} holds a {name} model, not {args.model}")
-    split = prepare_split(cfg, args.resplit)
-    check_same_split(ckpt, split)
     print(f"Evaluating {name} (epoch {ckpt['epoch']}) on the test split of {split.manifest_path}")
     with open_tracker(cfg, name, "evaluation", ckpt) as tracker:
         model = model_from_checkpoint(ckpt, device)

@@ -9,17 +9,13 @@ as evaluate.py; for intervals, calibration, timing and gates use evaluate.py.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from data.dataset import build_dataset, make_loader
-from data.manifest import prepare_split
 from data.preprocess import Preprocessor
 from models.loading import model_from_checkpoint
-from utils.checkpoint import default_checkpoint, load_checkpoint
-from utils.cli import add_common_args, config_from_args, run
+from utils.cli import add_common_args, run
 from utils.device import select_device
-from utils.errors import UserError
-from utils.evaluation import check_same_split, open_tracker
+from utils.evaluation import load_for_evaluation, open_tracker
 from utils.metrics import classification_metrics, format_metrics
 from utils.plots import confusion_matrix_plot
 from utils.prediction import predict
@@ -42,15 +38,9 @@ def test_metrics(m: dict, class_names: list[str]) -> dict[str, float]:
 
 
 def main(args) -> int:
-    cfg = config_from_args(args)
     device = select_device(args.device)
-    ckpt_path = Path(args.checkpoint) if args.checkpoint else default_checkpoint(cfg)
-    ckpt = load_checkpoint(ckpt_path)
+    cfg, ckpt_path, ckpt, split = load_for_evaluation(args)
     name, classes = ckpt["model_name"], list(ckpt["class_names"])
-    if args.model and args.model != name:
-        raise UserError(f"{ckpt_path} holds a {name} model, not {args.model}")
-    split = prepare_split(cfg, args.resplit)
-    check_same_split(ckpt, split)
     with open_tracker(cfg, name, "test", ckpt) as tracker:
         model = model_from_checkpoint(ckpt, device)
         # Preprocessing comes from the checkpoint, never re-derived from the config.

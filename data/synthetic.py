@@ -73,7 +73,6 @@ def _lesion(cls, rng, u, v, px, brain_a, brain_b, hard):
     """Return (intensity offset field, lesion mask) for the class-specific lesion."""
     # Contrast and size shrink for hard cases so that accuracy is not trivially perfect.
     gain = rng.uniform(0.35, 0.55) if hard else rng.uniform(0.8, 1.0)
-    zeros = np.zeros_like(u)
     if cls == "brain_glioma":
         r0 = rng.uniform(0.07, 0.11) if hard else rng.uniform(0.17, 0.28)
         ang, rad = rng.uniform(0, 2 * np.pi), rng.uniform(0.15, 0.6)

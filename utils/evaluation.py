@@ -14,6 +14,29 @@ from utils.metrics import classification_metrics
 from utils.uncertainty import bootstrap_intervals, with_interval
 
 
+def load_for_evaluation(args):
+    """(cfg, checkpoint path, checkpoint, split) for test.py and evaluate.py.
+
+    With --checkpoint alone, the checkpoint's model selects the recipe (batch size) from the config."""
+    from pathlib import Path
+
+    from data.manifest import prepare_split
+    from utils.checkpoint import default_checkpoint, load_checkpoint
+    from utils.cli import config_from_args
+
+    ckpt = load_checkpoint(args.checkpoint) if args.checkpoint else None
+    if ckpt is not None and not args.model:
+        args.model = ckpt["model_name"]
+    cfg = config_from_args(args)
+    ckpt_path = Path(args.checkpoint) if args.checkpoint else default_checkpoint(cfg)
+    ckpt = ckpt or load_checkpoint(ckpt_path)
+    if args.model and args.model != ckpt["model_name"]:
+        raise UserError(f"{ckpt_path} holds a {ckpt['model_name']} model, not {args.model}")
+    split = prepare_split(cfg, args.resplit)
+    check_same_split(ckpt, split)
+    return cfg, ckpt_path, ckpt, split
+
+
 def check_same_split(ckpt: dict, split) -> None:
     """Refuse to score a checkpoint on a split other than the one it was trained on (test leakage)."""
     trained_on = ckpt.get("data_fingerprint")

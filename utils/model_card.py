@@ -64,7 +64,7 @@ def build_model_card(*, ckpt: dict, contract: dict, metrics: dict | None, valida
     lines = [f"# Model card: {names['pytorch']} {semver}", "",
              f"Registered {datetime.now(timezone.utc).isoformat(timespec='seconds')}; flavors: `{names['pytorch']}` "
              f"(PyTorch, torch.export) and `{names['onnx']}` (ONNX)" + (f"; alias `{alias}`" if alias else "") + ".",
-             *([f"", description] if description else []), "",
+             *(["", description] if description else []), "",
              "## Intended use",
              f"Classifies a single 2-D brain MRI slice into one of: {', '.join(contract['class_names'])}. "
              "Research and clinical **decision support** only: it is **not a diagnosis**, it does not detect "
