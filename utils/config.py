@@ -37,7 +37,7 @@ class ModelRecipe(Section):
 
 class DemoSection(Section):
     root: str = "./data/demo"
-    n_per_class: int = 150
+    n_per_class: int = 300
     size: int = 128
     seed: int = 0
 
