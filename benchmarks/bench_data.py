@@ -24,9 +24,9 @@ import sys
 import time
 
 try:
-    from benchmarks import common
+    from benchmarks import harness
 except ImportError:  # run as a file
-    import common
+    import harness
 
 TASKS = ("decode", "decode_all_cores", "stats", "evaluate")
 SCALES = (1, 10)
@@ -39,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--jpeg-size", type=int, default=512)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (dataset.num_workers)")
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--data-dir", default=str(common.DEFAULT_DATA_DIR))
+    p.add_argument("--data-dir", default=str(harness.DEFAULT_DATA_DIR))
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the benchmark runs")
     p.add_argument("--child", choices=TASKS, help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
@@ -50,7 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def data_config(root, work, img_size: int, workers: int):
     from utils.config import load_config
 
-    work = common.Path(work)
+    work = harness.Path(work)
     return load_config(overrides={"dataset.path": str(root), "dataset.img_size": img_size,
                                   "dataset.num_workers": workers, "dataset.manifest_dir": str(work / "splits"),
                                   "dataset.cache_dir": str(work / "cache"),
@@ -114,7 +114,7 @@ def child(args) -> dict:
 def run_child(task: str, root, work, args) -> dict:
     cmd = [sys.executable, __file__, "--child", task, "--root", str(root), "--work", str(work),
            "--img-size", str(args.img_size), "--workers", str(args.workers)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=common.ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=harness.ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{task} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -125,8 +125,8 @@ def prepare(args, scale: int):
     from data.manifest import prepare_split
 
     n = args.n_images * scale
-    base = common.Path(args.data_dir) / f"data_{args.jpeg_size}px_{n}"
-    root = common.make_jpegs(base / "images", n, args.jpeg_size)
+    base = harness.Path(args.data_dir) / f"data_{args.jpeg_size}px_{n}"
+    root = harness.make_jpegs(base / "images", n, args.jpeg_size)
     prepare_split(data_config(root, base / "work", args.img_size, args.workers), log=lambda *_: None)
     return root, base / "work"
 
@@ -134,15 +134,15 @@ def prepare(args, scale: int):
 def summarize(runs: dict) -> tuple[dict, list[list]]:
     results, rows = {}, []
     for scale in SCALES:
-        decode = common.spread([r["rate"] for r in runs[scale, "decode"]])["median"]
+        decode = harness.spread([r["rate"] for r in runs[scale, "decode"]])["median"]
         for task in TASKS:
             rs = runs[scale, task]
-            res = {"rate": common.spread([r["rate"] for r in rs]),
-                   "peak_rss_mb": common.spread([r["peak_rss_mb"] for r in rs]),
-                   "workers_peak_rss_mb": common.spread([r["workers_peak_rss_mb"] for r in rs]),
+            res = {"rate": harness.spread([r["rate"] for r in rs]),
+                   "peak_rss_mb": harness.spread([r["peak_rss_mb"] for r in rs]),
+                   "workers_peak_rss_mb": harness.spread([r["workers_peak_rss_mb"] for r in rs]),
                    "n_images": rs[0]["n_test" if task == "evaluate" else "n_train"]}
             if "rate_cold" in rs[0]:
-                res["rate_cold"] = common.spread([r["rate_cold"] for r in rs])
+                res["rate_cold"] = harness.spread([r["rate_cold"] for r in rs])
                 res["cold_vs_decode"] = res["rate_cold"]["median"] / decode
             res["vs_decode"] = res["rate"]["median"] / decode
             results[f"{task}@{scale}x"] = res
@@ -169,7 +169,7 @@ def main(args) -> int:
                 runs[scale, task].append(run_child(task, *trees[scale], args))
     results, rows = summarize(runs)
     settings = {k: getattr(args, k) for k in ("n_images", "img_size", "jpeg_size", "workers", "repeats")}
-    common.report("bench_data", settings, ["task", "images", "cold img/s", "cold x decode", "warm img/s",
+    harness.report("bench_data", settings, ["task", "images", "cold img/s", "cold x decode", "warm img/s",
                                            "warm x decode", "peak MB", "worker peak MB"], rows, results)
     return 0
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 
 try:
-    from benchmarks import common
+    from benchmarks import harness
 except ImportError:  # run as a file
-    import common
+    import harness
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=60, help="timed calls per variant (interleaved)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads (default: usable cores)")
-    p.add_argument("--data-dir", default=str(common.DEFAULT_DATA_DIR))
+    p.add_argument("--data-dir", default=str(harness.DEFAULT_DATA_DIR))
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the benchmark runs")
     return p
 
@@ -75,10 +75,10 @@ def variants(args, model, onnx_path, contract, image_path) -> dict:
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads or usable_cpus())
-    data_dir = common.Path(args.data_dir)
-    root = common.make_jpegs(data_dir / f"infer_{args.jpeg_size}px" / "images", 3, args.jpeg_size, 1)
-    image_path = common.list_images(root)[0][0]
-    with common.Stopwatch() as export:
+    data_dir = harness.Path(args.data_dir)
+    root = harness.make_jpegs(data_dir / f"infer_{args.jpeg_size}px" / "images", 3, args.jpeg_size, 1)
+    image_path = harness.list_images(root)[0][0]
+    with harness.Stopwatch() as export:
         model, onnx_path, contract = exported_model(args, data_dir / "onnx")
     calls = variants(args, model, onnx_path, contract, image_path)
     e2e = np.asarray(list(calls["onnx_e2e"]().values()))
@@ -86,11 +86,11 @@ def run(args) -> dict:
     times = {v: [] for v in VARIANTS}
     for i in range(args.warmup + args.runs):
         for v in VARIANTS[i % 3:] + VARIANTS[:i % 3]:  # rotate the order: no variant always follows another
-            with common.Stopwatch() as sw:
+            with harness.Stopwatch() as sw:
                 calls[v]()
             if i >= args.warmup:
                 times[v].append(sw.seconds)
-    stats = {v: common.latency_stats(t) for v, t in times.items()}
+    stats = {v: harness.latency_stats(t) for v, t in times.items()}
     med = {v: s["median_ms"] for v, s in stats.items()}
     ratios = {"onnx_e2e/onnx_limit": med["onnx_e2e"] / med["onnx_limit"],
               "onnx_e2e/torch_eager": med["onnx_e2e"] / med["torch_eager"]}
@@ -105,7 +105,7 @@ def main(args) -> int:
     settings["threads"] = args.threads or usable_cpus()
     lat, limit = results["latency"], results["latency"]["onnx_limit"]["median_ms"]
     rows = [[v, lat[v]["median_ms"], lat[v]["p95_ms"], lat[v]["median_ms"] / limit] for v in VARIANTS]
-    common.report("bench_inference", settings, ["path", "median ms", "p95 ms", "x limit"], rows, results)
+    harness.report("bench_inference", settings, ["path", "median ms", "p95 ms", "x limit"], rows, results)
     return 0
 
 

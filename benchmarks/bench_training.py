@@ -17,9 +17,9 @@ import argparse
 import hashlib
 
 try:
-    from benchmarks import common
+    from benchmarks import harness
 except ImportError:  # run as a file
-    import common
+    import harness
 
 import torch
 from torch import nn
@@ -49,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: usable cores)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--data-dir", default=str(common.DEFAULT_DATA_DIR))
+    p.add_argument("--data-dir", default=str(harness.DEFAULT_DATA_DIR))
     p.add_argument("--with-workers-variant", action="store_true",
                    help="also time the cache through DataLoader worker processes (on CUDA the toolkit uses a thread)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the benchmark runs")
@@ -71,10 +71,10 @@ def original_loader(root, args, device) -> torch.utils.data.DataLoader:
 
 def toolkit_loader(root, args, device, cfg):
     """The toolkit's pipeline: the cache (built once, timed separately), make_loader, Preprocessor."""
-    paths, labels = common.list_images(root)
+    paths, labels = harness.list_images(root)
     names = [str(p.relative_to(root)) for p in paths]
     key = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
-    with common.Stopwatch() as build:
+    with harness.Stopwatch() as build:
         cache = open_cache(paths, names, args.img_size, root.parent / "cache", key, "bench", progress=False)
     dataset = GrayImageDataset(paths, labels, args.img_size, cache)
     loader = make_loader(dataset, cfg, args.batch_size, shuffle=True, drop_last=True, device=device)
@@ -109,7 +109,7 @@ class Trainer:
     def epoch(self, variant: str, source) -> float:
         """images/s over one epoch (the timer includes waiting for the loader's first batch)."""
         dev, n = self.device, 0
-        with common.Stopwatch(self.sync) as sw:
+        with harness.Stopwatch(self.sync) as sw:
             if variant == "model":
                 x, y = source
                 for _ in range(self.args.batches):
@@ -129,7 +129,7 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads or usable_cpus())
     torch.backends.cudnn.benchmark = True  # as train.py does (performance.benchmark_cudnn)
     n_images = args.batch_size * args.batches
-    root = common.make_jpegs(common.Path(args.data_dir) / f"train_{args.jpeg_size}px_{n_images}" / "images",
+    root = harness.make_jpegs(harness.Path(args.data_dir) / f"train_{args.jpeg_size}px_{n_images}" / "images",
                              n_images, args.jpeg_size)
     cfg = load_config(overrides={"dataset.num_workers": args.workers})
     loaders = {}
@@ -149,8 +149,8 @@ def run(args) -> dict:
         for v in variants[k:] + variants[:k]:  # rotate the order so no variant always goes first
             rates[v].append(trainer.epoch(v, loaders[v]))
     ratios = {f"{v}/model": [a / b for a, b in zip(rates[v], rates["model"])] for v in variants if v != "model"}
-    return {"images_per_s": {v: common.spread(r) for v, r in rates.items()},
-            "ratios": {k: common.spread(r) for k, r in ratios.items()},
+    return {"images_per_s": {v: harness.spread(r) for v, r in rates.items()},
+            "ratios": {k: harness.spread(r) for k, r in ratios.items()},
             "cache_build_s": build_s, "cache_build_images_per_s": n_images / build_s if build_s else None}
 
 
@@ -164,7 +164,7 @@ def main(args) -> int:
     ips, ratio = results["images_per_s"], results["ratios"]
     rows = [[v, ips[v]["median"], ips[v]["min"], ips[v]["max"],
              ratio.get(f"{v}/model", {"median": 1.0})["median"]] for v in ips]
-    common.report("bench_training", settings, ["pipeline", "img/s median", "min", "max", "x model"], rows,
+    harness.report("bench_training", settings, ["pipeline", "img/s median", "min", "max", "x model"], rows,
                   results, args.device)
     return 0
 
