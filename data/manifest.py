@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from data.cache import usable_cpus
 from data.images import ImageReadError, is_image_file, open_image
 from data.split import SPLITS, assign_splits, group_items
 from utils.errors import UserError
@@ -108,7 +109,7 @@ def scan_folders(root: Path, folders: list[Path], classes: list[str], validate: 
         except (ImageReadError, OSError) as exc:
             return rel, cls, None, str(exc).replace(str(path) + ": ", "")
 
-    workers = min(8, os.cpu_count() or 1)
+    workers = min(8, usable_cpus())
     with ThreadPoolExecutor(workers) as pool:  # PIL decoding and hashing release the GIL
         it = pool.map(check, candidates)
         for rel, cls, digest, error in tqdm(it, total=len(candidates), desc="Scanning images",

@@ -15,10 +15,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from data.images import load_gray
-from data.preprocess_numpy import preprocess_numpy
 from utils.errors import UserError
-from utils.onnx_inference import softmax
+from utils.onnx_inference import preprocess_path, softmax
 
 FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "pt2": ("pt2",),
            "both": ("torchscript", "onnx"), "all": ("onnx", "torchscript", "pt2")}
@@ -144,9 +142,7 @@ def parity_inputs(paths: list, contract: dict, n: int = 8) -> np.ndarray:
     """Real images through the deployed preprocessing: float32 (n, 3, S, S)."""
     if not paths:
         raise UserError("no test images for the parity check (is the split's test part empty?)")
-    arrays = [preprocess_numpy(load_gray(p, contract["img_size"]), contract["mean"], contract["std"])
-              for p in list(paths)[:n]]
-    return np.concatenate(arrays, axis=0)
+    return np.concatenate([preprocess_path(p, contract) for p in list(paths)[:n]], axis=0)
 
 
 def check_parity(fmt: str, model: torch.nn.Module, runner, x: np.ndarray) -> ParityResult:

@@ -54,6 +54,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def preprocess_path(path, contract: dict) -> np.ndarray:
+    """One image through the contract's preprocessing: float32 (1, 3, S, S); raises ImageReadError."""
+    return preprocess_numpy(load_gray(path, int(contract["img_size"])), contract["mean"], contract["std"])
+
+
 class Predictor:
     """What every predictor shares: the contract's preprocessing and the output record.
     Subclasses set `self.contract` and implement `predict_array`."""
@@ -66,8 +71,7 @@ class Predictor:
 
     def preprocess(self, path) -> np.ndarray:
         """(1, 3, S, S) float32, the training preprocessing; raises data.images.ImageReadError."""
-        c = self.contract
-        return preprocess_numpy(load_gray(path, int(c["img_size"])), c["mean"], c["std"])
+        return preprocess_path(path, self.contract)
 
     def predict_array(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
