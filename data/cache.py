@@ -13,11 +13,17 @@ data set grows, and nothing big is pickled into DataLoader workers.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent builders of one cache are then unsupported
+    fcntl = None
 
 import numpy as np
 from tqdm import tqdm
@@ -200,15 +206,29 @@ def open_cache(paths: list[Path], names: list[str], img_size: int, cache_dir: st
     data_path, header_path = cache_paths(cache_dir, fingerprint, split_name, img_size)
     if key["count"] == 0:
         return CachedImages(data_path, 0, img_size, 0, np.zeros(256, dtype=np.int64))
-    problem = cache_problem(data_path, header_path, key)
-    if problem is None and header_path.is_file():
+    with build_lock(data_path):
+        problem = cache_problem(data_path, header_path, key)
+        if problem is not None:
+            log(f"Rebuilding image cache {data_path}: {problem}")
+        if problem is not None or not header_path.is_file():
+            write_cache(paths, img_size, data_path, header_path, key, progress)
         header = json.loads(header_path.read_text())
-        return CachedImages(data_path, key["count"], img_size, header["offset"], header.get("pixel_histogram"))
-    if problem is not None:
-        log(f"Rebuilding image cache {data_path}: {problem}")
-    write_cache(paths, img_size, data_path, header_path, key, progress)
-    header = json.loads(header_path.read_text())
-    return CachedImages(data_path, key["count"], img_size, header["offset"], header["pixel_histogram"])
+    return CachedImages(data_path, key["count"], img_size, header["offset"], header.get("pixel_histogram"))
+
+
+@contextlib.contextmanager
+def build_lock(data_path: Path):
+    """One process at a time checks and builds a cache file: DDP ranks and parallel runs share caches."""
+    data_path.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    with open(data_path.with_name(data_path.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def split_cache(cfg, split, split_name: str, img_size: int, log=print, progress: bool = True) -> CachedImages:

@@ -201,3 +201,52 @@ def test_statistics_from_the_cache_equal_a_pass_over_the_images(tmp_path, tiny_d
     paths = split.samples("train")[0]
     pixels = np.stack([load_gray(p, 32) for p in paths]).astype(np.float64) / 255
     assert abs(cached["mean"][0] - pixels.mean()) < 1e-6 and abs(cached["std"][0] - pixels.std()) < 1e-6
+
+
+
+
+def _open_in_child(role, job, start, results):
+    """Open the cache with timings that expose an unguarded check-then-build: the first process
+    pauses after building, the second starts its build then and builds slowly."""
+    import time
+    import data.cache as cache_mod
+    paths, names, cache_dir, fingerprint = job
+    write, decode = cache_mod.write_cache, cache_mod.decode_into
+
+    def slow_write(*a, **k):
+        time.sleep(0.0 if role == 0 else 0.3)
+        out = write(*a, **k)
+        time.sleep(0.8 if role == 0 else 0.0)
+        return out
+
+    def slow_decode(*a, **k):
+        time.sleep(0.0 if role == 0 else 1.5)
+        return decode(*a, **k)
+
+    cache_mod.write_cache, cache_mod.decode_into = slow_write, slow_decode
+    start.wait()  # both processes find the cache missing at the same moment
+    try:
+        cache = cache_mod.open_cache(paths, names, 32, cache_dir, fingerprint, "val",
+                                     log=lambda *_: None, progress=False)
+        results.put(cache.read_rows(list(range(len(paths)))).tobytes())
+    except Exception as exc:  # noqa: BLE001 - the parent reports what went wrong
+        results.put(repr(exc))
+
+
+def test_processes_that_open_one_cache_at_once_all_get_it_whole(tmp_path, tiny_data):
+    """DDP ranks (and parallel runs) share a cache: one builds it, the other waits and reads it."""
+    import multiprocessing
+    cfg, split = setup(tmp_path, tiny_data)
+    paths, _ = split.samples("val")
+    names = [r.path for r in split.rows_for("val")]
+    job = (paths, names, str(cfg.dataset.cache_dir), split.fingerprint)
+    ctx = multiprocessing.get_context("spawn")
+    start, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_open_in_child, args=(role, job, start, results)) for role in (0, 1)]
+    for proc in procs:
+        proc.start()
+    got = [results.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join()
+    expected = np.stack([load_gray(p, 32) for p in paths]).tobytes()
+    assert got == [expected, expected], [r for r in got if isinstance(r, str)]
