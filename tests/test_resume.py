@@ -25,10 +25,11 @@ def sigterm_at(call: int):
     return build_with_training_hook(on_forward)
 
 
-def test_interrupted_and_resumed_run_matches_the_uninterrupted_one(tmp_path, tiny_data, monkeypatch, capsys):
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach-adamw", "fused-adamw"])
+def test_interrupted_and_resumed_run_matches_the_uninterrupted_one(tmp_path, tiny_data, monkeypatch, capsys, fused):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     straight.mkdir(), broken.mkdir()
-    argv = ["--model", "resnet18", "--deterministic", "--seed", "7"]
+    argv = ["--model", "resnet18", "--deterministic", "--seed", "7", "--set", f"performance.fused_optimizer={fused}"]
     assert run_script("train", ["--config", write_overlay(straight, tiny_data, **SETTINGS), *argv]) == 0
 
     overlay = write_overlay(broken, tiny_data, **SETTINGS)

@@ -166,20 +166,52 @@ def nan_on(calls: set[int]):
     return build_with_training_hook(lambda n, output: output * float("nan") if n in calls else None)
 
 
-def test_one_nan_step_is_skipped_and_training_goes_on(tmp_path, tiny_data, monkeypatch, capsys):
+FUSED = pytest.mark.parametrize("fused", [False, True], ids=["host-checked", "fused-on-device"])
+
+
+@FUSED
+def test_one_nan_step_is_skipped_and_training_goes_on(tmp_path, tiny_data, monkeypatch, capsys, fused):
     monkeypatch.setattr("train.build_model", nan_on({2}))
-    overlay = write_overlay(tmp_path, tiny_data, **{"train.max_nonfinite_steps": 5,
+    overlay = write_overlay(tmp_path, tiny_data, **{"train.max_nonfinite_steps": 5, "performance.fused_optimizer": fused,
                                                     "monitoring.mlflow.enabled": False})
     assert run_script("train", ["--config", overlay, "--model", "resnet18"]) == 0
     err = capsys.readouterr().err
-    assert err.count("non-finite loss or gradient") == 1 and "step skipped (1/5)" in err
+    assert err.count("non-finite loss or gradient") == 1 and "skipped (1/5)" in err
     state = load_checkpoint(tmp_path / "checkpoints" / "resnet18_outputs" / "last_model.pth")["model_state"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
-def test_persistent_nans_stop_the_run_with_advice(tmp_path, tiny_data, monkeypatch):
+@FUSED
+def test_a_skipped_step_leaves_the_weights_untouched(tmp_path, tiny_data, monkeypatch, fused):
+    """Every step non-finite: the weights end as they started (the fused kernel skips on the device)."""
+    built = {}
+
+    def build(*args, **kwargs):
+        model = nan_on(set(range(1, 1000)))(*args, **kwargs)
+        built.update({k: v.detach().clone() for k, v in model.named_parameters()})
+        return model
+    monkeypatch.setattr("train.build_model", build)
+    overlay = write_overlay(tmp_path, tiny_data, **{"train.max_nonfinite_steps": 1000, "train.epochs": 1,
+                                                    "performance.fused_optimizer": fused,
+                                                    "models.resnet18.batch_size": 4, "monitoring.mlflow.enabled": False})
+    assert run_script("train", ["--config", overlay, "--model", "resnet18"]) == 0
+    last = load_checkpoint(tmp_path / "checkpoints" / "resnet18_outputs" / "last_model.pth")
+    assert last["progress"]["nonfinite"] == last["progress"]["step"] > 1
+    assert all(torch.equal(last["model_state"][k], v) for k, v in built.items())
+
+
+@FUSED
+def test_persistent_nans_stop_the_run_with_advice(tmp_path, tiny_data, monkeypatch, fused):
     monkeypatch.setattr("train.build_model", nan_on(set(range(1, 100))))
     overlay = write_overlay(tmp_path, tiny_data, **{"train.max_nonfinite_steps": 2, "train.epochs": 3,
+                                                    "performance.fused_optimizer": fused,
                                                     "monitoring.mlflow.enabled": False})
-    with pytest.raises(UserError, match=r"training stopped: 2 steps had a non-finite .* Lower the learning rate"):
+    with pytest.raises(UserError, match=r"training stopped: \d+ steps had a non-finite .* Lower the learning rate"):
+        run_script("train", ["--config", overlay, "--model", "resnet18"])
+
+
+def test_fused_optimizer_needs_adam_or_adamw(tmp_path, tiny_data):
+    overlay = write_overlay(tmp_path, tiny_data, **{"performance.fused_optimizer": True,
+                                                    "models.resnet18.optimizer": "sgd"})
+    with pytest.raises(UserError, match="fused_optimizer=true needs optimizer adamw or adam .*uses sgd"):
         run_script("train", ["--config", overlay, "--model", "resnet18"])

@@ -131,6 +131,7 @@ class PerformanceSection(Section):
     benchmark_cudnn: bool = True
     gradient_accumulation: int = 1
     max_grad_norm: Optional[float] = 1.0
+    fused_optimizer: bool | Literal["auto"] = "auto"
     prefetch_factor: int = 4
     persistent_workers: bool = True
 

@@ -68,6 +68,15 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return all_reduce_sum([float(flag)], device)[0] > 0
 
 
+def any_rank_on_device(flag: torch.Tensor) -> torch.Tensor:
+    """any_rank for a 0-d bool tensor that stays on its device: the host never waits for it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = flag.float()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value > 0
+
+
 def gather_objects(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...] on every process; [obj] without a process group."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -1,7 +1,9 @@
 """The training loop, readable top to bottom: recipe parts, one epoch, validation, the epoch loop.
 
 Speed options (autocast, GradScaler, channels_last, torch.compile, accumulation, clipping) act on
-CUDA and are harmless on CPU. A step whose loss or gradient is not finite is skipped and counted.
+CUDA and are harmless on CPU. A step whose loss or gradient is not finite is skipped and counted:
+with a fused Adam/AdamW (performance.fused_optimizer) the skip happens on the device and the count is
+read at the loop's periodic sync, so the host never waits for the GPU between steps.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from data.dataset import build_dataset, make_loader
 from data.preprocess import Preprocessor
 from models.loading import unwrap
 from utils.checkpoint import save_checkpoint
-from utils.distributed import DistInfo, all_reduce_sum, any_rank, gather_objects, wrap_ddp
+from utils.distributed import DistInfo, all_reduce_sum, any_rank, any_rank_on_device, gather_objects, wrap_ddp
 from utils.early_stopping import EarlyStopping
 from utils.errors import UserError
 from utils.metrics import classification_metrics
@@ -40,11 +42,28 @@ OPTIMIZERS = {
 }
 
 
+# Fused kernels that take a found_inf flag and skip on the device. Not SGD: torch's fused SGD leaves its
+# momentum buffer uninitialised when the first step is skipped.
+FUSED_OPTIMIZERS = ("adamw", "adam")
+
+
 # ---- recipe parts ---------------------------------------------------------------------------
-def build_optimizer(model: torch.nn.Module, recipe) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, recipe, fused: bool = False) -> torch.optim.Optimizer:
     """Every trainable parameter goes to the optimizer (the original handed most models only their head)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return OPTIMIZERS[recipe.optimizer](params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    extra = {"fused": True} if fused else {}
+    return OPTIMIZERS[recipe.optimizer](params, lr=recipe.lr, weight_decay=recipe.weight_decay, **extra)
+
+
+def use_fused_optimizer(cfg, device: torch.device) -> bool:
+    """performance.fused_optimizer: auto = on CUDA for adam/adamw; true elsewhere needs one of them."""
+    setting, name = cfg.performance.fused_optimizer, cfg.recipe.optimizer
+    if setting == "auto":
+        return device.type == "cuda" and name in FUSED_OPTIMIZERS
+    if setting and name not in FUSED_OPTIMIZERS:
+        raise UserError(f"performance.fused_optimizer=true needs optimizer {' or '.join(FUSED_OPTIMIZERS)} "
+                        f"(model {cfg.model} uses {name}); set it to auto or false")
+    return bool(setting)
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -132,6 +151,8 @@ class Trainer:
     epoch: int = 0  # completed epochs
     step: int = 0  # optimizer steps
     nonfinite: int = 0  # skipped steps
+    fused: bool = False  # the optimizer skips non-finite steps on the device (pending_nonfinite counts them)
+    pending_nonfinite: torch.Tensor | None = None  # skipped on the device, not yet read by the host
     resume_batches: int = 0  # batches of the first epoch already done before a mid-epoch interruption
     partial: dict | None = None  # that epoch's running sums
     epoch_generator_state: torch.Tensor | None = None
@@ -166,7 +187,8 @@ def build_trainer(cfg, split, mean, std, device, info: DistInfo, model, progress
                                generator=generator, drop_last=per_process > bs)
     val_loader = make_loader(val_ds, cfg, bs, device=device)
     wrapped = prepare_model(model, cfg, device, info)
-    optimizer = build_optimizer(wrapped, cfg.recipe)
+    fused = use_fused_optimizer(cfg, device)
+    optimizer = build_optimizer(wrapped, cfg.recipe, fused)
     steps = math.ceil(len(train_loader) / cfg.performance.gradient_accumulation)
     dtype = amp_dtype(cfg, device)
     return Trainer(
@@ -178,7 +200,8 @@ def build_trainer(cfg, split, mean, std, device, info: DistInfo, model, progress
         val_pre=Preprocessor.from_config(cfg, mean, std, train=False).to(device),
         device=device, generator=generator, class_names=list(split.class_names), amp=dtype, dist=info,
         stopper=EarlyStopping(cfg.train.monitor, cfg.train.patience, cfg.train.min_delta),
-        split=split, mean=tuple(mean), std=tuple(std))
+        split=split, mean=tuple(mean), std=tuple(std),
+        fused=fused, pending_nonfinite=torch.zeros((), dtype=torch.int64, device=device))
 
 
 # ---- one epoch ------------------------------------------------------------------------------
@@ -245,25 +268,57 @@ def optimizer_step(t: Trainer, loss_ok: torch.Tensor, epoch: int) -> None:
     """One optimizer step, or a skipped one when the loss or the gradient is not finite."""
     norm = clip_gradients(t)
     # fp16: an overflowing gradient is GradScaler's business (it skips the step and lowers the scale).
-    grad_ok = torch.isfinite(norm) | torch.tensor(t.scaler.is_enabled(), device=norm.device)
-    bad = any_rank(not bool(loss_ok & grad_ok), t.device)  # one host sync per step
-    if not bad:
-        t.scaler.step(t.optimizer)
-        t.scheduler.step()  # a skipped step does not advance the schedule
+    ok = loss_ok if t.scaler.is_enabled() else loss_ok & torch.isfinite(norm)
+    if t.fused:
+        bad = any_rank_on_device(~ok)
+        fused_step(t, bad)
+        t.scheduler.step()  # the host cannot know about a skip here: the schedule advances regardless
+        t.pending_nonfinite += bad
+    else:
+        bad = any_rank(not bool(ok), t.device)  # one host sync per step
+        if not bad:
+            t.scaler.step(t.optimizer)
+            t.scheduler.step()  # a skipped step does not advance the schedule
     t.scaler.update()
     t.optimizer.zero_grad(set_to_none=True)
     t.step += 1
-    if bad:
-        t.nonfinite += 1
-        limit = t.cfg.train.max_nonfinite_steps
-        if t.dist.is_main:
-            tqdm.write(f"warning: non-finite loss or gradient at epoch {epoch}, step {t.step}: step skipped "
-                       f"({t.nonfinite}/{limit})", file=sys.stderr)
-        if t.nonfinite >= limit:
-            raise UserError(
-                f"training stopped: {t.nonfinite} steps had a non-finite (NaN/inf) loss or gradient. "
-                f"Lower the learning rate (--lr, now {t.cfg.recipe.lr:g}), keep gradient clipping on "
-                "(performance.max_grad_norm), or turn mixed precision off (performance.mixed_precision=false)")
+    if not t.fused and bad:
+        record_nonfinite(t, 1, f"at epoch {epoch}, step {t.step}: step skipped")
+
+
+def fused_step(t: Trainer, bad: torch.Tensor) -> None:
+    """The fused kernel reads `bad` on the device and leaves weights and moments untouched when it is set."""
+    if t.scaler.is_enabled():  # GradScaler hands its own found_inf to fused optimizers (a NaN loss has NaN grads)
+        t.scaler.step(t.optimizer)
+        return
+    t.optimizer.grad_scale, t.optimizer.found_inf = None, bad.float()
+    try:
+        t.optimizer.step()
+    finally:
+        del t.optimizer.grad_scale, t.optimizer.found_inf
+
+
+def flush_nonfinite(t: Trainer, epoch: int) -> None:
+    """Count the steps the device skipped since the last flush (a host sync: called where the loop syncs anyway)."""
+    if not t.fused:
+        return
+    n = int(t.pending_nonfinite.item())
+    if n:
+        t.pending_nonfinite.zero_()
+        record_nonfinite(t, n, f"in {n} step(s) of epoch {epoch} up to step {t.step}: skipped")
+
+
+def record_nonfinite(t: Trainer, n: int, where: str) -> None:
+    """Warn about n skipped steps; stop the run with advice once train.max_nonfinite_steps is reached."""
+    t.nonfinite += n
+    limit = t.cfg.train.max_nonfinite_steps
+    if t.dist.is_main:
+        tqdm.write(f"warning: non-finite loss or gradient {where} ({t.nonfinite}/{limit})", file=sys.stderr)
+    if t.nonfinite >= limit:
+        raise UserError(
+            f"training stopped: {t.nonfinite} steps had a non-finite (NaN/inf) loss or gradient. "
+            f"Lower the learning rate (--lr, now {t.cfg.recipe.lr:g}), keep gradient clipping on "
+            "(performance.max_grad_norm), or turn mixed precision off (performance.mixed_precision=false)")
 
 
 def train_one_epoch(t: Trainer, epoch: int, stop: GracefulStop | None = None) -> dict:
@@ -296,14 +351,17 @@ def train_one_epoch(t: Trainer, epoch: int, stop: GracefulStop | None = None) ->
             optimizer_step(t, loss_ok, epoch)
             loss_ok.fill_(True)
             if (i + 1) % (10 * accum) == 0 or i + 1 == n_batches:  # a host sync only every few steps
+                flush_nonfinite(t, epoch)
                 done = prior["seen"] + seen
                 bar.set_postfix(loss=f"{(prior['loss'] + loss_sum.item()) / done:.4f}",
                                 acc=f"{(prior['correct'] + correct.item()) / done:.2%}",
                                 img_s=f"{seen / (time.perf_counter() - start):.0f}")
             if stop is not None and i + 1 < n_batches and stop.check(t.device):
                 bar.close()
+                flush_nonfinite(t, epoch)
                 return epoch_stats(t, prior, loss_sum, correct, seen, start, interrupted=True, batches_done=i + 1)
     bar.close()
+    flush_nonfinite(t, epoch)
     return epoch_stats(t, prior, loss_sum, correct, seen, start)
 
 
@@ -401,7 +459,14 @@ def training_state(t: Trainer, batches_done: int = 0, partial: dict | None = Non
 
 def restore_training_state(t: Trainer, ckpt: dict) -> None:
     """The inverse of training_state (model weights are loaded before the model is wrapped)."""
+    fused = [g.get("fused") for g in t.optimizer.param_groups]
     t.optimizer.load_state_dict(ckpt["optimizer_state"])
+    for group, flag in zip(t.optimizer.param_groups, fused):  # this run's device decides, not the checkpoint's
+        group["fused"] = flag
+        for param in group["params"] if flag else ():  # fused kernels keep their step count beside the weights
+            state = t.optimizer.state.get(param, {})
+            if "step" in state:
+                state["step"] = state["step"].to(param.device, torch.float32)
     t.scheduler.load_state_dict(ckpt["scheduler_state"])
     if ckpt.get("scaler_state"):
         t.scaler.load_state_dict(ckpt["scaler_state"])
