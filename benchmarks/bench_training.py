@@ -1,12 +1,14 @@
 """Training throughput (images/s, forward + backward + optimizer step) of three input pipelines.
 
-  toolkit   uint8 cache -> DataLoader -> Preprocessor (augmentation + normalization on the model's device)
+  loop      the toolkit's training loop itself (utils.training.train_one_epoch: the pipeline below plus
+            clipping, the non-finite guard, the schedule, running sums) over the toolkit's loader
+  toolkit   uint8 cache -> loader -> Preprocessor (augmentation + normalization on the model's device)
   original  the original per-sample PIL pipeline: ImageFolder, Resize, Grayscale(3), flip, rotation,
             ColorJitter, ToTensor, Normalize in DataLoader workers
   model     the model alone on a batch already in memory: the limit
 
-Same model, batch, image size, threads and worker count; the three alternate epoch by epoch in one
-process, so the ratios hold on a busy machine.
+Same model, optimizer (the toolkit's, fused where train.py fuses it), batch, image size, threads and
+worker count; the variants alternate epoch by epoch in one process, so the ratios hold on a busy machine.
 
     python benchmarks/bench_training.py                      # CPU: resnet18, 224 px, 512 px JPEGs
     python benchmarks/bench_training.py --device cuda --amp --channels-last --batch-size 128 --workers 8
@@ -29,9 +31,12 @@ from data.dataset import GrayImageDataset, make_loader
 from data.preprocess import Preprocessor
 from models.zoo import build_model
 from utils.config import load_config
+from utils.training import Trainer as LoopState
+from utils.training import (amp_dtype, build_criterion, build_optimizer, build_scheduler, train_one_epoch,
+                            use_fused_optimizer)
 
 MEAN, STD = [0.2] * 3, [0.25] * 3
-VARIANTS = ("toolkit", "original", "model")
+VARIANTS = ("loop", "toolkit", "original", "model")
 # Optional: the cached dataset through a DataLoader with worker processes (what make_loader picks off CUDA).
 EXTRA_VARIANTS = ("toolkit_workers",)
 
@@ -88,15 +93,28 @@ def toolkit_loader(root, args, device, cfg):
 class Trainer:
     """One optimizer step per batch on the same model for every variant."""
 
-    def __init__(self, args, device):
+    def __init__(self, args, device, cfg):
         self.device, self.args = device, args
         self.model = build_model(args.model, 3).to(device).train()
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.optimizer = build_optimizer(self.model, cfg.recipe, use_fused_optimizer(cfg, device))
         self.criterion = nn.CrossEntropyLoss()
         self.pre = Preprocessor(MEAN, STD, augment=True).to(device).train()
         self.sync = torch.cuda.synchronize if device.type == "cuda" else None
+        self.loop = None  # the training loop's state, over this model and optimizer (see loop_state)
+
+    def loop_state(self, cfg, loader) -> LoopState:
+        """What train.py's build_trainer makes, around this model, optimizer and loader."""
+        dtype = amp_dtype(cfg, self.device)
+        return LoopState(cfg=cfg, model=self.model, optimizer=self.optimizer,
+                         scheduler=build_scheduler(self.optimizer, cfg, len(loader)),
+                         scaler=torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16),
+                         criterion=build_criterion(cfg, [0, 1, 2], 3, self.device), train_loader=loader,
+                         val_loader=None, train_pre=self.pre, val_pre=self.pre, device=self.device,
+                         generator=torch.Generator(), amp=dtype,
+                         fused=use_fused_optimizer(cfg, self.device),
+                         pending_nonfinite=torch.zeros((), dtype=torch.int64, device=self.device))
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x = x.contiguous(memory_format=self.memory_format)
@@ -110,7 +128,10 @@ class Trainer:
         """images/s over one epoch (the timer includes waiting for the loader's first batch)."""
         dev, n = self.device, 0
         with harness.Stopwatch(self.sync) as sw:
-            if variant == "model":
+            if variant == "loop":
+                train_one_epoch(self.loop, 1)
+                n = len(source) * self.args.batch_size  # drop_last: every batch is whole
+            elif variant == "model":
                 x, y = source
                 for _ in range(self.args.batches):
                     self.step(x, y)
@@ -131,15 +152,19 @@ def run(args) -> dict:
     n_images = args.batch_size * args.batches
     root = harness.make_jpegs(harness.Path(args.data_dir) / f"train_{args.jpeg_size}px_{n_images}" / "images",
                              n_images, args.jpeg_size)
-    cfg = load_config(overrides={"dataset.num_workers": args.workers})
+    cfg = load_config(overrides={"dataset.num_workers": args.workers, "model": args.model,
+                                 "performance.mixed_precision": args.amp,
+                                 "performance.channels_last": args.channels_last})
     loaders = {}
     loaders["toolkit"], loaders["toolkit_workers"], build_s = toolkit_loader(root, args, device, cfg)
     loaders["original"] = original_loader(root, args, device)
-    trainer = Trainer(args, device)
+    trainer = Trainer(args, device, cfg)
     first = next(iter(loaders["toolkit"]))
     x = trainer.pre.eval()(first[0].to(device)).detach()
     trainer.pre.train()
     loaders["model"] = (x, first[1].to(device))
+    loaders["loop"] = loaders["toolkit"]
+    trainer.loop = trainer.loop_state(cfg, loaders["loop"])
     variants = VARIANTS + (EXTRA_VARIANTS if args.with_workers_variant else ())
     for v in variants:  # warm-up: workers start, files reach the page cache, kernels get picked
         trainer.epoch(v, loaders[v])
