@@ -91,6 +91,24 @@ def test_gradient_accumulation_equals_the_larger_batch():
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_fused_step_under_gradscaler_skips_an_overflow_and_lowers_the_scale():
+    """The fp16 route with the fused optimizer: GradScaler's own found_inf reaches the kernel (run on CPU)."""
+    t = tiny_trainer(cfg_with("train.scheduler=none", "performance.channels_last=false"), batch_size=4)
+    t.optimizer = build_optimizer(t.model, cfg_with().recipe, fused=True)
+    t.scheduler = build_scheduler(t.optimizer, t.cfg, 4)
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    t.fused, t.pending_nonfinite = True, torch.zeros((), dtype=torch.int64)
+    x, y = t.train_loader.dataset.tensors
+    x = x.clone()
+    x[5] = float("inf")  # the second batch overflows
+    t.train_loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    train_one_epoch(t, 1)
+    assert t.step == 4 and t.nonfinite == 1
+    assert t.scaler.get_scale() < 1024.0
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())
+    assert int(t.optimizer.state[next(t.model.parameters())]["step"]) == 3  # the skipped step is not counted
+
+
 def test_clipping_bounds_the_gradient_norm():
     t = tiny_trainer(cfg_with("performance.max_grad_norm=0.5"), batch_size=8)
     for p in t.model.parameters():
