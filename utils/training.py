@@ -161,6 +161,10 @@ class Trainer:
     std: tuple = ()
     run_id: str | None = None  # the MLflow training run, so evaluation and the registry can link back to it
 
+    def __post_init__(self):
+        if self.pending_nonfinite is None:
+            self.pending_nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
+
     def payload(self, epoch: int, metrics: dict, **extra) -> dict:
         return checkpoint_payload(self.model, self.cfg, self.split, self.mean, self.std, epoch, metrics,
                                   mlflow_run_id=self.run_id, **extra)
@@ -201,7 +205,7 @@ def build_trainer(cfg, split, mean, std, device, info: DistInfo, model, progress
         device=device, generator=generator, class_names=list(split.class_names), amp=dtype, dist=info,
         stopper=EarlyStopping(cfg.train.monitor, cfg.train.patience, cfg.train.min_delta),
         split=split, mean=tuple(mean), std=tuple(std),
-        fused=fused, pending_nonfinite=torch.zeros((), dtype=torch.int64, device=device))
+        fused=fused)
 
 
 # ---- one epoch ------------------------------------------------------------------------------
