@@ -145,11 +145,21 @@ def test_file_truncated_while_open_is_refused(tmp_path, tiny_data):
         dataset.__getitems__(list(range(len(dataset))))
 
 
-def test_parallel_build_keeps_row_order(tmp_path, tiny_data):
-    from data.cache import MIN_PARALLEL, open_cache
+@pytest.mark.parametrize("pool", ["threads", "processes"])
+def test_parallel_build_keeps_row_order(tmp_path, tiny_data, monkeypatch, pool):
+    from data.cache import open_cache
 
+    def unused(*args, **kwargs):
+        raise AssertionError(f"the {pool} build used the other pool")
+    if pool == "processes":  # what a many-core machine uses for a large split
+        monkeypatch.setattr("data.cache.THREADS_UP_TO", 0)
+        monkeypatch.setattr("data.cache.PROCESS_MIN_IMAGES", 0)
+        monkeypatch.setattr("data.cache.usable_cpus", lambda: 2)
+        monkeypatch.setattr("data.cache.ThreadPoolExecutor", unused)
+    else:
+        monkeypatch.setattr("data.cache.multiprocessing.get_context", unused)
     paths = sorted(tiny_data.rglob("*.jpg"))
-    paths = (paths * (MIN_PARALLEL // len(paths) + 2))[::-1]  # enough rows for the process pool
+    paths = (paths * 3)[::-1]  # several rows per worker, in no sorted order
     names = [f"{i}/{p.name}" for i, p in enumerate(paths)]
     cache = open_cache(paths, names, 24, tmp_path, "f" * 16, "train", progress=False)
     expected = np.stack([load_gray(p, 24) for p in paths])
