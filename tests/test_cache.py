@@ -260,3 +260,18 @@ def test_processes_that_open_one_cache_at_once_all_get_it_whole(tmp_path, tiny_d
         proc.join()
     expected = np.stack([load_gray(p, 32) for p in paths]).tobytes()
     assert got == [expected, expected], [r for r in got if isinstance(r, str)]
+
+
+def test_an_unreadable_file_stops_the_build_with_one_line_and_leaves_no_cache(tmp_path, tiny_data):
+    from data.cache import cache_paths, open_cache
+
+    paths = sorted(tiny_data.rglob("*.jpg"))[:10]
+    bad = tmp_path / "broken scan.jpg"
+    bad.write_bytes(paths[0].read_bytes()[:200])  # truncated after the manifest was made
+    paths = paths[:5] + [bad] + paths[5:]
+    names = [p.name for p in paths]
+    with pytest.raises(UserError, match=r"cannot cache .*broken scan\.jpg.*--resplit"):
+        open_cache(paths, names, 24, tmp_path / "cache", "e" * 16, "train", progress=False)
+    data, header = cache_paths(tmp_path / "cache", "e" * 16, "train", 24)
+    assert not data.exists() and not header.exists()
+    assert not list((tmp_path / "cache").glob("*.tmp"))
