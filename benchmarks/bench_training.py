@@ -98,8 +98,7 @@ class Trainer:
         self.model = build_model(args.model, 3).to(device).train()
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
-        self.fused = use_fused_optimizer(cfg, device)
-        self.optimizer = build_optimizer(self.model, cfg.recipe, self.fused)
+        self.optimizer = build_optimizer(self.model, cfg.recipe, use_fused_optimizer(cfg, device))
         self.criterion = nn.CrossEntropyLoss()
         self.pre = Preprocessor(MEAN, STD, augment=True).to(device).train()
         self.sync = torch.cuda.synchronize if device.type == "cuda" else None
@@ -113,8 +112,7 @@ class Trainer:
                          scaler=torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16),
                          criterion=build_criterion(cfg, [0, 1, 2], 3, self.device), train_loader=loader,
                          val_loader=None, train_pre=self.pre, val_pre=self.pre, device=self.device,
-                         generator=torch.Generator(), amp=dtype,
-                         fused=self.fused)
+                         generator=torch.Generator(), amp=dtype)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x = x.contiguous(memory_format=self.memory_format)

@@ -97,7 +97,6 @@ def test_fused_step_under_gradscaler_skips_an_overflow_and_lowers_the_scale():
     t.optimizer = build_optimizer(t.model, cfg_with().recipe, fused=True)
     t.scheduler = build_scheduler(t.optimizer, t.cfg, 4)
     t.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    t.fused = True
     x, y = t.train_loader.dataset.tensors
     x = x.clone()
     x[5] = float("inf")  # the second batch overflows

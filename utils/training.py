@@ -151,8 +151,7 @@ class Trainer:
     epoch: int = 0  # completed epochs
     step: int = 0  # optimizer steps
     nonfinite: int = 0  # skipped steps
-    fused: bool = False  # the optimizer skips non-finite steps on the device (pending_nonfinite counts them)
-    pending_nonfinite: torch.Tensor | None = None  # skipped on the device, not yet read by the host
+    pending_nonfinite: torch.Tensor | None = None  # steps a fused optimizer skipped on the device, not yet read
     resume_batches: int = 0  # batches of the first epoch already done before a mid-epoch interruption
     partial: dict | None = None  # that epoch's running sums
     epoch_generator_state: torch.Tensor | None = None
@@ -164,6 +163,11 @@ class Trainer:
     def __post_init__(self):
         if self.pending_nonfinite is None:
             self.pending_nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
+
+    @property
+    def fused(self) -> bool:
+        """The optimizer skips non-finite steps on the device (build_optimizer(..., fused=True))."""
+        return bool(self.optimizer.defaults.get("fused"))
 
     def payload(self, epoch: int, metrics: dict, **extra) -> dict:
         return checkpoint_payload(self.model, self.cfg, self.split, self.mean, self.std, epoch, metrics,
@@ -191,8 +195,7 @@ def build_trainer(cfg, split, mean, std, device, info: DistInfo, model, progress
                                generator=generator, drop_last=per_process > bs)
     val_loader = make_loader(val_ds, cfg, bs, device=device)
     wrapped = prepare_model(model, cfg, device, info)
-    fused = use_fused_optimizer(cfg, device)
-    optimizer = build_optimizer(wrapped, cfg.recipe, fused)
+    optimizer = build_optimizer(wrapped, cfg.recipe, use_fused_optimizer(cfg, device))
     steps = math.ceil(len(train_loader) / cfg.performance.gradient_accumulation)
     dtype = amp_dtype(cfg, device)
     return Trainer(
@@ -204,8 +207,7 @@ def build_trainer(cfg, split, mean, std, device, info: DistInfo, model, progress
         val_pre=Preprocessor.from_config(cfg, mean, std, train=False).to(device),
         device=device, generator=generator, class_names=list(split.class_names), amp=dtype, dist=info,
         stopper=EarlyStopping(cfg.train.monitor, cfg.train.patience, cfg.train.min_delta),
-        split=split, mean=tuple(mean), std=tuple(std),
-        fused=fused)
+        split=split, mean=tuple(mean), std=tuple(std))
 
 
 # ---- one epoch ------------------------------------------------------------------------------
@@ -364,8 +366,7 @@ def train_one_epoch(t: Trainer, epoch: int, stop: GracefulStop | None = None) ->
                 bar.close()
                 flush_nonfinite(t, epoch)
                 return epoch_stats(t, prior, loss_sum, correct, seen, start, interrupted=True, batches_done=i + 1)
-    bar.close()
-    flush_nonfinite(t, epoch)
+    bar.close()  # the last batch flushed the skipped-step count (it is always a sync point)
     return epoch_stats(t, prior, loss_sum, correct, seen, start)
 
 
