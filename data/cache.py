@@ -32,7 +32,7 @@ from tqdm import tqdm
 from data.images import ImageReadError, load_gray
 from utils.errors import UserError
 
-CACHE_VERSION = 2  # 2: the header holds the pixel histogram
+CACHE_VERSION = 3  # 2: the header holds the pixel histogram; 3: JPEGs decoded with DCT scaling
 # PIL releases the GIL while it decodes and resizes, so threads decode in parallel with no process start
 # and no IPC (on 2 cores they beat a process pool: 1.6-2.0x vs 1.0-1.2x one core for 60 images, 1.4-2.0x
 # vs 1.3-1.6x for 1000). The rest of a row (header parsing, histogram; ~7-10%) holds the GIL and caps

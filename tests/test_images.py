@@ -47,6 +47,36 @@ def test_resize_and_spaces_in_path(tmp_path):
     assert load_gray(folder / "scan 1.jpg", 64).shape == (64, 64)
 
 
+def full_decode(path, size):
+    """A full-resolution decode, then the one resize: what the fast JPEG path must stay close to."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("L").resize((size, size), Image.Resampling.BILINEAR), dtype=int)
+
+
+@pytest.mark.parametrize("size", [224, 64])
+def test_large_jpeg_decoded_at_reduced_scale_stays_within_resize_rounding(tmp_path, size):
+    from data.synthetic import CLASS_FOLDERS, render_slice
+
+    pixels = render_slice(CLASS_FOLDERS[0], np.random.default_rng(0), 512)
+    Image.fromarray(pixels).save(tmp_path / "l.jpg", quality=90)
+    Image.fromarray(pixels).convert("RGB").save(tmp_path / "rgb.jpg", quality=90)
+    with Image.open(tmp_path / "l.jpg") as img:
+        img.draft("L", (size, size))
+        assert img.size[0] < 512  # libjpeg really decodes at a smaller scale here
+    fast = load_gray(tmp_path / "l.jpg", size).astype(int)
+    diff = np.abs(fast - full_decode(tmp_path / "l.jpg", size))
+    # 1/8-scale DCT decoding averages 8x8 blocks, a box filter, where the resize is a wider triangle:
+    # sharp edges differ by up to ~16 levels, the image as a whole by 1-2
+    assert diff.mean() < 2.5 and np.percentile(diff, 99) <= 16
+    # a colour-encoded grey JPEG (what most MRI exports are) decodes to the same pixels as a grey one
+    assert np.abs(load_gray(tmp_path / "rgb.jpg", size).astype(int) - fast).max() <= 1
+
+
+def test_jpeg_at_its_own_size_is_decoded_exactly(tmp_path):
+    Image.fromarray(gradient(64).astype(np.uint8)).convert("RGB").save(tmp_path / "g.jpg", quality=95)
+    assert np.array_equal(load_gray(tmp_path / "g.jpg", 64), full_decode(tmp_path / "g.jpg", 64))
+
+
 @pytest.mark.parametrize("kind", ["empty", "text", "truncated", "garbage"])
 def test_bad_files_raise_image_read_error_with_path(tmp_path, kind):
     path = tmp_path / f"bad {kind}.jpg"
@@ -59,9 +89,10 @@ def test_bad_files_raise_image_read_error_with_path(tmp_path, kind):
     else:
         Image.fromarray(gradient(256).astype(np.uint8)).save(path, quality=95)
         path.write_bytes(path.read_bytes()[:600])
-    with pytest.raises(ImageReadError) as err:
-        open_image(path)
-    assert str(path) in str(err.value)
+    for read in (open_image, lambda p: load_gray(p, 32)):  # the reduced-scale JPEG decode sees it too
+        with pytest.raises(ImageReadError) as err:
+            read(path)
+        assert str(path) in str(err.value)
 
 
 def test_dicom_uses_window(tmp_path):

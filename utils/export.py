@@ -53,8 +53,10 @@ def contract_from_checkpoint(ckpt: dict) -> dict:
     contract.update(input={"name": INPUT_NAME, "shape": ["batch", 3, contract["img_size"], contract["img_size"]],
                            "dtype": "float32", "layout": "NCHW"},
                     output={"name": OUTPUT_NAME, "kind": "logits (apply softmax for probabilities)"},
-                    preprocessing=("8-bit grayscale (DICOM: window center/width, else robust min-max), bilinear "
-                                   "resize to img_size x img_size, /255, (x - mean) / std, replicated to 3 channels"),
+                    preprocessing=("8-bit grayscale (DICOM: window center/width, else robust min-max; JPEG: "
+                                   "decoded by libjpeg at the smallest DCT scale >= img_size), bilinear resize "
+                                   "to img_size x img_size, /255, (x - mean) / std, replicated to 3 channels "
+                                   "(data.images.load_gray)"),
                     checkpoint_epoch=ckpt.get("epoch"), split_manifest=ckpt.get("split_manifest"),
                     data_fingerprint=ckpt.get("data_fingerprint"))
     return contract
