@@ -34,11 +34,11 @@ from utils.errors import UserError
 
 CACHE_VERSION = 3  # 2: the header holds the pixel histogram; 3: JPEGs decoded with DCT scaling
 # PIL releases the GIL while it decodes and resizes, so threads decode in parallel with no process start
-# and no IPC (on 2 cores they beat a process pool: 1.6-2.0x vs 1.0-1.2x one core for 60 images, 1.4-2.0x
-# vs 1.3-1.6x for 1000). The rest of a row (header parsing, histogram; ~7-10%) holds the GIL and caps
-# threads at many cores: there, and for jobs big enough to pay for starting them, processes.
-THREADS_UP_TO = 4  # cores
-PROCESS_MIN_IMAGES = 256
+# and no IPC: for small splits they beat processes (60 images on 2 cores: 1.5x one core vs 1.1x). The
+# rest of a row (JPEG header parsing in Python, the training split's histogram; ~10% since JPEGs decode
+# at reduced scale) holds the GIL and caps threads, so a split big enough to pay for starting processes
+# gets processes (600-7000 images on 2 cores: 1.6-1.7x vs 1.4-1.6x; and at many cores the cap bites hard).
+PROCESS_MIN_IMAGES = 500
 
 
 def usable_cpus() -> int:
@@ -135,35 +135,38 @@ def cache_problem(data_path: Path, header_path: Path, key: dict) -> str | None:
 _out: dict = {}  # the cache file being written, opened once in each decoding process (shared by threads)
 
 
-def _open_output(path: str, offset: int, img_size: int) -> None:
-    _out.update(fd=os.open(path, os.O_WRONLY), offset=offset, img_size=img_size)
+def _open_output(path: str, offset: int, img_size: int, histogram: bool) -> None:
+    _out.update(fd=os.open(path, os.O_WRONLY), offset=offset, img_size=img_size, histogram=histogram)
 
 
-def _decode_row(item: tuple[int, Path]) -> np.ndarray:
+def _decode_row(item: tuple[int, Path]) -> np.ndarray | int:
     """Decode image i and write it at row i (pixels never travel back through a pipe); its histogram."""
     i, path = item
     image = load_gray(path, _out["img_size"])
     os.pwrite(_out["fd"], image, _out["offset"] + i * image.nbytes)
-    return np.bincount(image.ravel(), minlength=256)
+    # bincount holds the GIL: counting where nobody needs it cost ~10% of a 2-core build
+    return np.bincount(image.ravel(), minlength=256) if _out["histogram"] else 0
 
 
-def decode_into(path: Path, offset: int, paths: list[Path], img_size: int, progress: bool, desc: str) -> np.ndarray:
+def decode_into(path: Path, offset: int, paths: list[Path], img_size: int, progress: bool, desc: str,
+                histogram: bool = True) -> np.ndarray | None:
     """load_gray over paths into the rows of `path`, on all usable cores, with a progress bar.
 
-    Returns the 256-bin histogram of all pixels: the exact statistics come free with the build."""
+    Returns the 256-bin histogram of all pixels (the exact statistics come free with the build),
+    or None when `histogram` is off."""
     cores = usable_cpus()
     items = list(enumerate(paths))
     hist = np.zeros(256, dtype=np.int64)
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        if cores > THREADS_UP_TO and len(paths) >= PROCESS_MIN_IMAGES:
+        if cores > 1 and len(paths) >= PROCESS_MIN_IMAGES:
             chunk = max(1, min(16, len(paths) // (cores * 8)))
-            with multiprocessing.get_context().Pool(cores, _open_output, (str(path), offset, img_size)) as pool:
+            with multiprocessing.get_context().Pool(cores, _open_output, (str(path), offset, img_size, histogram)) as pool:
                 rows = pool.imap_unordered(_decode_row, items, chunksize=chunk)
                 for row_hist in rows:
                     hist += row_hist
                     bar.update()
-            return hist
-        _open_output(str(path), offset, img_size)  # one descriptor: os.pwrite is safe from any thread
+            return hist if histogram else None
+        _open_output(str(path), offset, img_size, histogram)  # one descriptor: os.pwrite is safe from any thread
         try:
             # one thread more than cores keeps them busy while another holds the GIL
             with ThreadPoolExecutor(min(cores + 1, len(paths))) as pool:
@@ -172,7 +175,7 @@ def decode_into(path: Path, offset: int, paths: list[Path], img_size: int, progr
                     bar.update()
         finally:
             os.close(_out.pop("fd"))
-    return hist
+    return hist if histogram else None
 
 
 def write_cache(paths: list[Path], img_size: int, data_path: Path, header_path: Path, key: dict,
@@ -187,7 +190,8 @@ def write_cache(paths: list[Path], img_size: int, data_path: Path, header_path: 
                 fh, {"descr": "|u1", "fortran_order": False, "shape": (len(paths), img_size, img_size)})
             offset = fh.tell()
             fh.truncate(offset + len(paths) * img_size * img_size)
-        hist = decode_into(tmp, offset, paths, img_size, progress, f"Caching {key['split']} images ({img_size}px)")
+        hist = decode_into(tmp, offset, paths, img_size, progress, f"Caching {key['split']} images ({img_size}px)",
+                       histogram=key["split"] == "train")  # statistics come from the training split only
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)  # every process's writes are on disk before the rename makes them visible
@@ -200,7 +204,8 @@ def write_cache(paths: list[Path], img_size: int, data_path: Path, header_path: 
     finally:
         tmp.unlink(missing_ok=True)
     header_tmp = header_path.with_name(f"{header_path.name}.{os.getpid()}.tmp")
-    header = dict(key, offset=offset, dtype="uint8", pixel_histogram=hist.tolist(), complete=True)
+    header = dict(key, offset=offset, dtype="uint8", pixel_histogram=None if hist is None else hist.tolist(),
+                  complete=True)
     header_tmp.write_text(json.dumps(header))
     os.replace(header_tmp, header_path)
     return offset

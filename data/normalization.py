@@ -41,7 +41,7 @@ def stats_from_histogram(hist: np.ndarray) -> tuple[float, float]:
 def compute_stats(cfg, split, img_size: int, progress: bool = True) -> dict:
     """Statistics of the training rows at img_size, no augmentation; the grayscale plane fills 3 channels."""
     dataset = build_dataset(cfg, split, "train", img_size)
-    if dataset.cache is not None:  # the cache counted every pixel while it was built
+    if dataset.cache is not None and dataset.cache.histogram is not None:  # counted while it was built
         hist = dataset.cache.histogram
     else:
         hist = pixel_histogram(dataset, cfg.dataset.num_workers, progress=progress)

@@ -151,8 +151,7 @@ def test_parallel_build_keeps_row_order(tmp_path, tiny_data, monkeypatch, pool):
 
     def unused(*args, **kwargs):
         raise AssertionError(f"the {pool} build used the other pool")
-    if pool == "processes":  # what a many-core machine uses for a large split
-        monkeypatch.setattr("data.cache.THREADS_UP_TO", 0)
+    if pool == "processes":  # what a split of PROCESS_MIN_IMAGES or more uses
         monkeypatch.setattr("data.cache.PROCESS_MIN_IMAGES", 0)
         monkeypatch.setattr("data.cache.usable_cpus", lambda: 2)
         monkeypatch.setattr("data.cache.ThreadPoolExecutor", unused)
@@ -166,6 +165,8 @@ def test_parallel_build_keeps_row_order(tmp_path, tiny_data, monkeypatch, pool):
     assert np.array_equal(cache.read_rows(range(len(paths))), expected)
     assert np.array_equal(cache.read_rows([7, 2, 3, 4, 0]), expected[[7, 2, 3, 4, 0]])
     assert np.array_equal(cache.histogram, np.bincount(expected.ravel(), minlength=256))
+    other = open_cache(paths, names, 24, tmp_path, "f" * 16, "test", progress=False)  # no statistics
+    assert np.array_equal(other.read_rows(range(len(paths))), expected) and other.histogram is None
 
 
 def test_cuda_loader_prefetches_the_sampler_batches(tmp_path, tiny_data):
