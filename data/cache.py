@@ -149,7 +149,7 @@ def _decode_row(item: tuple[int, Path]) -> np.ndarray | int:
 
 
 def decode_into(path: Path, offset: int, paths: list[Path], img_size: int, progress: bool, desc: str,
-                histogram: bool = True) -> np.ndarray | None:
+                histogram: bool) -> np.ndarray | None:
     """load_gray over paths into the rows of `path`, on all usable cores, with a progress bar.
 
     Returns the 256-bin histogram of all pixels (the exact statistics come free with the build),
@@ -157,24 +157,20 @@ def decode_into(path: Path, offset: int, paths: list[Path], img_size: int, progr
     cores = usable_cpus()
     items = list(enumerate(paths))
     hist = np.zeros(256, dtype=np.int64)
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar, \
+            contextlib.ExitStack() as stack:
         if cores > 1 and len(paths) >= PROCESS_MIN_IMAGES:
-            chunk = max(1, min(16, len(paths) // (cores * 8)))
-            with multiprocessing.get_context().Pool(cores, _open_output, (str(path), offset, img_size, histogram)) as pool:
-                rows = pool.imap_unordered(_decode_row, items, chunksize=chunk)
-                for row_hist in rows:
-                    hist += row_hist
-                    bar.update()
-            return hist if histogram else None
-        _open_output(str(path), offset, img_size, histogram)  # one descriptor: os.pwrite is safe from any thread
-        try:
+            pool = stack.enter_context(
+                multiprocessing.get_context().Pool(cores, _open_output, (str(path), offset, img_size, histogram)))
+            rows = pool.imap_unordered(_decode_row, items, chunksize=max(1, min(16, len(paths) // (cores * 8))))
+        else:
+            _open_output(str(path), offset, img_size, histogram)  # one descriptor: os.pwrite is safe from any thread
+            stack.callback(lambda: os.close(_out.pop("fd")))  # after the threads are done (exits run in reverse)
             # one thread more than cores keeps them busy while another holds the GIL
-            with ThreadPoolExecutor(min(cores + 1, len(paths))) as pool:
-                for row_hist in pool.map(_decode_row, items):
-                    hist += row_hist
-                    bar.update()
-        finally:
-            os.close(_out.pop("fd"))
+            rows = stack.enter_context(ThreadPoolExecutor(min(cores + 1, len(paths)))).map(_decode_row, items)
+        for row_hist in rows:
+            hist += row_hist
+            bar.update()
     return hist if histogram else None
 
 
