@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 
+from core.cli import add_common_args, config_from_args, run
+from core.errors import UserError
 from data.manifest import prepare_split
 from data.normalization import compute_stats, load_stats, save_stats
-from utils.cli import add_common_args, config_from_args, run
-from utils.errors import UserError
 
 TOLERANCE = 1e-4
 

@@ -9,46 +9,51 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from data.dataset import build_dataset, make_loader
+from core.cli import add_checkpoint_arg, add_common_args, add_device_arg, run
+from core.device import select_device
 from data.preprocess import Preprocessor
+from evaluation.explain import CamModel
+from evaluation.gates import GATES_FAILED_EXIT, check_gates, format_gates
+from evaluation.plots import comparison_plot, evaluation_figures
+from evaluation.prediction import Scored, predict_split
+from evaluation.record import calibration_summary, evaluation_record, open_tracker, score_predictions
+from evaluation.reports import (
+    collect_evaluations,
+    flat_metrics,
+    format_comparison,
+    format_evaluation,
+    recommend,
+    write_comparison_csv,
+    write_json,
+    write_predictions,
+    write_report,
+)
+from evaluation.source import open_for_scoring
+from evaluation.timing import measure_inference
 from models.loading import model_from_checkpoint
-from utils.cli import add_common_args, run
-from utils.device import select_device
-from utils.errors import UserError
-from utils.evaluation import (calibration_summary, evaluation_record, load_for_evaluation, open_tracker,
-                              score_predictions)
-from utils.gates import GATES_FAILED_EXIT, check_gates, format_gates
-from utils.plots import comparison_plot, evaluation_figures
-from utils.prediction import predict
-from utils.reports import (collect_evaluations, flat_metrics, format_comparison, format_evaluation, recommend,
-                           write_comparison_csv, write_json, write_predictions, write_report)
-from utils.timing import measure_inference
+
+if TYPE_CHECKING:
+    from core.config import Config
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate a checkpoint on the test split: metrics with 95% bootstrap "
                                 "intervals, ROC, calibration, timing, plots (outputs in checkpoints/{model}_outputs/)")
     add_common_args(p)
-    p.add_argument("--checkpoint", default=None, metavar="PATH", help="default: checkpoints/{model}_outputs/best_model.pth")
-    p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when present)")
-    p.add_argument("--detailed", action="store_true", help="Grad-CAM overlays of misclassified and sample correct images")
+    add_checkpoint_arg(p)
+    add_device_arg(p)
+    p.add_argument("--detailed", action="store_true", help="Grad-CAM overlays of misclassified and sample correct "
+                                                           "images")
     p.add_argument("--medical-validation", action="store_true",
                    help="check the quality gates (config: evaluation.gates); exit code 3 when they fail")
     p.add_argument("--strict", action="store_true",
                    help="judge the gates on the lower bound of the 95%% CI (implies --medical-validation)")
-    p.add_argument("--calibrate", action="store_true", help="fit a temperature on the validation split; ECE before/after")
+    p.add_argument("--calibrate", action="store_true", help="fit a temperature on the validation split; ECE "
+                                                            "before/after")
     p.add_argument("--compare", action="store_true", help="rank every evaluated model under the checkpoints folder")
     return p
-
-
-def predict_split(cfg, split, name: str, ckpt, model, pre, device):
-    dataset = build_dataset(cfg, split, name, ckpt["img_size"])
-    if len(dataset) == 0:
-        raise UserError(f"the {name} split of {split.manifest_path} is empty")
-    loader = make_loader(dataset, cfg, cfg.recipe.batch_size, device=device)
-    y, prob, _ = predict(model, loader, pre, device, desc=f"Evaluating ({name})")
-    return dataset, y, prob
 
 
 def log_evaluation(tracker, record: dict, validation: dict | None, files: list[Path], args) -> None:
@@ -63,7 +68,7 @@ def log_evaluation(tracker, record: dict, validation: dict | None, files: list[P
         tracker.log_artifact(path, "evaluation")
 
 
-def compare_models(cfg) -> None:
+def compare_models(cfg: Config) -> None:
     root = Path(cfg.train.output_dir)
     rows = collect_evaluations(root)
     _, reason = recommend(rows)
@@ -77,24 +82,28 @@ def compare_models(cfg) -> None:
 def main(args) -> int:
     args.medical_validation = args.medical_validation or args.strict
     device = select_device(args.device)
-    cfg, ckpt_path, ckpt, split = load_for_evaluation(args)
-    name, classes, out_dir = ckpt["model_name"], list(ckpt["class_names"]), ckpt_path.parent
+    cfg, opened = open_for_scoring(args)
+    ckpt, ckpt_path, split = opened.ckpt, opened.path, opened.split
+    name, classes, out_dir = opened.model_name, opened.class_names, ckpt_path.parent
     print(f"Evaluating {name} (epoch {ckpt['epoch']}) on the test split of {split.manifest_path}")
     with open_tracker(cfg, name, "evaluation", ckpt) as tracker:
         model = model_from_checkpoint(ckpt, device)
-        pre = Preprocessor(ckpt["mean"], ckpt["std"]).to(device)  # the checkpoint's preprocessing, not the config's
-        test_ds, y, prob = predict_split(cfg, split, "test", ckpt, model, pre, device)
-        val = predict_split(cfg, split, "val", ckpt, model, pre, device)[1:] if args.calibrate else None
+        pre = Preprocessor(opened.contract.mean, opened.contract.std).to(device)  # the checkpoint's, not the config's
+        test = predict_split(cfg, split, "test", model, pre, opened.contract.img_size, device)
+        y, prob = test.y_true, test.y_prob
+        val = None
+        if args.calibrate:
+            scored_val = predict_split(cfg, split, "val", model, pre, opened.contract.img_size, device)
+            val = (scored_val.y_true, scored_val.y_prob)
         scores = score_predictions(y, prob, classes, cfg.evaluation)
         calibration, bins, bins_after = calibration_summary(y, prob, cfg.evaluation.ece_bins, val)
-        timing = measure_inference(model, pre, test_ds, cfg.recipe.batch_size, device,
+        timing = measure_inference(model, pre, test.dataset, cfg.recipe.batch_size, device,
                                    cfg.evaluation.timing_warmup, cfg.evaluation.timing_runs)
         record = evaluation_record(ckpt, ckpt_path, split, scores, calibration, timing)
         validation = check_gates(record, cfg.evaluation.gates, args.strict) if args.medical_validation else None
 
-        rel_paths = [r.path for r in split.rows_for("test")]
         files = [write_json(out_dir / "evaluation_metrics.json", record),
-                 write_predictions(out_dir / "predictions.csv", rel_paths, y, prob, classes),
+                 write_predictions(out_dir / "predictions.csv", test.paths, y, prob, classes),
                  write_report(out_dir / "evaluation_report.txt", record, validation),
                  *evaluation_figures(out_dir, record, y, prob, bins, bins_after)]
         stale = out_dir / "medical_validation.json"
@@ -104,7 +113,7 @@ def main(args) -> int:
             stale.unlink()  # its gates judged an earlier evaluation: no verdict is better than a stale one
         print("\n" + format_evaluation(record))
         if args.detailed:
-            index = explain_gradcam(cfg, model, name, test_ds, rel_paths, y, prob, pre, classes, out_dir, device)
+            index = explain_gradcam(cfg, CamModel(model, name, pre, device), test, classes, out_dir)
             files.append(index.parent)
             print(f"🔍 Grad-CAM overlays: {index}")
         log_evaluation(tracker, record, validation, files, args)
@@ -115,14 +124,14 @@ def main(args) -> int:
     return code
 
 
-def explain_gradcam(cfg, model, name, dataset, rel_paths, y, prob, pre, classes, out_dir, device):
-    from utils.explain import explain_test_set  # lazy: pytorch-grad-cam pulls in OpenCV
+def explain_gradcam(cfg: Config, cam: CamModel, test: Scored, classes: list[str], out_dir: Path) -> Path:
+    from evaluation.explain import explain_test_set  # lazy: pytorch-grad-cam pulls in OpenCV
 
-    return explain_test_set(model, name, dataset, rel_paths, y, prob, pre, classes, out_dir / "gradcam",
-                            cfg.evaluation.gradcam_correct_samples, device, seed=cfg.evaluation.bootstrap_seed)
+    return explain_test_set(cam, test, classes, out_dir / "gradcam", cfg.evaluation.gradcam_correct_samples,
+                            seed=cfg.evaluation.bootstrap_seed)
 
 
-def verdict(record: dict, validation: dict | None, cfg) -> int:
+def verdict(record: dict, validation: dict | None, cfg: Config) -> int:
     if validation is not None:
         print("\n" + format_gates(validation))
         if not validation["deployment_ready"]:

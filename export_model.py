@@ -11,16 +11,26 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from utils.cli import add_common_args, config_from_args, run
-from utils.errors import UserError
-from utils.export import (FORMATS, LABELS, PROB_TOLERANCE, artifact_path, export_checked, format_size,
-                          load_export_source, parity_line, write_contract_json)
+from core.cli import add_checkpoint_arg, add_common_args, config_from_args, run
+from core.errors import UserError
+from deploy.export import (
+    FORMATS,
+    LABELS,
+    PROB_TOLERANCE,
+    artifact_path,
+    export_checked,
+    export_source,
+    format_size,
+    parity_line,
+    write_contract_json,
+)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Export a checkpoint to ONNX / TorchScript / torch.export with parity checks")
+    p = argparse.ArgumentParser(description="Export a checkpoint to ONNX / TorchScript / torch.export with parity "
+                                            "checks")
     add_common_args(p)
-    p.add_argument("--checkpoint", default=None, metavar="PATH", help="default: checkpoints/{model}_outputs/best_model.pth")
+    add_checkpoint_arg(p)
     p.add_argument("--format", default="onnx", choices=list(FORMATS),
                    help="onnx | torchscript | pt2 | both (TorchScript + ONNX) | all (default: onnx)")
     p.add_argument("--output-dir", default=None, metavar="DIR",
@@ -32,11 +42,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args) -> int:
     cfg = config_from_args(args)
-    src = load_export_source(cfg, args.checkpoint, args.model, args.resplit, args.parity_images)
-    model, contract, name = src.model, src.contract, src.ckpt["model_name"]
+    src = export_source(cfg, args.checkpoint, args.model, args.resplit, args.parity_images)
+    model, contract, name = src.model, src.contract, src.contract.model_name
     out_dir = Path(args.output_dir or cfg.output_dir / "exported_models")
-    print(f"📦 Exporting {name} (epoch {src.ckpt['epoch']}, {contract['img_size']} px, classes: "
-          f"{', '.join(contract['class_names'])}) from {src.ckpt_path}")
+    print(f"📦 Exporting {name} (epoch {contract.checkpoint_epoch}, {contract.img_size} px, classes: "
+          f"{', '.join(contract.class_names)}) from {src.opened.path}")
 
     failed = []
     for fmt in FORMATS[args.format]:
@@ -48,7 +58,7 @@ def main(args) -> int:
         print(f"   {parity_line(result)}")
         if not result.passed:
             failed.append(LABELS[fmt])
-    contract_path = write_contract_json(contract, out_dir, name)
+    contract_path = write_contract_json(contract, out_dir)
     print(f"📄 Preprocessing contract: {contract_path}")
     if failed:
         raise UserError(f"parity check failed for {', '.join(failed)}: the exported outputs differ from PyTorch "

@@ -10,22 +10,24 @@ Images: jpg/png/bmp/tif (any size, 8/16-bit, RGBA, palette) and DICOM (.dcm). Ex
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
 from pathlib import Path
 
+from core.cli import add_common_args, config_from_args, run
+from core.errors import UserError
 from data.images import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, ImageReadError
-from utils.cli import add_common_args, config_from_args, run
-from utils.errors import UserError
-from utils.onnx_inference import prediction_record
-from utils.registry import connect, load_predictor, resolve_version
+from deploy.predictors import prediction_record
+from deploy.registry import connect, load_predictor, resolve_version
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Predict MRI images with a registered model (MLflow Model Registry)")
     add_common_args(p, model=False)
-    p.add_argument("--model", dest="registered_model", required=True, help="registered model, e.g. brain-cancer-resnet18")
+    p.add_argument("--model", dest="registered_model", required=True, help="registered model, e.g. "
+                                                                           "brain-cancer-resnet18")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--alias", default=None, help="model version alias, e.g. production or staging")
     which.add_argument("--stage", default=None, help="deprecated MLflow stage name; used as the alias of the same name")
@@ -106,21 +108,22 @@ def main(args) -> int:
             write_gradcam(client, mv, Path(tmp), records, Path(args.gradcam), args.json)
     if args.json:
         print(json.dumps({"model": mv.name, "version": mv.version, "alias": alias, "flavor": flavor,
-                          "contract": predictor.contract, "predictions": records, "errors": errors}, indent=2))
+                          "contract": predictor.contract.to_dict(), "predictions": records, "errors": errors},
+                         indent=2))
     elif errors:
         print(f"⚠️  {len(errors)} of {len(paths)} input(s) could not be read; {len(records)} predicted")
     return 1 if errors else 0
 
 
 def apply_img_size(predictor, img_size: int | None, flavor: str) -> None:
-    if img_size is None or img_size == predictor.contract["img_size"]:
+    if img_size is None or img_size == predictor.contract.img_size:
         return
     if flavor == "onnx":
-        raise UserError(f"the ONNX model takes {predictor.contract['img_size']} px input; "
+        raise UserError(f"the ONNX model takes {predictor.contract.img_size} px input; "
                         "use --flavor pytorch to predict at another size")
-    print(f"warning: --img-size {img_size} differs from the training size {predictor.contract['img_size']}; "
+    print(f"warning: --img-size {img_size} differs from the training size {predictor.contract.img_size}; "
           "predictions may be unreliable", file=sys.stderr)
-    predictor.contract = {**predictor.contract, "img_size": img_size}
+    predictor.contract = dataclasses.replace(predictor.contract, img_size=img_size)
 
 
 def write_gradcam(client, mv, tmp: Path, records: list[dict], out_dir: Path, quiet: bool) -> None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 
-from utils.cli import add_common_args, config_from_args, run
-from utils.gpu_monitor import monitor
+from core.cli import add_common_args, config_from_args, run
+from ops.gpu_monitor import monitor
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -23,7 +23,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--interval", type=float, default=2.0, metavar="SECONDS",
                    help="seconds between refreshes (default: 2)")
     p.add_argument("--once", action="store_true", help="print the status once and exit")
-    p.add_argument("--count", type=int, default=None, metavar="N", help="stop after N refreshes (default: until Ctrl-C)")
+    p.add_argument("--count", type=int, default=None, metavar="N", help="stop after N refreshes (default: until "
+                                                                        "Ctrl-C)")
     p.add_argument("--save", default=None, metavar="FILE.json",
                    help="write the readings: one JSON document with --once, else one JSON line appended per refresh")
     p.add_argument("--no-processes", action="store_true", help="hide (and do not save) the GPU process list")

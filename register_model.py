@@ -12,22 +12,39 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from utils.cli import add_common_args, config_from_args, run
-from utils.errors import UserError
-from utils.export import export_checked, load_export_source, parity_line, write_contract_json
-from utils.model_card import build_model_card
-from utils.registry import (ONNX_LINK_TAG, check_provenance, connect, ensure_version_free, gate_tags, log_flavors,
-                            parse_tags, promote, read_evaluation, register, registered_names, run_link,
-                            validate_alias, validate_semver)
-from utils.tracking import RunTracker
+from core.cli import add_checkpoint_arg, add_common_args, config_from_args, run
+from core.errors import UserError
+from core.tracking import RunTracker, experiment_name
+from deploy.export import export_checked, export_source, parity_line, write_contract_json
+from deploy.model_card import Release, build_model_card
+from deploy.registry import (
+    ONNX_LINK_TAG,
+    check_provenance,
+    connect,
+    ensure_version_free,
+    gate_tags,
+    log_flavors,
+    parse_tags,
+    promote,
+    read_evaluation,
+    register,
+    registered_names,
+    run_link,
+    validate_alias,
+    validate_semver,
+)
+
+if TYPE_CHECKING:
+    from core.config import Config
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Register a model (PyTorch + ONNX) in the MLflow Model Registry")
     add_common_args(p)
     p.add_argument("--version", required=True, help="semantic version of this release, e.g. 1.0.0")
-    p.add_argument("--checkpoint", default=None, metavar="PATH", help="default: checkpoints/{model}_outputs/best_model.pth")
+    add_checkpoint_arg(p)
     p.add_argument("--description", default=None, help="text shown on the model version")
     p.add_argument("--tags", nargs="*", default=[], metavar="KEY=VALUE", help='version tags, e.g. "production=ready"')
     p.add_argument("--alias", default=None, help="point this alias at the new version (staging, production, ...)")
@@ -46,17 +63,17 @@ def main(args) -> int:
     client = connect(cfg.monitoring.mlflow)
     names = registered_names(cfg.model)
     ensure_version_free(client, names, semver)
-    src = load_export_source(cfg, args.checkpoint, args.model, args.resplit)
-    check_provenance(evaluation.metrics, src.ckpt)
-    card = build_model_card(ckpt=src.ckpt, contract=src.contract, metrics=evaluation.metrics,
-                            validation=evaluation.validation, status=evaluation.status,
-                            forced=gates["forced"] == "true", semver=semver, names=names, alias=alias,
-                            demo=cfg.dataset.demo, description=args.description,
-                            training_run=run_link(client, src.ckpt.get("mlflow_run_id"), cfg.monitoring.mlflow.tracking_uri))
+    src = export_source(cfg, args.checkpoint, args.model, args.resplit)
+    ckpt = src.opened.ckpt
+    check_provenance(evaluation.metrics, ckpt)
+    release = Release(semver, names, alias, forced=gates["forced"] == "true", demo=cfg.dataset.demo,
+                      description=args.description,
+                      training_run=run_link(client, ckpt.get("mlflow_run_id"), cfg.monitoring.mlflow.tracking_uri))
+    card = build_model_card(ckpt, src.contract, evaluation, release)
     card_path = cfg.output_dir / "model_card.md"
     card_path.write_text(card)
-    tags = {**user_tags, **gates, "semver": semver, "data_fingerprint": src.ckpt.get("data_fingerprint") or "unknown",
-            "checkpoint_epoch": src.ckpt["epoch"], "training_run_id": src.ckpt.get("mlflow_run_id") or "none",
+    tags = {**user_tags, **gates, "semver": semver, "data_fingerprint": ckpt.get("data_fingerprint") or "unknown",
+            "checkpoint_epoch": ckpt["epoch"], "training_run_id": ckpt.get("mlflow_run_id") or "none",
             "demo_data": str(cfg.dataset.demo).lower()}
     with tempfile.TemporaryDirectory() as tmp:
         uris = log_models(cfg, src, Path(tmp), card, card_path, tags, semver)
@@ -74,7 +91,7 @@ def main(args) -> int:
     return 0
 
 
-def log_models(cfg, src, tmp: Path, card: str, card_path: Path, tags: dict, semver: str) -> dict[str, str]:
+def log_models(cfg: Config, src, tmp: Path, card: str, card_path: Path, tags: dict, semver: str) -> dict[str, str]:
     """Export ONNX (parity-checked), then log both flavors, the card and the evidence in one MLflow run."""
     import mlflow
 
@@ -82,14 +99,15 @@ def log_models(cfg, src, tmp: Path, card: str, card_path: Path, tags: dict, semv
     print(f"✅ ONNX export {parity_line(result)}")
     if not result.passed:
         raise UserError("the ONNX export does not match PyTorch; not registered")
-    contract_path = write_contract_json(src.contract, tmp, cfg.model)
-    with RunTracker(cfg, run_name=f"register-{cfg.model}-{semver}", mlflow_experiment=f"brain-cancer-mri-registry-{cfg.model}",
+    contract_path = write_contract_json(src.contract, tmp)
+    with RunTracker(cfg, run_name=f"register-{cfg.model}-{semver}",
+                    mlflow_experiment=experiment_name("registry", cfg.model),
                     wandb_project=None, tags=tags, job_type="register") as tracker:
         if tracker.mlflow_run_id is None:
             raise UserError(f"cannot open the MLflow store {cfg.monitoring.mlflow.tracking_uri} "
                             "(monitoring.mlflow.enabled must be true to register)")
         with mlflow.start_run(run_id=tracker.mlflow_run_id):
-            uris = log_flavors(src.model, onnx_path, src.x[:2], [src.ckpt_path, contract_path, card_path])
+            uris = log_flavors(src.model, onnx_path, src.x[:2], [src.opened.path, contract_path, card_path])
             mlflow.log_text(card, "model_card.md")
             for name in ("evaluation_metrics.json", "medical_validation.json"):
                 if (cfg.output_dir / name).is_file():

@@ -15,10 +15,10 @@ import argparse
 import os
 from pathlib import Path
 
-from utils.cli import add_common_args, run
-from utils.config import PROJECT_ROOT
-from utils.errors import UserError
-from utils.experiments import Plan, run_all, summary_lines
+from core.cli import add_common_args, run
+from core.config import PROJECT_ROOT
+from core.errors import UserError
+from ops.experiments import Plan, run_all, summary_lines
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -10,28 +10,30 @@ from __future__ import annotations
 
 import argparse
 
-from data.dataset import build_dataset, make_loader
+from core.cli import add_checkpoint_arg, add_common_args, add_device_arg, run
+from core.device import select_device
 from data.preprocess import Preprocessor
+from evaluation.metrics import classification_metrics, format_metrics
+from evaluation.plots import confusion_matrix_plot
+from evaluation.prediction import predict_split
+from evaluation.record import open_tracker
+from evaluation.source import open_for_scoring
 from models.loading import model_from_checkpoint
-from utils.cli import add_common_args, run
-from utils.device import select_device
-from utils.evaluation import load_for_evaluation, open_tracker
-from utils.metrics import classification_metrics, format_metrics
-from utils.plots import confusion_matrix_plot
-from utils.prediction import predict
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Evaluate a checkpoint on the test split (accuracy, per-class metrics, confusion matrix)")
+    p = argparse.ArgumentParser(description="Evaluate a checkpoint on the test split (accuracy, per-class metrics, "
+                                            "confusion matrix)")
     add_common_args(p)
-    p.add_argument("--checkpoint", default=None, metavar="PATH", help="default: checkpoints/{model}_outputs/best_model.pth")
-    p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when present)")
+    add_checkpoint_arg(p)
+    add_device_arg(p)
     return p
 
 
 def test_metrics(m: dict, class_names: list[str]) -> dict[str, float]:
     """Scalars for the trackers: test_accuracy, test_macro_f1, test_recall_<class>, ..."""
-    out = {"test_accuracy": m["accuracy"], "test_balanced_accuracy": m["balanced_accuracy"], "test_macro_f1": m["macro_f1"]}
+    out = {"test_accuracy": m["accuracy"], "test_balanced_accuracy": m["balanced_accuracy"],
+           "test_macro_f1": m["macro_f1"]}
     for c in class_names:
         out.update({f"test_{k}_{c}": m["per_class"][c][k] for k in ("precision", "recall", "specificity", "f1")})
     return out
@@ -39,15 +41,16 @@ def test_metrics(m: dict, class_names: list[str]) -> dict[str, float]:
 
 def main(args) -> int:
     device = select_device(args.device)
-    cfg, ckpt_path, ckpt, split = load_for_evaluation(args)
-    name, classes = ckpt["model_name"], list(ckpt["class_names"])
+    cfg, opened = open_for_scoring(args)
+    ckpt, ckpt_path, split = opened.ckpt, opened.path, opened.split
+    name, classes = opened.model_name, opened.class_names
     with open_tracker(cfg, name, "test", ckpt) as tracker:
         model = model_from_checkpoint(ckpt, device)
         # Preprocessing comes from the checkpoint, never re-derived from the config.
-        dataset = build_dataset(cfg, split, "test", ckpt["img_size"])
-        loader = make_loader(dataset, cfg, cfg.recipe.batch_size, device=device)
-        pre = Preprocessor(ckpt["mean"], ckpt["std"]).to(device)
-        y, prob, _ = predict(model, loader, pre, device, desc="Testing")
+        contract = opened.contract
+        pre = Preprocessor(contract.mean, contract.std).to(device)
+        test = predict_split(cfg, split, "test", model, pre, contract.img_size, device)
+        y, prob = test.y_true, test.y_prob
         metrics = classification_metrics(y, prob, classes)
         png = confusion_matrix_plot(metrics["confusion_matrix"], classes, ckpt_path.parent / "confusion_matrix.png",
                                     title=f"{name} test set")

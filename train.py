@@ -9,24 +9,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from typing import TYPE_CHECKING
 
+from core.cli import add_common_args, add_device_arg, config_from_args, run
+from core.config import save_resolved
+from core.device import seed_everything, select_device
+from core.tracking import RunTracker, experiment_name, wandb_project
 from data.manifest import prepare_split
 from data.normalization import resolve_normalization
 from models.zoo import build_model
-from utils.banner import banner_lines
-from utils.cli import add_common_args, config_from_args, run
-from utils.config import save_resolved
-from utils.device import seed_everything, select_device
-from utils.distributed import DistInfo, barrier, init_distributed, shutdown
-from utils.resume import load_resume_checkpoint
-from utils.tracking import RunTracker
-from utils.training import GracefulStop, build_trainer, fit, precision_label, restore_training_state
+from training.banner import banner_lines
+from training.distributed import DistInfo, barrier, init_distributed, shutdown
+from training.loop import GracefulStop, fit, restore_training_state
+from training.recipe import precision_label
+from training.resume import load_resume_checkpoint
+from training.trainer import build_trainer, training_contract
+
+if TYPE_CHECKING:
+    from core.config import Config
 
 INTERRUPTED = 130  # the shell's code for a run stopped by Ctrl-C
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train a brain MRI classifier (checkpoints in checkpoints/{model}_outputs/)")
+    p = argparse.ArgumentParser(description="Train a brain MRI classifier (checkpoints in "
+                                            "checkpoints/{model}_outputs/)")
     add_common_args(p)
     p.add_argument("--epochs", type=int, default=None, help="number of epochs (config: train.epochs)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size per process (config: the model's recipe)")
@@ -38,7 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="deterministic algorithms: a CPU run repeats bit for bit (config: train.deterministic)")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue an interrupted run from last_model.pth (or the checkpoint PATH)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    add_device_arg(p)
     return p
 
 
@@ -79,20 +86,19 @@ def train(args, info: DistInfo, device) -> int:
     model = build_model(cfg.model, len(split.class_names), recipe.pretrained and ckpt is None, recipe.weights)
     if ckpt is not None:
         model.load_state_dict(ckpt["model_state"])
-    t = build_trainer(cfg, split, mean, std, device, info, model.to(device))
+    t = build_trainer(cfg, split, training_contract(cfg, split, mean, std), device, info, model.to(device))
     if ckpt is not None:
         restore_training_state(t, ckpt)
     main_rank = info.is_main
     tags = {"model": cfg.model, "resumed_from": ckpt["path"]} if ckpt else {"model": cfg.model}
     with RunTracker(cfg, run_name=cfg.model, tags=tags,
-                    mlflow_experiment=f"brain-cancer-mri-v2-{cfg.model}" if main_rank else None,
-                    wandb_project=cfg.monitoring.wandb.project if main_rank else None,
+                    mlflow_experiment=experiment_name("train", cfg.model) if main_rank else None,
+                    wandb_project=wandb_project(cfg) if main_rank else None,
                     tensorboard_dir=f"{cfg.monitoring.tensorboard_log_dir}/{cfg.model}_logs" if main_rank else None,
                     ) as tracker, GracefulStop() as stop:
         t.run_id = tracker.mlflow_run_id
         if main_rank:
-            print("\n".join(banner_lines(cfg, split.sizes(), len(split.class_names), device, info.world_size,
-                                         precision_label(t.amp), cfg.performance.compile_model,
+            print("\n".join(banner_lines(cfg, split, device, info.world_size, precision_label(t.amp),
                                          tracker.targets(), ckpt["path"] if ckpt else None)), flush=True)
             tracker.log_params({**cfg.to_dict(), "normalization": {"mean": list(mean), "std": list(std),
                                                                    "source": source},
@@ -104,12 +110,12 @@ def train(args, info: DistInfo, device) -> int:
         return finish(cfg, t, tracker, outcome, main_rank)
 
 
-def finish(cfg, t, tracker, outcome: str, main_rank: bool) -> int:
+def finish(cfg: Config, t, tracker, outcome: str, main_rank: bool) -> int:
     out = cfg.output_dir
     if outcome == "interrupted":
         tracker.close("KILLED")
         if main_rank:
-            print(f"Training interrupted after epoch {t.epoch}: state saved to {out / 'last_model.pth'}\n"
+            print(f"Training interrupted after epoch {t.progress.epoch}: state saved to {out / 'last_model.pth'}\n"
                   f"Resume with: python train.py --model {cfg.model} --resume (plus the same options as before)")
         return INTERRUPTED
     if main_rank:

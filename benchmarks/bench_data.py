@@ -26,8 +26,13 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from core.config import Config
+    from data.manifest import Split
 
 try:
     from benchmarks import harness
@@ -39,7 +44,8 @@ SCALES = (1, 10)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="compute_normalization / evaluate data path vs one-core decoding; peak memory at 1x and 10x")
+    p = argparse.ArgumentParser(description="compute_normalization / evaluate data path vs one-core decoding; peak "
+                                            "memory at 1x and 10x")
     p.add_argument("--n-images", type=int, default=400, help="images at 1x (10x is ten times this)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--jpeg-size", type=int, default=512)
@@ -54,7 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def data_config(root, work, img_size: int, workers: int):
-    from utils.config import load_config
+    from core.config import load_config
 
     work = harness.Path(work)
     return load_config(overrides={"dataset.path": str(root), "dataset.img_size": img_size,
@@ -63,7 +69,7 @@ def data_config(root, work, img_size: int, workers: int):
                                   "dataset.stats_path": str(work / "normalization_stats.json")})
 
 
-def evaluate_pass(cfg, split, img_size: int) -> int:
+def evaluate_pass(cfg: Config, split: Split, img_size: int) -> int:
     """What test.py / evaluate.py read before preprocessing and the model: dataset and loader."""
     from data.dataset import build_dataset, make_loader
 
@@ -101,11 +107,11 @@ def timed_rate(fn, n: int) -> float:
 
 def child(args) -> dict:
     """One task in this process; prints its rates and peak memory as JSON."""
+    from PIL import Image
+
     from data.images import load_gray
     from data.manifest import prepare_split
     from data.normalization import compute_stats
-
-    from PIL import Image
 
     Image.init()  # PIL imports its format plugins on the first open (~8 ms): a process cost, not a per-image one
     cfg = data_config(args.root, args.work, args.img_size, args.workers)

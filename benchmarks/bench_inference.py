@@ -21,18 +21,20 @@ except ImportError:  # run as a file
 import numpy as np
 import torch
 
+from core.contract import Contract
 from data.cache import usable_cpus
 from data.images import load_gray
 from data.preprocess import Preprocessor
+from deploy.export import export_onnx
+from deploy.predictors import OnnxPredictor
 from models.zoo import build_model
-from utils.export import export_onnx
-from utils.onnx_inference import OnnxPredictor
 
 VARIANTS = ("onnx_e2e", "torch_eager", "onnx_limit")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Inference latency: ONNX Runtime end to end vs PyTorch eager vs ONNX Runtime alone")
+    p = argparse.ArgumentParser(description="Inference latency: ONNX Runtime end to end vs PyTorch eager vs ONNX "
+                                            "Runtime alone")
     p.add_argument("--model", default="resnet18")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--jpeg-size", type=int, default=512)
@@ -44,15 +46,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def exported_model(args, out_dir) -> tuple[torch.nn.Module, object, dict]:
+def exported_model(args, out_dir) -> tuple[torch.nn.Module, object, Contract]:
     """A seeded random model and its ONNX export (reused from an earlier run when present)."""
     torch.manual_seed(0)
     model = build_model(args.model, 3).eval()
-    contract = {"model_name": args.model, "class_names": ["glioma", "meningioma", "pituitary"],
-                "img_size": args.img_size, "mean": [0.2] * 3, "std": [0.25] * 3}
+    contract = Contract(args.model, ("glioma", "meningioma", "pituitary"), args.img_size, (0.2,) * 3, (0.25,) * 3)
     path = out_dir / f"{args.model}_{args.img_size}px_torch{torch.__version__}.onnx"
     if not path.is_file():
-        export_onnx(model, contract, path, args.img_size)
+        export_onnx(model, contract, path)
     return model, path, contract
 
 
@@ -60,7 +61,7 @@ def variants(args, model, onnx_path, contract, image_path) -> dict:
     """Each variant as a no-argument callable returning class probabilities."""
     threads = args.threads or usable_cpus()
     predictor = OnnxPredictor(onnx_path, threads=threads)
-    pre = Preprocessor(contract["mean"], contract["std"]).eval()
+    pre = Preprocessor(contract.mean, contract.std).eval()
     x = predictor.preprocess(image_path)
 
     @torch.inference_mode()

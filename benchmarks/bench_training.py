@@ -1,6 +1,6 @@
 """Training throughput (images/s, forward + backward + optimizer step) of three input pipelines.
 
-  loop      the toolkit's training loop itself (utils.training.train_one_epoch: the pipeline below plus
+  loop      the toolkit's training loop itself (training.loop.train_one_epoch: the pipeline below plus
             clipping, the non-finite guard, the schedule, running sums) over the toolkit's loader
   toolkit   uint8 cache -> loader -> Preprocessor (augmentation + normalization on the model's device)
   original  the original per-sample PIL pipeline: ImageFolder, Resize, Grayscale(3), flip, rotation,
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+from typing import TYPE_CHECKING
 
 try:
     from benchmarks import harness
@@ -26,14 +27,17 @@ except ImportError:  # run as a file
 import torch
 from torch import nn
 
-from data.cache import open_cache, usable_cpus
+from core.config import load_config
+from data.cache import CacheSlot, open_cache, usable_cpus
 from data.dataset import GrayImageDataset, make_loader
 from data.preprocess import Preprocessor
 from models.zoo import build_model
-from utils.config import load_config
-from utils.training import Trainer as LoopState
-from utils.training import (amp_dtype, build_criterion, build_optimizer, build_scheduler, train_one_epoch,
-                            use_fused_optimizer)
+from training.loop import train_one_epoch
+from training.recipe import amp_dtype, build_criterion, build_optimizer, build_scheduler, use_fused_optimizer
+from training.trainer import Trainer as LoopState
+
+if TYPE_CHECKING:
+    from core.config import Config
 
 MEAN, STD = [0.2] * 3, [0.25] * 3
 VARIANTS = ("loop", "toolkit", "original", "model")
@@ -42,7 +46,8 @@ EXTRA_VARIANTS = ("toolkit_workers",)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Training throughput: toolkit pipeline vs original PIL pipeline vs model alone")
+    p = argparse.ArgumentParser(description="Training throughput: toolkit pipeline vs original PIL pipeline vs model "
+                                            "alone")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--model", default="resnet18")
     p.add_argument("--img-size", type=int, default=224)
@@ -63,7 +68,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def original_loader(root, args, device) -> torch.utils.data.DataLoader:
     """The original project's pipeline, per sample in PIL (torchvision.transforms v1, as it used)."""
-    from torchvision import datasets, transforms as T
+    from torchvision import datasets
+    from torchvision import transforms as T
 
     tf = T.Compose([T.Resize((args.img_size, args.img_size)), T.Grayscale(3), T.RandomHorizontalFlip(),
                     T.RandomRotation(10), T.ColorJitter(brightness=0.2, contrast=0.2), T.ToTensor(),
@@ -74,15 +80,16 @@ def original_loader(root, args, device) -> torch.utils.data.DataLoader:
                                        pin_memory=device.type == "cuda", **extra)
 
 
-def toolkit_loader(root, args, device, cfg):
+def toolkit_loader(root, args, device, cfg: Config):
     """The toolkit's pipeline: the cache (built once, timed separately), make_loader, Preprocessor."""
     paths, labels = harness.list_images(root)
     names = [str(p.relative_to(root)) for p in paths]
     key = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
     with harness.Stopwatch() as build:
-        cache = open_cache(paths, names, args.img_size, root.parent / "cache", key, "bench", progress=False)
+        cache = open_cache(CacheSlot(root.parent / "cache", key, "bench", args.img_size), paths, names,
+                           progress=False)
     dataset = GrayImageDataset(paths, labels, args.img_size, cache)
-    loader = make_loader(dataset, cfg, args.batch_size, shuffle=True, drop_last=True, device=device)
+    loader = make_loader(dataset, cfg, args.batch_size, drop_last=True, device=device, generator=torch.Generator())
     workers = torch.utils.data.DataLoader(dataset, args.batch_size, shuffle=True, drop_last=True,
                                           num_workers=args.workers, pin_memory=device.type == "cuda",
                                           persistent_workers=args.workers > 0,
@@ -93,7 +100,7 @@ def toolkit_loader(root, args, device, cfg):
 class Trainer:
     """One optimizer step per batch on the same model for every variant."""
 
-    def __init__(self, args, device, cfg):
+    def __init__(self, args, device, cfg: Config):
         self.device, self.args = device, args
         self.model = build_model(args.model, 3).to(device).train()
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -104,7 +111,7 @@ class Trainer:
         self.sync = torch.cuda.synchronize if device.type == "cuda" else None
         self.loop = None  # the training loop's state, over this model and optimizer (see loop_state)
 
-    def loop_state(self, cfg, loader) -> LoopState:
+    def loop_state(self, cfg: Config, loader) -> LoopState:
         """What train.py's build_trainer makes, around this model, optimizer and loader."""
         dtype = amp_dtype(cfg, self.device)
         return LoopState(cfg=cfg, model=self.model, optimizer=self.optimizer,

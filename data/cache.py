@@ -19,7 +19,9 @@ import json
 import multiprocessing
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 try:
     import fcntl
@@ -29,8 +31,12 @@ except ImportError:  # Windows: no advisory locks; concurrent builders of one ca
 import numpy as np
 from tqdm import tqdm
 
+from core.errors import UserError
 from data.images import ImageReadError, load_gray
-from utils.errors import UserError
+
+if TYPE_CHECKING:
+    from core.config import Config
+    from data.manifest import Split
 
 CACHE_VERSION = 3  # 2: the header holds the pixel histogram; 3: JPEGs decoded with DCT scaling
 # PIL releases the GIL while it decodes and resizes, so threads decode in parallel with no process start
@@ -56,9 +62,18 @@ def rows_hash(names: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_paths(cache_dir: str | Path, fingerprint: str, split_name: str, img_size: int) -> tuple[Path, Path]:
-    stem = f"{fingerprint}_{split_name}_{img_size}px"
-    return Path(cache_dir) / f"{stem}.npy", Path(cache_dir) / f"{stem}.json"
+@dataclass(frozen=True)
+class CacheSlot:
+    """Where one split's cache lives: {cache_dir}/{fingerprint}_{split}_{size}px.npy and its .json header."""
+    cache_dir: Path
+    fingerprint: str
+    split: str
+    img_size: int
+
+    @property
+    def files(self) -> tuple[Path, Path]:
+        stem = f"{self.fingerprint}_{self.split}_{self.img_size}px"
+        return Path(self.cache_dir) / f"{stem}.npy", Path(self.cache_dir) / f"{stem}.json"
 
 
 class CachedImages:
@@ -107,9 +122,6 @@ class CachedImages:
             self._read_into(out[start:end], int(idx[start]))
         return out
 
-    def as_memmap(self) -> np.memmap:
-        """The whole cache as a read-only numpy memmap (random access for analysis)."""
-        return np.load(self.path, mmap_mode="r")
 
 
 def cache_problem(data_path: Path, header_path: Path, key: dict) -> str | None:
@@ -207,12 +219,14 @@ def write_cache(paths: list[Path], img_size: int, data_path: Path, header_path: 
     return offset
 
 
-def open_cache(paths: list[Path], names: list[str], img_size: int, cache_dir: str | Path, fingerprint: str,
-               split_name: str, log=print, progress: bool = True) -> CachedImages:
-    """The cache for these rows, built (or rebuilt, saying why) when the one on disk cannot be used."""
-    key = {"version": CACHE_VERSION, "fingerprint": fingerprint, "split": split_name,
-           "img_size": int(img_size), "count": len(paths), "rows_hash": rows_hash(names)}
-    data_path, header_path = cache_paths(cache_dir, fingerprint, split_name, img_size)
+def open_cache(slot: CacheSlot, paths: list[Path], names: list[str], log=print,
+               progress: bool = True) -> CachedImages:
+    """The cache for these rows (names: their manifest paths), built or rebuilt (saying why) when the one on
+    disk cannot be used."""
+    img_size = int(slot.img_size)
+    key = {"version": CACHE_VERSION, "fingerprint": slot.fingerprint, "split": slot.split,
+           "img_size": img_size, "count": len(paths), "rows_hash": rows_hash(names)}
+    data_path, header_path = slot.files
     if key["count"] == 0:
         return CachedImages(data_path, 0, img_size, 0, np.zeros(256, dtype=np.int64))
     with build_lock(data_path):
@@ -240,8 +254,10 @@ def build_lock(data_path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def split_cache(cfg, split, split_name: str, img_size: int, log=print, progress: bool = True) -> CachedImages:
+def split_cache(cfg: Config, split: Split, split_name: str, img_size: int, log=print,
+                progress: bool = True) -> CachedImages:
     """The cache of one split of the manifest, in cfg.dataset.cache_dir."""
     paths, _ = split.samples(split_name)
     names = [r.path for r in split.rows_for(split_name)]
-    return open_cache(paths, names, img_size, cfg.dataset.cache_dir, split.fingerprint, split_name, log, progress)
+    slot = CacheSlot(Path(cfg.dataset.cache_dir), split.fingerprint, split_name, img_size)
+    return open_cache(slot, paths, names, log, progress)

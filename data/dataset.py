@@ -8,6 +8,7 @@ from __future__ import annotations
 import queue
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +16,10 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from data.cache import CachedImages, split_cache
 from data.images import load_gray
+
+if TYPE_CHECKING:
+    from core.config import Config
+    from data.manifest import Split
 
 
 class GrayImageDataset(Dataset):
@@ -93,15 +98,16 @@ class PrefetchLoader:
                     pass
 
 
-def make_loader(dataset: Dataset, cfg, batch_size: int, shuffle: bool = False, sampler=None,
-                drop_last: bool = False, device: torch.device | None = None,
-                generator: torch.Generator | None = None):
+def make_loader(dataset: Dataset, cfg: Config, batch_size: int, sampler=None, drop_last: bool = False,
+                device: torch.device | None = None, generator: torch.Generator | None = None):
     """A loader with the settings that fit the device and the data.
 
     A cached dataset: a prefetch thread (PrefetchLoader). Files decoded on the fly (dataset.cache
     off): a DataLoader whose workers persist across epochs and prefetch. On CUDA, pinned memory so
-    that copies with non_blocking=True overlap the step. `generator` drives the shuffle order (and
-    worker seeds), saved in checkpoints so that a resumed run sees the same order."""
+    that copies with non_blocking=True overlap the step. With a `generator` the order is shuffled by it
+    (and it seeds the workers): saved in checkpoints, so that a resumed run sees the same order. A
+    `sampler` (balanced, distributed) decides the order itself."""
+    shuffle = generator is not None
     workers = cfg.dataset.num_workers
     cuda = device is not None and device.type == "cuda"
     pin = cuda and cfg.dataset.pin_memory
@@ -119,7 +125,7 @@ def make_loader(dataset: Dataset, cfg, batch_size: int, shuffle: bool = False, s
                       generator=generator, **extra)
 
 
-def build_dataset(cfg, split, split_name: str, img_size: int) -> GrayImageDataset:
+def build_dataset(cfg: Config, split: Split, split_name: str, img_size: int) -> GrayImageDataset:
     """The dataset every stage reads a split through: from the preprocessed cache when dataset.cache is on."""
     paths, labels = split.samples(split_name)
     cache = split_cache(cfg, split, split_name, img_size) if cfg.dataset.cache else None

@@ -13,13 +13,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from core.errors import UserError
+from core.fileio import atomic_file, write_json_atomic
 from data.cache import usable_cpus
 from data.images import ImageReadError, is_image_file, open_image
 from data.split import SPLITS, assign_splits, group_items
-from utils.errors import UserError
+
+if TYPE_CHECKING:
+    from core.config import Config
 
 MANIFEST_COLUMNS = ("path", "class", "split", "sha256")
 
@@ -129,17 +134,12 @@ def fingerprint_rows(rows: list[Row]) -> str:
 
 
 def write_manifest(path: Path, rows: list[Row], meta: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as fh:
+    write_json_atomic(path.with_suffix(".json"), meta)
+    with atomic_file(path, "w", newline="") as fh:  # the CSV last: a manifest without its JSON is never left
         writer = csv.writer(fh)
         writer.writerow(MANIFEST_COLUMNS)
         for r in rows:
             writer.writerow((r.path, r.cls, r.split, r.sha256))
-    meta_path = path.with_suffix(".json")
-    meta_path.with_suffix(".json.tmp").write_text(json.dumps(meta, indent=2))
-    os.replace(meta_path.with_suffix(".json.tmp"), meta_path)
-    os.replace(tmp, path)  # the CSV last: a manifest without its JSON is never left behind
 
 
 def read_manifest(path: str | Path) -> tuple[list[Row], dict]:
@@ -156,7 +156,7 @@ def read_manifest(path: str | Path) -> tuple[list[Row], dict]:
     return rows, meta
 
 
-def split_settings(cfg) -> dict:
+def split_settings(cfg: Config) -> dict:
     """What identifies one split: data set location, seed, ratios, grouping."""
     ds = cfg.dataset
     return {
@@ -170,13 +170,13 @@ def split_settings(cfg) -> dict:
     }
 
 
-def manifest_path_for(cfg) -> Path:
+def manifest_path_for(cfg: Config) -> Path:
     key = hashlib.sha256(json.dumps(split_settings(cfg), sort_keys=True).encode()).hexdigest()[:10]
     name = Path(cfg.dataset.path).resolve().name.replace(" ", "_")
     return Path(cfg.dataset.manifest_dir) / f"split_manifest_{name}_seed{cfg.dataset.seed}_{key}.csv"
 
 
-def _data_folders(cfg) -> tuple[Path, list[Path]]:
+def _data_folders(cfg: Config) -> tuple[Path, list[Path]]:
     ds = cfg.dataset
     if ds.demo:
         from data.synthetic import ensure_demo_dataset
@@ -190,7 +190,7 @@ def _data_folders(cfg) -> tuple[Path, list[Path]]:
     return root, folders
 
 
-def create_split(cfg, log=print) -> Split:
+def create_split(cfg: Config, log=print) -> Split:
     root, folders = _data_folders(cfg)
     classes = list_classes(folders[0])
     if not classes:
@@ -252,7 +252,7 @@ def _report_skipped(meta: dict, log, detail: bool) -> None:
             log(f"     {item['path']}: {item['reason']}")
 
 
-def _as_split(root: Path, path: Path, rows: list[Row], meta: dict, cfg) -> Split:
+def _as_split(root: Path, path: Path, rows: list[Row], meta: dict, cfg: Config) -> Split:
     folders = meta["class_folders"]
     names = [cfg.dataset.class_names.get(c, c) for c in folders]
     return Split(root, path, rows, folders, names, meta["fingerprint"], meta)
@@ -272,7 +272,7 @@ def compare_with_disk(root: Path, folders: list[Path], rows: list[Row], meta: di
     return {"added": added, "removed": removed, "changed": changed}
 
 
-def prepare_split(cfg, resplit: bool = False, log=print) -> Split:
+def prepare_split(cfg: Config, resplit: bool = False, log=print) -> Split:
     """The split for this config: read and check the manifest, or make it once."""
     path = manifest_path_for(cfg)
     if resplit or not path.exists():

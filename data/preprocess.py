@@ -7,12 +7,14 @@ and replication to the 3 channels ImageNet-style backbones expect.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.preprocess_numpy import preprocess_numpy  # noqa: F401  (re-exported: the torch-free path)
+if TYPE_CHECKING:
+    from core.config import Config
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,7 +32,7 @@ class Preprocessor(nn.Module):
         self.brightness, self.contrast = brightness, contrast
 
     @classmethod
-    def from_config(cls, cfg, mean, std, train: bool) -> "Preprocessor":
+    def from_config(cls, cfg: Config, mean, std, train: bool) -> Preprocessor:
         t = cfg.transform
         return cls(mean, std, augment=train and t.augmentation, hflip=t.hflip, rotation=t.rotation,
                    brightness=t.brightness, contrast=t.contrast)

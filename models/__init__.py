@@ -1,2 +1,5 @@
-"""Models: the zoo table (models/zoo.py) and its builders. Kept import-free so that torch-free
-callers (config validation, ONNX inference, monitoring) can read models/names.py cheaply."""
+"""Models: the zoo table (models/zoo.py), its builders and rebuilding a model from a checkpoint.
+Kept import-free so that torch-free callers (config validation, ONNX inference) stay light.
+
+May import: core, data.
+"""

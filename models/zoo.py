@@ -1,15 +1,15 @@
 """Model zoo: the eight models as a table (name -> builder + recipe), not an if/elif chain."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torchvision
 from torch import nn
 
-from utils.errors import UserError
+from core.errors import UserError
 
 # timm's port of Chollet's original Xception (the name timm 0.9+ gives the old "xception").
 XCEPTION_TIMM_NAME = "legacy_xception"
@@ -38,7 +38,7 @@ class BackboneWithHead(nn.Module):
             self.backbone.requires_grad_(False)
             self.backbone.eval()
 
-    def train(self, mode: bool = True) -> "BackboneWithHead":
+    def train(self, mode: bool = True) -> BackboneWithHead:
         super().train(mode)
         # Frozen means frozen: BatchNorm running stats must not drift while the head trains.
         if self.freeze_backbone:
@@ -111,7 +111,7 @@ def _tv(name: str, weights: str, head_prefix: str) -> ModelSpec:
     return ModelSpec(name, "torchvision", 224, (), _torchvision(name), _skip_head(head_prefix), weights)
 
 
-# IMAGENET1K_V1 everywhere: the weights the original project's `pretrained=True` gave.
+# IMAGENET1K_V1 everywhere: the weights that torchvision's `pretrained=True` gives, so results compare.
 MODEL_SPECS: dict[str, ModelSpec] = {s.name: s for s in [
     _tv("resnet18", "ResNet18_Weights.IMAGENET1K_V1", "fc."),
     _tv("resnet50", "ResNet50_Weights.IMAGENET1K_V1", "fc."),

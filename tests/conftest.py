@@ -17,7 +17,7 @@ def write_overlay(tmp: Path, data_path: Path, **extra) -> Path:
     """A --config overlay for tests: tiny images, no workers, every output under tmp, trackers local/off."""
     overlay = {
         "dataset": {
-            "path": str(data_path), "img_size": 32, "num_workers": 0, "batch_size": 8,
+            "path": str(data_path), "img_size": 32, "num_workers": 0,
             "stats_path": str(tmp / "normalization_stats.json"), "manifest_dir": str(tmp / "splits"),
             "cache_dir": str(tmp / "cache"),
         },

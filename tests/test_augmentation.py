@@ -51,7 +51,8 @@ def reference(images: torch.Tensor, seed: int = 1, hflip=0.5, rotation=10.0, bri
 
 def assert_same_distribution(a: torch.Tensor, b: torch.Tensor, what: str, p_min: float = 0.01):
     p = ks_2samp(a.numpy().ravel(), b.numpy().ravel()).pvalue
-    assert p > p_min, f"{what}: KS p={p:.2g}, ours {a.mean():.4f}±{a.std():.4f} vs torchvision {b.mean():.4f}±{b.std():.4f}"
+    assert p > p_min, (f"{what}: KS p={p:.2g}, ours {a.mean():.4f}±{a.std():.4f} vs torchvision "
+                       f"{b.mean():.4f}±{b.std():.4f}")
 
 
 @pytest.mark.parametrize("rotation", [0, 1e-6])  # 1e-6: the flip goes through the rotation's resampling

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from conftest import write_overlay
-from data.cache import cache_paths
+from core.config import load_config
+from core.errors import UserError
+from data.cache import CacheSlot
 from data.dataset import build_dataset, make_loader
 from data.images import load_gray
 from data.manifest import prepare_split
 from data.preprocess import Preprocessor
-from utils.config import load_config
-from utils.errors import UserError
 
 
 def setup(tmp_path, data_path, **extra):
@@ -34,7 +34,7 @@ def loader_tensors(cfg, split, name="test", size=32, workers=0):
 
 
 def split_files(cfg, split, name, size):
-    data, header = cache_paths(cfg.dataset.cache_dir, split.fingerprint, name, size)
+    data, header = CacheSlot(cfg.dataset.cache_dir, split.fingerprint, name, size).files
     return data, header
 
 
@@ -160,12 +160,12 @@ def test_parallel_build_keeps_row_order(tmp_path, tiny_data, monkeypatch, pool):
     paths = sorted(tiny_data.rglob("*.jpg"))
     paths = (paths * 3)[::-1]  # several rows per worker, in no sorted order
     names = [f"{i}/{p.name}" for i, p in enumerate(paths)]
-    cache = open_cache(paths, names, 24, tmp_path, "f" * 16, "train", progress=False)
+    cache = open_cache(CacheSlot(tmp_path, "f" * 16, "train", 24), paths, names, progress=False)
     expected = np.stack([load_gray(p, 24) for p in paths])
     assert np.array_equal(cache.read_rows(range(len(paths))), expected)
     assert np.array_equal(cache.read_rows([7, 2, 3, 4, 0]), expected[[7, 2, 3, 4, 0]])
     assert np.array_equal(cache.histogram, np.bincount(expected.ravel(), minlength=256))
-    other = open_cache(paths, names, 24, tmp_path, "f" * 16, "test", progress=False)  # no statistics
+    other = open_cache(CacheSlot(tmp_path, "f" * 16, "test", 24), paths, names, progress=False)  # no statistics
     assert np.array_equal(other.read_rows(range(len(paths))), expected) and other.histogram is None
 
 
@@ -176,8 +176,7 @@ def test_cuda_loader_prefetches_the_sampler_batches(tmp_path, tiny_data):
     cfg, split = setup(tmp_path, tiny_data)
     cfg.dataset.pin_memory = False  # pinning needs a GPU; the rest of the CUDA path runs here
     dataset = build_dataset(cfg, split, "train", 32)
-    fast = make_loader(dataset, cfg, 5, shuffle=True, device=torch.device("cuda"),
-                       generator=torch.Generator().manual_seed(3))
+    fast = make_loader(dataset, cfg, 5, device=torch.device("cuda"), generator=torch.Generator().manual_seed(3))
     assert isinstance(fast, PrefetchLoader) and len(fast) == -(-len(dataset) // 5)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(3)).tolist()
     for k, (images, labels) in enumerate(fast):
@@ -220,6 +219,7 @@ def _open_in_child(role, job, start, results):
     """Open the cache with timings that expose an unguarded check-then-build: the first process
     pauses after building, the second starts its build then and builds slowly."""
     import time
+
     import data.cache as cache_mod
     paths, names, cache_dir, fingerprint = job
     write, decode = cache_mod.write_cache, cache_mod.decode_into
@@ -237,7 +237,7 @@ def _open_in_child(role, job, start, results):
     cache_mod.write_cache, cache_mod.decode_into = slow_write, slow_decode
     start.wait()  # both processes find the cache missing at the same moment
     try:
-        cache = cache_mod.open_cache(paths, names, 32, cache_dir, fingerprint, "val",
+        cache = cache_mod.open_cache(cache_mod.CacheSlot(cache_dir, fingerprint, "val", 32), paths, names,
                                      log=lambda *_: None, progress=False)
         results.put(cache.read_rows(list(range(len(paths)))).tobytes())
     except Exception as exc:  # noqa: BLE001 - the parent reports what went wrong
@@ -264,7 +264,7 @@ def test_processes_that_open_one_cache_at_once_all_get_it_whole(tmp_path, tiny_d
 
 
 def test_an_unreadable_file_stops_the_build_with_one_line_and_leaves_no_cache(tmp_path, tiny_data):
-    from data.cache import cache_paths, open_cache
+    from data.cache import open_cache
 
     paths = sorted(tiny_data.rglob("*.jpg"))[:10]
     bad = tmp_path / "broken scan.jpg"
@@ -272,7 +272,7 @@ def test_an_unreadable_file_stops_the_build_with_one_line_and_leaves_no_cache(tm
     paths = paths[:5] + [bad] + paths[5:]
     names = [p.name for p in paths]
     with pytest.raises(UserError, match=r"cannot cache .*broken scan\.jpg.*--resplit"):
-        open_cache(paths, names, 24, tmp_path / "cache", "e" * 16, "train", progress=False)
-    data, header = cache_paths(tmp_path / "cache", "e" * 16, "train", 24)
+        open_cache(CacheSlot(tmp_path / "cache", "e" * 16, "train", 24), paths, names, progress=False)
+    data, header = CacheSlot(tmp_path / "cache", "e" * 16, "train", 24).files
     assert not data.exists() and not header.exists()
     assert not list((tmp_path / "cache").glob("*.tmp"))

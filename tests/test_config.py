@@ -4,9 +4,9 @@ import sys
 
 import pytest
 
+from core.config import load_config
+from core.errors import UserError
 from tests.conftest import ROOT
-from utils.config import load_config
-from utils.errors import UserError
 
 
 def test_defaults_match_the_original_project():

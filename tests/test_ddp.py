@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from conftest import ROOT, write_overlay
-from utils.checkpoint import load_checkpoint
+from core.checkpoint import load_checkpoint
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path, tiny_data):

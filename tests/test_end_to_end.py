@@ -1,8 +1,8 @@
 """The thin path a newcomer runs: split -> statistics -> train -> test, and the checkpoint contract."""
 import torch
 
+from core.checkpoint import REQUIRED_KEYS
 from tests.conftest import run_script
-from utils.checkpoint import REQUIRED_KEYS
 
 
 def test_checkpoint_contract(trained):
@@ -30,12 +30,13 @@ def test_test_script_reports_metrics(trained, capsys):
 
 def test_preprocessing_comes_from_the_checkpoint(trained, monkeypatch):
     """test.py must evaluate at the checkpoint's image size and statistics even when the config says otherwise."""
+    import evaluation.prediction
     import test as test_script
 
     overlay, _, best = trained
     ckpt = torch.load(best, map_location="cpu", weights_only=True)
     seen = {}
-    real_build, real_pre = test_script.build_dataset, test_script.Preprocessor
+    real_build, real_pre = evaluation.prediction.build_dataset, test_script.Preprocessor
 
     def spy_build(cfg, split, name, img_size):
         seen["img_size"] = img_size
@@ -45,7 +46,7 @@ def test_preprocessing_comes_from_the_checkpoint(trained, monkeypatch):
         seen["mean"], seen["std"] = list(mean), list(std)
         return real_pre(mean, std, *a, **k)
 
-    monkeypatch.setattr(test_script, "build_dataset", spy_build)
+    monkeypatch.setattr(evaluation.prediction, "build_dataset", spy_build)
     monkeypatch.setattr(test_script, "Preprocessor", spy_pre)
     assert run_script("test", ["--config", overlay, "--model", "resnet18", "--set", "dataset.img_size=48",
                                "--set", "dataset.normalization=imagenet"]) == 0

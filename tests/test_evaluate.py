@@ -1,4 +1,5 @@
-"""evaluate.py and test.py end to end on the session's one-epoch checkpoint: files, figures, gates, exit codes, MLflow."""
+"""evaluate.py and test.py end to end on the shared one-epoch checkpoint: files, figures, gates, exit codes,
+MLflow."""
 import csv
 import json
 
@@ -7,8 +8,8 @@ import pytest
 from PIL import Image
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score, roc_auc_score
 
+from core.errors import UserError
 from tests.conftest import run_script, write_overlay
-from utils.errors import UserError
 
 OUTPUTS = ["evaluation_metrics.json", "medical_validation.json", "predictions.csv", "evaluation_report.txt",
            "confusion_matrix.png", "per_class_metrics.png", "roc_curves.png", "reliability_diagram.png"]

@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from conftest import ROOT, write_overlay
-from utils.checkpoint import load_checkpoint
-from utils.config import load_config
-from utils.experiments import MLFLOW_EXPERIMENT, last_error_line, run_child, settings_hash
+from core.checkpoint import load_checkpoint
+from core.config import load_config
+from ops.experiments import MLFLOW_EXPERIMENT, last_error_line, run_child, settings_hash
 
 MODELS = ["resnet18", "not_a_model", "efficientnet_b0"]
 
@@ -27,7 +27,8 @@ def experiments(tmp_path_factory, tiny_data):
     """One real run: (overlay, tmp dir, completed process, summary JSON)."""
     tmp = tmp_path_factory.mktemp("experiments run")
     # One batch per epoch and a short bootstrap: the run is about process start-up, not about learning.
-    overlay = write_overlay(tmp, tiny_data, **{"models.resnet18.batch_size": 32, "models.efficientnet_b0.batch_size": 32,
+    overlay = write_overlay(tmp, tiny_data, **{"models.resnet18.batch_size": 32,
+                                              "models.efficientnet_b0.batch_size": 32,
                                               "evaluation.bootstrap_samples": 50})
     res = run_experiments(overlay)
     summary = tmp / "checkpoints" / "experiments" / "experiments_summary.json"
@@ -67,7 +68,8 @@ def test_summary_numbers_come_from_the_children_outputs(experiments):
         validation = json.loads((out_dir / "medical_validation.json").read_text())
         assert row["deployment_ready"] is validation["deployment_ready"]
         assert row["train_seconds"] > 0 and row["eval_seconds"] > 0
-        assert "train.py --model " + model in (tmp / "checkpoints" / "experiments" / "logs" / f"{model}_train.log").read_text()
+        log = tmp / "checkpoints" / "experiments" / "logs" / f"{model}_train.log"
+        assert "train.py --model " + model in log.read_text()
 
 
 def test_csv_and_plot_hold_every_model(experiments):
@@ -126,5 +128,6 @@ def test_a_crashing_child_reports_its_error_line(tmp_path):
 
 
 def test_error_line_of_a_killed_child():
-    assert last_error_line("Epoch 1/5\n 40%|####  | 4/10\r 50%|#####", -9).startswith("killed by SIGKILL (out of memory?)")
+    assert last_error_line("Epoch 1/5\n 40%|####  | 4/10\r 50%|#####", -9).startswith("killed by SIGKILL (out of "
+                                                                                      "memory?)")
     assert last_error_line("", 2) == "exit code 2"

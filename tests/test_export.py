@@ -1,4 +1,4 @@
-"""export_model.py / utils/export.py: real exports, real ONNX Runtime sessions, parity with PyTorch."""
+"""export_model.py / deploy/export.py: real exports, real ONNX Runtime sessions, parity with PyTorch."""
 from __future__ import annotations
 
 import json
@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script
+from core.checkpoint import load_checkpoint
+from core.contract import Contract
+from core.errors import UserError
+from deploy.export import CONTRACT_FILE, check_parity, export_onnx, load_runner
+from deploy.predictors import OnnxPredictor, read_contract
 from models.loading import model_from_checkpoint
 from models.zoo import build_model
-from utils.checkpoint import load_checkpoint
-from utils.errors import UserError
-from utils.export import check_parity, contract_from_checkpoint, export_onnx, load_runner
-from utils.onnx_inference import OnnxPredictor, read_contract
 
 
 def _export(trained, tmp_path, fmt):
@@ -36,12 +37,16 @@ def test_export_all_writes_three_artifacts_that_match_pytorch(trained, tmp_path,
     # one self-contained ONNX file: no external-data file beside it
     assert files == ["resnet18_contract.json", "resnet18_model.onnx", "resnet18_model.pt", "resnet18_model.pt2"]
 
-    contract = read_contract(out / "resnet18_model.onnx")
-    assert contract == {k: contract_from_checkpoint(ckpt)[k] for k in contract}
-    assert contract["class_names"] == ckpt["class_names"] and contract["img_size"] == ckpt["img_size"]
+    # One contract, the checkpoint's, in every artifact: ONNX metadata, contract.json, inside .pt2 and .pt
+    expected = Contract.from_checkpoint(ckpt)
+    assert read_contract(out / "resnet18_model.onnx") == expected
+    assert list(expected.class_names) == ckpt["class_names"] and expected.img_size == ckpt["img_size"]
+    assert Contract.from_json((out / "resnet18_contract.json").read_text()) == expected
     assert json.loads((out / "resnet18_contract.json").read_text())["mean"] == ckpt["mean"]
-    with zipfile.ZipFile(out / "resnet18_model.pt2") as z:  # the contract travels inside the .pt2 archive
-        assert any(n.endswith("contract.json") for n in z.namelist())
+    for archive in ("resnet18_model.pt2", "resnet18_model.pt"):
+        with zipfile.ZipFile(out / archive) as z:
+            name = next(n for n in z.namelist() if n.endswith(CONTRACT_FILE))
+            assert Contract.from_json(z.read(name).decode()) == expected
 
     # The ONNX model alone (contract from its metadata) predicts what PyTorch predicts, at any batch size.
     model = model_from_checkpoint(ckpt)
@@ -55,9 +60,9 @@ def test_export_all_writes_three_artifacts_that_match_pytorch(trained, tmp_path,
 
 
 def test_parity_failure_fails_the_export(trained, tmp_path, monkeypatch):
-    import utils.export
+    import deploy.export
 
-    monkeypatch.setattr(utils.export, "PROB_TOLERANCE", -1.0)  # any difference, even 0, now counts as too large
+    monkeypatch.setattr(deploy.export, "PROB_TOLERANCE", -1.0)  # any difference, even 0, now counts as too large
     with pytest.raises(UserError, match="parity check failed for ONNX"):
         _export(trained, tmp_path, "onnx")
 
@@ -73,9 +78,8 @@ def test_parity_check_catches_a_wrong_artifact():
 
 def test_transformer_onnx_export_matches_pytorch(tmp_path):
     model = build_model("swin_t", 3).eval()
-    contract = {"model_name": "swin_t", "class_names": ["a", "b", "c"], "img_size": 64,
-                "mean": [0.5] * 3, "std": [0.25] * 3}
-    path = export_onnx(model, contract, tmp_path / "swin_t.onnx", 64)
+    contract = Contract("swin_t", ("a", "b", "c"), 64, (0.5,) * 3, (0.25,) * 3)
+    path = export_onnx(model, contract, tmp_path / "swin_t.onnx")
     assert read_contract(path) == contract
     x = np.random.default_rng(2).normal(size=(3, 3, 64, 64)).astype(np.float32)
     result = check_parity("onnx", model, load_runner("onnx", path), x)
@@ -83,7 +87,7 @@ def test_transformer_onnx_export_matches_pytorch(tmp_path):
 
 
 def test_onnx_inference_needs_no_torch():
-    code = ("import sys, utils.onnx_inference, data.images, data.preprocess_numpy; "
+    code = ("import sys, deploy.predictors, data.images, data.preprocess_numpy; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 

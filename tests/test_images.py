@@ -96,7 +96,7 @@ def test_bad_files_raise_image_read_error_with_path(tmp_path, kind):
 
 
 def test_dicom_uses_window(tmp_path):
-    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("pydicom")
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 

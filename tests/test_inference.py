@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_script
-from utils.errors import UserError
+from core.errors import UserError
 
 
 def write_dicom(path, pixels: np.ndarray, window: tuple[float, float] | None) -> None:
@@ -67,8 +67,9 @@ def images(tiny_data, tmp_path_factory):
 
 def test_every_image_kind_is_predicted_and_a_corrupt_file_is_reported(registered, images, capsys):
     paths = [images / n for n in ("odd size.jpg", "rgba.png", "sixteen.png", "windowed.dcm", "plain.dcm")]
-    code = run_script("inference_with_mlflow", registered + ["--model", "brain-cancer-resnet18", "--alias", "production",
-                                                             "--json", "--image", *paths, images / "corrupt.png"])
+    code = run_script("inference_with_mlflow",
+                      registered + ["--model", "brain-cancer-resnet18", "--alias", "production",
+                                    "--json", "--image", *paths, images / "corrupt.png"])
     out = capsys.readouterr()
     assert code == 1  # one input failed
     doc = json.loads(out.out)
@@ -99,8 +100,9 @@ def test_onnx_and_pytorch_flavors_agree_and_report_format(registered, images, ca
 
 
 def test_stage_maps_to_alias_and_gradcam_writes_overlays(registered, images, tmp_path, capsys):
-    code = run_script("inference_with_mlflow", registered + ["--model", "brain-cancer-resnet18", "--stage", "Production",
-                                                             "--image", images, "--gradcam", tmp_path / "cams"])
+    code = run_script("inference_with_mlflow",
+                      registered + ["--model", "brain-cancer-resnet18", "--stage", "Production",
+                                    "--image", images, "--gradcam", tmp_path / "cams"])
     assert code == 1  # the folder holds the corrupt file too
     assert "stages are deprecated" in capsys.readouterr().err
     overlays = sorted(p.name for p in (tmp_path / "cams").glob("*_gradcam.png"))

@@ -9,11 +9,16 @@ import pytest
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score
 
-from utils.calibration import (apply_temperature, expected_calibration_error, fit_temperature,
-                               logits_from_probs, reliability_bins)
-from utils.gates import check_gates, format_gates
-from utils.metrics import classification_metrics, format_metrics
-from utils.uncertainty import bootstrap_intervals, confusion_matrices, metrics_from_confusion, stratified_indices
+from evaluation.calibration import (
+    apply_temperature,
+    expected_calibration_error,
+    fit_temperature,
+    logits_from_probs,
+    reliability_bins,
+)
+from evaluation.gates import check_gates, format_gates
+from evaluation.metrics import classification_metrics, format_metrics
+from evaluation.uncertainty import bootstrap_intervals, confusion_matrices, metrics_from_confusion, stratified_indices
 
 CLASSES = ["glioma", "meningioma", "pituitary"]
 # 10 images: glioma 3/4 right (one called meningioma), meningioma 2/3 (one called pituitary), pituitary 3/3
@@ -155,7 +160,7 @@ def test_each_gate_fails_at_its_threshold(change, gate):
 
 
 def test_predictions_csv_round_trips_probabilities_exactly(tmp_path):
-    from utils.reports import write_predictions
+    from evaluation.reports import write_predictions
 
     p = np.random.default_rng(1).dirichlet([1, 1, 1], 10).astype(np.float32)
     path = write_predictions(tmp_path / "predictions.csv", [f"a b/{i}.jpg" for i in range(10)], Y, p, CLASSES)
@@ -167,8 +172,8 @@ def test_predictions_csv_round_trips_probabilities_exactly(tmp_path):
 
 
 def test_figures_are_readable_pngs(tmp_path):
-    from utils.evaluation import calibration_summary, score_predictions
-    from utils.plots import comparison_plot, evaluation_figures
+    from evaluation.plots import comparison_plot, evaluation_figures
+    from evaluation.record import calibration_summary, score_predictions
 
     ev = SimpleNamespace(bootstrap_samples=200, confidence=0.95, bootstrap_seed=0)
     record = {"model": "resnet18", "class_names": CLASSES, **score_predictions(Y, P, CLASSES, ev)}

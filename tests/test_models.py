@@ -5,6 +5,7 @@ import pytest
 import torch
 import torchvision
 
+from core.errors import UserError
 from models.zoo import (
     MODEL_SPECS,
     build_model,
@@ -12,7 +13,6 @@ from models.zoo import (
     model_names,
     trainable_parameter_names,
 )
-from utils.errors import UserError
 
 NUM_CLASSES = 3
 # Small inputs keep CPU tests cheap (torchvision's Swin pads its windows); only ViT insists on 224.
@@ -165,6 +165,6 @@ def test_pretrained_offline_without_cache_is_a_user_error(offline, name):
 
 
 def test_torch_free_name_list_matches_the_table():
-    from models.names import MODEL_NAMES
+    from core.model_names import MODEL_NAMES
 
     assert tuple(model_names()) == MODEL_NAMES

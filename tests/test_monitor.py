@@ -12,14 +12,16 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_script
-from utils import gpu_monitor, hardware
-from utils.config import load_config
-from utils.errors import UserError
-from utils.gpu_advice import LOOKS_GOOD, recommendations
-from utils.hardware import GpuReading, read_gpus
+from core import hardware
+from core.config import load_config
+from core.errors import UserError
+from core.hardware import GpuReading, read_gpus
+from ops import gpu_monitor
+from ops.gpu_advice import LOOKS_GOOD, recommendations
 
 MB = 2**20
-GOOD_GPU = dict(name=b"NVIDIA Fake RTX", util=87, used_mb=3140, total_mb=4096, temp=72, power_mw=115200, limit_mw=130000)
+GOOD_GPU = dict(name=b"NVIDIA Fake RTX", util=87, used_mb=3140, total_mb=4096, temp=72, power_mw=115200,
+                limit_mw=130000)
 
 
 def fake_pynvml(gpus: list[dict], pid: int) -> types.ModuleType:

@@ -2,14 +2,13 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from tests.conftest import run_script
+from core.config import load_config
+from core.errors import UserError
 from data.manifest import read_manifest
-from utils.config import load_config
-from utils.errors import UserError
-
-import pytest
+from tests.conftest import run_script
 
 
 def independent_stats(manifest_path, root, size):

@@ -1,4 +1,4 @@
-"""register_model.py / utils/registry.py against a real sqlite MLflow registry in tmp."""
+"""register_model.py / deploy/registry.py against a real sqlite MLflow registry in tmp."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,9 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import run_script
-from utils.checkpoint import load_checkpoint
-from utils.errors import UserError
-from utils.registry import Evaluation, gate_tags, validate_semver
+from core.checkpoint import load_checkpoint
+from core.errors import UserError
+from deploy.registry import Evaluation, gate_tags, validate_semver
 
 
 def write_evaluation(out_dir, ckpt: dict, passed: bool) -> None:
@@ -27,7 +27,8 @@ def write_evaluation(out_dir, ckpt: dict, passed: bool) -> None:
                "timing": {"device": "cpu", "latency_ms_mean": 3.0, "latency_ms_p95": 4.0,
                           "throughput_images_per_s": 300, "batch_size": 1}}
     gates = [{"name": "accuracy", "value": metrics["accuracy"]["value"], "threshold": 0.85, "comparison": ">=",
-              "passed": passed}, {"name": "sensitivity", "value": 0.9, "threshold": 0.8, "comparison": ">=", "passed": True}]
+              "passed": passed},
+             {"name": "sensitivity", "value": 0.9, "threshold": 0.8, "comparison": ">=", "passed": True}]
     validation = {"model": "resnet18", "strict": False, "basis": "point estimate", "gates": gates,
                   "deployment_ready": passed}
     (out_dir / "evaluation_metrics.json").write_text(json.dumps(metrics))

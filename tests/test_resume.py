@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import build_with_training_hook, run_script, write_overlay
-from utils.checkpoint import load_checkpoint
-from utils.errors import UserError
-from utils.resume import capture_rng, restore_rng
+from core.checkpoint import load_checkpoint
+from core.errors import UserError
+from training.progress import capture_rng, restore_rng
 
 SETTINGS = {"train.epochs": 2, "models.resnet18.batch_size": 4, "monitoring.mlflow.enabled": False}
 

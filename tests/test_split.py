@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.config import load_config
+from core.errors import UserError
 from data.manifest import prepare_split, read_manifest
 from data.split import assign_splits, group_items
-from utils.config import load_config
-from utils.errors import UserError
 
 
 def make_messy_dataset(root, per_class=(30, 20, 12), size=24):
@@ -42,7 +42,7 @@ def test_targets_are_met_within_one_image_per_class():
     labels = ["a"] * 100 + ["b"] * 37 + ["c"] * 11
     out = assign_splits(labels, list(range(len(labels))), (0.7, 0.15, 0.15), seed=42)
     for cls, n in Counter(labels).items():
-        got = Counter(s for s, l in zip(out, labels) if l == cls)
+        got = Counter(s for s, lab in zip(out, labels) if lab == cls)
         for split, ratio in zip(("train", "val", "test"), (0.7, 0.15, 0.15)):
             assert abs(got[split] - n * ratio) <= 1, (cls, split, got)
 

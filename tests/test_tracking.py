@@ -8,8 +8,8 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import run_script, write_overlay
-from utils.config import load_config
-from utils.tracking import RunTracker, wandb_mode
+from core.config import load_config
+from core.tracking import RunTracker, wandb_mode
 
 
 def sqlite_uri(tmp) -> str:
@@ -33,7 +33,8 @@ def test_training_leaves_tensorboard_events_and_an_mlflow_run(trained):
     artifacts = {a.path for d in ("checkpoints", "config") for a in client.list_artifacts(run.info.run_id, d)}
     assert {"checkpoints/best_model.pth", "config/resolved_config.yaml"} <= artifacts
     # the checkpoint links back to its training run (evaluation and the model card cite it)
-    ckpt = torch.load(tmp / "checkpoints" / "resnet18_outputs" / "best_model.pth", map_location="cpu", weights_only=True)
+    ckpt = torch.load(tmp / "checkpoints" / "resnet18_outputs" / "best_model.pth", map_location="cpu",
+                      weights_only=True)
     assert ckpt["mlflow_run_id"] == run.info.run_id
 
 

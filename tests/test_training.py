@@ -7,12 +7,22 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import build_with_training_hook, run_script, write_overlay
-from utils.checkpoint import load_checkpoint
-from utils.config import load_config
-from utils.early_stopping import EarlyStopping
-from utils.errors import UserError
-from utils.training import (Trainer, amp_dtype, balanced_sampler, build_criterion, build_optimizer,
-                            build_scheduler, class_weights, clip_gradients, prepare_model, train_one_epoch)
+from core.checkpoint import load_checkpoint
+from core.config import load_config
+from core.errors import UserError
+from training.early_stopping import EarlyStopping
+from training.loop import train_one_epoch
+from training.recipe import (
+    amp_dtype,
+    balanced_sampler,
+    build_criterion,
+    build_optimizer,
+    build_scheduler,
+    class_weights,
+    prepare_model,
+)
+from training.step import clip_gradients
+from training.trainer import Trainer
 
 
 def cfg_with(*sets):
@@ -86,7 +96,7 @@ def test_gradient_accumulation_equals_the_larger_batch():
     odd = tiny_trainer(cfg_with(*base, "performance.gradient_accumulation=3"), batch_size=4)
     for t in (big, accum, odd):
         train_one_epoch(t, 1)
-    assert big.step == accum.step == 2 and odd.step == 2  # 4 batches in windows of 3 + 1
+    assert big.progress.step == accum.progress.step == 2 and odd.progress.step == 2  # 4 batches in windows of 3 + 1
     for a, b in zip(big.model.parameters(), accum.model.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
 
@@ -102,7 +112,7 @@ def test_fused_step_under_gradscaler_skips_an_overflow_and_lowers_the_scale():
     x[5] = float("inf")  # the second batch overflows
     t.train_loader = DataLoader(TensorDataset(x, y), batch_size=4)
     train_one_epoch(t, 1)
-    assert t.step == 4 and t.nonfinite == 1
+    assert t.progress.step == 4 and t.progress.nonfinite == 1
     assert t.scaler.get_scale() < 1024.0
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
     assert int(t.optimizer.state[next(t.model.parameters())]["step"]) == 3  # the skipped step is not counted
@@ -119,7 +129,7 @@ def test_clipping_bounds_the_gradient_norm():
 
 def test_speed_options_are_harmless_on_cpu():
     """AMP stays off on CPU; channels_last changes the weights' layout; torch.compile still runs (~5 s)."""
-    from utils.distributed import DistInfo
+    from training.distributed import DistInfo
 
     cfg = cfg_with("performance.mixed_precision=true", "performance.channels_last=true")
     assert amp_dtype(cfg, torch.device("cpu")) is None
@@ -156,7 +166,8 @@ def test_early_stop_at_the_right_epoch_with_banner_and_numbered_checkpoints(tmp_
     assert load_checkpoint(out_dir / "best_model.pth")["epoch"] == 1
     assert sorted(p.name for p in out_dir.glob("checkpoint_epoch_*.pth")) == ["checkpoint_epoch_002.pth"]
     for line in ("Dataset: ", "Model: resnet18 with 3 classes", "Batch size: 8", "Learning rate: 0.003", "Epochs: 6",
-                 "Device: cpu", "CPU: ", "RAM: ", "GPU: no GPU", "Mixed Precision: Disabled", "Model Compilation: Disabled",
+                 "Device: cpu", "CPU: ", "RAM: ", "GPU: no GPU", "Mixed Precision: Disabled", "Model Compilation: "
+                                                                                              "Disabled",
                  "TensorBoard: ", "Epoch 1/6 Summary:", "Train Loss:", "Val Acc:", "Best validation accuracy"):
         assert line in out, line
 
@@ -189,7 +200,8 @@ FUSED = pytest.mark.parametrize("fused", [False, True], ids=["host-checked", "fu
 @FUSED
 def test_one_nan_step_is_skipped_and_training_goes_on(tmp_path, tiny_data, monkeypatch, capsys, fused):
     monkeypatch.setattr("train.build_model", nan_on({2}))
-    overlay = write_overlay(tmp_path, tiny_data, **{"train.max_nonfinite_steps": 5, "performance.fused_optimizer": fused,
+    overlay = write_overlay(tmp_path, tiny_data, **{"train.max_nonfinite_steps": 5,
+                                                    "performance.fused_optimizer": fused,
                                                     "monitoring.mlflow.enabled": False})
     assert run_script("train", ["--config", overlay, "--model", "resnet18"]) == 0
     err = capsys.readouterr().err
@@ -210,7 +222,8 @@ def test_a_skipped_step_leaves_the_weights_untouched(tmp_path, tiny_data, monkey
     monkeypatch.setattr("train.build_model", build)
     overlay = write_overlay(tmp_path, tiny_data, **{"train.max_nonfinite_steps": 1000, "train.epochs": 1,
                                                     "performance.fused_optimizer": fused,
-                                                    "models.resnet18.batch_size": 4, "monitoring.mlflow.enabled": False})
+                                                    "models.resnet18.batch_size": 4,
+                                                    "monitoring.mlflow.enabled": False})
     assert run_script("train", ["--config", overlay, "--model", "resnet18"]) == 0
     last = load_checkpoint(tmp_path / "checkpoints" / "resnet18_outputs" / "last_model.pth")
     assert last["progress"]["nonfinite"] == last["progress"]["step"] > 1

@@ -1,0 +1,54 @@
+"""What every script shares on its command line: --config, --set, --demo, and clean user-error exits."""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from core.errors import UserError
+
+
+def add_common_args(parser: argparse.ArgumentParser, model: bool = True) -> argparse.ArgumentParser:
+    parser.add_argument("--config", default=None, metavar="PATH",
+                        help="YAML deep-merged over config/config.yaml (e.g. config/optimized_config.yaml)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override one config value (repeatable), e.g. --set train.epochs=3")
+    parser.add_argument("--demo", action="store_true",
+                        help="use the embedded synthetic demo data set (generated on first use; not medical data)")
+    parser.add_argument("--resplit", action="store_true",
+                        help="make a new split manifest when the data set on disk no longer matches the old one")
+    if model:
+        parser.add_argument("--model", default=None, help="model name from the config's models table (e.g. resnet18)")
+    return parser
+
+
+def add_checkpoint_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", default=None, metavar="PATH",
+                        help="default: checkpoints/{model}_outputs/best_model.pth")
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+
+
+def config_from_args(args: argparse.Namespace, **overrides):
+    """Resolve the config from the common flags; `overrides` are explicit flags as dotted keys."""
+    from core.config import load_config
+
+    flags = {"model": getattr(args, "model", None)}
+    flags.update(overrides)
+    return load_config(args.config, args.sets, args.demo, flags)
+
+
+def run(main: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser, argv=None) -> None:
+    """Parse, run, and turn user errors into one line on stderr and a non-zero exit (no traceback)."""
+    args = parser.parse_args(argv)
+    try:
+        code = main(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,145 @@
+"""Predictors: one base (the contract's preprocessing and the output record), two runtimes.
+
+OnnxPredictor needs numpy, Pillow and ONNX Runtime only: the contract travels inside the .onnx file,
+so the file is enough to predict correctly. TorchPredictor rebuilds the checkpoint's nn.Module (loaded
+with weights_only=True) and adds Grad-CAM, which needs the real module. torch is imported only there.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from core.contract import Contract
+from data.images import load_gray
+from data.preprocess_numpy import preprocess_numpy
+
+# Tried in this order; an execution provider that ONNX Runtime lacks here is skipped.
+PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def read_contract(onnx_path: str | Path) -> Contract:
+    """The contract in an ONNX file's metadata_props (the weights are not loaded)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return Contract.from_onnx_metadata({p.key: p.value for p in model.metadata_props}, str(onnx_path))
+
+
+def default_providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    return [p for p in PREFERRED_PROVIDERS if p in available] or ["CPUExecutionProvider"]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)  # shift: exp never overflows
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def preprocess_path(path, contract: Contract) -> np.ndarray:
+    """One image through the contract's preprocessing: float32 (1, 3, S, S); raises ImageReadError."""
+    return preprocess_numpy(load_gray(path, contract.img_size), contract.mean, contract.std)
+
+
+def prediction_record(path, probs: np.ndarray, class_names: list[str]) -> dict:
+    """The one output record of every predictor."""
+    index = int(np.argmax(probs))
+    return {
+        "path": str(path),
+        "predicted_class": class_names[index],
+        "class_index": index,
+        "confidence": float(probs[index]),
+        "probabilities": {name: float(p) for name, p in zip(class_names, probs)},
+    }
+
+
+class Predictor:
+    """What every predictor shares: the contract's preprocessing and the output record.
+    Subclasses set `self.contract` and implement `logits`."""
+
+    contract: Contract
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.contract.class_names)
+
+    def preprocess(self, path) -> np.ndarray:
+        """(1, 3, S, S) float32, the training preprocessing; raises data.images.ImageReadError."""
+        return preprocess_path(path, self.contract)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Raw model outputs (N, C) for preprocessed inputs (N, 3, S, S)."""
+        raise NotImplementedError
+
+    def predict_array(self, x: np.ndarray) -> np.ndarray:
+        """Softmax probabilities (N, C) for preprocessed inputs (N, 3, S, S)."""
+        return softmax(np.asarray(self.logits(x), dtype=np.float64)).astype(np.float32)
+
+    def predict_path(self, path) -> dict:
+        return prediction_record(path, self.predict_array(self.preprocess(path))[0], self.class_names)
+
+
+class OnnxPredictor(Predictor):
+    """One ONNX Runtime session, created once and reused for every prediction."""
+
+    def __init__(self, onnx_path: str | Path, contract: Contract | None = None,
+                 providers: list[str] | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.onnx_path = Path(onnx_path)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        self.session = ort.InferenceSession(str(self.onnx_path), sess_options=options,
+                                            providers=providers or default_providers())
+        if contract is None:
+            props = self.session.get_modelmeta().custom_metadata_map
+            contract = Contract.from_onnx_metadata(props, str(self.onnx_path))
+        contract.check_decode(str(self.onnx_path))
+        self.contract = contract
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
+
+class TorchPredictor(Predictor):
+    """The PyTorch model of a toolkit checkpoint, plus Grad-CAM overlays."""
+
+    def __init__(self, checkpoint_path: str | Path, contract: Contract | None = None, device: str = "cpu"):
+        import torch
+
+        from core.checkpoint import load_checkpoint
+        from models.loading import model_from_checkpoint
+
+        ckpt = load_checkpoint(checkpoint_path)  # weights_only=True: nothing is unpickled
+        self.contract = contract or Contract.from_checkpoint(ckpt)
+        self.device = torch.device(device)
+        self.model = model_from_checkpoint(ckpt, self.device)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            out = self.model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device))
+        return out.float().cpu().numpy()
+
+    def gradcam(self, paths: list, predicted: list[int], out_dir) -> list[Path]:
+        """One overlay PNG per image (Grad-CAM of its predicted class), named after the image."""
+        import torch
+
+        from data.preprocess import Preprocessor
+        from evaluation.explain import CamModel, gradcam_gallery
+
+        c = self.contract
+        images = [(torch.from_numpy(load_gray(p, c.img_size))[None], -1) for p in paths]
+        pre = Preprocessor(c.mean, c.std).to(self.device).eval()
+        files = gradcam_gallery(CamModel(self.model, c.model_name, pre, self.device), images,
+                                list(range(len(images))), predicted, out_dir)
+        return [f.replace(f.with_name(f"{i:03d}_{Path(p).stem}_gradcam.png"))
+                for i, (f, p) in enumerate(zip(files, paths))]

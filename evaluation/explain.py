@@ -1,0 +1,153 @@
+"""Grad-CAM overlays (pytorch-grad-cam) for correct and misclassified test images, with an HTML index.
+
+pytorch-grad-cam pulls in OpenCV, so it is imported only where an overlay is drawn.
+"""
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from core.fileio import write_text_atomic
+from models.loading import unwrap
+
+if TYPE_CHECKING:
+    from evaluation.prediction import Scored
+
+TILE = 256  # pixels per panel: small demo images are upscaled so a person can see them
+
+
+@dataclass
+class CamModel:
+    """What a Grad-CAM needs: the model, its zoo name (for the target layer), its preprocessing, its device."""
+    model: torch.nn.Module
+    model_name: str
+    preprocess: torch.nn.Module
+    device: torch.device
+
+
+def _tokens_to_grid(tensor: torch.Tensor) -> torch.Tensor:
+    """ViT tokens (B, 1 + N, C) -> (B, C, sqrt N, sqrt N), dropping the class token."""
+    tokens = tensor[:, 1:, :]
+    side = int(math.isqrt(tokens.shape[1]))
+    return tokens.reshape(tokens.shape[0], side, side, tokens.shape[2]).permute(0, 3, 1, 2)
+
+
+def _channels_first(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.permute(0, 3, 1, 2)  # torchvision Swin keeps (B, H, W, C)
+
+
+def cam_target(model: torch.nn.Module, model_name: str):
+    """(target layers, reshape_transform) for Grad-CAM: the last spatial feature map of each family."""
+    model = unwrap(model)
+    if model_name.startswith("resnet"):
+        return [model.layer4[-1]], None
+    if model_name.startswith("efficientnet"):
+        return [model.features[-1]], None
+    if model_name == "medical_cnn":
+        return [model.backbone[0][-1]], None  # backbone = Sequential(features, avgpool, flatten)
+    if model_name == "xception_medical":
+        return [model.backbone.act4], None
+    if model_name.startswith("swin"):
+        return [model.norm], _channels_first
+    if model_name.startswith("vit"):
+        return [model.encoder.layers[-1].ln_1], _tokens_to_grid
+    raise ValueError(f"no Grad-CAM target layer known for {model_name}")
+
+
+def select_examples(y_true, y_pred, n_correct: int, seed: int = 0) -> list[int]:
+    """Every misclassified index, plus a seeded random sample of n_correct correctly classified ones."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    wrong = np.flatnonzero(y_true != y_pred)
+    right = np.flatnonzero(y_true == y_pred)
+    rng = np.random.default_rng(seed)
+    sample = rng.choice(right, size=min(n_correct, len(right)), replace=False) if len(right) else right
+    return sorted(wrong.tolist()) + sorted(sample.tolist())
+
+
+def _overlay_panel(gray: np.ndarray, cam: np.ndarray, caption: str = "") -> Image.Image:
+    """The image and its Grad-CAM overlay side by side, each TILE pixels wide, a caption underneath."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    rgb = np.repeat(gray[..., None].astype(np.float32) / 255.0, 3, axis=2)
+    overlay = show_cam_on_image(rgb, cam, use_rgb=True, image_weight=0.6)
+    left = Image.fromarray(gray).convert("RGB").resize((TILE, TILE), Image.BILINEAR)
+    right = Image.fromarray(overlay).resize((TILE, TILE), Image.BILINEAR)
+    panel = Image.new("RGB", (2 * TILE + 8, TILE + 28), "white")
+    panel.paste(left, (0, 0))
+    panel.paste(right, (TILE + 8, 0))
+    ImageDraw.Draw(panel).text((6, TILE + 6), caption, fill="black", font_size=16)
+    return panel
+
+
+def gradcam_gallery(cam_model: CamModel, dataset, indices: list[int], y_pred, out_dir,
+                    captions: list[str] | None = None, batch_size: int = 16) -> list[Path]:
+    """One PNG per index (Grad-CAM of the predicted class); returns the file paths in order."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("gradcam_*.png"):  # overlays of an earlier evaluation would mix with these
+        old.unlink()
+    model = unwrap(cam_model.model).eval()
+    model.requires_grad_(True)  # frozen backbones (medical_cnn) need gradients at the target layer
+    layers, reshape = cam_target(model, cam_model.model_name)
+    files = []
+    with GradCAM(model=model, target_layers=layers, reshape_transform=reshape) as cam:
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            images = torch.stack([dataset[i][0] for i in chunk])
+            with torch.no_grad():
+                x = cam_model.preprocess(images.to(cam_model.device))
+            maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(y_pred[i])) for i in chunk])
+            for j, (i, gray, m) in enumerate(zip(chunk, images[:, 0].numpy(), maps)):
+                path = out_dir / f"gradcam_{i:05d}.png"
+                _overlay_panel(gray, m, captions[start + j] if captions else "").save(path)
+                files.append(path)
+    return files
+
+
+def write_gradcam_index(entries: list[dict], out_dir, model_name: str) -> Path:
+    """gradcam/index.html: each overlay beside its path, true class, predicted class and confidence."""
+    out_dir = Path(out_dir)
+    rows = []
+    for e in entries:
+        ok = e["true"] == e["predicted"]
+        rows.append(
+            f"<tr class='{'ok' if ok else 'wrong'}'><td><img src='{html.escape(e['file'])}'></td>"
+            f"<td>{html.escape(e['path'])}</td><td>{html.escape(e['true'])}</td><td>{html.escape(e['predicted'])}</td>"
+            f"<td>{e['confidence']:.1%}</td><td>{'correct' if ok else 'MISCLASSIFIED'}</td></tr>")
+    wrong = sum(e["true"] != e["predicted"] for e in entries)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Grad-CAM: {html.escape(model_name)}</title>
+<style>body{{font-family:sans-serif}} td{{padding:4px 8px;border-bottom:1px solid #ddd}}
+tr.wrong td{{background:#fde8e8}} tr.ok td{{background:#eef8ee}}</style></head><body>
+<h1>Grad-CAM overlays: {html.escape(model_name)}</h1>
+<p>{wrong} misclassified test image(s) (all of them) and {len(entries) - wrong} correctly classified sample(s).
+Left: the image as the model saw it (after resizing); right: Grad-CAM of the predicted class (red = most influence).</p>
+<table><tr><th>image | Grad-CAM</th><th>path</th><th>true</th><th>predicted</th><th>confidence</th><th></th></tr>
+{chr(10).join(rows)}
+</table></body></html>
+"""
+    return write_text_atomic(out_dir / "index.html", page)
+
+
+def explain_test_set(cam_model: CamModel, test: Scored, class_names: list[str], out_dir, n_correct: int,
+                     seed: int = 0) -> Path:
+    """Grad-CAM for every misclassified and n_correct correctly classified test images; returns index.html."""
+    y_true, y_prob, rel_paths = test.y_true, np.asarray(test.y_prob), test.paths
+    y_pred = y_prob.argmax(axis=1)
+    indices = select_examples(y_true, y_pred, n_correct, seed)
+    captions = [f"true: {class_names[int(y_true[i])]} | predicted: {class_names[int(y_pred[i])]} "
+                f"({y_prob[i].max():.1%})" for i in indices]
+    files = gradcam_gallery(cam_model, test.dataset, indices, y_pred, out_dir, captions)
+    entries = [{"file": f.name, "path": rel_paths[i], "true": class_names[int(y_true[i])],
+                "predicted": class_names[int(y_pred[i])], "confidence": float(y_prob[i].max())}
+               for i, f in zip(indices, files)]
+    return write_gradcam_index(entries, out_dir, cam_model.model_name)

@@ -1,0 +1,60 @@
+"""Run a model over a loader: the one prediction loop behind validation, test.py and evaluate.py."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from core.errors import UserError
+from data.dataset import build_dataset, make_loader
+
+if TYPE_CHECKING:
+    from core.config import Config
+    from data.dataset import GrayImageDataset
+    from data.manifest import Split
+
+
+@dataclass
+class Scored:
+    """One split's images, their true labels and the model's probabilities, row for row."""
+    name: str
+    dataset: GrayImageDataset
+    paths: list[str]  # as in the split manifest
+    y_true: np.ndarray
+    y_prob: np.ndarray
+    loss: float
+
+
+def predict_split(cfg: Config, split: Split, name: str, model, preprocess, img_size: int, device) -> Scored:
+    """The model over one split of the manifest, read through the cache like every other stage."""
+    dataset = build_dataset(cfg, split, name, img_size)
+    if len(dataset) == 0:
+        raise UserError(f"the {name} split of {split.manifest_path} is empty")
+    loader = make_loader(dataset, cfg, cfg.recipe.batch_size, device=device)
+    y, prob, loss = predict(model, loader, preprocess, device, desc=f"Evaluating ({name})")
+    return Scored(name, dataset, [r.path for r in split.rows_for(name)], y, prob, loss)
+
+
+@torch.no_grad()
+def predict(model, loader, preprocess, device, desc: str = "Predicting", progress: bool = True,
+            channels_last: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+    """(true labels, softmax probabilities, mean cross-entropy loss)."""
+    model.eval()
+    preprocess.eval()
+    labels, probs, loss_sum = [], [], 0.0
+    for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        x = preprocess(images.to(device, non_blocking=True))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        targets = targets.to(device, non_blocking=True)
+        logits = model(x).float()
+        loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        labels.append(targets.cpu())
+        probs.append(torch.softmax(logits, dim=1).cpu())
+    if not labels:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32), 0.0
+    y = torch.cat(labels).numpy()
+    return y, torch.cat(probs).numpy(), loss_sum / max(len(y), 1)

@@ -1,0 +1,189 @@
+"""Evaluation outputs: evaluation_report.txt, predictions.csv, the JSON files, and the --compare table."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from core.fileio import write_json_atomic, write_text_atomic
+from evaluation.gates import format_gates
+
+COMPARISON_COLUMNS = ("rank", "model", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "macro_f1",
+                      "balanced_accuracy", "latency_ms", "throughput_images_per_s", "device", "gates",
+                      "n_test", "checkpoint_epoch", "created")
+
+
+def write_json(path, obj) -> Path:
+    """Write JSON atomically (readers such as run_experiments.py never see half a file)."""
+    return write_json_atomic(path, obj)
+
+
+def write_predictions(path, rel_paths: list[str], y_true, y_prob, class_names: list[str]) -> Path:
+    """One row per test image: path (as in the manifest), true and predicted class, a probability per class.
+
+    Probabilities are written with repr() (shortest exact round trip), so figures recomputed from
+    this file match evaluation_metrics.json exactly.
+    """
+    y_prob = np.asarray(y_prob, dtype=np.float64)
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "true_class", "predicted_class", *(f"prob_{c}" for c in class_names)])
+        for rel, t, p in zip(rel_paths, y_true, y_prob):
+            writer.writerow([rel, class_names[int(t)], class_names[int(p.argmax())], *(repr(float(v)) for v in p)])
+    return Path(path)
+
+
+def _ci(d: dict, pct: bool = True) -> str:
+    f = (lambda v: f"{v:.2%}") if pct else (lambda v: f"{v:.4f}")
+    return f"{f(d['value'])} [{f(d['ci_low'])}, {f(d['ci_high'])}]"
+
+
+def format_evaluation(r: dict) -> str:
+    """The human-readable report: every figure of evaluation_metrics.json with its interval."""
+    conf = f"{r['confidence']:.0%}"
+    auc = "n/a" if r["roc_auc_macro"] is None else f"{r['roc_auc_macro']:.4f}"
+    lines = [f"Evaluation of {r['model']} (checkpoint {r['checkpoint']}, epoch {r['checkpoint_epoch']})",
+             f"Test split: {r['n_test']} images of {r['split_manifest']} (fingerprint {r['data_fingerprint']})",
+             f"Intervals: {conf} stratified bootstrap, {r['bootstrap_samples']} resamples", "",
+             f"Accuracy:          {_ci(r['accuracy'])}",
+             f"Balanced accuracy: {_ci(r['balanced_accuracy'])}",
+             f"Macro F1:          {_ci(r['macro_f1'], pct=False)}",
+             f"ROC AUC (macro, one-vs-rest): {auc}", ""]
+    width = max(12, *(len(c) for c in r["class_names"]))
+    lines.append(f"{'class':<{width}} {'precision':>9} {'sensitivity [' + conf + ' CI]':>27} "
+                 f"{'specificity [' + conf + ' CI]':>27} {'f1':>7} {'AUC':>7} {'support':>8}")
+    for c, row in r["per_class"].items():
+        auc_c = "n/a" if row["roc_auc"] is None else f"{row['roc_auc']:.4f}"
+        lines.append(f"{c:<{width}} {row['precision']:>9.4f} {_ci(row['sensitivity']):>27} "
+                     f"{_ci(row['specificity']):>27} {row['f1']:>7.4f} {auc_c:>7} {row['support']:>8d}")
+    lines += ["", "Confusion matrix (rows: true class, columns: predicted; count and % of the true class)",
+              " " * width + "".join(f"{c[:14]:>16}" for c in r["class_names"])]
+    for c, counts, pcts in zip(r["class_names"], r["confusion_matrix"], r["confusion_matrix_row_pct"]):
+        lines.append(f"{c:<{width}}" + "".join(f"{f'{n} ({p:.1f}%)':>16}" for n, p in zip(counts, pcts)))
+    lines += ["", *_calibration_lines(r["calibration"]), *_timing_lines(r["timing"]),
+              f"Class imbalance: {r['class_imbalance_ratio']:.2f}:1 (largest / smallest class in the training split: "
+              + ", ".join(f"{k} {v}" for k, v in r.get("train_class_counts", {}).items()) + ")"]
+    lines += [f"Note: {n}" for n in r.get("notes", [])]
+    return "\n".join(lines)
+
+
+def _calibration_lines(cal: dict) -> list[str]:
+    lines = [f"Calibration: ECE {cal['ece']:.4f} ({cal['n_bins']} bins)"]
+    if cal["temperature"] is not None:
+        lines.append(f"  temperature {cal['temperature']:.3f} (fitted on the validation split): "
+                     f"ECE {cal['ece_after_temperature']:.4f} after scaling")
+    return lines
+
+
+def _timing_lines(t: dict) -> list[str]:
+    return [f"Inference on {t['device']}: {t['latency_ms_mean']:.2f} ms per image (p95 {t['latency_ms_p95']:.2f} ms) "
+            f"at batch size 1; {t['throughput_images_per_s']:.1f} images/s at batch size {t['batch_size']}"]
+
+
+def write_report(path, record: dict, validation: dict | None = None) -> Path:
+    text = format_evaluation(record)
+    if validation is not None:
+        text += "\n\n" + format_gates(validation)
+    write_text_atomic(path, text + "\n")
+    return Path(path)
+
+
+def flat_metrics(r: dict) -> dict[str, float]:
+    """Scalar figures for MLflow / W&B (test_accuracy, test_accuracy_ci_low, test_sensitivity_<class>...)."""
+    out = {}
+    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
+        out.update({f"test_{key}": r[key]["value"], f"test_{key}_ci_low": r[key]["ci_low"],
+                    f"test_{key}_ci_high": r[key]["ci_high"]})
+    for c, row in r["per_class"].items():
+        for key in ("sensitivity", "specificity"):
+            out[f"test_{key}_{c}"] = row[key]["value"]
+            out[f"test_{key}_{c}_ci_low"] = row[key]["ci_low"]
+        out[f"test_f1_{c}"] = row["f1"]
+        if row["roc_auc"] is not None:
+            out[f"test_roc_auc_{c}"] = row["roc_auc"]
+    if r["roc_auc_macro"] is not None:
+        out["test_roc_auc_macro"] = r["roc_auc_macro"]
+    out["ece"] = r["calibration"]["ece"]
+    if r["calibration"]["ece_after_temperature"] is not None:
+        out["ece_after_temperature"] = r["calibration"]["ece_after_temperature"]
+    out.update(latency_ms_mean=r["timing"]["latency_ms_mean"], latency_ms_p95=r["timing"]["latency_ms_p95"],
+               throughput_images_per_s=r["timing"]["throughput_images_per_s"],
+               class_imbalance_ratio=r["class_imbalance_ratio"])
+    return out
+
+
+# ---- --compare: every model evaluated under the checkpoints folder ----
+
+def _gate_status(folder: Path) -> str:
+    path = folder / "medical_validation.json"
+    if not path.is_file():
+        return "not checked"
+    try:
+        v = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "unreadable"
+    return ("PASS" if v["deployment_ready"] else "FAIL") + (" (strict)" if v.get("strict") else "")
+
+
+def collect_evaluations(root, log=print) -> list[dict]:
+    """One row per checkpoints/*_outputs/evaluation_metrics.json, ranked by accuracy, then macro F1."""
+    rows = []
+    for path in sorted(Path(root).glob("*_outputs/evaluation_metrics.json")):
+        try:
+            r = json.loads(path.read_text())
+            rows.append({
+                "model": r["model"], "accuracy": r["accuracy"]["value"], "accuracy_ci_low": r["accuracy"]["ci_low"],
+                "accuracy_ci_high": r["accuracy"]["ci_high"], "macro_f1": r["macro_f1"]["value"],
+                "balanced_accuracy": r["balanced_accuracy"]["value"], "latency_ms": r["timing"]["latency_ms_mean"],
+                "throughput_images_per_s": r["timing"]["throughput_images_per_s"], "device": r["timing"]["device"],
+                "gates": _gate_status(path.parent), "n_test": r["n_test"],
+                "checkpoint_epoch": r["checkpoint_epoch"], "created": r["created"],
+                "data_fingerprint": r["data_fingerprint"]})
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            log(f"⚠️  skipped {path}: not a readable evaluation ({type(exc).__name__}: {exc})")
+    rows.sort(key=lambda row: (-row["accuracy"], -row["macro_f1"], row["latency_ms"]))
+    for i, row in enumerate(rows, 1):
+        row["rank"] = i
+    return rows
+
+
+def recommend(rows: list[dict]) -> tuple[dict | None, str]:
+    """The best-ranked model that passes the gates (else the best-ranked one), with the reason."""
+    if not rows:
+        return None, "no evaluated model found"
+    passing = [r for r in rows if r["gates"].startswith("PASS")]
+    pick = passing[0] if passing else rows[0]
+    if passing:
+        basis = "it passes the medical-validation gates"
+    elif any(r["gates"].startswith("FAIL") for r in rows):
+        basis = "no model passes the medical-validation gates yet, so it is only the best available"
+    else:
+        basis = "gates not checked (run evaluate.py --medical-validation)"
+    reason = (f"{pick['model']}: highest accuracy ({pick['accuracy']:.2%}, 95% CI {pick['accuracy_ci_low']:.2%}-"
+              f"{pick['accuracy_ci_high']:.2%}) and macro F1 ({pick['macro_f1']:.4f}) of the models ranked, "
+              f"{pick['latency_ms']:.1f} ms per image on {pick['device']}; {basis}")
+    return pick, reason
+
+
+def format_comparison(rows: list[dict], reason: str) -> str:
+    head = (f"{'#':>2} {'model':<18} {'accuracy [95% CI]':>26} {'macro F1':>9} {'bal. acc':>9} "
+            f"{'ms/image':>9} {'images/s':>9} {'gates':>18}")
+    lines = ["Model comparison (ranked by accuracy, then macro F1)", head, "-" * len(head)]
+    for r in rows:
+        acc = f"{r['accuracy']:.2%} [{r['accuracy_ci_low']:.2%}, {r['accuracy_ci_high']:.2%}]"
+        lines.append(f"{r['rank']:>2} {r['model']:<18} {acc:>26} {r['macro_f1']:>9.4f} {r['balanced_accuracy']:>9.2%} "
+                     f"{r['latency_ms']:>9.2f} {r['throughput_images_per_s']:>9.1f} {r['gates']:>18}")
+    if len({r["data_fingerprint"] for r in rows}) > 1:
+        lines.append("⚠️  these models were evaluated on different test splits: their figures are not comparable")
+    lines.append(f"🏆 Recommended: {reason}")
+    return "\n".join(lines)
+
+
+def write_comparison_csv(path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COMPARISON_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return Path(path)
