@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.cli import add_checkpoint_arg, add_common_args, add_device_arg, run
+from core.cli import add_common_args, run
 from core.device import select_device
 from data.preprocess import Preprocessor
 from evaluation.explain import CamModel
@@ -41,9 +41,7 @@ if TYPE_CHECKING:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate a checkpoint on the test split: metrics with 95% bootstrap "
                                 "intervals, ROC, calibration, timing, plots (outputs in checkpoints/{model}_outputs/)")
-    add_common_args(p)
-    add_checkpoint_arg(p)
-    add_device_arg(p)
+    add_common_args(p, checkpoint=True, device=True)
     p.add_argument("--detailed", action="store_true", help="Grad-CAM overlays of misclassified and sample correct "
                                                            "images")
     p.add_argument("--medical-validation", action="store_true",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from core.cli import add_checkpoint_arg, add_common_args, config_from_args, run
+from core.cli import add_common_args, config_from_args, run
 from core.errors import UserError
 from deploy.export import (
     FORMATS,
@@ -29,8 +29,7 @@ from deploy.export import (
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Export a checkpoint to ONNX / TorchScript / torch.export with parity "
                                             "checks")
-    add_common_args(p)
-    add_checkpoint_arg(p)
+    add_common_args(p, checkpoint=True)
     p.add_argument("--format", default="onnx", choices=list(FORMATS),
                    help="onnx | torchscript | pt2 | both (TorchScript + ONNX) | all (default: onnx)")
     p.add_argument("--output-dir", default=None, metavar="DIR",

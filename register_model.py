@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.cli import add_checkpoint_arg, add_common_args, config_from_args, run
+from core.cli import add_common_args, config_from_args, run
 from core.errors import UserError
 from core.tracking import RunTracker, experiment_name
 from deploy.export import export_checked, export_source, parity_line, write_contract_json
@@ -42,9 +42,8 @@ if TYPE_CHECKING:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Register a model (PyTorch + ONNX) in the MLflow Model Registry")
-    add_common_args(p)
+    add_common_args(p, checkpoint=True)
     p.add_argument("--version", required=True, help="semantic version of this release, e.g. 1.0.0")
-    add_checkpoint_arg(p)
     p.add_argument("--description", default=None, help="text shown on the model version")
     p.add_argument("--tags", nargs="*", default=[], metavar="KEY=VALUE", help='version tags, e.g. "production=ready"')
     p.add_argument("--alias", default=None, help="point this alias at the new version (staging, production, ...)")

@@ -38,8 +38,6 @@ def main(args) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     if args.models is not None and not models:
         raise UserError("--models needs at least one model name, e.g. --models resnet18,efficientnet_b0")
-    if args.epochs is not None and args.epochs < 1:
-        raise UserError(f"--epochs must be >= 1, got {args.epochs}")
     plan = Plan(config=str(Path(args.config).resolve()) if args.config else None, sets=args.sets,
                 demo=args.demo, epochs=args.epochs, resplit=args.resplit)
     plan.load()  # a bad --config/--set stops here, once, not once per model

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from core.cli import add_checkpoint_arg, add_common_args, add_device_arg, run
+from core.cli import add_common_args, run
 from core.device import select_device
 from data.preprocess import Preprocessor
 from evaluation.metrics import classification_metrics, format_metrics
@@ -24,9 +24,7 @@ from models.loading import model_from_checkpoint
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate a checkpoint on the test split (accuracy, per-class metrics, "
                                             "confusion matrix)")
-    add_common_args(p)
-    add_checkpoint_arg(p)
-    add_device_arg(p)
+    add_common_args(p, checkpoint=True, device=True)
     return p
 
 

@@ -11,7 +11,7 @@ import argparse
 import contextlib
 from typing import TYPE_CHECKING
 
-from core.cli import add_common_args, add_device_arg, config_from_args, run
+from core.cli import add_common_args, config_from_args, run
 from core.config import save_resolved
 from core.device import seed_everything, select_device
 from core.tracking import RunTracker, experiment_name, wandb_project
@@ -34,7 +34,7 @@ INTERRUPTED = 130  # the shell's code for a run stopped by Ctrl-C
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a brain MRI classifier (checkpoints in "
                                             "checkpoints/{model}_outputs/)")
-    add_common_args(p)
+    add_common_args(p, device=True)
     p.add_argument("--epochs", type=int, default=None, help="number of epochs (config: train.epochs)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size per process (config: the model's recipe)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (config: the model's recipe)")
@@ -45,7 +45,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="deterministic algorithms: a CPU run repeats bit for bit (config: train.deterministic)")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue an interrupted run from last_model.pth (or the checkpoint PATH)")
-    add_device_arg(p)
     return p
 
 

@@ -8,7 +8,9 @@ from collections.abc import Callable
 from core.errors import UserError
 
 
-def add_common_args(parser: argparse.ArgumentParser, model: bool = True) -> argparse.ArgumentParser:
+def add_common_args(parser: argparse.ArgumentParser, model: bool = True, checkpoint: bool = False,
+                    device: bool = False) -> argparse.ArgumentParser:
+    """--config, --set, --demo, --resplit, and on request --model, --checkpoint, --device."""
     parser.add_argument("--config", default=None, metavar="PATH",
                         help="YAML deep-merged over config/config.yaml (e.g. config/optimized_config.yaml)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.PATH=VALUE",
@@ -19,16 +21,12 @@ def add_common_args(parser: argparse.ArgumentParser, model: bool = True) -> argp
                         help="make a new split manifest when the data set on disk no longer matches the old one")
     if model:
         parser.add_argument("--model", default=None, help="model name from the config's models table (e.g. resnet18)")
+    if checkpoint:
+        parser.add_argument("--checkpoint", default=None, metavar="PATH",
+                            help="default: checkpoints/{model}_outputs/best_model.pth")
+    if device:
+        parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     return parser
-
-
-def add_checkpoint_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", default=None, metavar="PATH",
-                        help="default: checkpoints/{model}_outputs/best_model.pth")
-
-
-def add_device_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
 
 
 def config_from_args(args: argparse.Namespace, **overrides):

@@ -7,10 +7,21 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from core.errors import UserError
 from core.fileio import write_text_atomic
@@ -21,37 +32,41 @@ DEFAULT_CONFIG = PROJECT_ROOT / "config" / "config.yaml"
 DEMO_CONFIG = PROJECT_ROOT / "config" / "demo.yaml"
 
 
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Percent = Annotated[float, Field(ge=0, le=100)]
+
+
 class Section(BaseModel):
     # Unknown keys are errors: a typo in a config must not be silently ignored.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelRecipe(Section):
-    lr: float = 1e-3
-    batch_size: int = 32
+    lr: PositiveFloat = 1e-3
+    batch_size: PositiveInt = 32
     optimizer: Literal["adamw", "adam", "adamax", "sgd"] = "adamw"
-    weight_decay: float = 0.05
-    img_size: Optional[int] = None  # None: dataset.img_size
+    weight_decay: NonNegativeFloat = 0.05
+    img_size: Optional[PositiveInt] = None  # None: dataset.img_size
     pretrained: bool = True
     weights: Optional[str] = None  # local file with ImageNet weights
 
 
 class DemoSection(Section):
     root: str = "./data/demo"
-    n_per_class: int = 300
-    size: int = 128
+    n_per_class: PositiveInt = 300
+    size: PositiveInt = 128
     seed: int = 0
 
 
 class DatasetSection(Section):
     path: str = "./data/brain-cancer/Brain_Cancer raw MRI data/Brain_Cancer"
     test_path: Optional[str] = None
-    img_size: int = 224
-    num_workers: int = 2
+    img_size: PositiveInt = 224
+    num_workers: NonNegativeInt = 2
     pin_memory: bool = True
-    train_split: float = 0.70
-    val_split: float = 0.15
-    test_split: float = 0.15
+    train_split: Fraction = 0.70
+    val_split: Fraction = 0.15
+    test_split: Fraction = 0.15
     seed: int = 42
     group_pattern: Optional[str] = None
     class_names: dict[str, str] = {}
@@ -72,26 +87,26 @@ class DatasetSection(Section):
 
 class TransformSection(Section):
     augmentation: bool = True
-    hflip: float = 0.5
-    rotation: float = 10.0
-    brightness: float = 0.2
-    contrast: float = 0.2
+    hflip: Fraction = 0.5
+    rotation: NonNegativeFloat = 10.0
+    brightness: NonNegativeFloat = 0.2
+    contrast: NonNegativeFloat = 0.2
 
 
 class TrainSection(Section):
-    epochs: int = 50
-    patience: int = 10
-    min_delta: float = 0.001
-    save_every: int = 5
+    epochs: PositiveInt = 50
+    patience: PositiveInt = 10
+    min_delta: NonNegativeFloat = 0.001
+    save_every: NonNegativeInt = 5
     output_dir: str = "./checkpoints"
     monitor: Literal["val_acc", "val_loss", "val_balanced_acc"] = "val_acc"
     scheduler: Literal["cosine", "onecycle", "none"] = "cosine"
-    warmup_epochs: int = 1
-    label_smoothing: float = 0.1
+    warmup_epochs: NonNegativeInt = 1
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
     class_balance: Literal["none", "weights", "sampler"] = "none"
     seed: int = 42
     deterministic: bool = False
-    max_nonfinite_steps: int = 20
+    max_nonfinite_steps: PositiveInt = 20
 
 
 class MlflowSection(Section):
@@ -110,10 +125,10 @@ class WandbSection(Section):
 
 
 class GpuThresholds(Section):
-    temperature_c: float = 80.0
-    memory_pct: float = 95.0
-    high_memory_pct: float = 80.0
-    low_utilization_pct: float = 30.0
+    temperature_c: PositiveFloat = 80.0
+    memory_pct: Percent = 95.0
+    high_memory_pct: Percent = 80.0
+    low_utilization_pct: Percent = 30.0
 
 
 class MonitoringSection(Section):
@@ -129,28 +144,28 @@ class PerformanceSection(Section):
     compile_model: bool = False
     channels_last: bool = True
     benchmark_cudnn: bool = True
-    gradient_accumulation: int = 1
-    max_grad_norm: Optional[float] = 1.0
+    gradient_accumulation: PositiveInt = 1
+    max_grad_norm: Optional[PositiveFloat] = 1.0
     fused_optimizer: bool | Literal["auto"] = "auto"
-    prefetch_factor: int = 4
+    prefetch_factor: PositiveInt = 4
     persistent_workers: bool = True
 
 
 class GatesSection(Section):
-    accuracy: float = 0.85
-    sensitivity: float = 0.80
-    latency_ms: float = 500.0
-    max_imbalance: float = 5.0
+    accuracy: Fraction = 0.85
+    sensitivity: Fraction = 0.80
+    latency_ms: PositiveFloat = 500.0
+    max_imbalance: Annotated[float, Field(ge=1)] = 5.0
 
 
 class EvaluationSection(Section):
-    bootstrap_samples: int = 1000
-    confidence: float = 0.95
+    bootstrap_samples: PositiveInt = 1000
+    confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
     bootstrap_seed: int = 0
-    ece_bins: int = 15
-    gradcam_correct_samples: int = 8
-    timing_warmup: int = 3
-    timing_runs: int = 20
+    ece_bins: PositiveInt = 15
+    gradcam_correct_samples: NonNegativeInt = 8
+    timing_warmup: NonNegativeInt = 3
+    timing_runs: PositiveInt = 20
     gates: GatesSection = GatesSection()
 
 

@@ -53,6 +53,20 @@ def test_config_errors_name_the_key(sets, expected):
     assert expected in str(err.value)
 
 
+@pytest.mark.parametrize("flag, key", [
+    (["--epochs", "0"], "train.epochs"), (["--batch-size", "0"], "models.resnet18.batch_size"),
+    (["--lr", "-1"], "models.resnet18.lr"), (["--set", "dataset.img_size=0"], "dataset.img_size"),
+    (["--set", "evaluation.gates.accuracy=1.5"], "evaluation.gates.accuracy"),
+])
+def test_values_that_cannot_train_are_refused_in_one_line(flag, key):
+    """--epochs 0 used to print 'all epochs done' and exit 0 with no checkpoint; the others ended in tracebacks."""
+    proc = subprocess.run([sys.executable, "train.py", "--model", "resnet18", *flag], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line, no traceback
+    assert proc.stderr.startswith(f"error: invalid config value for '{key}'")
+
+
 def test_bad_yaml_and_missing_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
