@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from core.cli import add_common_args, config_from_args, run
 from core.errors import UserError
 from data.images import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, ImageReadError
@@ -53,20 +55,29 @@ def expand_inputs(items: list[str]) -> list[Path]:
     return paths
 
 
-def print_prediction(predictor, path: Path) -> dict:
-    """The original README's report for one image; raises ImageReadError for an unreadable file."""
+def print_predictions(predictor, path: Path) -> list[dict]:
+    """The original README's report for each image in a file (one per frame of a multi-frame DICOM);
+    raises ImageReadError for an unreadable file."""
     print(f"📸 Loading and preprocessing image: {path}")
-    x = predictor.preprocess(path)
-    print(f"✅ Image preprocessed successfully (shape: {tuple(x.shape)})")
+    items = predictor.preprocess_file(path)
+    print(f"✅ Image preprocessed successfully (shape: {tuple(items[0][1].shape)}"
+          + (f", {len(items)} frames)" if len(items) > 1 else ")"))
     print("🔮 Making prediction...")
-    record = prediction_record(path, predictor.predict_array(x)[0], predictor.class_names)
-    print(f"\n PREDICTION RESULTS\n{'-' * 30}\n Predicted Class: {record['predicted_class']}")
+    probs = predictor.predict_array(np.concatenate([x for _, x in items]))
+    records = [prediction_record(name, p, predictor.class_names) for (name, _), p in zip(items, probs)]
+    for record in records:
+        print_record(record, several=len(records) > 1)
+    return records
+
+
+def print_record(record: dict, several: bool) -> None:
+    which = f" ({record['path']})" if several else ""
+    print(f"\n PREDICTION RESULTS{which}\n{'-' * 30}\n Predicted Class: {record['predicted_class']}")
     print(f"📈 Confidence: {record['confidence']:.2%}\n🔢 Class Index: {record['class_index']}\n")
     print("📋 All Class Probabilities:")
     for name, p in record["probabilities"].items():
         print(f"  {name}: {p:.2%}")
     print()
-    return record
 
 
 def predict_all(predictor, paths: list[Path], as_json: bool) -> tuple[list[dict], list[dict]]:
@@ -75,7 +86,7 @@ def predict_all(predictor, paths: list[Path], as_json: bool) -> tuple[list[dict]
         try:
             if not path.exists():
                 raise ImageReadError(f"{path}: no such file")
-            records.append(predictor.predict_path(path) if as_json else print_prediction(predictor, path))
+            records += predictor.predict_file(path) if as_json else print_predictions(predictor, path)
         except ImageReadError as exc:
             reason = str(exc).replace(f"{path}: ", "")
             errors.append({"path": str(path), "error": reason})

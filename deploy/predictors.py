@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from core.contract import Contract
-from data.images import load_gray
+from data.images import load_frames, load_gray
 from data.preprocess_numpy import preprocess_numpy
 
 # Tried in this order; an execution provider that ONNX Runtime lacks here is skipped.
@@ -79,7 +79,19 @@ class Predictor:
         return softmax(np.asarray(self.logits(x), dtype=np.float64)).astype(np.float32)
 
     def predict_path(self, path) -> dict:
+        """One record: an image, or one frame named path#frame=K."""
         return prediction_record(path, self.predict_array(self.preprocess(path))[0], self.class_names)
+
+    def preprocess_file(self, path) -> list[tuple[str, np.ndarray]]:
+        """(record name, (1, 3, S, S)) for every image in a file: one, or one per frame of a multi-frame DICOM."""
+        c = self.contract
+        return [(name, preprocess_numpy(gray, c.mean, c.std)) for name, gray in load_frames(path, c.img_size)]
+
+    def predict_file(self, path) -> list[dict]:
+        """One record per image in the file (a multi-frame DICOM gives one per frame, path#frame=K)."""
+        items = self.preprocess_file(path)
+        probs = self.predict_array(np.concatenate([x for _, x in items]))
+        return [prediction_record(name, p, self.class_names) for (name, _), p in zip(items, probs)]
 
 
 class OnnxPredictor(Predictor):

@@ -71,6 +71,41 @@ def trained(tmp_path_factory, tiny_data):
     return cfg, tmp, tmp / "checkpoints" / "resnet18_outputs" / "best_model.pth"
 
 
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+
+
+def write_dicom(path, pixels, window: tuple[float, float] | None = None, bits_stored: int = 12, **attrs):
+    """An MR image as a scanner writes it: 16-bit pixels, one frame (H, W) or several (F, H, W), optionally a
+    display window; `attrs` set or override any attribute (PhotometricInterpretation, StudyInstanceUID, ...).
+    Returns the dataset written."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    pixels = np.asarray(pixels)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = MR_IMAGE_STORAGE, meta.MediaStorageSOPInstanceUID, "MR"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.PatientName = "TEST0001", "Test^Phantom"
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    if pixels.ndim == 3:
+        ds.NumberOfFrames = pixels.shape[0]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.save_as(str(path), enforce_file_format=True)
+    return ds
+
+
 def build_with_training_hook(on_forward):
     """A build_model replacement whose model calls on_forward(n, output) on its n-th training forward
     (1-based); a non-None return replaces the output. Tests use it to inject NaNs or signals."""

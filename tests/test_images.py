@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.images import ImageReadError, load_gray, open_image
+from conftest import write_dicom
+from data.images import ImageReadError, load_frames, load_gray, open_image
 
 
 def gradient(size=40):
@@ -96,21 +97,30 @@ def test_bad_files_raise_image_read_error_with_path(tmp_path, kind):
 
 
 def test_dicom_uses_window(tmp_path):
-    pytest.importorskip("pydicom")
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = FileDataset(str(tmp_path / "x.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
-    arr = (gradient(32) * 8).astype(np.uint16)
-    ds.Rows, ds.Columns = arr.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.WindowCenter, ds.WindowWidth = 1020, 1000
-    ds.PixelData = arr.tobytes()
-    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    write_dicom(tmp_path / "x.dcm", gradient(32) * 8, window=(1020, 1000), bits_stored=16)
     out = load_gray(tmp_path / "x.dcm", 32)
     assert out[:, 0].max() == 0 and out[:, -1].min() == 255  # values beyond the window saturate
+
+
+def test_each_frame_of_a_multi_frame_dicom_is_its_own_image(tmp_path):
+    frames = np.stack([gradient(32) * 8, (255 - gradient(32)) * 8, np.full((32, 32), 700)])
+    path = tmp_path / "cine series.dcm"
+    write_dicom(path, frames, window=(1020, 1000), bits_stored=16)
+    got = load_frames(path, 16)
+    assert [name for name, _ in got] == [f"{path}#frame={k}" for k in (1, 2, 3)]
+    assert not np.array_equal(got[0][1], got[1][1])
+    for name, image in got:  # a record name reads back the same pixels, frame by frame
+        assert np.array_equal(load_gray(name, 16), image)
+    with pytest.raises(ImageReadError, match="3 frames"):  # never silently its first frame
+        load_gray(path, 16)
+    with pytest.raises(ImageReadError, match="no frame 4"):
+        load_gray(f"{path}#frame=4", 16)
+
+
+def test_a_single_image_is_one_record_named_by_its_path(tmp_path):
+    write_dicom(tmp_path / "one.dcm", gradient(32) * 8)
+    Image.fromarray(gradient(32).astype(np.uint8)).save(tmp_path / "one.png")
+    for name in ("one.dcm", "one.png"):
+        (record, image), = load_frames(tmp_path / name, 16)
+        assert record == str(tmp_path / name) and image.shape == (16, 16)
+

@@ -8,29 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_script
+from conftest import run_script, write_dicom
 from core.errors import UserError
-
-
-def write_dicom(path, pixels: np.ndarray, window: tuple[float, float] | None) -> None:
-    """A 16-bit MR slice as a scanner writes it (optionally with a display window)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "MR"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    if window:
-        ds.WindowCenter, ds.WindowWidth = window
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
 
 
 @pytest.fixture(scope="module")
@@ -61,19 +40,21 @@ def images(tiny_data, tmp_path_factory):
     assert Image.open(folder / "sixteen.png").mode.startswith("I")
     write_dicom(folder / "windowed.dcm", arr.astype(np.uint16) * 16, (2000, 4000))
     write_dicom(folder / "plain.dcm", arr.astype(np.uint16) * 16, None)
+    write_dicom(folder / "cine.dcm", np.stack([arr, arr[::-1]]).astype(np.uint16) * 16, (2000, 4000))
     (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     return folder
 
 
 def test_every_image_kind_is_predicted_and_a_corrupt_file_is_reported(registered, images, capsys):
-    paths = [images / n for n in ("odd size.jpg", "rgba.png", "sixteen.png", "windowed.dcm", "plain.dcm")]
+    paths = [images / n for n in ("odd size.jpg", "rgba.png", "sixteen.png", "windowed.dcm", "plain.dcm", "cine.dcm")]
     code = run_script("inference_with_mlflow",
                       registered + ["--model", "brain-cancer-resnet18", "--alias", "production",
                                     "--json", "--image", *paths, images / "corrupt.png"])
     out = capsys.readouterr()
     assert code == 1  # one input failed
     doc = json.loads(out.out)
-    assert doc["flavor"] == "onnx" and [p["path"] for p in doc["predictions"]] == [str(p) for p in paths]
+    records = [str(p) for p in paths[:-1]] + [f"{paths[-1]}#frame=1", f"{paths[-1]}#frame=2"]  # a frame each
+    assert doc["flavor"] == "onnx" and [p["path"] for p in doc["predictions"]] == records
     for p in doc["predictions"]:
         assert p["predicted_class"] in doc["contract"]["class_names"]
         assert abs(sum(p["probabilities"].values()) - 1) < 1e-5
@@ -106,7 +87,7 @@ def test_stage_maps_to_alias_and_gradcam_writes_overlays(registered, images, tmp
     assert code == 1  # the folder holds the corrupt file too
     assert "stages are deprecated" in capsys.readouterr().err
     overlays = sorted(p.name for p in (tmp_path / "cams").glob("*_gradcam.png"))
-    assert len(overlays) == 5 and Image.open(tmp_path / "cams" / overlays[0]).size[0] > 256
+    assert len(overlays) == 7 and Image.open(tmp_path / "cams" / overlays[0]).size[0] > 256  # 5 files, 2 frames
 
 
 def test_unknown_alias_is_a_user_error(registered, images):
