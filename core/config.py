@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, NamedTuple, Optional
 
 import yaml
 from pydantic import (
@@ -169,6 +169,82 @@ class EvaluationSection(Section):
     gates: GatesSection = GatesSection()
 
 
+class DicomPeer(NamedTuple):
+    """A DICOM application entity on the network: AE title, host, and (for a destination) port."""
+    ae_title: str
+    host: str
+    port: Optional[int] = None
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}" + (f":{self.port}" if self.port else "")
+
+
+def parse_ae_title(text: str) -> str:
+    """A DICOM AE title: 1-16 printable ASCII characters, no backslash, not only spaces."""
+    title = str(text).strip()
+    if not 1 <= len(title) <= 16 or not all(" " <= ch <= "~" and ch != "\\" for ch in title):
+        raise ValueError(f"{text!r} is not an AE title (1-16 printable ASCII characters, no backslash)")
+    return title
+
+
+def parse_peer(text: str, with_port: bool = False) -> DicomPeer:
+    """'AE@HOST' (a calling peer) or 'AE@HOST:PORT' (a destination)."""
+    title, at, rest = str(text).rpartition("@")
+    host, colon, port = rest.rpartition(":") if with_port else (rest, "", "")
+    if not at or not host or (with_port and not (colon and port.isdigit() and 0 < int(port) < 65536)):
+        raise ValueError(f"{text!r} is not {'AE@HOST:PORT' if with_port else 'AE@HOST'}")
+    return DicomPeer(parse_ae_title(title), host.strip("[]"), int(port) if with_port else None)
+
+
+class PacsRetrySection(Section):
+    initial_s: PositiveFloat = 5.0      # first wait after a failed send; doubles each time
+    max_s: PositiveFloat = 300.0        # longest wait between two tries
+    max_attempts: NonNegativeInt = 20   # tries of one object the destination refuses; 0: never give up
+
+
+class PacsSection(Section):
+    ae_title: str = "MRI_AI"
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 11112  # 0: any free port
+    allow: list[str] = []               # AE@HOST peers that may send images; the destination is always allowed
+    destination: Optional[str] = None   # AE@HOST:PORT that receives the SR and secondary capture results
+    spool_dir: str = "./pacs_spool"
+    max_instance_mb: PositiveFloat = 256.0
+    max_frames: PositiveInt = 1000
+    max_frame_pixels: PositiveInt = 4096 * 4096
+    max_associations: PositiveInt = 4
+    timeout_s: PositiveFloat = 30.0
+    keep_patient_identity: bool = False  # store and return patient name and birth date
+    refer_below: Fraction = 0.6          # refer flag when the top probability is below this (no other rule given)
+    retry: PacsRetrySection = PacsRetrySection()
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value):
+        return parse_ae_title(value)
+
+    @field_validator("allow")
+    @classmethod
+    def _allow(cls, value):
+        return [str(parse_peer(v)) for v in value]
+
+    @field_validator("destination")
+    @classmethod
+    def _destination(cls, value):
+        return None if value in (None, "") else str(parse_peer(value, with_port=True))
+
+    @property
+    def destination_peer(self) -> Optional[DicomPeer]:
+        return parse_peer(self.destination, with_port=True) if self.destination else None
+
+    @property
+    def allowed_peers(self) -> list[DicomPeer]:
+        """The configured calling peers, plus the destination (a PACS that receives results may send images)."""
+        peers = [parse_peer(v) for v in self.allow]
+        dest = self.destination_peer
+        return peers + ([DicomPeer(dest.ae_title, dest.host)] if dest else [])
+
+
 class ExperimentsSection(Section):
     models: list[str] = ["resnet18", "efficientnet_b0", "swin_t", "vit_b_16"]
 
@@ -184,6 +260,7 @@ class Config(Section):
     evaluation: EvaluationSection = EvaluationSection()
     experiments: ExperimentsSection = ExperimentsSection()
     demo: DemoSection = DemoSection()
+    pacs: PacsSection = PacsSection()
 
     @field_validator("models")
     @classmethod

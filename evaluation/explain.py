@@ -86,31 +86,40 @@ def _overlay_panel(gray: np.ndarray, cam: np.ndarray, caption: str = "") -> Imag
     return panel
 
 
-def gradcam_gallery(cam_model: CamModel, dataset, indices: list[int], y_pred, out_dir,
-                    captions: list[str] | None = None, batch_size: int = 16) -> list[Path]:
-    """One PNG per index (Grad-CAM of the predicted class); returns the file paths in order."""
+def gradcam_maps(cam_model: CamModel, images: torch.Tensor, targets: list[int], batch_size: int = 16) -> np.ndarray:
+    """Grad-CAM maps (N, S, S), 0..1, of uint8 images (N, 1, S, S), each for its target class index."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+    model = unwrap(cam_model.model).eval()
+    model.requires_grad_(True)  # frozen backbones (medical_cnn) need gradients at the target layer
+    layers, reshape = cam_target(model, cam_model.model_name)
+    maps = []
+    with GradCAM(model=model, target_layers=layers, reshape_transform=reshape) as cam:
+        for start in range(0, len(images), batch_size):
+            with torch.no_grad():
+                x = cam_model.preprocess(images[start:start + batch_size].to(cam_model.device))
+            chunk = targets[start:start + batch_size]
+            maps.append(cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in chunk]))
+    return np.concatenate(maps) if maps else np.zeros((0,) + tuple(images.shape[-2:]), dtype=np.float32)
+
+
+def gradcam_gallery(cam_model: CamModel, dataset, indices: list[int], y_pred, out_dir,
+                    captions: list[str] | None = None, batch_size: int = 16) -> list[Path]:
+    """One PNG per index (Grad-CAM of the predicted class); returns the file paths in order."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("gradcam_*.png"):  # overlays of an earlier evaluation would mix with these
         old.unlink()
-    model = unwrap(cam_model.model).eval()
-    model.requires_grad_(True)  # frozen backbones (medical_cnn) need gradients at the target layer
-    layers, reshape = cam_target(model, cam_model.model_name)
+    if not indices:
+        return []
+    images = torch.stack([dataset[i][0] for i in indices])
+    maps = gradcam_maps(cam_model, images, [int(y_pred[i]) for i in indices], batch_size)
     files = []
-    with GradCAM(model=model, target_layers=layers, reshape_transform=reshape) as cam:
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start:start + batch_size]
-            images = torch.stack([dataset[i][0] for i in chunk])
-            with torch.no_grad():
-                x = cam_model.preprocess(images.to(cam_model.device))
-            maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(y_pred[i])) for i in chunk])
-            for j, (i, gray, m) in enumerate(zip(chunk, images[:, 0].numpy(), maps)):
-                path = out_dir / f"gradcam_{i:05d}.png"
-                _overlay_panel(gray, m, captions[start + j] if captions else "").save(path)
-                files.append(path)
+    for j, (i, gray, m) in enumerate(zip(indices, images[:, 0].numpy(), maps)):
+        path = out_dir / f"gradcam_{i:05d}.png"
+        _overlay_panel(gray, m, captions[j] if captions else "").save(path)
+        files.append(path)
     return files
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import shutil
 import sys
 from pathlib import Path
 
@@ -69,6 +70,21 @@ def trained(tmp_path_factory, tiny_data):
     cfg = write_overlay(tmp, tiny_data)
     assert run_script("train", ["--config", cfg, "--model", "resnet18"]) == 0
     return cfg, tmp, tmp / "checkpoints" / "resnet18_outputs" / "best_model.pth"
+
+
+@pytest.fixture(scope="session")
+def registered(trained, tmp_path_factory):
+    """The trained model registered as brain-cancer-resnet18 @production (forced: the tiny model is never
+    evaluated) in a registry of its own: the argv prefix that points a script at that registry."""
+    overlay, _, ckpt_path = trained
+    tmp = tmp_path_factory.mktemp("inference registry")
+    (tmp / "checkpoints" / "resnet18_outputs").mkdir(parents=True)
+    shutil.copy(ckpt_path, tmp / "checkpoints" / "resnet18_outputs" / "best_model.pth")
+    store = ["--config", overlay, "--set", f"monitoring.mlflow.tracking_uri=sqlite:///{tmp / 'registry.db'}",
+             "--set", f"monitoring.mlflow.artifact_location={tmp / 'mlartifacts'}"]
+    assert run_script("register_model", store + ["--model", "resnet18", "--version", "1.0.0", "--alias", "production",
+                                                 "--force", "--set", f"train.output_dir={tmp / 'checkpoints'}"]) == 0
+    return store
 
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -10,20 +9,6 @@ from PIL import Image
 
 from conftest import run_script, write_dicom
 from core.errors import UserError
-
-
-@pytest.fixture(scope="module")
-def registered(trained, tmp_path_factory):
-    """The trained model registered (forced: the tiny model is never evaluated) in a registry of its own."""
-    overlay, _, ckpt_path = trained
-    tmp = tmp_path_factory.mktemp("inference registry")
-    (tmp / "checkpoints" / "resnet18_outputs").mkdir(parents=True)
-    shutil.copy(ckpt_path, tmp / "checkpoints" / "resnet18_outputs" / "best_model.pth")
-    store = ["--config", overlay, "--set", f"monitoring.mlflow.tracking_uri=sqlite:///{tmp / 'registry.db'}",
-             "--set", f"monitoring.mlflow.artifact_location={tmp / 'mlartifacts'}"]
-    assert run_script("register_model", store + ["--model", "resnet18", "--version", "1.0.0", "--alias", "production",
-                                                 "--force", "--set", f"train.output_dir={tmp / 'checkpoints'}"]) == 0
-    return store
 
 
 @pytest.fixture(scope="module")

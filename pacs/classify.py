@@ -1,0 +1,61 @@
+"""One received instance -> one prediction per frame, each named by the instance's UIDs and its frame number.
+
+The pixels go through data.images.load_frames, the loader every other stage uses (the same window, the same
+resize, every frame its own record), from a temporary file that is removed as soon as the instance is done.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from data.images import ImageReadError, frame_name, load_frames, split_frame_name
+from data.preprocess_numpy import preprocess_numpy
+from deploy.predictors import Predictor, prediction_record
+
+
+@contextlib.contextmanager
+def instance_file(ds: Dataset, work_dir: str | Path) -> Iterator[Path]:
+    """The data set as a .dcm file in work_dir (a name of our own, never the sender's), removed afterwards."""
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="instance-", suffix=".dcm", dir=work_dir)
+    os.close(fd)
+    path = Path(name)
+    try:
+        try:
+            ds.save_as(path, enforce_file_format=True)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise ImageReadError(f"cannot be written as a DICOM file ({exc})") from None
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def instance_uids(ds: Dataset) -> dict:
+    return {"study_instance_uid": str(ds.StudyInstanceUID), "series_instance_uid": str(ds.SeriesInstanceUID),
+            "sop_instance_uid": str(ds.SOPInstanceUID), "sop_class_uid": str(ds.SOPClassUID)}
+
+
+def classify_instance(predictor: Predictor, path: Path, ds: Dataset) -> tuple[list[dict], list[np.ndarray]]:
+    """(records, grays): one prediction record per frame, named SOPInstanceUID or SOPInstanceUID#frame=K and
+    carrying the study/series/SOP instance UIDs and `frame` (None for a single-frame image), plus the 8-bit
+    frames at the model's size. Raises ImageReadError, its message free of the temporary path."""
+    c = predictor.contract
+    try:
+        items = load_frames(path, c.img_size)
+    except ImageReadError as exc:
+        raise ImageReadError(str(exc).replace(f"{path}: ", "").replace(str(path), "instance")) from None
+    probs = predictor.predict_array(np.concatenate([preprocess_numpy(gray, c.mean, c.std) for _, gray in items]))
+    uids = instance_uids(ds)
+    records = []
+    for (name, _), p in zip(items, probs):
+        frame = split_frame_name(name)[1]
+        record = prediction_record(frame_name(uids["sop_instance_uid"], frame), p, predictor.class_names)
+        records.append({**record, **uids, "frame": frame})
+    return records, [gray for _, gray in items]

@@ -1,0 +1,250 @@
+"""The DICOM receiver: a pynetdicom Storage SCP beside the HTTP server.
+
+It admits only the configured AE@HOST peers (A-ASSOCIATE-RJ "calling AE title not recognized" otherwise),
+takes MR and secondary-capture images within the size caps, answers every other storage SOP class with
+0x0122 "SOP class not supported", and hands each accepted instance, patient name and birth date removed
+unless `pacs.keep_patient_identity`, to `on_instance(dataset, calling_ae, peer)`. The C-STORE response is
+sent after on_instance returns, so an acknowledged image has been classified and its results spooled.
+A failure in one instance costs that instance a failure status, never the receiver.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from weakref import WeakKeyDictionary
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, StoragePresentationContexts, evt
+from pynetdicom.sop_class import (
+    EnhancedMRImageStorage,
+    MRImageStorage,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    MultiFrameSingleBitSecondaryCaptureImageStorage,
+    MultiFrameTrueColorSecondaryCaptureImageStorage,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
+
+from core.config import DicomPeer, PacsSection
+from core.errors import UserError
+from data.images import ImageReadError
+
+LOG = logging.getLogger(__name__)
+
+IMAGE_SOP_CLASSES = (
+    MRImageStorage, EnhancedMRImageStorage, SecondaryCaptureImageStorage,
+    MultiFrameSingleBitSecondaryCaptureImageStorage, MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage, MultiFrameTrueColorSecondaryCaptureImageStorage,
+)
+UNCOMPRESSED = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2")
+COMPRESSED = (
+    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203", "1.2.840.10008.1.2.5",
+)
+# C-STORE statuses (PS3.4 B.2.3, PS3.7 C).
+SUCCESS = 0x0000
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+PROCESSING_FAILURE = 0x0110
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+# A-ASSOCIATE-RJ: rejected-permanent, by the service user, calling AE title not recognized.
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+IDENTITY_BLANKED = ("PatientName", "PatientBirthDate")  # type 2: kept present, emptied
+IDENTITY_REMOVED = ("OtherPatientNames", "PatientBirthName", "PatientMotherBirthName", "PatientBirthTime")
+
+OnInstance = Callable[[Dataset, str, str], object]
+
+
+def image_transfer_syntaxes() -> list[str]:
+    """The transfer syntaxes accepted for images: uncompressed, plus every codec pydicom can decode here."""
+    from pydicom.pixels import get_decoder
+
+    decodable = []
+    for uid in COMPRESSED:
+        try:
+            if get_decoder(uid).is_available:
+                decodable.append(uid)
+        except NotImplementedError:
+            continue
+    return list(UNCOMPRESSED) + decodable
+
+
+def _ip(text: str) -> str:
+    """An address in one spelling: IPv4-mapped IPv6 (::ffff:10.0.0.5) becomes 10.0.0.5."""
+    try:
+        address = ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return text
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped or address)
+
+
+class AllowList:
+    """Calling AE title + source address pairs; host names are resolved once, when the receiver starts."""
+
+    def __init__(self, peers: list[DicomPeer]):
+        self.pairs: set[tuple[str, str]] = set()
+        for peer in peers:
+            try:
+                infos = socket.getaddrinfo(peer.host, None)
+            except OSError as exc:
+                LOG.warning("DICOM allow list: cannot resolve %s (%s); it admits no one", peer, exc)
+                continue
+            self.pairs.update((peer.ae_title, _ip(info[4][0])) for info in infos)
+
+    def admits(self, ae_title: str, address: str) -> bool:
+        return (ae_title.strip(), _ip(address)) in self.pairs
+
+
+def strip_identity(ds: Dataset) -> Dataset:
+    """Patient name and birth date (and their variants) removed; the patient ID stays to file results."""
+    for keyword in IDENTITY_BLANKED:
+        if keyword in ds:
+            setattr(ds, keyword, "")
+    for keyword in IDENTITY_REMOVED:
+        if keyword in ds:
+            delattr(ds, keyword)
+    return ds
+
+
+def header_problem(ds: Dataset, settings: PacsSection) -> tuple[int, str] | None:
+    """(status, reason) when the header alone says the instance cannot be taken; decoding comes later."""
+    if "PixelData" not in ds:
+        return CANNOT_UNDERSTAND, "no pixel data"
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        rows, columns = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError):
+        return CANNOT_UNDERSTAND, "no valid Rows, Columns or NumberOfFrames"
+    if frames > settings.max_frames:
+        return OUT_OF_RESOURCES, f"{frames} frames, more than {settings.max_frames}"
+    if rows * columns > settings.max_frame_pixels:
+        return OUT_OF_RESOURCES, f"{rows}x{columns} pixels a frame, more than {settings.max_frame_pixels}"
+    return None
+
+
+def failure(status: int, reason: str) -> Dataset:
+    answer = Dataset()
+    answer.Status = status
+    answer.ErrorComment = reason[:64]  # LO
+    return answer
+
+
+class Receiver:
+    """A Storage SCP on (settings.host, settings.port); `start()` binds, `stop()` closes every association."""
+
+    def __init__(self, settings: PacsSection, on_instance: OnInstance):
+        self.settings = settings
+        self.on_instance = on_instance
+        self.max_bytes = int(settings.max_instance_mb * 2**20)
+        self.allow = AllowList(settings.allowed_peers)
+        self._received: WeakKeyDictionary = WeakKeyDictionary()  # association -> bytes since its last C-STORE
+        self._lock = threading.Lock()
+        self.server = None
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    def build_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        ae.require_called_aet = True  # a peer must call us by our own AE title
+        ae.maximum_associations = s.max_associations
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = s.timeout_s
+        ae.add_supported_context(Verification)
+        images = image_transfer_syntaxes()
+        for uid in IMAGE_SOP_CLASSES:
+            ae.add_supported_context(uid, images)
+        for context in StoragePresentationContexts:  # taken only to answer 0x0122 with a reason
+            if context.abstract_syntax not in IMAGE_SOP_CLASSES:
+                ae.add_supported_context(context.abstract_syntax, list(UNCOMPRESSED))
+        return ae
+
+    def start(self) -> Receiver:
+        handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_store),
+                    (evt.EVT_DATA_RECV, self._on_data)]
+        address = (self.settings.host, self.settings.port)
+        try:
+            self.server = self.build_ae().start_server(address, block=False, evt_handlers=handlers)
+        except OSError as exc:
+            raise UserError(f"cannot listen for DICOM on {address[0]}:{address[1]}: {exc.strerror or exc}") from None
+        LOG.info("DICOM receiver %s listening on %s:%d", self.settings.ae_title, self.settings.host, self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    def _on_requested(self, event) -> None:
+        calling = event.assoc.requestor.primitive.calling_ae_title.strip()
+        address = event.assoc.requestor.address
+        if not self.allow.admits(calling, address):
+            LOG.warning("DICOM association refused: %s@%s is not in the allow list", calling, address)
+            event.assoc.acse.send_reject(*REJECT_CALLING_AE)
+            time.sleep(0.1)  # let the peer read the rejection before the socket closes
+
+    def _on_data(self, event) -> None:
+        """Counts the bytes of the C-STORE in progress; aborts the association past the size cap, so an
+        oversized stream is never buffered whole."""
+        with self._lock:
+            total = self._received.get(event.assoc, 0)
+            if total < 0:  # already being aborted
+                return
+            total += len(event.data)
+            over = total > self.max_bytes + 2**20  # the margin covers the command set and PDU headers
+            self._received[event.assoc] = -1 if over else total
+        if over:
+            LOG.warning("DICOM association aborted: an instance over %g MB", self.settings.max_instance_mb)
+            threading.Thread(target=event.assoc.abort, daemon=True).start()  # abort() waits for this reader thread
+
+    def _on_store(self, event):
+        with self._lock:
+            self._received[event.assoc] = 0
+        calling = event.assoc.requestor.ae_title.strip()
+        peer = _ip(event.assoc.requestor.address)
+        status = self._check_and_handle(event, calling, peer)
+        code = status if isinstance(status, int) else int(status.Status)
+        LOG.info("C-STORE %s from %s@%s: status 0x%04X", event.request.AffectedSOPInstanceUID, calling, peer, code)
+        return status
+
+    def _check_and_handle(self, event, calling: str, peer: str):
+        sop_class = str(event.request.AffectedSOPClassUID)
+        if sop_class not in IMAGE_SOP_CLASSES:
+            return failure(SOP_CLASS_NOT_SUPPORTED, "only MR and secondary capture images are taken")
+        if len(event.request.DataSet.getvalue()) > self.max_bytes:
+            return failure(OUT_OF_RESOURCES, f"instance over {self.settings.max_instance_mb:g} MB")
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            declared = str(ds.SOPClassUID)
+        except Exception as exc:  # noqa: BLE001 - any malformed encoding is the sender's error
+            return failure(CANNOT_UNDERSTAND, f"unreadable data set: {type(exc).__name__}")
+        if declared != sop_class:
+            return failure(DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from the request's")
+        problem = header_problem(ds, self.settings)
+        if problem:
+            return failure(*problem)
+        if not self.settings.keep_patient_identity:
+            strip_identity(ds)
+        try:
+            self.on_instance(ds, calling, peer)
+        except ImageReadError as exc:
+            return failure(CANNOT_UNDERSTAND, str(exc) or "pixel data not decodable")
+        except Exception:  # noqa: BLE001 - one instance's failure must not take the receiver down
+            LOG.exception("DICOM instance %s could not be processed", ds.get("SOPInstanceUID", "?"))
+            return failure(PROCESSING_FAILURE, "processing failed; see the server log")
+        return SUCCESS
+
+
+def start_receiver(settings: PacsSection, on_instance: OnInstance) -> Receiver:
+    """Start the Storage SCP in background threads; call `.stop()` on the handle to close it."""
+    return Receiver(settings, on_instance).start()

@@ -1,0 +1,114 @@
+"""The spool: results wait on disk until the destination has acknowledged them.
+
+One folder per destination, keyed by SOP Instance UID:
+    pending/<uid>.dcm   written atomically before anything is sent; survives a crash or `kill -9`
+    sent/<uid>          an empty marker written once the destination answered success; a result whose UID
+                        is here (or pending) is never queued again, so nothing is sent twice
+    failed/<uid>.dcm    objects the destination kept refusing, with <uid>.json saying why (kept, never lost)
+One process sends from a spool at a time (an exclusive lock on the folder).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from core.config import DicomPeer
+from core.errors import UserError
+from core.fileio import atomic_file, write_json_atomic, write_text_atomic
+
+
+def destination_key(destination: DicomPeer) -> str:
+    """A folder name for a destination: results for one PACS never leave for another."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", f"{destination.ae_title}@{destination.host}_{destination.port}")
+
+
+def checked_uid(value) -> str:
+    uid = str(value)
+    if not UID(uid).is_valid:
+        raise ValueError(f"not a valid SOP Instance UID: {uid[:70]!r}")
+    return uid
+
+
+class Spool:
+    def __init__(self, root: str | Path, destination: DicomPeer):
+        self.destination = destination
+        self.dir = Path(root) / destination_key(destination)
+        self.pending_dir, self.sent_dir, self.failed_dir = (self.dir / n for n in ("pending", "sent", "failed"))
+        for folder in (self.pending_dir, self.sent_dir, self.failed_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._lock_fd: int | None = None
+        self.recover()
+
+    def acquire(self) -> Spool:
+        """Take the folder for this process; a second sender on the same spool would send twice."""
+        import fcntl
+
+        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"the spool {self.dir} is in use by another process (a running receiver sends "
+                            "from it)") from None
+        self._lock_fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the lock
+            self._lock_fd = None
+
+    def recover(self) -> None:
+        """After a crash: drop pending copies of results already marked sent, and half-written files."""
+        for path in self.pending_dir.glob("*.dcm"):
+            if (self.sent_dir / path.stem).exists():
+                path.unlink(missing_ok=True)
+        for stale in self.pending_dir.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+
+    def known(self, uid: str) -> bool:
+        """Pending, sent, or given up on (a person decides about failed/: move a file to pending/ to retry)."""
+        return any(p.exists() for p in (self.sent_dir / uid, self.pending_dir / f"{uid}.dcm",
+                                        self.failed_dir / f"{uid}.dcm"))
+
+    def put(self, ds: Dataset) -> bool:
+        """Queue a result; False when its SOP Instance UID is already known to this spool."""
+        uid = checked_uid(ds.SOPInstanceUID)
+        with self._lock:
+            if self.known(uid):
+                return False
+            with atomic_file(self.pending_dir / f"{uid}.dcm") as fh:
+                ds.save_as(fh, enforce_file_format=True)
+        return True
+
+    def pending(self) -> list[Path]:
+        """Pending results, oldest first."""
+        files = [p for p in self.pending_dir.glob("*.dcm") if not (self.sent_dir / p.stem).exists()]
+        return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+    def mark_sent(self, uid: str) -> None:
+        write_text_atomic(self.sent_dir / uid, "")  # the marker first: a crash now cannot cause a resend
+        (self.pending_dir / f"{uid}.dcm").unlink(missing_ok=True)
+
+    def mark_failed(self, uid: str, reason: str) -> Path:
+        target = self.failed_dir / f"{uid}.dcm"
+        write_json_atomic(self.failed_dir / f"{uid}.json", {"sop_instance_uid": uid, "reason": reason,
+                                                            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        os.replace(self.pending_dir / f"{uid}.dcm", target)
+        return target
+
+    def counts(self) -> dict[str, int]:
+        return {"pending": len(self.pending()), "sent": sum(1 for _ in self.sent_dir.iterdir()),
+                "failed": sum(1 for _ in self.failed_dir.glob("*.dcm"))}
+
+    def failure_reason(self, uid: str) -> str | None:
+        path = self.failed_dir / f"{uid}.json"
+        return json.loads(path.read_text())["reason"] if path.exists() else None

@@ -1,0 +1,374 @@
+"""PACS integration against a real Orthanc: images arrive by C-STORE, every frame is classified, an SR and
+burned-in secondary captures come back into the study exactly once, even across a PACS outage and a kill -9
+of the toolkit; refused peers and objects get the right DICOM answer and the receiver stays up."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.sop_class import ComprehensiveSRStorage, MRImageStorage, Verification
+
+from conftest import ROOT, run_script, write_dicom
+from core.config import load_config
+from data.images import split_frame_name
+from deploy.predictors import OnnxPredictor, TorchPredictor
+from pacs.heatmap import gradcam_heatmaps
+from pacs.node import start_node
+from pacs.pipeline import ServerHooks
+from pacs.receiver import start_receiver
+from pacs.report import DISCLAIMER, ModelInfo, make_report, read_report
+from pacs.sender import Forwarder
+from pacs.spool import Spool, destination_key
+from tests.orthanc_server import Orthanc, free_port, requires_orthanc
+
+MODEL = ModelInfo("brain-cancer-resnet18", "1")
+SR_MODALITY, SC_MODALITY = "SR", "OT"
+
+
+@pytest.fixture(scope="module")
+def predictors(trained, tmp_path_factory):
+    """The tiny trained model as ONNX (it classifies) and as PyTorch (its Grad-CAM is burned in)."""
+    overlay, _, ckpt = trained
+    out = tmp_path_factory.mktemp("pacs model")
+    assert run_script("export_model", ["--config", overlay, "--model", "resnet18", "--checkpoint", ckpt,
+                                       "--format", "onnx", "--output-dir", out, "--parity-images", "2"]) == 0
+    return OnnxPredictor(out / "resnet18_model.onnx"), TorchPredictor(ckpt)
+
+
+@pytest.fixture(scope="module")
+def slices(tiny_data) -> np.ndarray:
+    """Three real (synthetic) slices, one per class, as a scanner's 12-bit frames."""
+    picks = [next(folder.glob("*.jpg")) for folder in sorted(p for p in tiny_data.iterdir() if p.is_dir())]
+    return np.stack([np.asarray(Image.open(p).convert("L"), dtype=np.uint16) * 16 for p in picks[:3]])
+
+
+def write_mr(path, slices, **attrs):
+    """A multi-frame MR with the patient and study attributes a scanner fills in."""
+    study = dict(PatientName="Test^Phantom", PatientBirthDate="19700101", PatientSex="O", StudyDate="20260101",
+                 StudyTime="120000", AccessionNumber="ACC0001", StudyID="1", InstanceNumber=1, SeriesNumber=3,
+                 ImageOrientationPatient=[1, 0, 0, 0, 1, 0])
+    return write_dicom(path, slices, (2000, 4000), **{**study, **attrs})
+
+
+def pacs_settings(tmp_path, port: int, orthanc: Orthanc | None = None, *sets: str):
+    destination = [f"pacs.destination=ORTHANC@127.0.0.1:{orthanc.dicom_port}"] if orthanc else []
+    return load_config(sets=[f"pacs.port={port}", f"pacs.spool_dir={tmp_path / 'spool'}", "pacs.timeout_s=10",
+                             "pacs.retry.initial_s=0.2", "pacs.retry.max_s=1", *destination, *sets]).pacs
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    """A running Orthanc that knows the toolkit's receiver (on a port picked here) as modality 'mri_ai'."""
+    port = free_port()
+    (tmp_path / "orthanc").mkdir()
+    server = Orthanc(tmp_path / "orthanc", {"mri_ai": ["MRI_AI", "127.0.0.1", port]})
+    server.start()
+    server.receiver_port = port
+    yield server
+    server.stop()
+
+
+def wait_for_results(orthanc: Orthanc, study_uid: str, n_captures: int, n_reports: int = 1,
+                     timeout_s: float = 120) -> dict:
+    """{modality: [instance ids]} of the study's result series once n_reports SR and n_captures SC have arrived."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = {s["MainDicomTags"].get("Modality"): s["Instances"] for s in orthanc.study_series(study_uid)}
+        if len(found.get(SR_MODALITY, [])) == n_reports and len(found.get(SC_MODALITY, [])) == n_captures:
+            return found
+        time.sleep(0.25)
+    raise AssertionError(f"results did not arrive in {timeout_s} s: {found}")
+
+
+def arrivals(orthanc: Orthanc, uid: str) -> int:
+    return sum(1 for u, origin, _ in orthanc.received() if u == uid and origin == "DicomProtocol")
+
+
+@requires_orthanc
+def test_a_study_sent_by_orthanc_gets_its_sr_and_captures_back_exactly_once(orthanc, predictors, slices, tmp_path):
+    onnx, torch_model = predictors
+    predictions, seen = [], []
+    hooks = ServerHooks(heatmaps=gradcam_heatmaps(torch_model),
+                        on_predictions=lambda records, ds, ae, peer: (predictions.extend(records),
+                                                                      seen.append((ds, ae, peer))))
+    node = start_node(pacs_settings(tmp_path, orthanc.receiver_port, orthanc), onnx, MODEL, hooks)
+    try:
+        mr = write_mr(tmp_path / "scan.dcm", slices)
+        mr_id = orthanc.upload((tmp_path / "scan.dcm").read_bytes())
+        status, answer = orthanc.store("mri_ai", mr_id)
+        assert status == 200, answer
+        # The C-STORE was answered after the predictions were recorded: they are here now, one per frame.
+        expected = onnx.predict_file(tmp_path / "scan.dcm")
+        assert [p["frame"] for p in predictions] == [1, 2, 3]
+        for got, want in zip(predictions, expected):
+            assert got["path"] == f"{mr.SOPInstanceUID}#frame={got['frame']}"
+            assert (got["study_instance_uid"], got["series_instance_uid"], got["sop_instance_uid"]) == (
+                mr.StudyInstanceUID, mr.SeriesInstanceUID, mr.SOPInstanceUID)
+            assert got["predicted_class"] == want["predicted_class"]
+            assert max(abs(got["probabilities"][k] - v) for k, v in want["probabilities"].items()) < 1e-6
+            assert got["refer"] == (got["confidence"] < 0.6) and got["version"] == "1"
+        ds, calling_ae, peer = seen[0]
+        assert (calling_ae, peer) == ("ORTHANC", "127.0.0.1")
+        assert str(ds.PatientName) == "" and not ds.get("PatientBirthDate") and ds.PatientID == "TEST0001"
+
+        found = wait_for_results(orthanc, mr.StudyInstanceUID, n_captures=3)
+        sr = dcmread(io.BytesIO(orthanc.instance_file(found[SR_MODALITY][0])))
+        assert sr.StudyInstanceUID == mr.StudyInstanceUID and sr.SeriesInstanceUID != mr.SeriesInstanceUID
+        assert str(sr.PatientName) == "" and sr.PatientID == "TEST0001" and sr.VerificationFlag == "UNVERIFIED"
+        report = read_report(sr)
+        assert [r["frame"] for r in report] == [1, 2, 3]
+        for frame, prediction in zip(report, predictions):
+            assert frame["sop_instance_uid"] == mr.SOPInstanceUID
+            assert frame["predicted_class"] == prediction["predicted_class"] and frame["refer"] == prediction["refer"]
+            assert (frame["model"], frame["version"]) == (MODEL.name, MODEL.version)
+            assert frame["probabilities"].keys() == prediction["probabilities"].keys()
+            assert max(abs(frame["probabilities"][k] - p) for k, p in prediction["probabilities"].items()) < 1e-6
+        captures = sorted((dcmread(io.BytesIO(orthanc.instance_file(i))) for i in found[SC_MODALITY]),
+                          key=lambda d: d.SourceImageSequence[0].ReferencedFrameNumber)
+        for frame, capture in enumerate(captures, 1):
+            assert capture.StudyInstanceUID == mr.StudyInstanceUID and capture.BurnedInAnnotation == "YES"
+            assert capture.ImageComments == DISCLAIMER and capture.SourceImageSequence[0].ReferencedFrameNumber == frame
+            rgb = capture.pixel_array.astype(int)
+            assert np.abs(rgb[..., 0] - rgb[..., 2]).max() > 50  # the heat map's colours, not a grey slice
+        for uid in [sr.SOPInstanceUID] + [c.SOPInstanceUID for c in captures]:
+            assert arrivals(orthanc, uid) == 1
+    finally:
+        node.stop()
+
+
+CHILD = """
+import sys, time
+sys.path.insert(0, {root!r})
+from core.config import load_config
+from deploy.predictors import OnnxPredictor
+from pacs.node import start_node
+from pacs.report import ModelInfo
+settings = load_config(sets={sets!r}).pacs
+node = start_node(settings, OnnxPredictor({onnx!r}), ModelInfo("brain-cancer-resnet18", "1"), forward={forward})
+print("ready", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def start_child(settings_sets: list[str], onnx_path, forward: bool, log) -> subprocess.Popen:
+    """The toolkit's DICOM node in a process of its own, so that the test can kill -9 it."""
+    code = CHILD.format(root=str(ROOT), sets=settings_sets, onnx=str(onnx_path), forward=forward)
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=log, text=True)
+    assert child.stdout.readline().strip() == "ready", "the node process did not start"
+    return child
+
+
+def node_sets(tmp_path, port: int, orthanc: Orthanc) -> list[str]:
+    return [f"pacs.port={port}", f"pacs.spool_dir={tmp_path / 'spool'}", "pacs.timeout_s=10",
+            "pacs.retry.initial_s=0.3", "pacs.retry.max_s=2",
+            f"pacs.destination=ORTHANC@127.0.0.1:{orthanc.dicom_port}"]
+
+
+@requires_orthanc
+def test_results_survive_a_pacs_outage_and_a_kill_9_and_arrive_once(orthanc, predictors, slices, tmp_path):
+    onnx = predictors[0]
+    sets = node_sets(tmp_path, orthanc.receiver_port, orthanc)
+    pending = tmp_path / "spool" / destination_key(load_config(sets=sets).pacs.destination_peer) / "pending"
+    mr = write_mr(tmp_path / "scan.dcm", slices)
+    mr_id = orthanc.upload((tmp_path / "scan.dcm").read_bytes())
+    children = []
+    with open(tmp_path / "node.log", "w") as log:
+        try:
+            # 1. The node takes the study; its results are due later (sending held back).
+            children.append(start_child(sets, onnx.onnx_path, forward=False, log=log))
+            assert orthanc.store("mri_ai", mr_id)[0] == 200
+            queued = sorted(p.stem for p in pending.glob("*.dcm"))
+            assert len(queued) == 4  # one SR + three captures, on disk before the C-STORE was answered
+            # 2. The PACS goes down before they are due, and the node dies without a chance to clean up.
+            orthanc.stop()
+            os.kill(children[0].pid, signal.SIGKILL)
+            children[0].wait()
+            # 3. A new node on the same spool finds the PACS down, keeps everything, and retries with back-off.
+            children.append(start_child(sets, onnx.onnx_path, forward=True, log=log))
+            time.sleep(1.5)  # a few failed tries (0.3, 0.6, 1.2 s apart); not a timing assertion
+            assert sorted(p.stem for p in pending.glob("*.dcm")) == queued
+            # 4. The PACS is back: every result arrives, once.
+            orthanc.start()
+            wait_for_results(orthanc, mr.StudyInstanceUID, n_captures=3)
+        finally:
+            for child in children:
+                child.kill()
+                child.wait()
+    assert "next try in" in (tmp_path / "node.log").read_text()
+    assert [arrivals(orthanc, uid) for uid in queued] == [1, 1, 1, 1]
+    assert not list(pending.glob("*.dcm"))
+
+    # 5. The same study again: the same results (same UIDs) are not queued, so not sent, a second time.
+    node = start_node(load_config(sets=sets).pacs, onnx, MODEL)
+    try:
+        assert orthanc.store("mri_ai", mr_id)[0] == 200
+        assert not list(pending.glob("*.dcm"))
+    finally:
+        node.stop()
+    assert [arrivals(orthanc, uid) for uid in queued] == [1, 1, 1, 1]
+
+
+def scu_associate(port: int, calling: str = "ORTHANC", called: str = "MRI_AI", contexts=(MRImageStorage,)):
+    ae = AE(ae_title=calling)
+    for context in (*contexts, Verification):
+        ae.add_requested_context(context)
+    return ae.associate("127.0.0.1", port, ae_title=called)
+
+
+@requires_orthanc
+def test_a_wrong_ae_title_and_a_non_image_object_are_refused_and_the_receiver_stays_up(orthanc, predictors, slices,
+                                                                                     tmp_path):
+    received = []
+    settings = pacs_settings(tmp_path, orthanc.receiver_port, None, "pacs.allow=[ORTHANC@127.0.0.1]")
+    node = start_node(settings, predictors[0], MODEL, ServerHooks(on_predictions=lambda r, *_: received.extend(r)))
+    try:
+        mr = write_mr(tmp_path / "scan.dcm", slices)
+        mr_id = orthanc.upload((tmp_path / "scan.dcm").read_bytes())
+        # Orthanc calling as an AE title that is not allowed: the association is rejected, nothing classified.
+        status, answer = orthanc.store("mri_ai", mr_id, LocalAet="INTRUDER")
+        assert status != 200 and "Association Rejected" in answer["Details"] and not received
+        assoc = scu_associate(node.port, calling="INTRUDER")
+        assert assoc.is_rejected
+        rejection = assoc.acceptor.primitive
+        assert (rejection.result, rejection.result_source, rejection.diagnostic) == (1, 1, 3)  # calling AE unknown
+        assoc = scu_associate(node.port, called="SOMEONE_ELSE")
+        assert assoc.is_rejected and assoc.acceptor.primitive.diagnostic == 7  # called AE title not recognized
+
+        # A structured report is not an image: refused with 0x0122, through Orthanc and directly.
+        frame = {"frame": None, "sop_class_uid": mr.SOPClassUID, "sop_instance_uid": mr.SOPInstanceUID,
+                 "predicted_class": "glioma", "probabilities": {"glioma": 1.0}, "refer": False}
+        sr_path = tmp_path / "report.dcm"
+        make_report(mr, [frame], ModelInfo("another-model", "7")).save_as(sr_path, enforce_file_format=True)
+        status, answer = orthanc.store("mri_ai", orthanc.upload(sr_path.read_bytes()))
+        assert status != 200 and "DIMSE status 0x0122" in answer["Details"] and not received
+        assoc = scu_associate(node.port, contexts=(ComprehensiveSRStorage,))
+        assert assoc.send_c_store(dcmread(sr_path)).Status == 0x0122
+        assoc.release()
+
+        # Still up: an echo, then the image itself, classified frame by frame.
+        assert orthanc.request("POST", "/modalities/mri_ai/echo", b"{}")[0] == 200
+        assert orthanc.store("mri_ai", mr_id)[0] == 200
+        assert [r["frame"] for r in received] == [1, 2, 3] and received[0]["sop_instance_uid"] == mr.SOPInstanceUID
+    finally:
+        node.stop()
+
+
+def test_hostile_instances_get_a_failure_status_and_the_receiver_stays_up(predictors, slices, tmp_path):
+    received = []
+    settings = pacs_settings(tmp_path, 0, None, "pacs.allow=[ORTHANC@127.0.0.1]", "pacs.max_frames=3",
+                             "pacs.max_frame_pixels=10000", "pacs.max_instance_mb=1")
+    node = start_node(settings, predictors[0], MODEL, ServerHooks(on_predictions=lambda r, ds, *_: received.append(ds)))
+    try:
+        assoc = scu_associate(node.port)
+        good = write_mr(tmp_path / "good.dcm", slices)
+        truncated = dcmread(tmp_path / "good.dcm")
+        truncated.PixelData = truncated.PixelData[:1000]  # pixel data cut short: cannot be decoded
+        truncated.SOPInstanceUID = "1.2.3.4.5"
+        answer = assoc.send_c_store(truncated)
+        assert answer.Status == 0xC000 and str(tmp_path) not in answer.ErrorComment  # no server paths
+        four = write_mr(tmp_path / "four.dcm", np.concatenate([slices, slices[:1]]))  # over max_frames
+        assert assoc.send_c_store(four).Status == 0xA700
+        wide = write_mr(tmp_path / "wide.dcm", np.zeros((1, 64, 200), dtype=np.uint16))  # over max_frame_pixels
+        assert assoc.send_c_store(wide).Status == 0xA700
+        assert assoc.send_c_store(good).Status == 0x0000 and len(received) == 1
+        assoc.release()
+        # Over the byte cap: the association is aborted before the whole object is taken in.
+        huge = write_mr(tmp_path / "huge.dcm", (np.arange(3 * 700 * 700) % 4096).reshape(3, 700, 700))
+        assoc = scu_associate(node.port)
+        assert "Status" not in assoc.send_c_store(huge)
+        assoc = scu_associate(node.port)
+        assert assoc.send_c_echo().Status == 0x0000 and assoc.send_c_store(good).Status == 0x0000
+        assoc.release()
+    finally:
+        node.stop()
+    assert len(received) == 2 and all(str(ds.PatientName) == "" for ds in received)
+
+
+def test_patient_name_and_birth_date_are_kept_only_when_the_config_asks(predictors, slices, tmp_path):
+    received = []
+    settings = pacs_settings(tmp_path, 0, None, "pacs.allow=[ORTHANC@127.0.0.1]", "pacs.keep_patient_identity=true")
+    node = start_node(settings, predictors[0], MODEL, ServerHooks(on_predictions=lambda r, ds, *_: received.append(ds)))
+    try:
+        assoc = scu_associate(node.port)
+        assert assoc.send_c_store(write_mr(tmp_path / "scan.dcm", slices)).Status == 0x0000
+        assoc.release()
+    finally:
+        node.stop()
+    assert str(received[0].PatientName) == "Test^Phantom" and received[0].PatientBirthDate == "19700101"
+
+
+def test_a_result_the_destination_keeps_refusing_is_kept_aside_not_lost(tmp_path, slices):
+    """The destination here is a toolkit receiver, which refuses an SR (0x0122) every time it is offered."""
+    destination = start_receiver(pacs_settings(tmp_path, 0, None, "pacs.allow=[MRI_AI@127.0.0.1]",
+                                               "pacs.ae_title=ARCHIVE"), lambda *a: None)
+    try:
+        settings = pacs_settings(tmp_path, 0, None, f"pacs.destination=ARCHIVE@127.0.0.1:{destination.port}",
+                                 "pacs.retry.max_attempts=2")
+        spool = Spool(settings.spool_dir, settings.destination_peer)
+        mr = write_mr(tmp_path / "scan.dcm", slices)
+        frame = {"frame": None, "sop_class_uid": mr.SOPClassUID, "sop_instance_uid": mr.SOPInstanceUID,
+                 "predicted_class": "glioma", "probabilities": {"glioma": 1.0}, "refer": False}
+        sr = make_report(mr, [frame], MODEL)
+        assert spool.put(sr) and not spool.put(sr)  # keyed by SOP Instance UID: queued once
+        forwarder = Forwarder(spool, settings)
+        first, second = forwarder.send_pending(), forwarder.send_pending()
+    finally:
+        destination.stop()
+    assert (first.refused, first.given_up, first.remaining) == (1, 0, 1)
+    assert (second.refused, second.given_up, second.remaining) == (1, 1, 0)
+    assert "0x0122" in spool.failure_reason(sr.SOPInstanceUID)
+    assert dcmread(spool.failed_dir / f"{sr.SOPInstanceUID}.dcm").SOPInstanceUID == sr.SOPInstanceUID
+    assert not spool.put(sr)  # made again, it is not offered again: failed/ is looked at by a person
+
+
+@requires_orthanc
+def test_send_to_pacs_returns_inference_results_into_their_study_once(orthanc, registered, slices, tmp_path, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    mr = write_mr(results / "scan.dcm", slices)
+    single = write_mr(results / "single.dcm", slices[1], SeriesInstanceUID=mr.SeriesInstanceUID,
+                      StudyInstanceUID=mr.StudyInstanceUID, InstanceNumber=2)
+    Image.fromarray((slices[0] // 16).astype(np.uint8)).save(results / "slice.png")  # not DICOM: no PACS result
+    for name in ("scan.dcm", "single.dcm"):
+        orthanc.upload((results / name).read_bytes())
+    assert run_script("inference_with_mlflow", registered + ["--model", "brain-cancer-resnet18", "--alias",
+                                                             "production", "--json", "--image", results]) == 0
+    (results / "predictions.json").write_text(capsys.readouterr().out)
+    doc = json.loads((results / "predictions.json").read_text())
+    argv = [results, "--host", "127.0.0.1", "--port", orthanc.dicom_port, "--ae-title", "ORTHANC",
+            "--set", f"pacs.spool_dir={tmp_path / 'spool'}", "--set", "pacs.timeout_s=5"]
+
+    orthanc.stop()  # the PACS is down: everything waits in the spool
+    assert run_script("send_to_pacs", argv) == 1
+    assert "6 result(s) queued, 0 sent" in capsys.readouterr().out  # 2 SR + 4 captures
+    orthanc.start()
+    assert run_script("send_to_pacs", argv) == 0
+    assert "0 result(s) queued, 6 sent" in capsys.readouterr().out
+    assert run_script("send_to_pacs", argv) == 0
+    assert "0 result(s) queued, 0 sent" in capsys.readouterr().out  # nothing twice
+
+    found = wait_for_results(orthanc, mr.StudyInstanceUID, n_captures=4, n_reports=2)
+    reports = [dcmread(io.BytesIO(orthanc.instance_file(i))) for i in found[SR_MODALITY]]
+    got = {(r["sop_instance_uid"], r["frame"]): r for sr in reports for r in read_report(sr)}
+    uid_of = {"scan.dcm": mr.SOPInstanceUID, "single.dcm": single.SOPInstanceUID}
+    for prediction in doc["predictions"]:
+        path, frame = split_frame_name(prediction["path"])
+        if path.name == "slice.png":
+            continue
+        frame_report = got.pop((uid_of[path.name], frame))
+        assert frame_report["predicted_class"] == prediction["predicted_class"]
+        assert (frame_report["model"], frame_report["version"]) == (doc["model"], str(doc["version"]))
+        assert max(abs(frame_report["probabilities"][k] - p) for k, p in prediction["probabilities"].items()) < 1e-6
+    assert not got
+    assert all(arrivals(orthanc, sr.SOPInstanceUID) == 1 for sr in reports)
