@@ -21,10 +21,11 @@ from deploy.predictors import Predictor, prediction_record
 
 @contextlib.contextmanager
 def instance_file(ds: Dataset, work_dir: str | Path) -> Iterator[Path]:
-    """The data set as a .dcm file in work_dir (a name of our own, never the sender's), removed afterwards."""
+    """The data set as a hidden .dcm file in work_dir (a name of our own, never the sender's), removed
+    afterwards unless it was moved away meanwhile."""
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix="instance-", suffix=".dcm", dir=work_dir)
+    fd, name = tempfile.mkstemp(prefix=".instance-", suffix=".dcm", dir=work_dir)
     os.close(fd)
     path = Path(name)
     try:

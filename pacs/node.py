@@ -1,11 +1,11 @@
-"""The DICOM node the server starts: receiver + pipeline + spool + forwarder, stopped together."""
+"""The DICOM node the server starts: receiver, pipeline, result maker and sender, stopped together."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from core.config import PacsSection
 from deploy.predictors import Predictor
-from pacs.pipeline import InstancePipeline, ServerHooks
+from pacs.pipeline import InstancePipeline, ResultWorker, ServerHooks
 from pacs.receiver import Receiver, start_receiver
 from pacs.report import ModelInfo
 from pacs.sender import Forwarder
@@ -16,33 +16,37 @@ from pacs.spool import Spool
 class PacsNode:
     receiver: Receiver
     pipeline: InstancePipeline
-    forwarder: Forwarder | None  # None without a destination: predictions only, no results sent
+    results: ResultWorker | None  # None without a destination: predictions only, no results
+    forwarder: Forwarder | None
 
     @property
     def port(self) -> int:
         return self.receiver.port
 
     def stop(self) -> None:
-        """Stop taking images first, then the sender (what it has not sent stays in the spool)."""
+        """Stop taking images, then the workers after their current step; what is left stays in the spool."""
         self.receiver.stop()
-        if self.forwarder is not None:
-            self.forwarder.stop(timeout=self.pipeline.settings.timeout_s)
+        for worker in (self.results, self.forwarder):
+            if worker is not None:
+                worker.stop(timeout=self.pipeline.settings.timeout_s)
 
 
-def start_node(settings: PacsSection, predictor: Predictor, model: ModelInfo, hooks: ServerHooks | None = None,
-               forward: bool = True) -> PacsNode:
-    """Start the Storage SCP on settings.host:port and, with a destination, the sender of its spool (with
-    `forward=False` results only queue until `node.forwarder.start()`)."""
+def start_node(settings: PacsSection, predictor: Predictor, model: ModelInfo,
+               hooks: ServerHooks | None = None) -> PacsNode:
+    """Start the Storage SCP on settings.host:port and, with a destination, the result maker and the sender
+    (each first takes up what an earlier run left in the spool)."""
     destination = settings.destination_peer
-    forwarder = Forwarder(Spool(settings.spool_dir, destination), settings) if destination else None
-    pipeline = InstancePipeline(predictor, model, settings, forwarder.spool if forwarder else None, hooks,
-                                on_spooled=forwarder.kick if forwarder else None)
-    if forwarder and forward:
-        forwarder.start()  # before the receiver: the spool lock is taken before anything is queued
+    if destination is None:
+        pipeline = InstancePipeline(predictor, model, settings, None, hooks)
+        return PacsNode(start_receiver(settings, pipeline), pipeline, None, None)
+    spool = Spool(settings.spool_dir, destination)
+    forwarder = Forwarder(spool, settings).start()  # first: it takes the spool's lock
+    results = ResultWorker(spool, predictor, model, hooks, on_queued=forwarder.kick).start()
+    pipeline = InstancePipeline(predictor, model, settings, spool, hooks, on_queued=results.kick)
     try:
         receiver = start_receiver(settings, pipeline)
     except BaseException:
-        if forwarder and forward:
-            forwarder.stop()
+        results.stop()
+        forwarder.stop()
         raise
-    return PacsNode(receiver, pipeline, forwarder)
+    return PacsNode(receiver, pipeline, results, forwarder)

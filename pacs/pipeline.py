@@ -1,5 +1,6 @@
 """From a received instance to results in the spool: classify every frame, let the server record the
-predictions, make the SR and the secondary captures, queue them for the destination.
+predictions, keep the instance in the spool; then (ResultWorker) make the SR and the secondary captures and
+queue them for the destination.
 
 What the toolkit's server adds comes in as callables (`ServerHooks`): the refer rule of the review station,
 Grad-CAM heat maps from the PyTorch model, and `on_predictions`, which writes the audit record and puts the
@@ -8,21 +9,22 @@ case on the worklist before the sender of the image gets its C-STORE answer.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from core.config import PacsSection
-from data.images import read_dicom
+from data.images import load_frames, read_dicom
 from deploy.predictors import Predictor
 from pacs.capture import make_capture
 from pacs.classify import classify_instance, instance_file
 from pacs.report import ModelInfo, make_report
 from pacs.spool import Spool
+from pacs.worker import Worker
 
 LOG = logging.getLogger(__name__)
 
@@ -56,41 +58,77 @@ def make_results(ds: Dataset, path: Path, records: list[dict], model: ModelInfo,
 
 
 class InstancePipeline:
-    """The receiver's on_instance: (dataset, calling_ae, peer) -> the instance's prediction records."""
+    """The receiver's on_instance: (dataset, calling_ae, peer) -> the instance's prediction records.
+
+    Before it returns (and so before the sender's C-STORE is answered) the frames are classified, the server
+    has recorded them, and the instance waits in the spool for its results; making them (Grad-CAM, SR,
+    secondary captures) is the ResultWorker's job, so a long series never holds the association up."""
 
     def __init__(self, predictor: Predictor, model: ModelInfo, settings: PacsSection, spool: Spool | None = None,
-                 hooks: ServerHooks | None = None, on_spooled: Callable[[], object] | None = None):
+                 hooks: ServerHooks | None = None, on_queued: Callable[[], object] | None = None):
         self.predictor, self.model, self.settings, self.spool = predictor, model, settings, spool
         self.hooks = hooks or ServerHooks()
         self.refer = self.hooks.refer or confidence_refer(settings.refer_below)
-        self.on_spooled = on_spooled
-        self._heat_lock = threading.Lock()  # Grad-CAM hooks the model: one map at a time
+        self.on_queued = on_queued
 
     def __call__(self, ds: Dataset, calling_ae: str, peer: str) -> list[dict]:
-        work = Path(self.settings.spool_dir) / "work"
-        with instance_file(ds, work) as path:
+        folder = self.spool.incoming_dir if self.spool else Path(self.settings.spool_dir) / "work"
+        with instance_file(ds, folder) as path:
             records, grays = classify_instance(self.predictor, path, ds)
             for record, gray in zip(records, grays):
                 record.update(refer=bool(self.refer(record, gray)), model=self.model.name,
                               version=str(self.model.version))
             if self.hooks.on_predictions:
                 self.hooks.on_predictions(records, ds, calling_ae, peer)
-            if self.spool is None:
-                return records
-            results = make_results(ds, path, records, self.model, self.heat(records, grays))
-        queued = sum(self.spool.put(result) for result in results)
-        LOG.info("instance %s: %d frame(s) classified, %d result(s) queued for %s", ds.SOPInstanceUID,
-                 len(records), queued, self.spool.destination)
-        if self.on_spooled:
-            self.on_spooled()
+            if self.spool is not None:
+                self.spool.add_job(path, records)
+        if self.on_queued:
+            self.on_queued()
         return records
 
-    def heat(self, records: list[dict], grays: list[np.ndarray]) -> list[np.ndarray | None] | None:
+
+class ResultWorker(Worker):
+    """Makes the results of each classified instance waiting in the spool, oldest first, and queues them."""
+
+    name = "pacs-results"
+
+    def __init__(self, spool: Spool, predictor: Predictor, model: ModelInfo, hooks: ServerHooks | None = None,
+                 on_queued: Callable[[], object] | None = None):
+        super().__init__()
+        self.spool, self.predictor, self.model = spool, predictor, model
+        self.hooks = hooks or ServerHooks()
+        self.on_queued = on_queued
+
+    def step(self) -> None:
+        for name in self.spool.jobs():
+            if self.stopping:
+                break
+            self.make(name)
+        return None
+
+    def make(self, name: str) -> None:
+        path, records = self.spool.job(name)
+        try:
+            ds = dcmread(path)
+            results = make_results(ds, path, records, self.model, self.heat(path, records))
+            queued = sum(self.spool.put(result) for result in results)
+        except Exception as exc:  # noqa: BLE001 - one instance's failure must not stop the others
+            LOG.exception("results of %s could not be made", records[0]["sop_instance_uid"])
+            kept = self.spool.fail_job(name, f"{type(exc).__name__}: {exc}")
+            LOG.error("instance kept in %s", kept)
+            return
+        self.spool.finish_job(name)
+        LOG.info("instance %s: %d result(s) queued for %s", records[0]["sop_instance_uid"], queued,
+                 self.spool.destination)
+        if self.on_queued:
+            self.on_queued()
+
+    def heat(self, path: Path, records: list[dict]) -> list[np.ndarray | None] | None:
         if self.hooks.heatmaps is None:
             return None
         try:
-            with self._heat_lock:
-                return list(self.hooks.heatmaps(grays, [r["class_index"] for r in records]))
+            grays = [gray for _, gray in load_frames(path, self.predictor.contract.img_size)]
+            return list(self.hooks.heatmaps(grays, [r["class_index"] for r in records]))
         except Exception:  # noqa: BLE001 - without a heat map the prediction is still burned in
             LOG.exception("heat map failed for %s; the secondary capture shows the prediction alone",
                           records[0]["sop_instance_uid"])

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from weakref import WeakKeyDictionary
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import (
     EnhancedMRImageStorage,
@@ -118,6 +119,9 @@ def header_problem(ds: Dataset, settings: PacsSection) -> tuple[int, str] | None
     """(status, reason) when the header alone says the instance cannot be taken; decoding comes later."""
     if "PixelData" not in ds:
         return CANNOT_UNDERSTAND, "no pixel data"
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        if not UID(str(ds.get(keyword, ""))).is_valid:  # results are filed under these: they must be UIDs
+            return CANNOT_UNDERSTAND, f"no valid {keyword}"
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         rows, columns = int(ds.Rows), int(ds.Columns)

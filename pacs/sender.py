@@ -7,7 +7,6 @@ destination that is down is retried forever, waiting initial_s, 2 x initial_s, .
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from pynetdicom.status import code_to_category
 
 from core.config import DicomPeer, PacsSection
 from pacs.spool import Spool
+from pacs.worker import Worker
 
 LOG = logging.getLogger(__name__)
 BATCH = 32  # objects per association
@@ -70,15 +70,17 @@ class SendReport:
     error: str | None = None
 
 
-class Forwarder:
-    """Sends what the spool holds; as a thread (`start`, `kick` when something was queued, `stop`), or once
+class Forwarder(Worker):
+    """Sends what the spool holds: as a thread (`start`, `kick` when something was queued, `stop`), or once
     (`send_pending`)."""
 
+    name = "pacs-forwarder"
+
     def __init__(self, spool: Spool, settings: PacsSection, store=store_files):
+        super().__init__()
         self.spool, self.settings, self.store = spool, settings, store
         self.attempts: dict[str, int] = {}
-        self._wake, self._stop = threading.Event(), threading.Event()
-        self._thread: threading.Thread | None = None
+        self.failures = 0  # tries in a row that left something unsent
 
     def send_pending(self) -> SendReport:
         report = SendReport()
@@ -113,39 +115,26 @@ class Forwarder:
 
     def start(self) -> Forwarder:
         self.spool.acquire()
-        self._thread = threading.Thread(target=self._run, name="pacs-forwarder", daemon=True)
-        self._thread.start()
-        return self
-
-    def kick(self) -> None:
-        self._wake.set()
+        return super().start()
 
     def stop(self, timeout: float | None = None) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        super().stop(timeout)
         self.spool.release()
 
-    def _run(self) -> None:
-        failures = 0
-        while not self._stop.is_set():
-            self._wake.clear()
-            try:
-                report = self.send_pending()
-            except Exception as exc:  # noqa: BLE001 - an unreadable spool file must not stop the sender
-                LOG.exception("sending the spool to %s failed", self.spool.destination)
-                report = SendReport(remaining=1, error=str(exc))
-            if report.sent and failures:
-                LOG.info("%s reachable again: %d result(s) sent", self.spool.destination, report.sent)
-            if not report.remaining:
-                failures = 0
-                self._wake.wait()
-                continue
-            failures += 1
-            delay = min(self.settings.retry.initial_s * 2 ** (failures - 1), self.settings.retry.max_s)
-            if report.error:
-                LOG.warning("%s; %d result(s) wait in %s, next try in %.0f s", report.error, report.remaining,
-                            self.spool.dir, delay)
-            self._stop.wait(delay)
+    def step(self) -> float | None:
+        try:
+            report = self.send_pending()
+        except Exception as exc:  # noqa: BLE001 - an unreadable spool file must not stop the sender
+            LOG.exception("sending the spool to %s failed", self.spool.destination)
+            report = SendReport(remaining=1, error=str(exc))
+        if report.sent and self.failures:
+            LOG.info("%s reachable again: %d result(s) sent", self.spool.destination, report.sent)
+        if not report.remaining:
+            self.failures = 0
+            return None
+        self.failures += 1
+        delay = min(self.settings.retry.initial_s * 2 ** (self.failures - 1), self.settings.retry.max_s)
+        if report.error:
+            LOG.warning("%s; %d result(s) wait in %s, next try in %.1f s", report.error, report.remaining,
+                        self.spool.dir, delay)
+        return delay

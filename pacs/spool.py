@@ -1,11 +1,15 @@
 """The spool: results wait on disk until the destination has acknowledged them.
 
-One folder per destination, keyed by SOP Instance UID:
-    pending/<uid>.dcm   written atomically before anything is sent; survives a crash or `kill -9`
+One folder per destination:
+    incoming/<job>.dcm  a received instance, classified, whose results are not made yet; <job>.json (its
+                        prediction records) is written last: the sender's C-STORE is answered after it, and
+                        a .dcm without it (never acknowledged) is removed on restart
+    pending/<uid>.dcm   a result, by SOP Instance UID, written atomically before anything is sent
     sent/<uid>          an empty marker written once the destination answered success; a result whose UID
-                        is here (or pending) is never queued again, so nothing is sent twice
-    failed/<uid>.dcm    objects the destination kept refusing, with <uid>.json saying why (kept, never lost)
-One process sends from a spool at a time (an exclusive lock on the folder).
+                        is known here (pending, sent or failed) is never queued again: nothing is sent twice
+    failed/<name>.dcm   a result the destination kept refusing, or a job whose results could not be made,
+                        with <name>.reason.json saying why (kept for a person; move it back to retry)
+Everything survives a crash or `kill -9`. One process sends from a spool at a time (a lock on the folder).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import os
 import re
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -40,8 +45,9 @@ class Spool:
     def __init__(self, root: str | Path, destination: DicomPeer):
         self.destination = destination
         self.dir = Path(root) / destination_key(destination)
-        self.pending_dir, self.sent_dir, self.failed_dir = (self.dir / n for n in ("pending", "sent", "failed"))
-        for folder in (self.pending_dir, self.sent_dir, self.failed_dir):
+        self.incoming_dir, self.pending_dir, self.sent_dir, self.failed_dir = (
+            self.dir / n for n in ("incoming", "pending", "sent", "failed"))
+        for folder in (self.incoming_dir, self.pending_dir, self.sent_dir, self.failed_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._lock_fd: int | None = None
@@ -67,12 +73,40 @@ class Spool:
             self._lock_fd = None
 
     def recover(self) -> None:
-        """After a crash: drop pending copies of results already marked sent, and half-written files."""
+        """After a crash: drop pending copies of results already marked sent, instances that were never
+        acknowledged, and half-written files."""
         for path in self.pending_dir.glob("*.dcm"):
             if (self.sent_dir / path.stem).exists():
                 path.unlink(missing_ok=True)
-        for stale in self.pending_dir.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
+        for path in self.incoming_dir.glob("*.dcm"):
+            if not path.with_suffix(".json").exists():
+                path.unlink(missing_ok=True)
+        for folder in (self.incoming_dir, self.pending_dir):
+            for stale in folder.glob(".*"):
+                stale.unlink(missing_ok=True)
+
+    def add_job(self, path: Path, records: list[dict]) -> str:
+        """Keep a classified instance (the file at `path`, in incoming/, is moved) until its results are made."""
+        name = f"job-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"  # arrival order, never a sender's name
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(path, self.incoming_dir / f"{name}.dcm")
+        write_json_atomic(self.incoming_dir / f"{name}.json", records)  # the commit point
+        return name
+
+    def jobs(self) -> list[str]:
+        return sorted(p.stem for p in self.incoming_dir.glob("job-*.json"))
+
+    def job(self, name: str) -> tuple[Path, list[dict]]:
+        return self.incoming_dir / f"{name}.dcm", json.loads((self.incoming_dir / f"{name}.json").read_text())
+
+    def finish_job(self, name: str) -> None:
+        (self.incoming_dir / f"{name}.json").unlink(missing_ok=True)  # first: a lone .dcm is removed on restart
+        (self.incoming_dir / f"{name}.dcm").unlink(missing_ok=True)
+
+    def fail_job(self, name: str, reason: str) -> Path:
+        os.replace(self.incoming_dir / f"{name}.json", self.failed_dir / f"{name}.json")
+        return self._set_aside(self.incoming_dir / f"{name}.dcm", name, reason)
 
     def known(self, uid: str) -> bool:
         """Pending, sent, or given up on (a person decides about failed/: move a file to pending/ to retry)."""
@@ -99,16 +133,15 @@ class Spool:
         (self.pending_dir / f"{uid}.dcm").unlink(missing_ok=True)
 
     def mark_failed(self, uid: str, reason: str) -> Path:
-        target = self.failed_dir / f"{uid}.dcm"
-        write_json_atomic(self.failed_dir / f"{uid}.json", {"sop_instance_uid": uid, "reason": reason,
-                                                            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        os.replace(self.pending_dir / f"{uid}.dcm", target)
+        return self._set_aside(self.pending_dir / f"{uid}.dcm", uid, reason)
+
+    def _set_aside(self, path: Path, name: str, reason: str) -> Path:
+        write_json_atomic(self.failed_dir / f"{name}.reason.json",
+                          {"name": name, "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        target = self.failed_dir / f"{name}.dcm"
+        os.replace(path, target)
         return target
 
-    def counts(self) -> dict[str, int]:
-        return {"pending": len(self.pending()), "sent": sum(1 for _ in self.sent_dir.iterdir()),
-                "failed": sum(1 for _ in self.failed_dir.glob("*.dcm"))}
-
-    def failure_reason(self, uid: str) -> str | None:
-        path = self.failed_dir / f"{uid}.json"
+    def failure_reason(self, name: str) -> str | None:
+        path = self.failed_dir / f"{name}.reason.json"
         return json.loads(path.read_text())["reason"] if path.exists() else None

@@ -152,18 +152,26 @@ sys.path.insert(0, {root!r})
 from core.config import load_config
 from deploy.predictors import OnnxPredictor
 from pacs.node import start_node
+from pacs.pipeline import InstancePipeline
+from pacs.receiver import start_receiver
 from pacs.report import ModelInfo
-settings = load_config(sets={sets!r}).pacs
-node = start_node(settings, OnnxPredictor({onnx!r}), ModelInfo("brain-cancer-resnet18", "1"), forward={forward})
+from pacs.spool import Spool
+settings, model = load_config(sets={sets!r}).pacs, ModelInfo("brain-cancer-resnet18", "1")
+predictor = OnnxPredictor({onnx!r})
+if {whole!r}:
+    start_node(settings, predictor, model)
+else:  # the receiver alone: instances are classified and kept, no result is made or sent
+    start_receiver(settings, InstancePipeline(predictor, model, settings, Spool(settings.spool_dir,
+                                                                                settings.destination_peer)))
 print("ready", flush=True)
 while True:
     time.sleep(1)
 """
 
 
-def start_child(settings_sets: list[str], onnx_path, forward: bool, log) -> subprocess.Popen:
-    """The toolkit's DICOM node in a process of its own, so that the test can kill -9 it."""
-    code = CHILD.format(root=str(ROOT), sets=settings_sets, onnx=str(onnx_path), forward=forward)
+def start_child(settings_sets: list[str], onnx_path, whole: bool, log) -> subprocess.Popen:
+    """The toolkit's DICOM node (or its receiver alone) in a process of its own, so that the test can kill -9 it."""
+    code = CHILD.format(root=str(ROOT), sets=settings_sets, onnx=str(onnx_path), whole=whole)
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=log, text=True)
     assert child.stdout.readline().strip() == "ready", "the node process did not start"
     return child
@@ -175,48 +183,64 @@ def node_sets(tmp_path, port: int, orthanc: Orthanc) -> list[str]:
             f"pacs.destination=ORTHANC@127.0.0.1:{orthanc.dicom_port}"]
 
 
+def files(folder, pattern="*.dcm") -> list[str]:
+    return sorted(p.name for p in folder.glob(pattern))
+
+
+def wait_until(condition, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
 @requires_orthanc
 def test_results_survive_a_pacs_outage_and_a_kill_9_and_arrive_once(orthanc, predictors, slices, tmp_path):
     onnx = predictors[0]
     sets = node_sets(tmp_path, orthanc.receiver_port, orthanc)
-    pending = tmp_path / "spool" / destination_key(load_config(sets=sets).pacs.destination_peer) / "pending"
+    spool = tmp_path / "spool" / destination_key(load_config(sets=sets).pacs.destination_peer)
     mr = write_mr(tmp_path / "scan.dcm", slices)
     mr_id = orthanc.upload((tmp_path / "scan.dcm").read_bytes())
     children = []
     with open(tmp_path / "node.log", "w") as log:
         try:
-            # 1. The node takes the study; its results are due later (sending held back).
-            children.append(start_child(sets, onnx.onnx_path, forward=False, log=log))
+            # 1. The receiver takes the study: classified and kept on disk before the C-STORE is answered.
+            children.append(start_child(sets, onnx.onnx_path, whole=False, log=log))
             assert orthanc.store("mri_ai", mr_id)[0] == 200
-            queued = sorted(p.stem for p in pending.glob("*.dcm"))
-            assert len(queued) == 4  # one SR + three captures, on disk before the C-STORE was answered
-            # 2. The PACS goes down before they are due, and the node dies without a chance to clean up.
+            job = files(spool / "incoming", "job-*")
+            assert [n.rsplit(".", 1)[1] for n in job] == ["dcm", "json"]
+            # 2. The PACS goes down before the results are due, and the toolkit dies without cleaning up.
             orthanc.stop()
             os.kill(children[0].pid, signal.SIGKILL)
             children[0].wait()
-            # 3. A new node on the same spool finds the PACS down, keeps everything, and retries with back-off.
-            children.append(start_child(sets, onnx.onnx_path, forward=True, log=log))
+            # 3. A new node on the same spool makes the results, finds the PACS down, keeps them, retries.
+            children.append(start_child(sets, onnx.onnx_path, whole=True, log=log))
+            wait_until(lambda: len(files(spool / "pending")) == 4 and not files(spool / "incoming"))
             time.sleep(1.5)  # a few failed tries (0.3, 0.6, 1.2 s apart); not a timing assertion
-            assert sorted(p.stem for p in pending.glob("*.dcm")) == queued
+            assert len(files(spool / "pending")) == 4  # one SR + three captures, none lost
             # 4. The PACS is back: every result arrives, once.
             orthanc.start()
-            wait_for_results(orthanc, mr.StudyInstanceUID, n_captures=3)
+            found = wait_for_results(orthanc, mr.StudyInstanceUID, n_captures=3)
+            wait_until(lambda: not files(spool / "pending"))
         finally:
             for child in children:
                 child.kill()
                 child.wait()
     assert "next try in" in (tmp_path / "node.log").read_text()
-    assert [arrivals(orthanc, uid) for uid in queued] == [1, 1, 1, 1]
-    assert not list(pending.glob("*.dcm"))
+    results = [orthanc.get(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"]
+               for i in found[SR_MODALITY] + found[SC_MODALITY]]
+    assert len(results) == 4 and [arrivals(orthanc, uid) for uid in results] == [1, 1, 1, 1]
+    assert sorted(files(spool / "sent", "*")) == sorted(results)
 
-    # 5. The same study again: the same results (same UIDs) are not queued, so not sent, a second time.
+    # 5. The same study again: the same results (same UIDs) are made but not queued, so not sent, again.
     node = start_node(load_config(sets=sets).pacs, onnx, MODEL)
     try:
         assert orthanc.store("mri_ai", mr_id)[0] == 200
-        assert not list(pending.glob("*.dcm"))
+        wait_until(lambda: not files(spool / "incoming", "job-*"))
+        assert not files(spool / "pending")
     finally:
         node.stop()
-    assert [arrivals(orthanc, uid) for uid in queued] == [1, 1, 1, 1]
+    assert [arrivals(orthanc, uid) for uid in results] == [1, 1, 1, 1]
 
 
 def scu_associate(port: int, calling: str = "ORTHANC", called: str = "MRI_AI", contexts=(MRImageStorage,)):
@@ -264,6 +288,7 @@ def test_a_wrong_ae_title_and_a_non_image_object_are_refused_and_the_receiver_st
         node.stop()
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # pydicom's, on the hostile UID below
 def test_hostile_instances_get_a_failure_status_and_the_receiver_stays_up(predictors, slices, tmp_path):
     received = []
     settings = pacs_settings(tmp_path, 0, None, "pacs.allow=[ORTHANC@127.0.0.1]", "pacs.max_frames=3",
@@ -277,6 +302,9 @@ def test_hostile_instances_get_a_failure_status_and_the_receiver_stays_up(predic
         truncated.SOPInstanceUID = "1.2.3.4.5"
         answer = assoc.send_c_store(truncated)
         assert answer.Status == 0xC000 and str(tmp_path) not in answer.ErrorComment  # no server paths
+        no_study = dcmread(tmp_path / "good.dcm")
+        no_study.StudyInstanceUID = "../../etc"  # results are filed by UID: a path is not one
+        assert assoc.send_c_store(no_study).Status == 0xC000
         four = write_mr(tmp_path / "four.dcm", np.concatenate([slices, slices[:1]]))  # over max_frames
         assert assoc.send_c_store(four).Status == 0xA700
         wide = write_mr(tmp_path / "wide.dcm", np.zeros((1, 64, 200), dtype=np.uint16))  # over max_frame_pixels
