@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydicom import dcmread
+from pydicom.uid import RLELossless
 from pynetdicom import AE
 from pynetdicom.sop_class import ComprehensiveSRStorage, MRImageStorage, Verification
 
@@ -400,3 +401,23 @@ def test_send_to_pacs_returns_inference_results_into_their_study_once(orthanc, r
         assert max(abs(frame_report["probabilities"][k] - p) for k, p in prediction["probabilities"].items()) < 1e-6
     assert not got
     assert all(arrivals(orthanc, sr.SOPInstanceUID) == 1 for sr in reports)
+
+
+def test_a_compressed_instance_is_decoded_like_the_file_it_came_from(predictors, slices, tmp_path):
+    received = []
+    settings = pacs_settings(tmp_path, 0, None, "pacs.allow=[ORTHANC@127.0.0.1]")
+    node = start_node(settings, predictors[0], MODEL, ServerHooks(on_predictions=lambda r, *_: received.extend(r)))
+    try:
+        mr = write_mr(tmp_path / "scan.dcm", slices)
+        mr.compress(RLELossless)
+        ae = AE(ae_title="ORTHANC")
+        ae.add_requested_context(MRImageStorage, [RLELossless])
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="MRI_AI")
+        assert assoc.send_c_store(mr).Status == 0x0000
+        assoc.release()
+    finally:
+        node.stop()
+    expected = predictors[0].predict_file(tmp_path / "scan.dcm")
+    assert [r["frame"] for r in received] == [1, 2, 3]
+    for got, want in zip(received, expected):
+        assert max(abs(got["probabilities"][k] - v) for k, v in want["probabilities"].items()) < 1e-6
