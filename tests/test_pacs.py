@@ -21,6 +21,7 @@ from pynetdicom.sop_class import ComprehensiveSRStorage, MRImageStorage, Verific
 
 from conftest import ROOT, run_script, write_dicom
 from core.config import load_config
+from core.errors import UserError
 from data.images import split_frame_name
 from deploy.predictors import OnnxPredictor, TorchPredictor
 from pacs.heatmap import gradcam_heatmaps
@@ -151,6 +152,7 @@ CHILD = """
 import sys, time
 sys.path.insert(0, {root!r})
 from core.config import load_config
+from core.errors import UserError
 from deploy.predictors import OnnxPredictor
 from pacs.node import start_node
 from pacs.pipeline import InstancePipeline
@@ -421,3 +423,23 @@ def test_a_compressed_instance_is_decoded_like_the_file_it_came_from(predictors,
     assert [r["frame"] for r in received] == [1, 2, 3]
     for got, want in zip(received, expected):
         assert max(abs(got["probabilities"][k] - v) for k, v in want["probabilities"].items()) < 1e-6
+
+
+@pytest.mark.parametrize("assignment, key", [
+    ("pacs.destination=ORTHANC@127.0.0.1", "pacs.destination"),  # no port
+    ("pacs.allow=[SCANNER]", "pacs.allow"),  # no host
+    ("pacs.ae_title=SEVENTEEN_LETTERS", "pacs.ae_title"),
+])
+def test_pacs_settings_that_cannot_work_are_refused_in_one_line(assignment, key):
+    with pytest.raises(UserError, match=f"invalid config value for '{key}'"):
+        load_config(sets=[assignment])
+
+
+def test_send_to_pacs_says_what_is_missing(tmp_path):
+    with pytest.raises(UserError, match="together"):
+        run_script("send_to_pacs", [tmp_path, "--host", "127.0.0.1"])
+    done = subprocess.run([sys.executable, "send_to_pacs.py", str(tmp_path), "--host", "127.0.0.1", "--port", "4242",
+                           "--ae-title", "ORTHANC", "--set", f"pacs.spool_dir={tmp_path / 'spool'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and "predictions.json" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
