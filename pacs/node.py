@@ -1,11 +1,11 @@
 """The DICOM node the server starts: receiver, pipeline, result maker and sender, stopped together."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from core.config import PacsSection
 from deploy.predictors import Predictor
-from pacs.pipeline import InstancePipeline, ResultWorker, ServerHooks
+from pacs.pipeline import HeatMaps, InstancePipeline, ResultWorker, ServerHooks
 from pacs.receiver import Receiver, start_receiver
 from pacs.report import ModelInfo
 from pacs.sender import Forwarder
@@ -22,6 +22,14 @@ class PacsNode:
     @property
     def port(self) -> int:
         return self.receiver.port
+
+    def use_model(self, predictor: Predictor, model: ModelInfo, heatmaps: HeatMaps | None = None) -> None:
+        """After a model update: the next instances are classified (and heat-mapped) by the new model; results
+        always name the model that classified their instance."""
+        self.pipeline.use_model(predictor, model)
+        if self.results is not None:
+            self.results.img_size = predictor.contract.img_size
+            self.results.hooks = replace(self.results.hooks, heatmaps=heatmaps)
 
     def stop(self) -> None:
         """Stop taking images, then the workers after their current step; what is left stays in the spool."""
@@ -41,7 +49,7 @@ def start_node(settings: PacsSection, predictor: Predictor, model: ModelInfo,
         return PacsNode(start_receiver(settings, pipeline), pipeline, None, None)
     spool = Spool(settings.spool_dir, destination)
     forwarder = Forwarder(spool, settings).start()  # first: it takes the spool's lock
-    results = ResultWorker(spool, predictor, model, hooks, on_queued=forwarder.kick).start()
+    results = ResultWorker(spool, predictor.contract.img_size, hooks, on_queued=forwarder.kick).start()
     pipeline = InstancePipeline(predictor, model, settings, spool, hooks, on_queued=results.kick)
     try:
         receiver = start_receiver(settings, pipeline)

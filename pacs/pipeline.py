@@ -66,18 +66,22 @@ class InstancePipeline:
 
     def __init__(self, predictor: Predictor, model: ModelInfo, settings: PacsSection, spool: Spool | None = None,
                  hooks: ServerHooks | None = None, on_queued: Callable[[], object] | None = None):
-        self.predictor, self.model, self.settings, self.spool = predictor, model, settings, spool
+        self.settings, self.spool, self.on_queued = settings, spool, on_queued
         self.hooks = hooks or ServerHooks()
         self.refer = self.hooks.refer or confidence_refer(settings.refer_below)
-        self.on_queued = on_queued
+        self.in_use = (predictor, model)  # swapped as one: a prediction never names another model's version
+
+    def use_model(self, predictor: Predictor, model: ModelInfo) -> None:
+        """Classify the next instances with another model (the one in flight finishes on its own)."""
+        self.in_use = (predictor, model)
 
     def __call__(self, ds: Dataset, calling_ae: str, peer: str) -> list[dict]:
+        predictor, model = self.in_use
         folder = self.spool.incoming_dir if self.spool else Path(self.settings.spool_dir) / "work"
         with instance_file(ds, folder) as path:
-            records, grays = classify_instance(self.predictor, path, ds)
+            records, grays = classify_instance(predictor, path, ds)
             for record, gray in zip(records, grays):
-                record.update(refer=bool(self.refer(record, gray)), model=self.model.name,
-                              version=str(self.model.version))
+                record.update(refer=bool(self.refer(record, gray)), model=model.name, version=str(model.version))
             if self.hooks.on_predictions:
                 self.hooks.on_predictions(records, ds, calling_ae, peer)
             if self.spool is not None:
@@ -88,14 +92,15 @@ class InstancePipeline:
 
 
 class ResultWorker(Worker):
-    """Makes the results of each classified instance waiting in the spool, oldest first, and queues them."""
+    """Makes the results of each classified instance waiting in the spool, oldest first, and queues them.
+    They name the model of the records; `img_size` is the size the heat-map hook expects its frames at."""
 
     name = "pacs-results"
 
-    def __init__(self, spool: Spool, predictor: Predictor, model: ModelInfo, hooks: ServerHooks | None = None,
+    def __init__(self, spool: Spool, img_size: int, hooks: ServerHooks | None = None,
                  on_queued: Callable[[], object] | None = None):
         super().__init__()
-        self.spool, self.predictor, self.model = spool, predictor, model
+        self.spool, self.img_size = spool, img_size
         self.hooks = hooks or ServerHooks()
         self.on_queued = on_queued
 
@@ -110,7 +115,8 @@ class ResultWorker(Worker):
         path, records = self.spool.job(name)
         try:
             ds = dcmread(path)
-            results = make_results(ds, path, records, self.model, self.heat(path, records))
+            model = ModelInfo(records[0]["model"], records[0]["version"])
+            results = make_results(ds, path, records, model, self.heat(path, records))
             queued = sum(self.spool.put(result) for result in results)
         except Exception as exc:  # noqa: BLE001 - one instance's failure must not stop the others
             LOG.exception("results of %s could not be made", records[0]["sop_instance_uid"])
@@ -127,7 +133,7 @@ class ResultWorker(Worker):
         if self.hooks.heatmaps is None:
             return None
         try:
-            grays = [gray for _, gray in load_frames(path, self.predictor.contract.img_size)]
+            grays = [gray for _, gray in load_frames(path, self.img_size)]
             return list(self.hooks.heatmaps(grays, [r["class_index"] for r in records]))
         except Exception:  # noqa: BLE001 - without a heat map the prediction is still burned in
             LOG.exception("heat map failed for %s; the secondary capture shows the prediction alone",

@@ -326,17 +326,21 @@ def test_hostile_instances_get_a_failure_status_and_the_receiver_stays_up(predic
     assert len(received) == 2 and all(str(ds.PatientName) == "" for ds in received)
 
 
-def test_patient_name_and_birth_date_are_kept_only_when_the_config_asks(predictors, slices, tmp_path):
+def test_patient_identity_is_kept_only_when_asked_and_a_new_model_names_its_version(predictors, slices, tmp_path):
     received = []
     settings = pacs_settings(tmp_path, 0, None, "pacs.allow=[ORTHANC@127.0.0.1]", "pacs.keep_patient_identity=true")
-    node = start_node(settings, predictors[0], MODEL, ServerHooks(on_predictions=lambda r, ds, *_: received.append(ds)))
+    hooks = ServerHooks(on_predictions=lambda records, ds, *_: received.append((records, ds)))
+    node = start_node(settings, predictors[0], MODEL, hooks)
     try:
         assoc = scu_associate(node.port)
         assert assoc.send_c_store(write_mr(tmp_path / "scan.dcm", slices)).Status == 0x0000
+        node.use_model(predictors[0], ModelInfo(MODEL.name, "2"))  # e.g. the production alias moved
+        assert assoc.send_c_store(write_mr(tmp_path / "next.dcm", slices)).Status == 0x0000
         assoc.release()
     finally:
         node.stop()
-    assert str(received[0].PatientName) == "Test^Phantom" and received[0].PatientBirthDate == "19700101"
+    assert str(received[0][1].PatientName) == "Test^Phantom" and received[0][1].PatientBirthDate == "19700101"
+    assert [records[0]["version"] for records, _ in received] == ["1", "2"]
 
 
 def test_a_result_the_destination_keeps_refusing_is_kept_aside_not_lost(tmp_path, slices):
