@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from core.fileio import write_text_atomic
+from core.fileio import atomic_file, private_dir, write_text_atomic
 from models.loading import unwrap
 
 if TYPE_CHECKING:
@@ -92,8 +92,7 @@ def gradcam_gallery(cam_model: CamModel, dataset, indices: list[int], y_pred, ou
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = private_dir(out_dir)  # overlays are patient pixels: owner-only folder and files
     for old in out_dir.glob("gradcam_*.png"):  # overlays of an earlier evaluation would mix with these
         old.unlink()
     model = unwrap(cam_model.model).eval()
@@ -109,7 +108,8 @@ def gradcam_gallery(cam_model: CamModel, dataset, indices: list[int], y_pred, ou
             maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(y_pred[i])) for i in chunk])
             for j, (i, gray, m) in enumerate(zip(chunk, images[:, 0].numpy(), maps)):
                 path = out_dir / f"gradcam_{i:05d}.png"
-                _overlay_panel(gray, m, captions[start + j] if captions else "").save(path)
+                with atomic_file(path, private=True) as fh:
+                    _overlay_panel(gray, m, captions[start + j] if captions else "").save(fh, format="PNG")
                 files.append(path)
     return files
 
