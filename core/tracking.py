@@ -74,9 +74,12 @@ def wandb_mode(configured: str) -> str:
     return "disabled" if os.environ.get("WANDB_MODE") == "disabled" else "offline"
 
 
-def apply_mlflow_telemetry(section) -> None:
-    """MLflow's usage telemetry: off (core sets MLFLOW_DISABLE_TELEMETRY=true at import) unless
-    monitoring.mlflow.telemetry is true or the user set MLFLOW_DISABLE_TELEMETRY=false."""
+def prepare_mlflow(section) -> None:
+    """What MLflow must know before it starts: its usage telemetry stays off (core sets
+    MLFLOW_DISABLE_TELEMETRY=true at import) unless monitoring.mlflow.telemetry is true or the user set
+    MLFLOW_DISABLE_TELEMETRY=false; and a tracking URI with credentials is never echoed in its run links."""
+    if redact_text(section.tracking_uri) != section.tracking_uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     if not section.telemetry or os.environ.get("MLFLOW_DISABLE_TELEMETRY") == "false":
         return
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "false"
@@ -152,7 +155,7 @@ class RunTracker:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
             _probe_http(uri)
-        apply_mlflow_telemetry(section)
+        prepare_mlflow(section)
         for name in ("alembic", "mlflow.store.db.utils"):  # schema-migration chatter of a new sqlite store
             logging.getLogger(name).setLevel(logging.WARNING)
         from mlflow import MlflowClient

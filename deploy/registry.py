@@ -115,9 +115,9 @@ def check_provenance(metrics: dict | None, ckpt: dict) -> None:
 
 def connect(section):
     """An MlflowClient on the configured store (tracking and registry alike)."""
-    from core.tracking import _probe_http, apply_mlflow_telemetry
+    from core.tracking import _probe_http, prepare_mlflow
 
-    apply_mlflow_telemetry(section)
+    prepare_mlflow(section)
     import mlflow
     from mlflow import MlflowClient
 

@@ -43,6 +43,14 @@ def write_overlay(tmp: Path, data_path: Path, **extra) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def default_image_limits():
+    """Scripts run in-process set the process's image limits from their config: each test starts at the defaults."""
+    from data.images import ImageLimits, set_limits
+
+    set_limits(ImageLimits())
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A synthetic data set, 8 images per class at 48 px (class root)."""

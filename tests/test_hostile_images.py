@@ -32,14 +32,6 @@ from data.images import (
 )
 
 
-@pytest.fixture
-def limits():
-    """Restores the process's image limits after a test that changes them."""
-    previous = current_limits()
-    yield
-    set_limits(previous)
-
-
 def one_line_error(read, path) -> str:
     with pytest.raises(ImageReadError) as err:
         read(path)
@@ -56,7 +48,7 @@ def test_a_bomb_header_is_refused_before_any_pixel_is_decoded(tmp_path):
         assert "4225000000 pixels, over the limit of 50000000 (images.max_pixels)" in message
 
 
-def test_pixel_frame_and_byte_limits_are_errors_not_warnings(tmp_path, limits):
+def test_pixel_frame_and_byte_limits_are_errors_not_warnings(tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 100), dtype=np.uint8)).save(tmp_path / "a.png")
     write_dicom(tmp_path / "series.dcm", np.zeros((5, 16, 16)))
     set_limits(ImageLimits(max_pixels=9999, max_frames=4))
@@ -70,7 +62,7 @@ def test_pixel_frame_and_byte_limits_are_errors_not_warnings(tmp_path, limits):
     assert load_gray(tmp_path / "a.png", 32).shape == (32, 32) and len(load_frames(tmp_path / "series.dcm", 8)) == 5
 
 
-def test_the_config_sets_the_limits_and_refuses_nonsense(limits):
+def test_the_config_sets_the_limits_and_refuses_nonsense():
     configure_limits(load_config(None, ["images.max_pixels=1234", "images.max_frames=7"]))
     assert current_limits() == ImageLimits(max_pixels=1234, max_frames=7)
     with pytest.raises(UserError, match="images.max_pixels"):
@@ -201,3 +193,16 @@ def test_a_multi_frame_rgb_dicom_gives_a_grey_record_per_frame(tmp_path):
                 PlanarConfiguration=0, BitsAllocated=8, BitsStored=8, HighBit=7, PixelData=frames.tobytes())
     (name1, first), (name2, second) = load_frames(tmp_path / "colour.dcm", 8)
     assert name2.endswith("#frame=2") and first.shape == second.shape == (8, 8)
+
+
+def test_every_script_applies_the_configured_limits():
+    """A script that loads a config and reads images applies images: (monitor_gpu.py reads no image)."""
+    import inspect
+
+    from evaluation.source import open_for_scoring
+
+    assert "configure_limits(cfg)" in inspect.getsource(open_for_scoring)  # test.py and evaluate.py
+    for script in sorted(ROOT.glob("*.py")):
+        text = script.read_text()
+        if "config_from_args(" in text and script.stem not in ("monitor_gpu", "conftest"):
+            assert "configure_limits(cfg)" in text, script.name
