@@ -54,7 +54,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def log_evaluation(tracker, record: dict, validation: dict | None, files: list[Path], args) -> None:
+def log_evaluation(tracker, record: dict, validation: dict | None, files: list[Path], args,
+                   per_patient: set[Path]) -> None:
+    """Figures, params and files into the trackers; `per_patient` files (paths, overlays) reach W&B only when
+    monitoring.wandb.log_patient_data allows it."""
     tracker.log_params({"checkpoint": record["checkpoint"], "checkpoint_epoch": record["checkpoint_epoch"],
                         "split_manifest": record["split_manifest"], "n_test": record["n_test"],
                         "bootstrap_samples": record["bootstrap_samples"], "device": record["timing"]["device"],
@@ -63,7 +66,7 @@ def log_evaluation(tracker, record: dict, validation: dict | None, files: list[P
     if validation is not None:
         tracker.set_tags({"deployment_ready": validation["deployment_ready"], "gate_basis": validation["basis"]})
     for path in files:
-        tracker.log_artifact(path, "evaluation")
+        tracker.log_artifact(path, "evaluation", patient_data=path in per_patient)
 
 
 def compare_models(cfg: Config) -> None:
@@ -100,8 +103,8 @@ def main(args) -> int:
         record = evaluation_record(ckpt, ckpt_path, split, scores, calibration, timing)
         validation = check_gates(record, cfg.evaluation.gates, args.strict) if args.medical_validation else None
 
-        files = [write_json(out_dir / "evaluation_metrics.json", record),
-                 write_predictions(out_dir / "predictions.csv", test.paths, y, prob, classes),
+        per_patient = {write_predictions(out_dir / "predictions.csv", test.paths, y, prob, classes)}
+        files = [write_json(out_dir / "evaluation_metrics.json", record), *per_patient,
                  write_report(out_dir / "evaluation_report.txt", record, validation),
                  *evaluation_figures(out_dir, record, y, prob, bins, bins_after)]
         stale = out_dir / "medical_validation.json"
@@ -113,8 +116,9 @@ def main(args) -> int:
         if args.detailed:
             index = explain_gradcam(cfg, CamModel(model, name, pre, device), test, classes, out_dir)
             files.append(index.parent)
+            per_patient.add(index.parent)
             print(f"🔍 Grad-CAM overlays: {index}")
-        log_evaluation(tracker, record, validation, files, args)
+        log_evaluation(tracker, record, validation, files, args, per_patient)
     print(f"\n📁 Outputs in {out_dir}: " + ", ".join(p.name for p in files))
     code = verdict(record, validation, cfg)
     if args.compare:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from core.cli import add_common_args, config_from_args, run
 from core.errors import UserError
+from data.images import configure_limits
 from deploy.export import (
     FORMATS,
     LABELS,
@@ -41,6 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args) -> int:
     cfg = config_from_args(args)
+    configure_limits(cfg)
     src = export_source(cfg, args.checkpoint, args.model, args.resplit, args.parity_images)
     model, contract, name = src.model, src.contract, src.contract.model_name
     out_dir = Path(args.output_dir or cfg.output_dir / "exported_models")
@@ -52,16 +54,17 @@ def main(args) -> int:
         if fmt == "torchscript":
             print("⚠️  TorchScript is deprecated upstream; ONNX or .pt2 is the recommended artifact")
         path, result = export_checked(fmt, model, contract, artifact_path(out_dir, name, fmt), src.x)
-        mark = "✅" if result.passed else "❌"
-        print(f"{mark} {LABELS[fmt]} model saved: {path} ({format_size(path.stat().st_size)})")
-        print(f"   {parity_line(result)}")
-        if not result.passed:
+        if result.passed:
+            print(f"✅ {LABELS[fmt]} model saved: {path} ({format_size(path.stat().st_size)})")
+        else:
+            print(f"❌ {LABELS[fmt]} model NOT saved (parity check failed): {path}")
             failed.append(LABELS[fmt])
-    contract_path = write_contract_json(contract, out_dir)
-    print(f"📄 Preprocessing contract: {contract_path}")
+        print(f"   {parity_line(result)}")
+    if len(failed) < len(FORMATS[args.format]):
+        print(f"📄 Preprocessing contract: {write_contract_json(contract, out_dir)}")
     if failed:
         raise UserError(f"parity check failed for {', '.join(failed)}: the exported outputs differ from PyTorch "
-                        f"beyond {PROB_TOLERANCE:.0e}; do not deploy these files")
+                        f"beyond {PROB_TOLERANCE:.0e}; nothing was written for them")
     print(f"🎉 Export complete: {out_dir}")
     return 0
 

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING
 
 from core.cli import add_common_args, config_from_args, run
 from core.errors import UserError
+from core.fileio import write_text_atomic
 from core.tracking import RunTracker, experiment_name
+from data.images import configure_limits
 from deploy.export import export_checked, export_source, parity_line, write_contract_json
 from deploy.model_card import Release, build_model_card
 from deploy.registry import (
@@ -54,6 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args) -> int:
     cfg = config_from_args(args)
+    configure_limits(cfg)
     semver, alias, user_tags = validate_semver(args.version), validate_alias(args.alias), parse_tags(args.tags)
     evaluation = read_evaluation(cfg.output_dir)
     gates = gate_tags(evaluation, args.force, cfg.output_dir, cfg.model)
@@ -70,7 +73,7 @@ def main(args) -> int:
                       training_run=run_link(client, ckpt.get("mlflow_run_id"), cfg.monitoring.mlflow.tracking_uri))
     card = build_model_card(ckpt, src.contract, evaluation, release)
     card_path = cfg.output_dir / "model_card.md"
-    card_path.write_text(card)
+    write_text_atomic(card_path, card)
     tags = {**user_tags, **gates, "semver": semver, "data_fingerprint": ckpt.get("data_fingerprint") or "unknown",
             "checkpoint_epoch": ckpt["epoch"], "training_run_id": ckpt.get("mlflow_run_id") or "none",
             "demo_data": str(cfg.dataset.demo).lower()}

@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING
 from core.cli import add_common_args, config_from_args, run
 from core.config import save_resolved
 from core.device import seed_everything, select_device
+from core.fileio import FolderLock
 from core.tracking import RunTracker, experiment_name, wandb_project
+from data.images import configure_limits
 from data.manifest import prepare_split
 from data.normalization import resolve_normalization
 from models.zoo import build_model
 from training.banner import banner_lines
-from training.distributed import DistInfo, barrier, init_distributed, shutdown
+from training.distributed import DistInfo, init_distributed, main_first, shutdown
 from training.loop import GracefulStop, fit, restore_training_state
 from training.recipe import precision_label
 from training.resume import load_resume_checkpoint
@@ -56,30 +58,28 @@ def main(args) -> int:
         shutdown()
 
 
-def main_first(info: DistInfo):
-    """Rank 0 writes shared files (split manifest, statistics) before the other ranks read them."""
-    @contextlib.contextmanager
-    def ctx():
-        if not info.is_main:
-            barrier()
-        yield
-        if info.is_main:
-            barrier()
-    return ctx()
-
-
 def train(args, info: DistInfo, device) -> int:
     cfg = config_from_args(args, **{
         "train.epochs": args.epochs, "train.seed": args.seed, "train.deterministic": args.deterministic or None,
         "models.{model}.batch_size": args.batch_size, "models.{model}.lr": args.lr,
         "models.{model}.weights": args.weights, "models.{model}.pretrained": False if args.no_pretrained else None,
     })
+    configure_limits(cfg)
     seed_everything(cfg.train.seed + info.rank, cfg.train.deterministic)
     device = device or select_device(args.device)
     log = print if info.is_main else (lambda *a, **k: None)
-    with main_first(info):
-        split = prepare_split(cfg, args.resplit, log=log)
-        mean, std, source = resolve_normalization(cfg, split, cfg.img_size, log=log)
+    with contextlib.ExitStack() as held:
+        with main_first(info, device):
+            if info.is_main:  # one training run per output folder: a second one is told who holds it
+                held.enter_context(FolderLock(cfg.output_dir, "train.py"))
+            split = prepare_split(cfg, args.resplit, log=log)
+            mean, std, source = resolve_normalization(cfg, split, cfg.img_size, log=log)
+        return train_on(cfg, args, info, device, split, (mean, std, source))
+
+
+def train_on(cfg: Config, args, info: DistInfo, device, split, stats: tuple) -> int:
+    """Build the model and trainer, then the epoch loop under the trackers."""
+    mean, std, source = stats
     ckpt = load_resume_checkpoint(cfg, args.resume, split.fingerprint) if args.resume is not None else None
     recipe = cfg.recipe
     model = build_model(cfg.model, len(split.class_names), recipe.pretrained and ckpt is None, recipe.weights)

@@ -35,6 +35,7 @@ def make_jpegs(root: str | Path, n_images: int, size: int = 512, distinct_per_cl
     """
     from PIL import Image
 
+    from core.fileio import atomic_write, sync_all, write_text_atomic
     from data.synthetic import CLASS_FOLDERS, render_slice
 
     root = Path(root)
@@ -42,6 +43,7 @@ def make_jpegs(root: str | Path, n_images: int, size: int = 512, distinct_per_cl
     marker = root / ".complete"
     if marker.is_file() and json.loads(marker.read_text()) == args:
         return root
+    marker.unlink(missing_ok=True)  # an interrupted regeneration must not pass for a complete one
     encoded = {}
     for c, folder in enumerate(CLASS_FOLDERS):
         for k in range(distinct_per_class):
@@ -51,10 +53,10 @@ def make_jpegs(root: str | Path, n_images: int, size: int = 512, distinct_per_cl
             encoded[c, k] = buf.getvalue()
     for i in range(n_images):
         c = i % len(CLASS_FOLDERS)
-        out = root / CLASS_FOLDERS[c] / f"img_{i:06d}.jpg"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(_with_comment(encoded[c, (i // len(CLASS_FOLDERS)) % distinct_per_class], f"copy {i}"))
-    marker.write_text(json.dumps(args))
+        data = _with_comment(encoded[c, (i // len(CLASS_FOLDERS)) % distinct_per_class], f"copy {i}")
+        atomic_write(root / CLASS_FOLDERS[c] / f"img_{i:06d}.jpg", lambda fh, d=data: fh.write(d), sync=False)
+    sync_all()  # one sync for every image, before the marker says they are complete
+    write_text_atomic(marker, json.dumps(args))
     return root
 
 

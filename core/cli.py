@@ -6,6 +6,7 @@ import sys
 from collections.abc import Callable
 
 from core.errors import UserError
+from core.signals import TERMINATED_EXIT, Terminated
 
 
 def add_common_args(parser: argparse.ArgumentParser, model: bool = True, checkpoint: bool = False,
@@ -46,6 +47,9 @@ def run(main: Callable[[argparse.Namespace], int | None], parser: argparse.Argum
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        sys.exit(TERMINATED_EXIT)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

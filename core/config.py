@@ -26,6 +26,7 @@ from pydantic import (
 from core.errors import UserError
 from core.fileio import write_text_atomic
 from core.model_names import MODEL_NAMES
+from core.redaction import redact
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "config" / "config.yaml"
@@ -114,10 +115,13 @@ class MlflowSection(Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     artifact_location: str = "./mlartifacts"
     parent_run_id: Optional[str] = None  # set by run_experiments.py to nest training runs under its run
+    telemetry: bool = False  # MLflow's usage telemetry to its vendor: off unless turned on here
 
 
 class WandbSection(Section):
-    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    # offline unless `online` is written here; `auto` (older configs) means offline too
+    mode: Literal["auto", "online", "offline", "disabled"] = "offline"
+    log_patient_data: bool = False  # per-file predictions (paths), images and Grad-CAM overlays to W&B
     project: str = "brain-cancer-mri"
     entity: Optional[str] = None
     tags: list[str] = ["brain-tumor", "classification", "pytorch"]
@@ -244,6 +248,12 @@ class PacsSection(Section):
         dest = self.destination_peer
         return peers + ([DicomPeer(dest.ae_title, dest.host)] if dest else [])
 
+class ImagesSection(Section):
+    """Bounds on every decoded file (data.images.set_limits): a file over one is refused, by path, and skipped."""
+    max_pixels: PositiveInt = 50_000_000  # per image or frame; an MRI slice is well under 1 Mpx
+    max_frames: PositiveInt = 2000  # per multi-frame DICOM
+    max_bytes: PositiveInt = 2 * 1024 ** 3  # per file
+
 
 class ExperimentsSection(Section):
     models: list[str] = ["resnet18", "efficientnet_b0", "swin_t", "vit_b_16"]
@@ -261,6 +271,7 @@ class Config(Section):
     experiments: ExperimentsSection = ExperimentsSection()
     demo: DemoSection = DemoSection()
     pacs: PacsSection = PacsSection()
+    images: ImagesSection = ImagesSection()
 
     @field_validator("models")
     @classmethod
@@ -290,7 +301,8 @@ class Config(Section):
         return Path(self.train.output_dir) / f"{self.model}_outputs"
 
     def to_dict(self) -> dict:
-        return self.model_dump(mode="json")
+        """Plain values, credentials stripped from any URI: what is logged, checkpointed and saved."""
+        return redact(self.model_dump(mode="json"))
 
 
 def read_yaml(path: str | Path) -> dict:

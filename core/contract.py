@@ -12,10 +12,11 @@ from dataclasses import dataclass, field, fields
 
 # How pixels are decoded. Bumped whenever data.images changes the pixels it produces; a predictor refuses
 # an artifact whose rule it does not implement (its predictions would come from other pixels).
-DECODE_RULE = "gray8-v3"
+DECODE_RULE = "gray8-v4"  # v4: >8-bit images resized before their min-max stretch; DICOM MONOCHROME1 inverted
 DECODE_DESCRIPTION = (
-    "8-bit grayscale (DICOM: window center/width, else robust min-max; JPEG: decoded by "
-    "libjpeg at the smallest DCT scale >= img_size), bilinear resize to img_size x img_size, /255, "
+    "8-bit grayscale (DICOM: window center/width, else robust min-max, MONOCHROME1 inverted; 16-bit images: "
+    "full-range min-max after the resize; JPEG: decoded by libjpeg at the smallest DCT scale >= img_size), "
+    "bilinear resize to img_size x img_size, /255, "
     "(x - mean) / std, replicated to 3 channels (data.images.load_gray)")
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 # The fields that must be present for a contract to be usable (older artifacts lack the optional ones).

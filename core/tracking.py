@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import logging
-import netrc
 import os
 import re
 import socket
@@ -19,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
+
+from core.redaction import redact, redact_text
 
 if TYPE_CHECKING:
     from core.config import Config
@@ -60,29 +61,32 @@ def _warn(message: str) -> None:
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+    text = redact_text(str(exc)).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
-def wandb_key_configured() -> bool:
-    """An API key in WANDB_API_KEY or in ~/.netrc for the W&B host (what `wandb login` writes)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    try:
-        return netrc.netrc().authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
 def wandb_mode(configured: str) -> str:
-    """auto: online with an API key, otherwise offline; WANDB_MODE in the environment wins over auto."""
-    if configured != "auto":
+    """online only when the config says `online`; disabled when it (or WANDB_MODE) says so; else offline.
+
+    An API key in the environment or ~/.netrc, or WANDB_MODE=online, never sends a run off the machine."""
+    if configured in ("online", "disabled"):
         return configured
-    env = os.environ.get("WANDB_MODE")
-    if env in ("online", "offline", "disabled"):
-        return env
-    return "online" if wandb_key_configured() else "offline"
+    return "disabled" if os.environ.get("WANDB_MODE") == "disabled" else "offline"
+
+
+def prepare_mlflow(section) -> None:
+    """What MLflow must know before it starts: its usage telemetry stays off (core sets
+    MLFLOW_DISABLE_TELEMETRY=true at import) unless monitoring.mlflow.telemetry is true or the user set
+    MLFLOW_DISABLE_TELEMETRY=false; and a tracking URI with credentials is never echoed in its run links."""
+    if redact_text(section.tracking_uri) != section.tracking_uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    if not section.telemetry or os.environ.get("MLFLOW_DISABLE_TELEMETRY") == "false":
+        return
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "false"
+    if "mlflow" in sys.modules:  # MLflow decides when it is imported: ask it again
+        from mlflow.telemetry.client import set_telemetry_client
+
+        set_telemetry_client()
 
 
 def _probe_http(uri: str, timeout: float = 3.0) -> None:
@@ -93,7 +97,7 @@ def _probe_http(uri: str, timeout: float = 3.0) -> None:
         with socket.create_connection((parsed.hostname, port), timeout=timeout):
             pass
     except OSError as exc:
-        raise ConnectionError(f"cannot reach {uri}: {exc.strerror or exc}") from None
+        raise ConnectionError(f"cannot reach {redact_text(uri)}: {exc.strerror or exc}") from None
 
 
 class RunTracker:
@@ -110,13 +114,15 @@ class RunTracker:
         self._logged_params: set[str] = set()
         self._closed = False
         mon = cfg.monitoring
+        self._patient_data_to_wandb = mon.wandb.log_patient_data
+        tags = redact(tags or {})
         if tensorboard_dir is not None and mon.tensorboard:
             self._guard("TensorBoard", lambda: self._start_tensorboard(Path(tensorboard_dir)))
         if mlflow_experiment and mon.mlflow.enabled:
-            self._guard("MLflow", lambda: self._start_mlflow(mon.mlflow, mlflow_experiment, tags or {}))
+            self._guard("MLflow", lambda: self._start_mlflow(mon.mlflow, mlflow_experiment, tags))
         mode = wandb_mode(mon.wandb.mode)
         if wandb_project and mode != "disabled":
-            self._guard("W&B", lambda: self._start_wandb(mon.wandb, wandb_project, mode, tags or {}, job_type))
+            self._guard("W&B", lambda: self._start_wandb(mon.wandb, wandb_project, mode, tags, job_type))
 
     # ---- backends -------------------------------------------------------------------------
     def _guard(self, backend: str, fn: Callable[[], Any]) -> Any:
@@ -149,6 +155,7 @@ class RunTracker:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
             _probe_http(uri)
+        prepare_mlflow(section)
         for name in ("alembic", "mlflow.store.db.utils"):  # schema-migration chatter of a new sqlite store
             logging.getLogger(name).setLevel(logging.WARNING)
         from mlflow import MlflowClient
@@ -168,7 +175,7 @@ class RunTracker:
             run_tags["mlflow.parentRunId"] = section.parent_run_id
         run = client.create_run(exp_id, tags=run_tags, run_name=self.run_name)
         self._mlflow, self._run_id = client, run.info.run_id
-        self._lines["MLflow"] = f"MLflow: {uri} (experiment {experiment}, run {self._run_id})"
+        self._lines["MLflow"] = f"MLflow: {redact_text(uri)} (experiment {experiment}, run {self._run_id})"
 
     def _start_wandb(self, section, project: str, mode: str, tags: dict, job_type: str) -> None:
         import wandb
@@ -186,7 +193,7 @@ class RunTracker:
 
     # ---- the API --------------------------------------------------------------------------
     def log_params(self, params: dict) -> None:
-        flat = {k: v for k, v in flatten(params).items() if k not in self._logged_params}
+        flat = {k: v for k, v in flatten(redact(params)).items() if k not in self._logged_params}
         self._logged_params.update(flat)  # MLflow params are immutable: log each key once
         if not flat:
             return
@@ -223,12 +230,17 @@ class RunTracker:
         items = [Metric(re.sub(r"[^\w\-. /]", "_", k), v, now, step or 0) for k, v in values.items()]
         self._mlflow.log_batch(self._run_id, metrics=items, synchronous=True)
 
-    def log_artifact(self, path, artifact_path: str | None = None) -> None:
+    def log_artifact(self, path, artifact_path: str | None = None, patient_data: bool = False) -> None:
+        """Into the MLflow store, and to W&B; a file with per-patient content (`patient_data`: file paths,
+        images, overlays) goes to W&B only when monitoring.wandb.log_patient_data says so."""
         path = Path(path)
         if self._mlflow is not None:
             log = self._mlflow.log_artifacts if path.is_dir() else self._mlflow.log_artifact
             self._guard("MLflow", lambda: log(self._run_id, str(path), artifact_path))
-        if self._wandb is not None:
+        if self._wandb is not None and patient_data and not self._patient_data_to_wandb:
+            print(f"note: {path.name} stays local, not in W&B (per-patient content; "
+                  "monitoring.wandb.log_patient_data is false)", file=sys.stderr, flush=True)
+        elif self._wandb is not None:
             self._guard("W&B", lambda: self._wandb_artifact(path))
 
     def _wandb_artifact(self, path: Path) -> None:
@@ -240,6 +252,7 @@ class RunTracker:
         self._wandb.log_artifact(art)
 
     def set_tags(self, tags: dict) -> None:
+        tags = redact(tags)
         if self._mlflow is not None:
             from mlflow.entities import RunTag
 

@@ -32,13 +32,16 @@ import numpy as np
 from tqdm import tqdm
 
 from core.errors import UserError
-from data.images import ImageReadError, load_gray
+from core.fileio import private_dir, publish, temporary_path, write_json_atomic
+from core.signals import default_sigterm, sigterm_raises
+from data.images import ImageLimits, ImageReadError, current_limits, load_gray, set_limits
 
 if TYPE_CHECKING:
     from core.config import Config
     from data.manifest import Split
 
-CACHE_VERSION = 3  # 2: the header holds the pixel histogram; 3: JPEGs decoded with DCT scaling
+# 2: the header holds the pixel histogram; 3: JPEGs decoded with DCT scaling; 4: decode rule gray8-v4
+CACHE_VERSION = 4
 # PIL releases the GIL while it decodes and resizes, so threads decode in parallel with no process start
 # and no IPC: for small splits they beat processes (60 images on 2 cores: 1.5x one core vs 1.1x). The
 # rest of a row (JPEG header parsing in Python, the training split's histogram; ~10% since JPEGs decode
@@ -147,7 +150,10 @@ def cache_problem(data_path: Path, header_path: Path, key: dict) -> str | None:
 _out: dict = {}  # the cache file being written, opened once in each decoding process (shared by threads)
 
 
-def _open_output(path: str, offset: int, img_size: int, histogram: bool) -> None:
+def _open_output(path: str, offset: int, img_size: int, histogram: bool, limits: ImageLimits | None = None) -> None:
+    if limits is not None:  # a pool worker: the parent's image limits (a spawned worker would not inherit them)
+        default_sigterm()
+        set_limits(limits)
     _out.update(fd=os.open(path, os.O_WRONLY), offset=offset, img_size=img_size, histogram=histogram)
 
 
@@ -172,14 +178,17 @@ def decode_into(path: Path, offset: int, paths: list[Path], img_size: int, progr
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar, \
             contextlib.ExitStack() as stack:
         if cores > 1 and len(paths) >= PROCESS_MIN_IMAGES:
-            pool = stack.enter_context(
-                multiprocessing.get_context().Pool(cores, _open_output, (str(path), offset, img_size, histogram)))
+            pool = stack.enter_context(multiprocessing.get_context().Pool(
+                cores, _open_output, (str(path), offset, img_size, histogram, current_limits())))
             rows = pool.imap_unordered(_decode_row, items, chunksize=max(1, min(16, len(paths) // (cores * 8))))
         else:
             _open_output(str(path), offset, img_size, histogram)  # one descriptor: os.pwrite is safe from any thread
             stack.callback(lambda: os.close(_out.pop("fd")))  # after the threads are done (exits run in reverse)
             # one thread more than cores keeps them busy while another holds the GIL
-            rows = stack.enter_context(ThreadPoolExecutor(min(cores + 1, len(paths)))).map(_decode_row, items)
+            threads = ThreadPoolExecutor(min(cores + 1, len(paths)))
+            # on Ctrl-C/SIGTERM the rows not started yet are dropped, not decoded first
+            stack.callback(lambda: threads.shutdown(wait=True, cancel_futures=True))
+            rows = threads.map(_decode_row, items)
         for row_hist in rows:
             hist += row_hist
             bar.update()
@@ -188,35 +197,40 @@ def decode_into(path: Path, offset: int, paths: list[Path], img_size: int, progr
 
 def write_cache(paths: list[Path], img_size: int, data_path: Path, header_path: Path, key: dict,
                 progress: bool = True) -> int:
-    """Decode into a temporary file, rename it into place, then write the header (the marker) last."""
-    data_path.parent.mkdir(parents=True, exist_ok=True)
+    """Decode into a temporary file, rename it into place, then write the header (the marker) last.
+
+    The rows are decoded patient pixels: the file is created owner-only (0600) in an owner-only folder.
+    Ctrl-C, SIGTERM or a bad image leave no temporary file behind."""
+    private_dir(data_path.parent)
     header_path.unlink(missing_ok=True)  # the old marker goes first: a crash leaves "incomplete"
-    tmp = data_path.with_name(f"{data_path.name}.{os.getpid()}.tmp")
+    remove_stale_temporaries(data_path)
+    tmp = temporary_path(data_path)  # unique, 0600
     try:
-        with open(tmp, "wb") as fh:
-            np.lib.format.write_array_header_1_0(
-                fh, {"descr": "|u1", "fortran_order": False, "shape": (len(paths), img_size, img_size)})
-            offset = fh.tell()
-            fh.truncate(offset + len(paths) * img_size * img_size)
-        hist = decode_into(tmp, offset, paths, img_size, progress, f"Caching {key['split']} images ({img_size}px)",
-                       histogram=key["split"] == "train")  # statistics come from the training split only
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # every process's writes are on disk before the rename makes them visible
-        finally:
-            os.close(fd)
-        os.replace(tmp, data_path)
+        with sigterm_raises():
+            with open(tmp, "r+b") as fh:
+                np.lib.format.write_array_header_1_0(
+                    fh, {"descr": "|u1", "fortran_order": False, "shape": (len(paths), img_size, img_size)})
+                offset = fh.tell()
+                fh.truncate(offset + len(paths) * img_size * img_size)
+            hist = decode_into(tmp, offset, paths, img_size, progress,
+                               f"Caching {key['split']} images ({img_size}px)",
+                               histogram=key["split"] == "train")  # statistics come from the training split only
+            publish(tmp, data_path)  # every process's writes are on disk before the rename makes them visible
     except ImageReadError as exc:
         raise UserError(f"cannot cache {exc} (the file changed since the split manifest was made; "
                         f"fix it or rerun with --resplit)") from None
     finally:
         tmp.unlink(missing_ok=True)
-    header_tmp = header_path.with_name(f"{header_path.name}.{os.getpid()}.tmp")
-    header = dict(key, offset=offset, dtype="uint8", pixel_histogram=None if hist is None else hist.tolist(),
-                  complete=True)
-    header_tmp.write_text(json.dumps(header))
-    os.replace(header_tmp, header_path)
+    write_json_atomic(header_path, dict(key, offset=offset, dtype="uint8", complete=True,
+                                        pixel_histogram=None if hist is None else hist.tolist()), indent=None)
     return offset
+
+
+def remove_stale_temporaries(data_path: Path) -> None:
+    """Temporary files of this cache left by a build that was killed (-9: no cleanup ran); called under
+    build_lock, so no live builder of this cache owns one."""
+    for stale in data_path.parent.glob(f".{data_path.stem}.*.tmp{data_path.suffix}"):
+        stale.unlink(missing_ok=True)
 
 
 def open_cache(slot: CacheSlot, paths: list[Path], names: list[str], log=print,
@@ -242,7 +256,7 @@ def open_cache(slot: CacheSlot, paths: list[Path], names: list[str], log=print,
 @contextlib.contextmanager
 def build_lock(data_path: Path):
     """One process at a time checks and builds a cache file: DDP ranks and parallel runs share caches."""
-    data_path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(data_path.parent)
     if fcntl is None:
         yield
         return

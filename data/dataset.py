@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from data.cache import CachedImages, split_cache
-from data.images import load_gray
+from data.images import current_limits, load_gray, set_limits
 
 if TYPE_CHECKING:
     from core.config import Config
@@ -27,6 +27,11 @@ class GrayImageDataset(Dataset):
 
     def __init__(self, paths: list[Path], labels: list[int], img_size: int, cache: CachedImages | None = None):
         self.paths, self.labels, self.img_size, self.cache = list(paths), list(labels), img_size, cache
+        self.limits = current_limits()  # decoding in a spawned worker keeps this process's image limits
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        set_limits(self.limits)
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -16,11 +16,12 @@ About a fifth of the images are hard cases with small, low-contrast lesions.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from core.fileio import atomic_file, sync_all, write_text_atomic
 
 CLASS_FOLDERS = ("brain_glioma", "brain_menin", "brain_tumor")
 DEMO_SUBDIR = Path("Brain_Cancer raw MRI data") / "Brain_Cancer"
@@ -204,16 +205,14 @@ def generate_dataset(root: str | Path, n_per_class: int = 60, size: int = 128, s
             pixels = render_slice(folder, rng, size, hard)
             name = f"{prefix}_{i + 1:04d}.jpg"
             wanted.add(name)
-            tmp = out_dir / f".{name}.tmp"
-            Image.fromarray(pixels, mode="L").save(tmp, format="JPEG", quality=JPEG_QUALITY)
-            os.replace(tmp, out_dir / name)
+            with atomic_file(out_dir / name, sync=False) as fh:  # one sync for all, before the marker
+                Image.fromarray(pixels, mode="L").save(fh, format="JPEG", quality=JPEG_QUALITY)
         # Drop images left by an earlier, larger generation so counts match the arguments.
         for stale in out_dir.glob(f"{prefix}_*.jpg"):
             if stale.name not in wanted:
                 stale.unlink()
-    tmp_marker = root / f"{MARKER_NAME}.tmp"
-    tmp_marker.write_text(json.dumps(args, sort_keys=True))
-    os.replace(tmp_marker, root / MARKER_NAME)
+    sync_all()
+    write_text_atomic(root / MARKER_NAME, json.dumps(args, sort_keys=True))
     return class_root
 
 

@@ -17,7 +17,7 @@ import torch
 
 from core.contract import INPUT_NAME, OUTPUT_NAME, Contract
 from core.errors import UserError
-from core.fileio import write_text_atomic
+from core.fileio import publish, temporary_path, write_text_atomic
 from deploy.predictors import preprocess_path, softmax
 from evaluation.source import OpenedCheckpoint, open_checkpoint
 
@@ -149,9 +149,18 @@ def format_size(n_bytes: int) -> str:
 
 def export_checked(fmt: str, model: torch.nn.Module, contract: Contract, path,
                    x: np.ndarray) -> tuple[Path, ParityResult]:
-    """Export one format and compare it with PyTorch on the inputs x."""
-    path = EXPORTERS[fmt](model, contract, path)
-    return path, check_parity(fmt, model, load_runner(fmt, path), x)
+    """Export one format under a temporary name beside `path`, compare it with PyTorch on the inputs x, and
+    rename it to `path` only when it matches: an artifact that failed (or whose export broke) never appears."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        EXPORTERS[fmt](model, contract, tmp)
+        result = check_parity(fmt, model, load_runner(fmt, tmp), x)
+        if result.passed:
+            publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path, result
 
 
 def parity_line(result: ParityResult) -> str:

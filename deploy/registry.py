@@ -115,10 +115,11 @@ def check_provenance(metrics: dict | None, ckpt: dict) -> None:
 
 def connect(section):
     """An MlflowClient on the configured store (tracking and registry alike)."""
+    from core.tracking import _probe_http, prepare_mlflow
+
+    prepare_mlflow(section)
     import mlflow
     from mlflow import MlflowClient
-
-    from core.tracking import _probe_http
 
     uri = section.tracking_uri
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # local copies: bars are noise
@@ -168,8 +169,11 @@ def log_flavors(model, onnx_path: Path, example, extra_files: list[Path]) -> dic
 
 def run_link(client, run_id: str | None, uri: str) -> str | None:
     """Where to find the training run: its id and experiment, plus a UI address for a server store."""
+    from core.redaction import redact_text
+
     if not run_id:
         return None
+    uri = redact_text(uri)  # the link goes into the model card and the registered version's description
     try:
         exp_id = client.get_run(run_id).info.experiment_id
     except Exception:  # a run from another store: keep the id, it is still evidence

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from core.fileio import write_text_atomic
+from core.fileio import atomic_file, private_dir, write_text_atomic
 from models.loading import unwrap
 
 if TYPE_CHECKING:
@@ -107,8 +107,7 @@ def gradcam_maps(cam_model: CamModel, images: torch.Tensor, targets: list[int], 
 def gradcam_gallery(cam_model: CamModel, dataset, indices: list[int], y_pred, out_dir,
                     captions: list[str] | None = None, batch_size: int = 16) -> list[Path]:
     """One PNG per index (Grad-CAM of the predicted class); returns the file paths in order."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = private_dir(out_dir)  # overlays are patient pixels: owner-only folder and files
     for old in out_dir.glob("gradcam_*.png"):  # overlays of an earlier evaluation would mix with these
         old.unlink()
     if not indices:
@@ -118,7 +117,8 @@ def gradcam_gallery(cam_model: CamModel, dataset, indices: list[int], y_pred, ou
     files = []
     for j, (i, gray, m) in enumerate(zip(indices, images[:, 0].numpy(), maps)):
         path = out_dir / f"gradcam_{i:05d}.png"
-        _overlay_panel(gray, m, captions[j] if captions else "").save(path)
+        with atomic_file(path, private=True) as fh:
+            _overlay_panel(gray, m, captions[j] if captions else "").save(fh, format="PNG")
         files.append(path)
     return files
 

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import matplotlib
 
+from core.fileio import atomic_file
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
@@ -13,9 +15,9 @@ from sklearn.metrics import roc_curve  # noqa: E402
 
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as fh:
+        fig.savefig(fh, format=path.suffix.lstrip(".") or "png", dpi=120)
     plt.close(fig)
     return path
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.fileio import write_json_atomic, write_text_atomic
+from core.fileio import atomic_file, write_json_atomic, write_text_atomic
 from evaluation.gates import format_gates
 
 COMPARISON_COLUMNS = ("rank", "model", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "macro_f1",
@@ -27,7 +27,7 @@ def write_predictions(path, rel_paths: list[str], y_true, y_prob, class_names: l
     this file match evaluation_metrics.json exactly.
     """
     y_prob = np.asarray(y_prob, dtype=np.float64)
-    with open(path, "w", newline="") as fh:
+    with atomic_file(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "true_class", "predicted_class", *(f"prob_{c}" for c in class_names)])
         for rel, t, p in zip(rel_paths, y_true, y_prob):
@@ -182,7 +182,7 @@ def format_comparison(rows: list[dict], reason: str) -> str:
 
 
 def write_comparison_csv(path, rows: list[dict]) -> Path:
-    with open(path, "w", newline="") as fh:
+    with atomic_file(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COMPARISON_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)

@@ -1,9 +1,18 @@
-"""Model zoo: the eight models as a table (name -> builder + recipe), not an if/elif chain."""
+"""Model zoo: the eight models as a table (name -> builder + recipe), not an if/elif chain.
+
+ImageNet weights come from a local file (--weights) or the torch hub cache (downloaded there when
+missing). Either way nothing in them is executed: torch.load(weights_only=True) unpickles tensors and
+plain types only, and a file named as the hub names it (resnet18-f37072fd.pth) must match the sha256
+prefix in its name, also when it was already in the cache.
+"""
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torchvision
@@ -13,6 +22,8 @@ from core.errors import UserError
 
 # timm's port of Chollet's original Xception (the name timm 0.9+ gives the old "xception").
 XCEPTION_TIMM_NAME = "legacy_xception"
+# torch.hub's naming rule: name-<first hex digits of the file's sha256>.pth (torch.hub.HASH_REGEX)
+HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.")
 
 
 @dataclass(frozen=True)
@@ -141,9 +152,25 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
 
 
+def check_hash(path: Path) -> None:
+    """A file named name-<hex>.pth must have a sha256 that starts with <hex> (torch.hub checks it only while
+    downloading; a file already in the cache, or copied to an air-gapped site, is checked here)."""
+    match = HASH_IN_NAME.search(path.name)
+    if match is None:
+        return
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    if not h.hexdigest().startswith(match.group(1)):
+        raise UserError(f"weights file {path} does not match the sha256 in its name ({match.group(1)}...): "
+                        "damaged or replaced; delete it and fetch it again")
+
+
 def _read_weights_file(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"weights file {path} not found")
+    check_hash(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and weights_only errors all mean "not a usable file"
@@ -157,17 +184,29 @@ def _read_weights_file(path: Path) -> dict:
     return {k.removeprefix("module."): v for k, v in obj.items()}  # DataParallel/DDP prefix
 
 
-def _download_imagenet(spec: ModelSpec) -> dict:
-    try:
-        if spec.torchvision_weights:  # uses $TORCH_HOME/hub/checkpoints when the file is there
-            return torchvision.models.get_weight(spec.torchvision_weights).get_state_dict(progress=True)
-        import timm  # uses the HF hub cache when the file is there
+def weights_url(spec: ModelSpec) -> str:
+    """Where the model's ImageNet weights are published (its file name carries their sha256 prefix)."""
+    if spec.torchvision_weights:
+        return torchvision.models.get_weight(spec.torchvision_weights).url
+    import timm  # lazy: slow to import
 
-        return timm.create_model(spec.timm_name, pretrained=True, num_classes=0).state_dict()
-    except Exception as err:  # URLError, OSError, HF hub errors...: all mean "no weights reachable"
-        raise UserError(
-            f"cannot download ImageNet weights for {spec.name} (offline?): pass --weights PATH "
-            f"to a local .pth file, or --no-pretrained [{_one_line(err)}]") from err
+    return timm.models.get_pretrained_cfg(spec.timm_name).url
+
+
+def _download_imagenet(spec: ModelSpec) -> dict:
+    """The ImageNet state dict from $TORCH_HOME/hub/checkpoints, downloaded there (hash-checked) when missing."""
+    url = weights_url(spec)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if not path.is_file():
+        match = HASH_IN_NAME.search(path.name)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(path), match.group(1) if match else None, progress=True)
+        except Exception as err:  # URLError, OSError, a hash mismatch...: all mean "no usable weights reachable"
+            raise UserError(
+                f"cannot download ImageNet weights for {spec.name} (offline?): pass --weights PATH "
+                f"to a local .pth file, or --no-pretrained [{_one_line(err)}]") from None
+    return _read_weights_file(path)
 
 
 def build_model(name: str, num_classes: int, pretrained: bool = False,

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +24,9 @@ from typing import TYPE_CHECKING
 
 from core.config import PROJECT_ROOT, load_config
 from core.errors import UserError
-from core.fileio import write_json_atomic
+from core.fileio import atomic_file, write_json_atomic
+from core.redaction import redact
+from core.signals import sigterm_raises
 from core.tracking import experiment_name
 from evaluation.gates import GATES_FAILED_EXIT  # evaluate.py: evaluated, but the gates failed
 
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
 MLFLOW_EXPERIMENT = experiment_name("experiments")
 RULE = "=" * 60
 ERROR_HINT = re.compile(r"error|exception|out of memory|killed|traceback", re.IGNORECASE)
+CHILD_STOP_S = 300  # a stopped child saves its state (train.py: last_model.pth) before it exits; then it is killed
 
 
 @dataclass
@@ -109,7 +113,7 @@ def run_child(argv: list[str], log_path: Path, echo: bool = True) -> tuple[int, 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     start = time.perf_counter()
     with log_path.open("wb") as log:
-        log.write(("$ " + " ".join(argv) + "\n").encode())
+        log.write(("$ " + " ".join(redact(argv)) + "\n").encode())
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT)
         try:
             while chunk := proc.stdout.read1(65536):
@@ -118,13 +122,24 @@ def run_child(argv: list[str], log_path: Path, echo: bool = True) -> tuple[int, 
                     sys.stdout.buffer.write(chunk)
                     sys.stdout.flush()
             rc = proc.wait()
-        except KeyboardInterrupt:  # the child got the same Ctrl-C; make sure it is gone
-            proc.terminate()
-            proc.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached the child too; a SIGTERM (Terminated) reached only us
+            stop_child(proc, log)
             raise
     seconds = round(time.perf_counter() - start, 3)
     tail = log_path.read_bytes()[-20000:].decode("utf-8", "replace")
     return rc, seconds, ("" if rc == 0 else last_error_line(tail, rc))
+
+
+def stop_child(proc: subprocess.Popen, log) -> None:
+    """Pass the stop on (SIGTERM: train.py saves and exits), keep its last output in the log, wait for it."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        rest, _ = proc.communicate(timeout=CHILD_STOP_S)  # reading on: a child blocked on a full pipe never exits
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rest, _ = proc.communicate()
+    log.write(rest or b"")
 
 
 def _read_json(path: Path, since: float) -> dict | None:
@@ -240,7 +255,7 @@ def write_summary(experiments: list[Experiment], out_dir: Path, meta: dict) -> l
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [asdict(e) for e in experiments]
     csv_path, json_path = out_dir / "experiments_summary.csv", out_dir / "experiments_summary.json"
-    with csv_path.open("w", newline="") as f:
+    with atomic_file(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[f.name for f in fields(Experiment)])
         writer.writeheader()
         writer.writerows(rows)
@@ -277,7 +292,8 @@ def comparison_plot(experiments: list[Experiment], path: Path) -> Path:
     ax_t.set_title("Training time")
     ax_t.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_file(path) as fh:
+        fig.savefig(fh, format="png", dpi=110)
     plt.close(fig)
     return path
 
@@ -306,7 +322,7 @@ def run_all(plan: Plan, models: list[str] | None = None, resume: bool = False, e
     base = plan.load()
     models = models or list(base.experiments.models)
     out_dir = Path(base.train.output_dir) / "experiments"
-    previous = load_previous(out_dir / "experiments_summary.json") if resume else {}
+    previous = load_previous(out_dir / "experiments_summary.json") if resume else None
     tracker = _parent_tracker(base, models)
     parent = tracker.mlflow_run_id
     log(f"🧠 Brain Cancer MRI Classification - Model Comparison\n{RULE}")
@@ -315,24 +331,35 @@ def run_all(plan: Plan, models: list[str] | None = None, resume: bool = False, e
     experiments: list[Experiment] = []
     status = "KILLED"
     try:
-        for i, model in enumerate(models, 1):
-            log(f"\n🔬 Experiment {i}/{len(models)}")
-            if resume and reusable(previous.get(model), plan, model):
-                experiments.append(replace(previous[model], resumed=True))
-                log(f"⏭️  Skipping {model}: finished earlier with the same settings (--resume)")
-                continue
-            log(f"🚀 Starting experiment: {model}")
-            exp = run_experiment(model, plan, out_dir / "logs", parent, first=i == 1, echo=echo)
-            experiments.append(exp)
-            log(f"✅ {model}: done in {exp.train_seconds + exp.eval_seconds:.2f}s" if exp.status == "SUCCESS"
-                else f"❌ {model}: FAILED: {exp.error}")
+        with sigterm_raises():  # SIGTERM stops the running child too, and the summary below is still written
+            for exp in run_models(models, plan, out_dir, parent, previous, echo, log):
+                experiments.append(exp)
         status = "FINISHED"
-    finally:  # Ctrl-C still leaves the summary of the models that finished
+    finally:  # Ctrl-C or SIGTERM still leaves the summary of the models that finished
         meta = {"created": datetime.now().astimezone().isoformat(timespec="seconds"), "models": models,
-                "epochs": plan.epochs, "demo": plan.demo, "config": plan.config, "sets": plan.sets,
+                "epochs": plan.epochs, "demo": plan.demo, "config": plan.config, "sets": redact(plan.sets),
                 "mlflow_parent_run_id": parent, "interrupted": status != "FINISHED"}
         files = write_summary(experiments, out_dir, meta)
         _log_to_parent(tracker, experiments, files)
         tracker.close(status)
     return experiments, files
 
+
+def run_models(models: list[str], plan: Plan, out_dir: Path, parent: str | None,
+               previous: dict[str, Experiment] | None, echo: bool, log) -> Iterator[Experiment]:
+    """Train and evaluate each model in turn, yielding its result (--resume: reuse the results in `previous`)."""
+    for i, model in enumerate(models, 1):
+        log(f"\n🔬 Experiment {i}/{len(models)}")
+        if previous is not None and reusable(previous.get(model), plan, model):
+            yield replace(previous[model], resumed=True)
+            log(f"⏭️  Skipping {model}: finished earlier with the same settings (--resume)")
+            continue
+        log(f"🚀 Starting experiment: {model}")
+        try:
+            exp = run_experiment(model, plan, out_dir / "logs", parent, first=i == 1, echo=echo)
+        except KeyboardInterrupt:  # its child has been stopped; the summary says so, then the stop goes on
+            yield Experiment(model, status="FAILED", error="interrupted (Ctrl-C or SIGTERM)")
+            raise
+        yield exp
+        log(f"✅ {model}: done in {exp.train_seconds + exp.eval_seconds:.2f}s" if exp.status == "SUCCESS"
+            else f"❌ {model}: FAILED: {exp.error}")

@@ -12,6 +12,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+import core  # noqa: E402,F401  (library telemetry off before any test imports MLflow)
 
 
 def write_overlay(tmp: Path, data_path: Path, **extra) -> Path:
@@ -41,6 +42,14 @@ def write_overlay(tmp: Path, data_path: Path, **extra) -> Path:
     path = tmp / "overlay.yaml"
     path.write_text(yaml.safe_dump(overlay))
     return path
+
+
+@pytest.fixture(autouse=True)
+def default_image_limits():
+    """Scripts run in-process set the process's image limits from their config: each test starts at the defaults."""
+    from data.images import ImageLimits, set_limits
+
+    set_limits(ImageLimits())
 
 
 @pytest.fixture(scope="session")
@@ -120,6 +129,24 @@ def write_dicom(path, pixels, window: tuple[float, float] | None = None, bits_st
         setattr(ds, key, value)
     ds.save_as(str(path), enforce_file_format=True)
     return ds
+
+
+def write_bomb_jpeg(path, side: int = 65000) -> Path:
+    """A ~3.5 KB JPEG whose header claims side x side pixels (65000: 4.2 Gpx): a decompression bomb."""
+    import io
+    import struct
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(buf, "JPEG",
+                                                                                           quality=90)
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")  # baseline frame header: length, precision, height, width
+    data[sof + 5:sof + 9] = struct.pack(">HH", side, side)
+    Path(path).write_bytes(bytes(data))
+    return Path(path)
 
 
 def build_with_training_hook(on_forward):

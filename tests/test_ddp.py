@@ -27,3 +27,18 @@ def test_torchrun_two_processes_on_cpu(tmp_path, tiny_data):
     assert last["epoch"] == 2 and last["progress"]["world_size"] == 2
     assert len(last["rng"]) == 2 and not torch.equal(last["rng"][0]["torch"], last["rng"][1]["torch"])
     assert not any(k.startswith("module.") for k in last["model_state"])  # saved unwrapped, loadable anywhere
+
+
+def test_when_rank_0_fails_first_every_rank_leaves_with_one_line(tmp_path, tiny_data):
+    overlay = write_overlay(tmp_path, tmp_path / "no such data set", **{"monitoring.mlflow.enabled": False})
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # torchrun looks at its workers every 10 s: a rank still waiting then would be killed (exit code -15)
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", "--monitor-interval=10", "train.py",
+                           "--config", str(overlay), "--model", "resnet18"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "error: data set folder not found" in output  # rank 0's own line
+    assert "error: rank 0 failed while preparing the data (its error is above); rank 1 stops too" in output
+    assert "SIGTERM" not in output and output.count("exitcode  : 2") == 2, output[-3000:]  # both left by themselves

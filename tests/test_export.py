@@ -1,6 +1,7 @@
 """export_model.py / deploy/export.py: real exports, real ONNX Runtime sessions, parity with PyTorch."""
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -65,6 +66,24 @@ def test_parity_failure_fails_the_export(trained, tmp_path, monkeypatch):
     monkeypatch.setattr(deploy.export, "PROB_TOLERANCE", -1.0)  # any difference, even 0, now counts as too large
     with pytest.raises(UserError, match="parity check failed for ONNX"):
         _export(trained, tmp_path, "onnx")
+
+
+@pytest.mark.parametrize("fault", ["wrong weights", "crash"])
+def test_a_failing_export_leaves_no_artifact(trained, tmp_path, monkeypatch, fault):
+    import deploy.export
+
+    def faulty(model, contract, path):
+        other = copy.deepcopy(model).eval()
+        with torch.no_grad():
+            other.fc.bias += torch.tensor([5.0, 0.0, 0.0])  # another model under the same name: parity must fail
+        export_onnx(other, contract, path)
+        if fault == "crash":
+            raise RuntimeError("exporter died half-way")
+
+    monkeypatch.setitem(deploy.export.EXPORTERS, "onnx", faulty)
+    with pytest.raises((UserError, RuntimeError), match="parity check failed for ONNX|half-way"):
+        _export(trained, tmp_path, "onnx")
+    assert list((tmp_path / "exported").iterdir()) == []  # neither the artifact nor a temporary file
 
 
 def test_parity_check_catches_a_wrong_artifact():

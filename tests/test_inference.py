@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_script, write_dicom
+from conftest import run_script, write_bomb_jpeg, write_dicom
 from core.errors import UserError
 
 
@@ -79,3 +79,28 @@ def test_unknown_alias_is_a_user_error(registered, images):
     with pytest.raises(UserError, match="no alias @staging"):
         run_script("inference_with_mlflow", registered + ["--model", "brain-cancer-resnet18", "--alias", "staging",
                                                           "--image", images / "rgba.png"])
+
+
+def test_a_decompression_bomb_in_the_batch_costs_one_line_and_the_rest_is_predicted(registered, images, capsys,
+                                                                                     tmp_path):
+    bomb = write_bomb_jpeg(tmp_path / "bomb.jpg")
+    good = [images / "odd size.jpg", images / "windowed.dcm"]
+    code = run_script("inference_with_mlflow", registered + ["--model", "brain-cancer-resnet18", "--alias",
+                                                             "production", "--json", "--image", good[0], bomb, good[1]])
+    out = capsys.readouterr()
+    assert code == 1
+    doc = json.loads(out.out)
+    assert [p["path"] for p in doc["predictions"]] == [str(p) for p in good]
+    (error,) = doc["errors"]
+    assert error["path"] == str(bomb) and "over the limit of 50000000 (images.max_pixels)" in error["error"]
+    assert "Traceback" not in out.err
+
+
+def test_the_pixel_limit_comes_from_the_config(registered, images, capsys):
+    code = run_script("inference_with_mlflow", registered + ["--model", "brain-cancer-resnet18", "--version", "1",
+                                                             "--json", "--set", "images.max_pixels=10000",
+                                                             "--image", images / "odd size.jpg", images / "rgba.png"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 1  # odd size.jpg is 97x131 = 12707 px: over; rgba.png (48x48) is predicted
+    assert [p["path"] for p in doc["predictions"]] == [str(images / "rgba.png")]
+    assert "97x131 pixels, over the limit of 10000" in doc["errors"][0]["error"]

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import time
 import urllib.request
+
+import pytest
 
 from conftest import ROOT
 
@@ -53,11 +56,80 @@ def test_server_answers_on_loopback_and_stops(tmp_path):
         assert s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def test_non_loopback_host_needs_expose():
-    result = subprocess.run([str(SCRIPT), "--host", "0.0.0.0"], capture_output=True, text=True, timeout=30)
-    assert result.returncode == 2 and "--expose" in result.stderr
+def run_script_with(args: list[str], shell: str = "bash", env: dict | None = None, fake_mlflow=None):
+    """The script under `shell` (bash, or bash --posix); with fake_mlflow, an `mlflow` on PATH that prints what it
+    was given instead of serving (to see what would reach the real server, without opening a port)."""
+    env = dict(os.environ if env is None else env)
+    env.pop("MLFLOW_DISABLE_TELEMETRY", None)
+    if fake_mlflow is not None:
+        fake_mlflow.mkdir(exist_ok=True)
+        stub = fake_mlflow / "mlflow"
+        stub.write_text('#!/bin/sh\necho "mlflow $* telemetry-off=$MLFLOW_DISABLE_TELEMETRY"\n')
+        stub.chmod(0o755)
+        env["PATH"] = f"{fake_mlflow}:{env['PATH']}"
+    return subprocess.run([*shell.split(), str(SCRIPT), *args], capture_output=True, text=True, timeout=30, env=env,
+                          cwd="/")
 
 
-def test_bad_port_is_refused():
-    result = subprocess.run([str(SCRIPT), "--port", "http"], capture_output=True, text=True, timeout=30)
-    assert result.returncode == 2 and "--port" in result.stderr
+SHELLS = ["bash", "bash --posix"]
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("args, says", [
+    (["--host", "0.0.0.0"], "add --expose"),
+    (["--host", "127.evil.example"], "add --expose"),  # 127.* is loopback only as four decimal octets
+    (["--host", "127.0.0.256"], "add --expose"),
+    (["--host", "localhost.evil.example"], "add --expose"),
+    (["--host", "10.1.2.3", "--expose"], "--expose needs --allowed-hosts"),
+    (["--host", "0.0.0.0", "--expose", "--allowed-hosts", "*"], "accepts anyone"),
+    (["--host", "0.0.0.0", "--expose", "--allowed-hosts", "a.site:5000,,b"], "empty entry"),
+    (["--cors-allowed-origins", "*"], "accepts anyone"),
+    (["--", "--disable-security-middleware"], "--disable-security-middleware is not passed on"),
+    (["--", "--gunicorn-opts", "--workers 4"], "without its host and CORS checks"),
+    (["--", "--host", "0.0.0.0"], "--host goes before --"),
+    (["--", "--allowed-hosts=*"], "--allowed-hosts goes before --"),
+    (["--port", "http"], "--port"),
+    (["--frobnicate"], "unknown option"),
+])
+def test_refusals(args, says, shell, tmp_path):
+    result = run_script_with(args, shell, fake_mlflow=tmp_path / "bin")
+    assert result.returncode == 2 and says in result.stderr and result.stdout == ""  # nothing was started
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_a_switched_off_middleware_in_the_environment_is_refused(shell, tmp_path):
+    env = dict(os.environ, MLFLOW_SERVER_DISABLE_SECURITY_MIDDLEWARE="true")
+    result = run_script_with([], shell, env, fake_mlflow=tmp_path / "bin")
+    assert result.returncode == 2 and "MLFLOW_SERVER_DISABLE_SECURITY_MIDDLEWARE" in result.stderr
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.1.2.3", "::1", "localhost", "LOCALHOST"])
+def test_loopback_hosts_start_without_expose(host, shell, tmp_path):
+    result = run_script_with(["--host", host], shell, fake_mlflow=tmp_path / "bin")
+    assert result.returncode == 0, result.stderr
+    assert f"--host {host} --port 5000" in result.stdout and "--allowed-hosts" not in result.stdout
+    assert "telemetry-off=true" in result.stdout
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_expose_passes_the_named_hosts_and_keeps_loopback_clients(shell, tmp_path):
+    result = run_script_with(["--host", "0.0.0.0", "--expose", "--allowed-hosts", "mlflow.site:5000",
+                              "--cors-allowed-origins", "https://notebook.site", "--", "--static-prefix", "/ml"],
+                             shell, fake_mlflow=tmp_path / "bin")
+    assert result.returncode == 0, result.stderr
+    assert ("--allowed-hosts mlflow.site:5000,localhost:5000,127.0.0.1:5000 --cors-allowed-origins "
+            "https://notebook.site --static-prefix /ml") in result.stdout
+    assert "WITHOUT authentication" in result.stderr
+
+
+def test_the_script_uses_no_bash_4_syntax():
+    """macOS ships bash 3.2: no case conversion, associative arrays, mapfile/readarray, ;& or |&, and an empty
+    array expanded under `set -u` only through ${a[@]+...}."""
+    text = SCRIPT.read_text()
+    code = "\n".join(line.split("#")[0] if not line.startswith("#!") else "" for line in text.splitlines())
+    for pattern in (r"\$\{\w+(,,|\^\^|,|\^)\}", r"declare -A|local -A|typeset -A", r"\bmapfile\b|\breadarray\b",
+                    r";;&|;&", r"\|&", r"&>>"):
+        assert not re.search(pattern, code), pattern
+    for name in re.findall(r"(\w+)=\(\)", code):  # every array that may be empty is expanded guarded
+        assert f'"${{{name}[@]}}"' not in code.replace(f'${{{name}[@]+"${{{name}[@]}}"}}', ""), name

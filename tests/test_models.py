@@ -1,4 +1,7 @@
 """Model zoo tests: shapes, what trains (the original project's linear-probe bug), weights loading."""
+import hashlib
+import io
+import pathlib
 import socket
 
 import pytest
@@ -168,3 +171,52 @@ def test_torch_free_name_list_matches_the_table():
     from core.model_names import MODEL_NAMES
 
     assert tuple(model_names()) == MODEL_NAMES
+
+
+class RunsCode:
+    """A pickle that would create a file when unpickled: what a crafted weights file does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def hub_file(folder, payload: bytes, stem: str = "resnet18") -> pathlib.Path:
+    """A file named as torch.hub names published weights: stem-<sha256 prefix>.pth."""
+    path = folder / f"{stem}-{hashlib.sha256(payload).hexdigest()[:8]}.pth"
+    path.write_bytes(payload)
+    return path
+
+
+def saved(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def test_hub_weights_are_hash_checked_and_never_run_code(tmp_path, monkeypatch):
+    import models.zoo
+
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    reference = torchvision.models.resnet18(weights=None).state_dict()
+    good = hub_file(cache, saved(reference))
+    monkeypatch.setattr(models.zoo, "weights_url", lambda spec: f"https://weights.invalid/{good.name}")
+    model = build_model("resnet18", NUM_CLASSES, pretrained=True)  # from the cache, checked, no download
+    assert torch.equal(model.conv1.weight, reference["conv1.weight"])
+
+    good.write_bytes(saved({k: v + 1 for k, v in reference.items()}))  # replaced in the cache under its name
+    with pytest.raises(UserError, match="does not match the sha256 in its name"):
+        build_model("resnet18", NUM_CLASSES, pretrained=True)
+    with pytest.raises(UserError, match="does not match the sha256 in its name"):
+        build_model("resnet18", NUM_CLASSES, weights_path=good)  # a hub file copied to an air-gapped site too
+
+    marker = tmp_path / "code ran"
+    evil = hub_file(cache, saved({"conv1.weight": RunsCode(marker)}), stem="evil")  # its own hash: it passes that
+    monkeypatch.setattr(models.zoo, "weights_url", lambda spec: f"https://weights.invalid/{evil.name}")
+    with pytest.raises(UserError, match="is unreadable"):
+        build_model("resnet18", NUM_CLASSES, pretrained=True)
+    assert not marker.exists()  # weights_only=True unpickled nothing that runs

@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 
 from conftest import run_script, write_overlay
 from core.config import load_config
-from core.tracking import RunTracker, wandb_mode
+from core.tracking import RunTracker
 
 
 def sqlite_uri(tmp) -> str:
@@ -93,19 +93,3 @@ def test_a_backend_failing_mid_run_warns_once_then_stays_off(tmp_path, capsys):
     tracker.close()
     assert capsys.readouterr().err.count("warning: TensorBoard tracking is off") == 1
     assert tracker.active == [] and tracker.targets() == ["TensorBoard: off (OSError: Disk quota exceeded)"]
-
-
-def test_wandb_auto_mode_is_online_only_with_an_api_key(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv("NETRC", raising=False)
-    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
-        monkeypatch.delenv(var, raising=False)
-    assert wandb_mode("auto") == "offline"
-    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
-    (tmp_path / ".netrc").chmod(0o600)
-    assert wandb_mode("auto") == "online"
-    (tmp_path / ".netrc").unlink()
-    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
-    assert wandb_mode("auto") == "online" and wandb_mode("disabled") == "disabled"
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    assert wandb_mode("auto") == "offline" and wandb_mode("online") == "online"

@@ -5,11 +5,15 @@ everything here is a no-op and training runs in one process.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from core.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,24 @@ def gather_objects(obj) -> list:
     return out
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+@contextlib.contextmanager
+def main_first(info: DistInfo, device: torch.device | None) -> Iterator[None]:
+    """Rank 0 runs the block first (it writes the shared files: split manifest, statistics), then the others.
+
+    The others wait in a collective that rank 0 joins whether the block passed or raised, so when rank 0
+    fails every rank leaves at once with one line, instead of waiting at a barrier rank 0 never reaches."""
+    if not info.enabled:
+        yield
+        return
+    if not info.is_main:
+        if any_rank(False, device):
+            raise UserError(f"rank 0 failed while preparing the data (its error is above); rank {info.rank} stops too")
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):  # a broken process group must not hide rank 0's own error
+            any_rank(True, device)
+        raise
+    any_rank(False, device)
