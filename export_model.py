@@ -13,7 +13,6 @@ from pathlib import Path
 
 from core.cli import add_common_args, config_from_args, run
 from core.errors import UserError
-from data.images import configure_limits
 from deploy.export import (
     FORMATS,
     LABELS,
@@ -42,7 +41,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args) -> int:
     cfg = config_from_args(args)
-    configure_limits(cfg)
     src = export_source(cfg, args.checkpoint, args.model, args.resplit, args.parity_images)
     model, contract, name = src.model, src.contract, src.contract.model_name
     out_dir = Path(args.output_dir or cfg.output_dir / "exported_models")

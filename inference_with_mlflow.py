@@ -20,7 +20,7 @@ import numpy as np
 
 from core.cli import add_common_args, config_from_args, run
 from core.errors import UserError
-from data.images import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, ImageReadError, configure_limits
+from data.images import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, ImageReadError
 from deploy.predictors import prediction_record
 from deploy.registry import connect, load_predictor, resolve_version
 
@@ -96,7 +96,6 @@ def predict_all(predictor, paths: list[Path], as_json: bool) -> tuple[list[dict]
 
 def main(args) -> int:
     cfg = config_from_args(args)
-    configure_limits(cfg)
     alias = args.alias
     if args.stage:
         alias = args.stage.lower()

@@ -18,7 +18,6 @@ from core.cli import add_common_args, config_from_args, run
 from core.errors import UserError
 from core.fileio import write_text_atomic
 from core.tracking import RunTracker, experiment_name
-from data.images import configure_limits
 from deploy.export import export_checked, export_source, parity_line, write_contract_json
 from deploy.model_card import Release, build_model_card
 from deploy.registry import (
@@ -56,7 +55,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args) -> int:
     cfg = config_from_args(args)
-    configure_limits(cfg)
     semver, alias, user_tags = validate_semver(args.version), validate_alias(args.alias), parse_tags(args.tags)
     evaluation = read_evaluation(cfg.output_dir)
     gates = gate_tags(evaluation, args.force, cfg.output_dir, cfg.model)

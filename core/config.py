@@ -6,6 +6,7 @@ config/demo.yaml when --demo, each --set key.path=value, explicit flags.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, Optional
 
@@ -398,9 +399,27 @@ def load_config(
         if value is not None:  # "{model}" in a key means the model selected so far (flags win over --set)
             set_path(data, key.format(model=data.get("model")).split("."), value)
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as exc:
         raise UserError(_one_line(exc)) from None
+    _LOADED[:] = [cfg]
+    for apply in _ON_LOAD:
+        apply(cfg)
+    return cfg
+
+
+# Process-wide settings that follow the config in force (e.g. data.images' decoding limits register here,
+# so every entry point that loads a config bounds its decoders without a call of its own).
+_ON_LOAD: list[Callable[[Config], object]] = []
+_LOADED: list[Config] = []  # the config loaded last in this process
+
+
+def on_load(apply: Callable[[Config], object]) -> Callable[[Config], object]:
+    """Call `apply(cfg)` each time a config is loaded in this process (at once for one loaded already)."""
+    _ON_LOAD.append(apply)
+    if _LOADED:
+        apply(_LOADED[0])
+    return apply
 
 
 def save_resolved(cfg: Config, out_dir: str | Path, name: str = "resolved_config.yaml") -> Path:

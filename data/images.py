@@ -6,8 +6,8 @@ so preprocessing cannot drift between training and deployment.
 Every file is bounded before it is decoded (ImageLimits: pixels per image or frame, frames per file,
 bytes per file), and every decoder failure (Pillow's decompression-bomb guard, pydicom and its
 plugins, a truncated or foreign file) is one ImageReadError naming the file, so a batch, a scan or a
-server reports it and goes on. The limits belong to the process: each entry point calls
-configure_limits(cfg) after loading its config (the images: section); code that does not, keeps the
+server reports it and goes on. The limits belong to the process: loading a config applies its images:
+section (configure_limits is registered with core.config.on_load); code that loads none keeps the
 defaults, which are safe. Pool workers and dataset copies in worker processes carry them along.
 """
 from __future__ import annotations
@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from core.config import on_load
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 DICOM_EXTENSIONS = (".dcm", ".dicom")
@@ -61,8 +63,9 @@ def current_limits() -> ImageLimits:
     return _limits
 
 
+@on_load
 def configure_limits(cfg) -> ImageLimits:
-    """The config's images: section in force for this process (each script calls this after loading it)."""
+    """The config's images: section in force for this process (called by every config load)."""
     section = cfg.images
     return set_limits(ImageLimits(int(section.max_pixels), int(section.max_frames), int(section.max_bytes)))
 

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 from core.checkpoint import default_checkpoint, load_checkpoint
 from core.contract import Contract
 from core.errors import UserError
-from data.images import configure_limits
 from data.manifest import Split, prepare_split
 
 if TYPE_CHECKING:
@@ -40,7 +39,6 @@ def open_for_scoring(args: argparse.Namespace) -> tuple[Config, OpenedCheckpoint
     if ckpt is not None and not args.model:
         args.model = ckpt["model_name"]
     cfg = config_from_args(args)
-    configure_limits(cfg)
     return cfg, open_checkpoint(cfg, args.checkpoint, args.model, args.resplit, loaded=ckpt)
 
 

@@ -196,14 +196,11 @@ def test_a_multi_frame_rgb_dicom_gives_a_grey_record_per_frame(tmp_path):
     assert name2.endswith("#frame=2") and first.shape == second.shape == (8, 8)
 
 
-def test_every_script_applies_the_configured_limits():
-    """A script that loads a config and reads images applies images: (monitor_gpu.py reads no image)."""
-    import inspect
-
-    from evaluation.source import open_for_scoring
-
-    assert "configure_limits(cfg)" in inspect.getsource(open_for_scoring)  # test.py and evaluate.py
-    for script in sorted(ROOT.glob("*.py")):
-        text = script.read_text()
-        if "config_from_args(" in text and script.stem not in ("monitor_gpu", "conftest"):
-            assert "configure_limits(cfg)" in text, script.name
+def test_loading_a_config_bounds_the_decoders_of_the_process(tmp_path):
+    """Every entry point loads a config; that alone applies its images: section (no call of its own needed)."""
+    Image.new("L", (400, 400)).save(tmp_path / "big.png")
+    load_config(None, ["images.max_pixels=10000"])
+    with pytest.raises(ImageReadError, match="images.max_pixels"):
+        load_gray(tmp_path / "big.png", 32)
+    load_config(None, [])  # the defaults again
+    assert load_gray(tmp_path / "big.png", 32).shape == (32, 32)
