@@ -215,8 +215,6 @@ class PacsSection(Section):
     destination: Optional[str] = None   # AE@HOST:PORT that receives the SR and secondary capture results
     spool_dir: str = "./pacs_spool"
     max_instance_mb: PositiveFloat = 256.0
-    max_frames: PositiveInt = 1000
-    max_frame_pixels: PositiveInt = 4096 * 4096
     max_associations: PositiveInt = 4
     timeout_s: PositiveFloat = 30.0
     keep_patient_identity: bool = False  # store and return patient name and birth date

@@ -33,7 +33,7 @@ from pynetdicom.sop_class import (
 
 from core.config import DicomPeer, PacsSection
 from core.errors import UserError
-from data.images import ImageReadError
+from data.images import ImageReadError, current_limits
 
 LOG = logging.getLogger(__name__)
 
@@ -127,10 +127,11 @@ def header_problem(ds: Dataset, settings: PacsSection) -> tuple[int, str] | None
         rows, columns = int(ds.Rows), int(ds.Columns)
     except (AttributeError, TypeError, ValueError):
         return CANNOT_UNDERSTAND, "no valid Rows, Columns or NumberOfFrames"
-    if frames > settings.max_frames:
-        return OUT_OF_RESOURCES, f"{frames} frames, more than {settings.max_frames}"
-    if rows * columns > settings.max_frame_pixels:
-        return OUT_OF_RESOURCES, f"{rows}x{columns} pixels a frame, more than {settings.max_frame_pixels}"
+    limits = current_limits()  # the images: bounds every decoder of this process keeps
+    if frames > limits.max_frames:
+        return OUT_OF_RESOURCES, f"{frames} frames, more than {limits.max_frames} (images.max_frames)"
+    if rows * columns > limits.max_pixels:
+        return OUT_OF_RESOURCES, f"{rows}x{columns} pixels a frame, more than {limits.max_pixels} (images.max_pixels)"
     return None
 
 

@@ -294,8 +294,8 @@ def test_a_wrong_ae_title_and_a_non_image_object_are_refused_and_the_receiver_st
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # pydicom's, on the hostile UID below
 def test_hostile_instances_get_a_failure_status_and_the_receiver_stays_up(predictors, slices, tmp_path):
     received = []
-    settings = pacs_settings(tmp_path, 0, None, "pacs.allow=[ORTHANC@127.0.0.1]", "pacs.max_frames=3",
-                             "pacs.max_frame_pixels=10000", "pacs.max_instance_mb=1")
+    settings = pacs_settings(tmp_path, 0, None, "pacs.allow=[ORTHANC@127.0.0.1]", "images.max_frames=3",
+                             "images.max_pixels=10000", "pacs.max_instance_mb=1")
     node = start_node(settings, predictors[0], MODEL, ServerHooks(on_predictions=lambda r, ds, *_: received.append(ds)))
     try:
         assoc = scu_associate(node.port)
@@ -308,9 +308,9 @@ def test_hostile_instances_get_a_failure_status_and_the_receiver_stays_up(predic
         no_study = dcmread(tmp_path / "good.dcm")
         no_study.StudyInstanceUID = "../../etc"  # results are filed by UID: a path is not one
         assert assoc.send_c_store(no_study).Status == 0xC000
-        four = write_mr(tmp_path / "four.dcm", np.concatenate([slices, slices[:1]]))  # over max_frames
+        four = write_mr(tmp_path / "four.dcm", np.concatenate([slices, slices[:1]]))  # over images.max_frames
         assert assoc.send_c_store(four).Status == 0xA700
-        wide = write_mr(tmp_path / "wide.dcm", np.zeros((1, 64, 200), dtype=np.uint16))  # over max_frame_pixels
+        wide = write_mr(tmp_path / "wide.dcm", np.zeros((1, 64, 200), dtype=np.uint16))  # over images.max_pixels
         assert assoc.send_c_store(wide).Status == 0xA700
         assert assoc.send_c_store(good).Status == 0x0000 and len(received) == 1
         assoc.release()
