@@ -169,6 +169,12 @@ class EvaluationSection(Section):
     gates: GatesSection = GatesSection()
 
 
+class RegistrySection(Section):
+    auto_register: bool = True  # after train.py: evaluate the best checkpoint; register it @staging when the gates pass
+    auto_promote: bool = True  # ... and move @production to it when the gates pass
+    promote_on: Literal["point", "ci_lower"] = "point"  # judge promotion on the point estimate or the CI's lower bound
+
+
 class ExperimentsSection(Section):
     models: list[str] = ["resnet18", "efficientnet_b0", "swin_t", "vit_b_16"]
 
@@ -182,6 +188,7 @@ class Config(Section):
     monitoring: MonitoringSection = MonitoringSection()
     performance: PerformanceSection = PerformanceSection()
     evaluation: EvaluationSection = EvaluationSection()
+    registry: RegistrySection = RegistrySection()
     experiments: ExperimentsSection = ExperimentsSection()
     demo: DemoSection = DemoSection()
 

@@ -14,14 +14,14 @@ from core.errors import UserError
 
 @pytest.fixture(scope="module")
 def registered(trained, tmp_path_factory):
-    """The trained model registered (forced: the tiny model is never evaluated) in a registry of its own."""
+    """The trained model registered @staging (forced: the tiny model is never evaluated) in a registry of its own."""
     overlay, _, ckpt_path = trained
     tmp = tmp_path_factory.mktemp("inference registry")
     (tmp / "checkpoints" / "resnet18_outputs").mkdir(parents=True)
     shutil.copy(ckpt_path, tmp / "checkpoints" / "resnet18_outputs" / "best_model.pth")
     store = ["--config", overlay, "--set", f"monitoring.mlflow.tracking_uri=sqlite:///{tmp / 'registry.db'}",
              "--set", f"monitoring.mlflow.artifact_location={tmp / 'mlartifacts'}"]
-    assert run_script("register_model", store + ["--model", "resnet18", "--version", "1.0.0", "--alias", "production",
+    assert run_script("register_model", store + ["--model", "resnet18", "--version", "1.0.0", "--alias", "staging",
                                                  "--force", "--set", f"train.output_dir={tmp / 'checkpoints'}"]) == 0
     return store
 
@@ -48,7 +48,7 @@ def images(tiny_data, tmp_path_factory):
 def test_every_image_kind_is_predicted_and_a_corrupt_file_is_reported(registered, images, capsys):
     paths = [images / n for n in ("odd size.jpg", "rgba.png", "sixteen.png", "windowed.dcm", "plain.dcm", "cine.dcm")]
     code = run_script("inference_with_mlflow",
-                      registered + ["--model", "brain-cancer-resnet18", "--alias", "production",
+                      registered + ["--model", "brain-cancer-resnet18", "--alias", "staging",
                                     "--json", "--image", *paths, images / "corrupt.png"])
     out = capsys.readouterr()
     assert code == 1  # one input failed
@@ -61,6 +61,7 @@ def test_every_image_kind_is_predicted_and_a_corrupt_file_is_reported(registered
         assert p["confidence"] == max(p["probabilities"].values())
     assert [e["path"] for e in doc["errors"]] == [str(images / "corrupt.png")]
     assert "corrupt.png" in out.err
+    assert "was registered with --force" in out.err and doc["forced"] is True  # announced on every run
 
 
 def test_onnx_and_pytorch_flavors_agree_and_report_format(registered, images, capsys):
@@ -82,7 +83,7 @@ def test_onnx_and_pytorch_flavors_agree_and_report_format(registered, images, ca
 
 def test_stage_maps_to_alias_and_gradcam_writes_overlays(registered, images, tmp_path, capsys):
     code = run_script("inference_with_mlflow",
-                      registered + ["--model", "brain-cancer-resnet18", "--stage", "Production",
+                      registered + ["--model", "brain-cancer-resnet18", "--stage", "Staging",
                                     "--image", images, "--gradcam", tmp_path / "cams"])
     assert code == 1  # the folder holds the corrupt file too
     assert "stages are deprecated" in capsys.readouterr().err
@@ -91,6 +92,14 @@ def test_stage_maps_to_alias_and_gradcam_writes_overlays(registered, images, tmp
 
 
 def test_unknown_alias_is_a_user_error(registered, images):
-    with pytest.raises(UserError, match="no alias @staging"):
-        run_script("inference_with_mlflow", registered + ["--model", "brain-cancer-resnet18", "--alias", "staging",
+    with pytest.raises(UserError, match="no alias @candidate"):
+        run_script("inference_with_mlflow", registered + ["--model", "brain-cancer-resnet18", "--alias", "candidate",
                                                           "--image", images / "rgba.png"])
+
+
+def test_without_a_version_only_production_is_served_else_the_choices_are_named(registered, images):
+    # the newest version is a forced one @staging: it is not served by default
+    with pytest.raises(UserError, match=r"has no @production version; choose --alias staging \(v1\) or --version 1"):
+        run_script("inference_with_mlflow", registered + ["--model", "resnet18", "--image", images / "rgba.png"])
+    with pytest.raises(UserError, match="no registered model named brain-cancer-vit_b_16"):
+        run_script("inference_with_mlflow", registered + ["--model", "vit_b_16", "--image", images / "rgba.png"])
