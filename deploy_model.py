@@ -85,8 +85,8 @@ def read_token(path: str | None) -> str:
         token = file.read_text().strip()
     except OSError as exc:
         raise UserError(f"cannot read the token file {file}: {exc.strerror or exc}") from None
-    if not token:
-        raise UserError(f"the token file {file} is empty")
+    if len(token.split()) != 1 or not token.isprintable():  # never echo it: it is a credential
+        raise UserError(f"the token file {file} must hold one token on one line")
     if os.name == "posix" and file.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         print(f"warning: {file} is readable by other users (chmod 600 {file})", file=sys.stderr)
     return token

@@ -92,9 +92,14 @@ def judge(metrics: dict | None, gates) -> Evidence:
         raise UserError(f"evaluation_metrics.json lacks the figure {exc}; re-run evaluate.py") from None
 
 
-def read_evidence(folder: Path, gates, checkpoint_sha256: str, model: str) -> Evidence:
+def evaluate_command(model: str, checkpoint: Path) -> str:
+    extra = "" if Path(checkpoint).name == "best_model.pth" else f" --checkpoint {checkpoint}"
+    return f"python evaluate.py --model {model}{extra}"
+
+
+def read_evidence(checkpoint: Path, gates, checkpoint_sha256: str, model: str) -> Evidence:
     """The evaluation beside the checkpoint, tied to it by content, judged by `gates`."""
-    path = Path(folder) / "evaluation_metrics.json"
+    path = Path(checkpoint).parent / "evaluation_metrics.json"
     if not path.is_file():
         return judge(None, gates)
     try:
@@ -105,11 +110,11 @@ def read_evidence(folder: Path, gates, checkpoint_sha256: str, model: str) -> Ev
     if recorded != checkpoint_sha256:
         what = (f"scored another checkpoint (sha256 {recorded[:12]}..., this one {checkpoint_sha256[:12]}...)"
                 if recorded else "does not record which checkpoint it scored")
-        raise UserError(f"{path} {what}; re-run: python evaluate.py --model {model}")
+        raise UserError(f"{path} {what}; re-run: {evaluate_command(model, checkpoint)}")
     return judge(metrics, gates)
 
 
-def registration_forced(evidence: Evidence, force: bool, model: str, folder: Path) -> bool:
+def registration_forced(evidence: Evidence, force: bool, model: str, checkpoint: Path) -> bool:
     """Whether the new version is tagged forced; raises when it may not be registered at all."""
     if evidence.loosened:
         return True  # gates below the defaults prove nothing: that is --force by another name
@@ -117,8 +122,9 @@ def registration_forced(evidence: Evidence, force: bool, model: str, folder: Pat
         return False
     if not force:
         if evidence.status == "missing":
-            raise UserError(f"{model} has no evaluation of this checkpoint in {folder} (run: python evaluate.py "
-                            f"--model {model}); or register anyway with --force (tagged forced, never production)")
+            raise UserError(f"{model} has no evaluation of this checkpoint in {Path(checkpoint).parent} (run: "
+                            f"{evaluate_command(model, checkpoint)}); or register anyway with --force (tagged forced, "
+                            "never production)")
         raise UserError(f"{model} fails the gates in force ({', '.join(evidence.failed_gates())}); not registered "
                         "(--force registers it tagged forced, never production)")
     return True
@@ -138,7 +144,9 @@ def production_refusal(tags: dict, promote_on: str = "point") -> str | None:
     """Why a version with these tags may not hold @production; None when it may."""
     if tags.get("forced") == "true":
         loose = tags.get("gates_loosened", "none")
-        return "it was registered with --force" + (f" (gates loosened: {loose})" if loose != "none" else "")
+        if loose != "none":
+            return f"it is forced: gates loosened below the defaults ({loose})"
+        return f"it is forced (--force; medical validation {tags.get('medical_validation', 'missing')})"
     status = tags.get("medical_validation")
     if status != "passed":
         return f"its medical validation is {status or 'missing (not registered by register_model.py)'}"

@@ -69,8 +69,8 @@ def release_checkpoint(cfg: Config, req: ReleaseRequest, log=print) -> Released:
     if not ckpt_path.is_file():
         raise UserError(f"checkpoint not found: {ckpt_path} (train first: python train.py --model {cfg.model})")
     sha = sha256_file(ckpt_path)
-    evidence = read_evidence(ckpt_path.parent, cfg.evaluation.gates, sha, cfg.model)
-    forced = registration_forced(evidence, req.force, cfg.model, ckpt_path.parent)
+    evidence = read_evidence(ckpt_path, cfg.evaluation.gates, sha, cfg.model)
+    forced = registration_forced(evidence, req.force, cfg.model, ckpt_path)
     tags = {**req.tags, **version_tags(evidence, forced, cfg.evaluation.gates), "semver": req.semver,
             "checkpoint_sha256": sha, "registered_by": req.how}
     names = registered_names(cfg.model)
