@@ -16,7 +16,7 @@ import numpy as np
 
 from core.cli import add_common_args, config_from_args, run
 from core.errors import UserError
-from deploy.aliases import deployment_lines
+from deploy.aliases import deployment_lines, get_version
 from deploy.registry import ONNX_LINK_TAG, connect, load_pytorch_flavor, no_production_line, registered_name
 
 
@@ -32,7 +32,7 @@ def pick_version(client, name: str, version: str | None):
     from mlflow.exceptions import MlflowException
 
     if version is not None:
-        return client.get_model_version(name, version)
+        return get_version(client, name, version)
     try:
         return client.get_model_version_by_alias(name, "production")
     except MlflowException:
@@ -72,7 +72,7 @@ def aliases(client, mv, promote_on: str) -> None:
     for line in deployment_lines(client, mv.name, promote_on):
         print(f"   {line}")
     print(f"   URI by alias: models:/{mv.name}@production; move one: python deploy_model.py promote "
-          f"--model {mv.name.removeprefix('brain-cancer-')} --version {mv.version} --alias staging")
+          f"--model {mv.name.removeprefix('brain-cancer-')} --version N --alias staging")
 
 
 def load_for_inference(mv, twin) -> None:

@@ -85,12 +85,7 @@ def connect(section):
 
 def find_release(client, name: str, semver: str):
     """The version of `name` tagged with this semantic version, or None."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        found = client.search_model_versions(f"name='{name}' and tags.semver='{semver}'")
-    except MlflowException:
-        return None
+    found = client.search_model_versions(f"name='{name}' and tags.semver='{semver}'")
     return found[0] if found else None
 
 

@@ -4,6 +4,7 @@ register_model.py and the automatic registration after train.py both run it.
 """
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 
 from core.checkpoint import default_checkpoint
 from core.errors import UserError
+from core.fileio import write_text_atomic
 from core.tracking import RunTracker, experiment_name
 from data.manifest import sha256_file
 from deploy.aliases import Move, move_alias
@@ -68,6 +70,7 @@ def release_checkpoint(cfg: Config, req: ReleaseRequest, log=print) -> Released:
     ckpt_path = Path(req.checkpoint) if req.checkpoint else default_checkpoint(cfg)
     if not ckpt_path.is_file():
         raise UserError(f"checkpoint not found: {ckpt_path} (train first: python train.py --model {cfg.model})")
+    req = dataclasses.replace(req, checkpoint=ckpt_path)
     sha = sha256_file(ckpt_path)
     evidence = read_evidence(ckpt_path, cfg.evaluation.gates, sha, cfg.model)
     forced = registration_forced(evidence, req.force, cfg.model, ckpt_path)
@@ -83,7 +86,7 @@ def release_checkpoint(cfg: Config, req: ReleaseRequest, log=print) -> Released:
         why = f"gates loosened: {'; '.join(evidence.loosened)}" if evidence.loosened else \
             f"medical validation {evidence.status}"
         log(f"⚠️  Registering a forced version ({why}): tagged forced=true, never @production")
-    versions = _register_new(cfg, client, req, ckpt_path, evidence, tags, names, log)
+    versions = _register_new(cfg, client, req, evidence, tags, log)
     tags[ONNX_LINK_TAG] = versions["onnx"]
     released = Released(names, versions, tags, evidence, new=True)
     if req.alias:
@@ -105,21 +108,20 @@ def _already_registered(client, mv, req: ReleaseRequest, sha: str, promote_on: s
     return released
 
 
-def _register_new(cfg: Config, client, req: ReleaseRequest, ckpt_path: Path, evidence: Evidence, tags: dict,
-                  names: dict, log) -> dict[str, str]:
-    src = export_source(cfg, ckpt_path, cfg.model, req.resplit, log=log)
+def _register_new(cfg: Config, client, req: ReleaseRequest, evidence: Evidence, tags: dict, log) -> dict[str, str]:
+    names = registered_names(cfg.model)
+    src = export_source(cfg, req.checkpoint, cfg.model, req.resplit, log=log)
     ckpt = src.opened.ckpt
     release = Release(req.semver, names, req.alias, forced=tags["forced"] == "true", demo=cfg.dataset.demo,
                       description=req.description,
                       training_run=run_link(client, ckpt.get("mlflow_run_id"), cfg.monitoring.mlflow.tracking_uri))
-    card = build_model_card(ckpt, src.contract, evidence, release)
-    card_path = ckpt_path.parent / "model_card.md"
-    card_path.write_text(card)
+    card_path = Path(req.checkpoint).parent / "model_card.md"
+    write_text_atomic(card_path, build_model_card(ckpt, src.contract, evidence, release))
     tags.update(data_fingerprint=ckpt.get("data_fingerprint") or "unknown", checkpoint_epoch=ckpt["epoch"],
                 training_run_id=ckpt.get("mlflow_run_id") or "none", demo_data=str(cfg.dataset.demo).lower())
     with tempfile.TemporaryDirectory() as tmp:
-        uris = log_models(cfg, src, Path(tmp), card, card_path, tags, req.semver, log)
-        description = "\n\n".join(filter(None, [req.description, card]))
+        uris = log_models(cfg, src, Path(tmp), card_path, tags, log)
+        description = "\n\n".join(filter(None, [req.description, card_path.read_text()]))
         onnx_mv = register(client, uris["onnx"], names["onnx"], tags, description)
         torch_mv = register(client, uris["pytorch"], names["pytorch"], {**tags, ONNX_LINK_TAG: onnx_mv.version},
                             description)
@@ -130,8 +132,7 @@ def _register_new(cfg: Config, client, req: ReleaseRequest, ckpt_path: Path, evi
     return {"pytorch": str(torch_mv.version), "onnx": str(onnx_mv.version)}
 
 
-def log_models(cfg: Config, src, tmp: Path, card: str, card_path: Path, tags: dict, semver: str,
-               log=print) -> dict[str, str]:
+def log_models(cfg: Config, src, tmp: Path, card_path: Path, tags: dict, log=print) -> dict[str, str]:
     """Export ONNX (parity-checked), log both flavors, the card and the evidence in one MLflow run, and prove the
     logged pt2 flavor loads with MLflow's pickle guard on and predicts what the checkpoint predicts."""
     import mlflow
@@ -141,7 +142,7 @@ def log_models(cfg: Config, src, tmp: Path, card: str, card_path: Path, tags: di
     if not result.passed:
         raise UserError("the ONNX export does not match PyTorch; not registered")
     contract_path = write_contract_json(src.contract, tmp)
-    with RunTracker(cfg, run_name=f"register-{cfg.model}-{semver}",
+    with RunTracker(cfg, run_name=f"register-{cfg.model}-{tags['semver']}",
                     mlflow_experiment=experiment_name("registry", cfg.model),
                     wandb_project=None, tags=tags, job_type="register") as tracker:
         if tracker.mlflow_run_id is None:
@@ -149,7 +150,7 @@ def log_models(cfg: Config, src, tmp: Path, card: str, card_path: Path, tags: di
                             "(monitoring.mlflow.enabled must be true to register)")
         with mlflow.start_run(run_id=tracker.mlflow_run_id):
             uris = log_flavors(src.model, onnx_path, src.x[:2], [src.opened.path, contract_path, card_path])
-            mlflow.log_text(card, "model_card.md")
+            mlflow.log_artifact(str(card_path))
             for name in ("evaluation_metrics.json", "medical_validation.json"):
                 if (src.opened.path.parent / name).is_file():
                     mlflow.log_artifact(str(src.opened.path.parent / name), "evaluation")

@@ -90,6 +90,20 @@ def write_distinct_classes(root: Path, n_per_class: int = 40, size: int = 48, se
     return root
 
 
+@contextlib.contextmanager
+def one_torch_thread():
+    """Single-threaded torch while a latency is measured: with two threads on a busy 2-core machine a batch of one
+    waits on thread barriers (resnet18 at 32 px: 485 ms instead of 18 ms), and the latency gate would judge that."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="session")
 def passing_run(tmp_path_factory):
     """resnet18 trained for two epochs on distinct classes with the default registry automation (it passes the
@@ -97,7 +111,7 @@ def passing_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("passing run")
     cfg = write_overlay(tmp, write_distinct_classes(tmp / "distinct"), **{"train.epochs": 2})
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    with contextlib.redirect_stdout(out), one_torch_thread():
         assert run_script("train", ["--config", cfg, "--model", "resnet18"]) == 0
     return cfg, tmp, out.getvalue()
 

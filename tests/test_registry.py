@@ -17,7 +17,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import run_script
+from conftest import one_torch_thread, run_script
 from core.checkpoint import load_checkpoint
 from core.config import load_config
 from core.errors import UserError
@@ -30,6 +30,12 @@ from deploy.registry import PICKLE_SWITCH, connect, download, load_pytorch_flavo
 NAME = "brain-cancer-resnet18"
 PASS_ALL = ["--set", "evaluation.gates.accuracy=0", "--set", "evaluation.gates.sensitivity=0",
             "--set", "evaluation.gates.latency_ms=100000", "--set", "evaluation.gates.max_imbalance=100"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _latency_measured_single_threaded():
+    with one_torch_thread():
+        yield
 
 
 def store_argv(overlay, tmp, db) -> list:
@@ -266,6 +272,23 @@ def test_policy_judges_figures_not_verdicts(passing_run):
     assert production_refusal({}, "point").startswith("its medical validation is missing")
 
 
+def test_examples_walk_through_the_registry_read_only(passing_run, capsys):
+    overlay, tmp, _ = passing_run
+    before = {a: str(v) for a, v in client_for(tmp / "mlflow.db").get_registered_model(NAME).aliases.items()}
+    assert run_script("mlflow_model_examples", ["--config", overlay, "--model", "resnet18"]) == 0
+    out = capsys.readouterr().out
+    for line in ("1️⃣  Logging vs registering", "model.onnx", "models:/brain-cancer-resnet18@production",
+                 "PyTorch pt2 flavor, loaded with MLflow's pickle guard on", "ONNX flavor through mlflow.pyfunc",
+                 "tags.medical_validation='passed'\") -> v1"):
+        assert line in out, line
+    delta = float(out.split("max |Δlogit| vs PyTorch ")[1].split()[0])
+    assert delta < 1e-3  # the two flavors of one version agree
+    after = {a: str(v) for a, v in client_for(tmp / "mlflow.db").get_registered_model(NAME).aliases.items()}
+    assert after == before
+    with pytest.raises(UserError, match="has no version 9"):
+        run_script("mlflow_model_examples", ["--config", overlay, "--model", "resnet18", "--version", "9"])
+
+
 def test_loosening_is_judged_per_gate_direction():
     gates = load_config().evaluation.gates
     assert loosened_gates(gates) == []
@@ -273,6 +296,8 @@ def test_loosening_is_judged_per_gate_direction():
     assert loosened_gates(stricter.evaluation.gates) == []
     looser = load_config(sets=["evaluation.gates.latency_ms=900", "evaluation.gates.max_imbalance=9"])
     assert [g.split()[0] for g in loosened_gates(looser.evaluation.gates)] == ["latency_ms", "max_imbalance"]
+    with pytest.raises(UserError, match="registry.promote_on"):
+        load_config(sets=["registry.promote_on=median"])
 
 
 @pytest.mark.parametrize("bad", ["1.0", "v1.0.0", "1.0.0.0", "01.0.0", ""])
