@@ -17,7 +17,7 @@ import numpy as np
 from core.cli import add_common_args, config_from_args, run
 from core.errors import UserError
 from deploy.aliases import deployment_lines, get_version
-from deploy.registry import ONNX_LINK_TAG, connect, load_pytorch_flavor, no_production_line, registered_name
+from deploy.registry import ONNX_LINK_TAG, connect, load_pytorch_flavor, missing_alias_line, registered_name
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -38,7 +38,7 @@ def pick_version(client, name: str, version: str | None):
     except MlflowException:
         versions = client.search_model_versions(f"name='{name}'", order_by=["version_number DESC"], max_results=1)
     if not versions:
-        raise UserError(no_production_line(client, name))
+        raise UserError(missing_alias_line(client, name))
     print(f"(no @production yet: showing the newest version, v{versions[0].version})")
     return versions[0]
 

@@ -151,13 +151,12 @@ def resolve_version(client, name: str, alias: str | None = None, version: str | 
             return client.get_model_version(name, str(version))
         return client.get_model_version_by_alias(name, alias or PRODUCTION)
     except MlflowException as exc:
-        if version is None and alias is None:
-            raise UserError(no_production_line(client, name)) from None
-        what = f"version {version}" if version is not None else f"alias @{alias}"
-        raise UserError(f"registered model {name} has no {what} ({exc.message.splitlines()[0]})") from None
+        if version is None:
+            raise UserError(missing_alias_line(client, name, alias or PRODUCTION)) from None
+        raise UserError(f"registered model {name} has no version {version} ({exc.message.splitlines()[0]})") from None
 
 
-def no_production_line(client, name: str) -> str:
+def missing_alias_line(client, name: str, alias: str = PRODUCTION) -> str:
     """Why no version was chosen, naming the aliases and versions that do exist."""
     from mlflow.exceptions import MlflowException
 
@@ -170,7 +169,7 @@ def no_production_line(client, name: str) -> str:
         return (f"no registered model named {name} (train with registry.auto_register on, or register one: "
                 "python register_model.py --model MODEL --version 1.0.0)")
     held = " or ".join(f"--alias {a} (v{v})" for a, v in sorted(aliases.items()))
-    return (f"{name} has no @{PRODUCTION} version; choose {held + ' or ' if held else ''}"
+    return (f"{name} has no @{alias} version; choose {held + ' or ' if held else ''}"
             f"--version {'|'.join(versions)} (or promote one: python deploy_model.py promote ...)")
 
 

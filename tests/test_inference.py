@@ -92,7 +92,7 @@ def test_stage_maps_to_alias_and_gradcam_writes_overlays(registered, images, tmp
 
 
 def test_unknown_alias_is_a_user_error(registered, images):
-    with pytest.raises(UserError, match="no alias @candidate"):
+    with pytest.raises(UserError, match=r"has no @candidate version; choose --alias staging \(v1\) or --version 1"):
         run_script("inference_with_mlflow", registered + ["--model", "brain-cancer-resnet18", "--alias", "candidate",
                                                           "--image", images / "rgba.png"])
 
