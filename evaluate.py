@@ -13,12 +13,11 @@ from typing import TYPE_CHECKING
 
 from core.cli import add_common_args, run
 from core.device import select_device
-from data.preprocess import Preprocessor
 from evaluation.explain import CamModel
-from evaluation.gates import GATES_FAILED_EXIT, check_gates, format_gates
+from evaluation.gates import GATES_FAILED_EXIT, format_gates
 from evaluation.plots import comparison_plot, evaluation_figures
-from evaluation.prediction import Scored, predict_split
-from evaluation.record import calibration_summary, evaluation_record, open_tracker, score_predictions
+from evaluation.prediction import Scored
+from evaluation.record import open_tracker
 from evaluation.reports import (
     collect_evaluations,
     flat_metrics,
@@ -26,13 +25,9 @@ from evaluation.reports import (
     format_evaluation,
     recommend,
     write_comparison_csv,
-    write_json,
-    write_predictions,
-    write_report,
 )
+from evaluation.scoring import evaluate_checkpoint, write_evaluation_files
 from evaluation.source import open_for_scoring
-from evaluation.timing import measure_inference
-from models.loading import model_from_checkpoint
 
 if TYPE_CHECKING:
     from core.config import Config
@@ -84,43 +79,25 @@ def main(args) -> int:
     args.medical_validation = args.medical_validation or args.strict
     device = select_device(args.device)
     cfg, opened = open_for_scoring(args)
-    ckpt, ckpt_path, split = opened.ckpt, opened.path, opened.split
-    name, classes, out_dir = opened.model_name, opened.class_names, ckpt_path.parent
-    print(f"Evaluating {name} (epoch {ckpt['epoch']}) on the test split of {split.manifest_path}")
+    ckpt, out_dir = opened.ckpt, opened.path.parent
+    name, classes = opened.model_name, opened.class_names
+    print(f"Evaluating {name} (epoch {ckpt['epoch']}) on the test split of {opened.split.manifest_path}")
     with open_tracker(cfg, name, "evaluation", ckpt) as tracker:
-        model = model_from_checkpoint(ckpt, device)
-        pre = Preprocessor(opened.contract.mean, opened.contract.std).to(device)  # the checkpoint's, not the config's
-        test = predict_split(cfg, split, "test", model, pre, opened.contract.img_size, device)
-        y, prob = test.y_true, test.y_prob
-        val = None
-        if args.calibrate:
-            scored_val = predict_split(cfg, split, "val", model, pre, opened.contract.img_size, device)
-            val = (scored_val.y_true, scored_val.y_prob)
-        scores = score_predictions(y, prob, classes, cfg.evaluation)
-        calibration, bins, bins_after = calibration_summary(y, prob, cfg.evaluation.ece_bins, val)
-        timing = measure_inference(model, pre, test.dataset, cfg.recipe.batch_size, device,
-                                   cfg.evaluation.timing_warmup, cfg.evaluation.timing_runs)
-        record = evaluation_record(ckpt, ckpt_path, split, scores, calibration, timing)
-        validation = check_gates(record, cfg.evaluation.gates, args.strict) if args.medical_validation else None
-
-        per_patient = {write_predictions(out_dir / "predictions.csv", test.paths, y, prob, classes)}
-        files = [write_json(out_dir / "evaluation_metrics.json", record), *per_patient,
-                 write_report(out_dir / "evaluation_report.txt", record, validation),
-                 *evaluation_figures(out_dir, record, y, prob, bins, bins_after)]
-        stale = out_dir / "medical_validation.json"
-        if validation is not None:
-            files.append(write_json(stale, validation))
-        elif stale.exists():
-            stale.unlink()  # its gates judged an earlier evaluation: no verdict is better than a stale one
+        # every gate figure is computed anyway: the verdict is recorded with or without --medical-validation
+        ev = evaluate_checkpoint(cfg, opened, device, args.calibrate, args.strict)
+        record, validation = ev.record, ev.validation
+        files = [*write_evaluation_files(out_dir, ev, classes),
+                 *evaluation_figures(out_dir, record, ev.test.y_true, ev.test.y_prob, ev.bins, ev.bins_after)]
+        per_patient = {p for p in files if p.name == "predictions.csv"}  # paths of patients' images
         print("\n" + format_evaluation(record))
         if args.detailed:
-            index = explain_gradcam(cfg, CamModel(model, name, pre, device), test, classes, out_dir)
+            index = explain_gradcam(cfg, CamModel(ev.model, name, ev.pre, device), ev.test, classes, out_dir)
             files.append(index.parent)
             per_patient.add(index.parent)
             print(f"🔍 Grad-CAM overlays: {index}")
         log_evaluation(tracker, record, validation, files, args, per_patient)
     print(f"\n📁 Outputs in {out_dir}: " + ", ".join(p.name for p in files))
-    code = verdict(record, validation, cfg)
+    code = verdict(validation, name, args.medical_validation)
     if args.compare:
         compare_models(cfg)
     return code
@@ -133,15 +110,23 @@ def explain_gradcam(cfg: Config, cam: CamModel, test: Scored, classes: list[str]
                             seed=cfg.evaluation.bootstrap_seed)
 
 
-def verdict(record: dict, validation: dict | None, cfg: Config) -> int:
-    if validation is not None:
+def verdict(validation: dict, model: str, medical_validation: bool) -> int:
+    """The gate verdict and the next command; exit code 3 for failed gates only with --medical-validation."""
+    ready = validation["deployment_ready"]
+    if medical_validation:
         print("\n" + format_gates(validation))
-        if not validation["deployment_ready"]:
-            return GATES_FAILED_EXIT
+    else:
+        failed = [g["name"] for g in validation["gates"] if not g["passed"]]
+        print(f"\nQuality gates (evaluation.gates): {'all passed' if ready else 'failed: ' + ', '.join(failed)} "
+              "(every gate: --medical-validation; verdict in medical_validation.json)")
+    if ready:
         print("🏆 Model shows excellent performance for medical AI!")
-    elif record["accuracy"]["value"] >= cfg.evaluation.gates.accuracy:
-        print("🏆 Model shows excellent performance for medical AI! (run --medical-validation for every gate)")
-    return 0
+        print(f"📝 Next: python register_model.py --model {model} --version 1.0.0 --description \"...\" "
+              "(a new semantic version)")
+        return 0
+    print(f"🔧 Next: improve the model (python train.py --model {model} with more epochs or data); "
+          "registration refuses it until the gates pass")
+    return GATES_FAILED_EXIT if medical_validation else 0
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""Predict brain MRI slices with a model from the MLflow Model Registry.
+"""Predict brain MRI slices with a model from the MLflow Model Registry (by default its @production version).
 
-    python inference_with_mlflow.py --model brain-cancer-resnet18 --alias production --image scan.jpg
+    python inference_with_mlflow.py --model brain-cancer-resnet18 --image scan.jpg
+    python inference_with_mlflow.py --model brain-cancer-resnet18 --stage Staging --image scan.jpg
     python inference_with_mlflow.py --model brain-cancer-resnet18 --version 3 --image folder/ slice.dcm --json
     python inference_with_mlflow.py --model brain-cancer-resnet18 --alias production --image scan.png --gradcam cams/
 
 Uses the ONNX flavor with ONNX Runtime when one is registered (no PyTorch at prediction), else the PyTorch flavor.
+A version registered with --force or without a passed validation is announced on every run.
 Images: jpg/png/bmp/tif (any size, 8/16-bit, RGBA, palette) and DICOM (.dcm). Exit code 1 if any input failed.
 """
 from __future__ import annotations
@@ -21,19 +23,21 @@ import numpy as np
 from core.cli import add_common_args, config_from_args, run
 from core.errors import UserError
 from data.images import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, ImageReadError
+from deploy.policy import serving_warning
 from deploy.predictors import prediction_record
-from deploy.registry import connect, load_predictor, resolve_version
+from deploy.registry import connect, load_predictor, registered_name, resolve_version
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Predict MRI images with a registered model (MLflow Model Registry)")
     add_common_args(p, model=False)
-    p.add_argument("--model", dest="registered_model", required=True, help="registered model, e.g. "
-                                                                           "brain-cancer-resnet18")
+    p.add_argument("--model", dest="registered_model", required=True,
+                   help="registered model, e.g. brain-cancer-resnet18 (or the zoo name resnet18)")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--alias", default=None, help="model version alias, e.g. production or staging")
-    which.add_argument("--stage", default=None, help="deprecated MLflow stage name; used as the alias of the same name")
-    which.add_argument("--version", default=None, help="model version number (default: the latest)")
+    which.add_argument("--alias", default=None, help="model version alias (default: production)")
+    which.add_argument("--stage", default=None, help="deprecated MLflow stage name (Production, Staging); used as the "
+                                                     "lower-case alias")
+    which.add_argument("--version", default=None, help="model version number (default: the @production version)")
     p.add_argument("--image", nargs="+", required=True, metavar="PATH", help="image files or folders of images")
     p.add_argument("--img-size", type=int, default=None, help="default: the image size of the model's contract")
     p.add_argument("--flavor", choices=["auto", "onnx", "pytorch"], default="auto",
@@ -104,26 +108,39 @@ def main(args) -> int:
     if not paths:
         raise UserError(f"no image files in {' '.join(args.image)}")
     client = connect(cfg.monitoring.mlflow)
-    mv = resolve_version(client, args.registered_model, alias, args.version)
+    mv = resolve_version(client, registered_name(args.registered_model), alias, args.version)
+    alias = alias or (None if args.version else "production")
+    warning = serving_warning(mv)
     with tempfile.TemporaryDirectory() as tmp:
         predictor, used, flavor = load_predictor(client, mv, Path(tmp), args.flavor)
         apply_img_size(predictor, args.img_size, flavor)
-        label = f"@{alias}, " if alias else ""
         if not args.json:
             print(f"🧠 Brain Cancer MRI Inference with MLflow\n{'=' * 50}")
-            runtime = "ONNX Runtime" if flavor == "onnx" else "PyTorch"
-            print(f"✅ Successfully loaded model: {mv.name} ({label}v{mv.version}; {flavor} flavor "
-                  f"{used.name} v{used.version} on {runtime})")
+            print(loaded_lines(mv, used, flavor, alias))
+        if warning:
+            print(warning, file=sys.stderr)
         records, errors = predict_all(predictor, paths, args.json)
         if args.gradcam and records:
             write_gradcam(client, mv, Path(tmp), records, Path(args.gradcam), args.json)
     if args.json:
         print(json.dumps({"model": mv.name, "version": mv.version, "alias": alias, "flavor": flavor,
+                          "medical_validation": mv.tags.get("medical_validation", "missing"),
+                          "forced": mv.tags.get("forced") == "true",
                           "contract": predictor.contract.to_dict(), "predictions": records, "errors": errors},
                          indent=2))
     elif errors:
         print(f"⚠️  {len(errors)} of {len(paths)} input(s) could not be read; {len(records)} predicted")
     return 1 if errors else 0
+
+
+def loaded_lines(mv, used, flavor: str, alias: str | None) -> str:
+    """The original report's line (the stage name for production/staging), then which version and runtime."""
+    label = alias.capitalize() if alias in ("production", "staging") else f"@{alias}" if alias else f"v{mv.version}"
+    runtime = "ONNX Runtime" if flavor == "onnx" else "PyTorch"
+    status = mv.tags.get("medical_validation", "missing")
+    return (f"✅ Successfully loaded model: {mv.name} ({label})\n"
+            f"   v{mv.version} (semver {mv.tags.get('semver', '?')}, medical validation {status}); "
+            f"{flavor} flavor {used.name} v{used.version} on {runtime}")
 
 
 def apply_img_size(predictor, img_size: int | None, flavor: str) -> None:

@@ -1,44 +1,24 @@
 """Register a trained, evaluated model in the MLflow Model Registry (PyTorch + ONNX flavors, with its model card).
 
-    python evaluate.py --model resnet18 --medical-validation      # the evidence registration reads
+    python evaluate.py --model resnet18                           # the evidence registration reads
     python register_model.py --model resnet18 --version 1.0.0 --description "First production model"
     python register_model.py --model resnet18 --version 1.1.0 --alias production --tags "medical_ai=validated"
 
-A model that failed or never ran the medical-validation gates is refused unless --force (then tagged forced=true).
+The gates of evaluation.gates are re-checked on the evaluation's figures of this very checkpoint (its sha256).
+A model that fails them or was never evaluated is refused unless --force (tagged forced=true); gates loosened
+below the defaults count as --force. A forced version never becomes @production.
 Stages are deprecated in MLflow 3: --alias staging|production replaces them; the version number is the tag `semver`.
 """
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
-from typing import TYPE_CHECKING
 
+from core.checkpoint import load_checkpoint
 from core.cli import add_common_args, config_from_args, run
-from core.errors import UserError
-from core.fileio import write_text_atomic
-from core.tracking import RunTracker, experiment_name
-from deploy.export import export_checked, export_source, parity_line, write_contract_json
-from deploy.model_card import Release, build_model_card
-from deploy.registry import (
-    ONNX_LINK_TAG,
-    check_provenance,
-    connect,
-    ensure_version_free,
-    gate_tags,
-    log_flavors,
-    parse_tags,
-    promote,
-    read_evaluation,
-    register,
-    registered_names,
-    run_link,
-    validate_alias,
-    validate_semver,
-)
-
-if TYPE_CHECKING:
-    from core.config import Config
+from deploy.aliases import describe
+from deploy.policy import is_production, production_refusal
+from deploy.registry import parse_tags, validate_alias, validate_semver
+from deploy.release import ReleaseRequest, release_checkpoint
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -49,71 +29,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--tags", nargs="*", default=[], metavar="KEY=VALUE", help='version tags, e.g. "production=ready"')
     p.add_argument("--alias", default=None, help="point this alias at the new version (staging, production, ...)")
     p.add_argument("--force", action="store_true",
-                   help="register although medical validation failed or is missing (tagged forced=true)")
+                   help="register although the gates fail or no evaluation exists (tagged forced=true; never "
+                        "production)")
     return p
 
 
 def main(args) -> int:
+    if args.checkpoint and not args.model:  # --checkpoint alone names its model
+        args.model = load_checkpoint(args.checkpoint)["model_name"]
     cfg = config_from_args(args)
-    semver, alias, user_tags = validate_semver(args.version), validate_alias(args.alias), parse_tags(args.tags)
-    evaluation = read_evaluation(cfg.output_dir)
-    gates = gate_tags(evaluation, args.force, cfg.output_dir, cfg.model)
-    if gates["forced"] == "true":
-        print(f"⚠️  --force: registering although medical validation is {evaluation.status}; tagged forced=true")
-    client = connect(cfg.monitoring.mlflow)
-    names = registered_names(cfg.model)
-    ensure_version_free(client, names, semver)
-    src = export_source(cfg, args.checkpoint, args.model, args.resplit)
-    ckpt = src.opened.ckpt
-    check_provenance(evaluation.metrics, ckpt)
-    release = Release(semver, names, alias, forced=gates["forced"] == "true", demo=cfg.dataset.demo,
-                      description=args.description,
-                      training_run=run_link(client, ckpt.get("mlflow_run_id"), cfg.monitoring.mlflow.tracking_uri))
-    card = build_model_card(ckpt, src.contract, evaluation, release)
-    card_path = cfg.output_dir / "model_card.md"
-    write_text_atomic(card_path, card)
-    tags = {**user_tags, **gates, "semver": semver, "data_fingerprint": ckpt.get("data_fingerprint") or "unknown",
-            "checkpoint_epoch": ckpt["epoch"], "training_run_id": ckpt.get("mlflow_run_id") or "none",
-            "demo_data": str(cfg.dataset.demo).lower()}
-    with tempfile.TemporaryDirectory() as tmp:
-        uris = log_models(cfg, src, Path(tmp), card, card_path, tags, semver)
-        description = "\n\n".join(filter(None, [args.description, card]))
-        onnx_mv = register(client, uris["onnx"], names["onnx"], tags, description)
-        torch_mv = register(client, uris["pytorch"], names["pytorch"], {**tags, ONNX_LINK_TAG: onnx_mv.version},
-                            description)
-    print(f"📝 Model {names['pytorch']} v{torch_mv.version} registered (semver {semver}, PyTorch torch.export flavor)")
-    print(f"📦 ONNX model registered: {names['onnx']} v{onnx_mv.version}")
-    print(f"📄 Model card: {card_path}")
-    if alias:
-        promote(client, names, {"pytorch": torch_mv.version, "onnx": onnx_mv.version}, alias, evaluation.status)
-    print(f"🔮 Predict: python inference_with_mlflow.py --model {names['pytorch']} "
-          f"{f'--alias {alias}' if alias else f'--version {torch_mv.version}'} --image PATH")
+    request = ReleaseRequest(validate_semver(args.version), validate_alias(args.alias), args.description,
+                             parse_tags(args.tags), args.force, args.checkpoint, args.resplit)
+    released = release_checkpoint(cfg, request)
+    if released.moves:
+        print(describe(released.moves))
+    name, version = released.names["pytorch"], released.versions["pytorch"]
+    which = "" if any(is_production(m.alias) for m in released.moves) else \
+        f" --alias {args.alias}" if args.alias else f" --version {version}"
+    print(f"🔮 Predict: python inference_with_mlflow.py --model {name}{which} --image PATH")
+    promoted = any(is_production(m.alias) for m in released.moves)
+    if not promoted and production_refusal(released.tags, cfg.registry.promote_on) is None:
+        print(f"🚀 Promote: python deploy_model.py promote --model {cfg.model} --version {version} --alias production")
     return 0
-
-
-def log_models(cfg: Config, src, tmp: Path, card: str, card_path: Path, tags: dict, semver: str) -> dict[str, str]:
-    """Export ONNX (parity-checked), then log both flavors, the card and the evidence in one MLflow run."""
-    import mlflow
-
-    onnx_path, result = export_checked("onnx", src.model, src.contract, tmp / f"{cfg.model}_model.onnx", src.x)
-    print(f"✅ ONNX export {parity_line(result)}")
-    if not result.passed:
-        raise UserError("the ONNX export does not match PyTorch; not registered")
-    contract_path = write_contract_json(src.contract, tmp)
-    with RunTracker(cfg, run_name=f"register-{cfg.model}-{semver}",
-                    mlflow_experiment=experiment_name("registry", cfg.model),
-                    wandb_project=None, tags=tags, job_type="register") as tracker:
-        if tracker.mlflow_run_id is None:
-            raise UserError(f"cannot open the MLflow store {cfg.monitoring.mlflow.tracking_uri} "
-                            "(monitoring.mlflow.enabled must be true to register)")
-        with mlflow.start_run(run_id=tracker.mlflow_run_id):
-            uris = log_flavors(src.model, onnx_path, src.x[:2], [src.opened.path, contract_path, card_path])
-            mlflow.log_text(card, "model_card.md")
-            for name in ("evaluation_metrics.json", "medical_validation.json"):
-                if (cfg.output_dir / name).is_file():
-                    mlflow.log_artifact(str(cfg.output_dir / name), "evaluation")
-    print(f"📝 Best PyTorch and ONNX models logged to MLflow (run {tracker.mlflow_run_id})")
-    return uris
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from core.fileio import FolderLock
 from core.tracking import RunTracker, experiment_name, wandb_project
 from data.manifest import prepare_split
 from data.normalization import resolve_normalization
+from deploy.automation import release_after_training
 from models.zoo import build_model
 from training.banner import banner_lines
 from training.distributed import DistInfo, init_distributed, main_first, shutdown
@@ -121,6 +122,7 @@ def finish(cfg: Config, t, tracker, outcome: str, main_rank: bool) -> int:
         if (out / "best_model.pth").is_file():
             tracker.log_artifact(out / "best_model.pth", "checkpoints")
         print(f"Checkpoints in {out} ({'early stop' if outcome == 'early_stop' else 'all epochs done'})")
+        release_after_training(cfg, t.device, tracker)  # registry.auto_register / auto_promote; never fails the run
     return 0
 
 

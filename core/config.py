@@ -254,6 +254,12 @@ class ImagesSection(Section):
     max_bytes: PositiveInt = 2 * 1024 ** 3  # per file
 
 
+class RegistrySection(Section):
+    auto_register: bool = True  # after train.py: evaluate the best checkpoint; register it @staging when the gates pass
+    auto_promote: bool = True  # ... and move @production to it when the gates pass
+    promote_on: Literal["point", "ci_lower"] = "point"  # judge promotion on the point estimate or the CI's lower bound
+
+
 class ExperimentsSection(Section):
     models: list[str] = ["resnet18", "efficientnet_b0", "swin_t", "vit_b_16"]
 
@@ -267,6 +273,7 @@ class Config(Section):
     monitoring: MonitoringSection = MonitoringSection()
     performance: PerformanceSection = PerformanceSection()
     evaluation: EvaluationSection = EvaluationSection()
+    registry: RegistrySection = RegistrySection()
     experiments: ExperimentsSection = ExperimentsSection()
     demo: DemoSection = DemoSection()
     pacs: PacsSection = PacsSection()

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from core.contract import Contract
 
 if TYPE_CHECKING:
-    from deploy.registry import Evaluation
+    from deploy.policy import Evidence
 
 
 def _fmt(value) -> str:
@@ -46,18 +46,23 @@ def _metrics_section(metrics: dict | None) -> list[str]:
     return lines + [""]
 
 
-def _gates_section(validation: dict | None, status: str, forced: bool) -> list[str]:
+def _gates_section(evidence: Evidence, forced: bool) -> list[str]:
+    validation, status = evidence.validation, evidence.status
     if not validation:
-        lines = ["No medical validation was run (medical_validation.json missing)."]
+        lines = ["No evaluation of this checkpoint: the gates could not be checked."]
     else:
-        lines = [f"Basis: {validation.get('basis')}; strict: {validation.get('strict')}.", "",
+        lines = [f"Judged at registration on the evaluation's figures with the gates in force; basis: "
+                 f"{validation.get('basis')}; on the lower bounds of the 95% CIs: {evidence.ci_status}.", "",
                  "| gate | value | threshold | passed |", "|---|---|---|---|"]
         for g in validation.get("gates", []):
             lines.append(f"| {g['name']} | {_fmt(g['value'])} | {g['comparison']} {_fmt(g['threshold'])} | "
                          f"{'yes' if g['passed'] else '**NO**'} |")
         lines += ["", f"Deployment ready: **{'yes' if validation.get('deployment_ready') else 'NO'}**."]
+    if evidence.loosened:
+        lines.append(f"**Gates loosened below the defaults: {'; '.join(evidence.loosened)}.**")
     if forced:
-        lines.append(f"**Registered with --force although medical validation is {status}.** Not for clinical use.")
+        lines.append(f"**Registered with --force (medical validation {status}).** Not for clinical use; never "
+                     "@production.")
     return lines + [""]
 
 
@@ -73,9 +78,9 @@ class Release:
     training_run: str | None = None
 
 
-def build_model_card(ckpt: dict, contract: Contract, evidence: Evaluation, release: Release) -> str:
+def build_model_card(ckpt: dict, contract: Contract, evidence: Evidence, release: Release) -> str:
     """Markdown model card for one registered version."""
-    metrics, validation = evidence.metrics, evidence.validation
+    metrics = evidence.metrics
     names, semver, alias, description = release.names, release.semver, release.alias, release.description
     name = contract.model_name
     fingerprint = (metrics or {}).get("data_fingerprint") or ckpt.get("data_fingerprint")
@@ -102,7 +107,7 @@ def build_model_card(ckpt: dict, contract: Contract, evidence: Evaluation, relea
               "probabilities. "
               "The contract is also stored in the ONNX metadata and in contract.json.", "",
               "## Metrics", *_metrics_section(metrics),
-              "## Medical validation gates", *_gates_section(validation, evidence.status, release.forced),
+              "## Medical validation gates", *_gates_section(evidence, release.forced),
               "## Limitations",
               "- Single-slice classifier; no 3-D context, no patient-level aggregation.",
               "- Measured on one data set and split; performance on other scanners, sequences or sites is unknown.",

@@ -1,20 +1,21 @@
-"""MLflow Model Registry: register a checkpoint's PyTorch and ONNX flavors with their evidence, and load
-them back by alias or version.
+"""MLflow Model Registry: the store, the versions of a checkpoint's PyTorch and ONNX flavors, and loading them
+back by alias or version (by default @production).
 
 Stages are deprecated in MLflow 3: versions carry aliases (`staging`, `production`) and a `semver` tag
 (an alias cannot hold dots). A version of `brain-cancer-{model}` (PyTorch, torch.export format) is tagged
 with the number of its twin in `brain-cancer-{model}-onnx`, so inference can pick the ONNX flavor.
+The gate policy (who may hold @production) is deploy/policy.py; moving aliases is deploy/aliases.py.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import re
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import UserError
+from core.model_names import MODEL_NAMES
+from deploy.policy import PRODUCTION, STAGING
 
 # semver.org's regular expression (2.0.0): MAJOR.MINOR.PATCH[-prerelease][+build]
 SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
@@ -22,11 +23,16 @@ SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
                     r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$")
 ALIAS = re.compile(r"^[A-Za-z0-9_-]{1,255}$")  # MLflow's alias characters
 ONNX_LINK_TAG = "onnx_version"
-PRODUCTION = "production"
+PICKLE_SWITCH = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"  # MLflow's environment switch for pickle on load
 
 
 def registered_names(model: str) -> dict[str, str]:
     return {"pytorch": f"brain-cancer-{model}", "onnx": f"brain-cancer-{model}-onnx"}
+
+
+def registered_name(name: str) -> str:
+    """A registered model name; a zoo name (resnet18) stands for its PyTorch flavor (brain-cancer-resnet18)."""
+    return registered_names(name)["pytorch"] if name in MODEL_NAMES else name
 
 
 def validate_semver(version: str) -> str:
@@ -41,6 +47,8 @@ def validate_alias(alias: str | None) -> str | None:
     if not ALIAS.match(alias) or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
         raise UserError(f"--alias {alias!r}: use letters, digits, '-' or '_' (not 'latest' or 'v1'), "
                         "e.g. staging or production")
+    if alias != alias.lower() and alias.lower() in (PRODUCTION, STAGING):
+        raise UserError(f"--alias {alias!r}: aliases are case-sensitive; use {alias.lower()}")
     return alias
 
 
@@ -52,63 +60,6 @@ def parse_tags(items: list[str]) -> dict[str, str]:
             raise UserError(f"--tags expects key=value, got {item!r}")
         tags[key.strip()] = value.strip()
     return tags
-
-
-# ---- the evaluation evidence (written by evaluate.py) --------------------------------------------
-
-@dataclass
-class Evaluation:
-    metrics: dict | None
-    validation: dict | None
-
-    @property
-    def status(self) -> str:
-        """passed | failed | missing (never evaluated, or evaluated without --medical-validation)."""
-        if self.metrics is None or self.validation is None:
-            return "missing"
-        return "passed" if self.validation.get("deployment_ready") is True else "failed"
-
-    def failed_gates(self) -> list[str]:
-        return [g["name"] for g in (self.validation or {}).get("gates", []) if not g.get("passed")]
-
-
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
-
-
-def read_evaluation(out_dir: Path) -> Evaluation:
-    return Evaluation(_read_json(Path(out_dir) / "evaluation_metrics.json"),
-                      _read_json(Path(out_dir) / "medical_validation.json"))
-
-
-def gate_tags(evaluation: Evaluation, force: bool, out_dir: Path, model: str) -> dict[str, str]:
-    """Refuse a model that failed or skipped medical validation, unless forced (then say so in its tags)."""
-    status = evaluation.status
-    if status != "passed" and not force:
-        if status == "missing":
-            raise UserError(f"{model} has no evaluation in {out_dir} (run: python evaluate.py --model {model} "
-                            "--medical-validation); or register anyway with --force")
-        raise UserError(f"{model} failed the medical-validation gates ({', '.join(evaluation.failed_gates())}); "
-                        "not registered (use --force to register it, tagged as failed)")
-    tags = {"medical_validation": status, "forced": str(bool(force and status != "passed")).lower()}
-    if evaluation.metrics:
-        tags["accuracy"] = f"{evaluation.metrics['accuracy']['value']:.4f}"
-    return tags
-
-
-def check_provenance(metrics: dict | None, ckpt: dict) -> None:
-    """The evaluation must describe this checkpoint and its data: a stale report is as bad as none."""
-    if not metrics:
-        return
-    for key, ckpt_key in (("data_fingerprint", "data_fingerprint"), ("checkpoint_epoch", "epoch")):
-        if metrics.get(key) is not None and ckpt.get(ckpt_key) is not None and metrics[key] != ckpt[ckpt_key]:
-            raise UserError(f"evaluation_metrics.json has {key} {metrics[key]}, but the checkpoint has "
-                            f"{ckpt[ckpt_key]}: it describes another model; re-run evaluate.py")
 
 
 # ---- store ------------------------------------------------------------------------------------
@@ -133,12 +84,10 @@ def connect(section):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def ensure_version_free(client, names: dict[str, str], semver: str) -> None:
-    for name in names.values():
-        found = client.search_model_versions(f"name='{name}' and tags.semver='{semver}'")
-        if found:
-            raise UserError(f"{name} already has version {semver} (MLflow version {found[0].version}); "
-                            "choose a new --version")
+def find_release(client, name: str, semver: str):
+    """The version of `name` tagged with this semantic version, or None."""
+    found = client.search_model_versions(f"name='{name}' and tags.semver='{semver}'")
+    return found[0] if found else None
 
 
 def log_flavors(model, onnx_path: Path, example, extra_files: list[Path]) -> dict[str, str]:
@@ -156,7 +105,8 @@ def log_flavors(model, onnx_path: Path, example, extra_files: list[Path]) -> dic
     extras = [str(p) for p in extra_files]
     if len(example) < 2:  # a batch of 1 would make torch.export fix the batch size
         example = example.repeat(2, axis=0)
-    # pt2 (torch.export): loading it unpickles nothing; the example has batch 2 so the batch stays dynamic
+    # pt2 (torch.export): raw tensor records, no pickled module; the example has batch 2 so the batch stays
+    # dynamic. torch.export.load would unpickle a crafted archive: load it only through load_pytorch_flavor
     torch_info = mlflow.pytorch.log_model(pytorch_model=model, name="model", signature=signature,
                                           input_example=example, extra_files=extras, serialization_format="pt2",
                                           pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
@@ -194,40 +144,37 @@ def register(client, model_uri: str, name: str, tags: dict, description: str):
     return mv
 
 
-def promote(client, names: dict[str, str], versions: dict[str, str], alias: str, status: str, log=print) -> None:
-    """Point `alias` at the new versions, and record who/what/when on the versions themselves."""
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    for flavor, name in names.items():
-        previous = None
-        try:
-            previous = client.get_model_version_by_alias(name, alias).version
-        except Exception:  # MlflowException RESOURCE_DOES_NOT_EXIST: the alias is new
-            pass
-        client.set_registered_model_alias(name, alias, versions[flavor])
-        client.set_model_version_tag(name, versions[flavor], f"alias.{alias}", f"set {stamp} (gates {status})")
-        moved = f" (was v{previous})" if previous and previous != versions[flavor] else ""
-        mark = "⚠️ " if status != "passed" else "🏆" if alias == PRODUCTION else "🏷️ "
-        log(f"{mark} Model {name} v{versions[flavor]} is now @{alias}{moved}; medical validation: {status}")
-
-
 # ---- loading ----------------------------------------------------------------------------------
 
 def resolve_version(client, name: str, alias: str | None = None, version: str | None = None):
-    """The model version named by alias or number; the highest version when neither is given."""
+    """The model version named by number or alias; @production when neither is given (never simply the newest)."""
     from mlflow.exceptions import MlflowException
 
     try:
         if version is not None:
             return client.get_model_version(name, str(version))
-        if alias is not None:
-            return client.get_model_version_by_alias(name, alias)
-        versions = client.search_model_versions(f"name='{name}'", order_by=["version_number DESC"], max_results=1)
+        return client.get_model_version_by_alias(name, alias or PRODUCTION)
     except MlflowException as exc:
-        what = f"version {version}" if version is not None else f"alias @{alias}"
-        raise UserError(f"registered model {name} has no {what} ({exc.message.splitlines()[0]})") from None
+        if version is None:
+            raise UserError(missing_alias_line(client, name, alias or PRODUCTION)) from None
+        raise UserError(f"registered model {name} has no version {version} ({exc.message.splitlines()[0]})") from None
+
+
+def missing_alias_line(client, name: str, alias: str = PRODUCTION) -> str:
+    """Why no version was chosen, naming the aliases and versions that do exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = sorted((str(mv.version) for mv in client.search_model_versions(f"name='{name}'")), key=int)
+        aliases = client.get_registered_model(name).aliases if versions else {}
+    except MlflowException:
+        versions, aliases = [], {}
     if not versions:
-        raise UserError(f"no registered model named {name} (register one: python register_model.py --model ...)")
-    return versions[0]
+        return (f"no registered model named {name} (train with registry.auto_register on, or register one: "
+                "python register_model.py --model MODEL --version 1.0.0)")
+    held = " or ".join(f"--alias {a} (v{v})" for a, v in sorted(aliases.items()))
+    return (f"{name} has no @{alias} version; choose {held + ' or ' if held else ''}"
+            f"--version {'|'.join(versions)} (or promote one: python deploy_model.py promote ...)")
 
 
 def onnx_twin(client, mv):
@@ -241,8 +188,39 @@ def onnx_twin(client, mv):
 def download(mv, dst: Path) -> Path:
     import mlflow
 
-
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(dst)))
+
+
+@contextlib.contextmanager
+def pickle_guard():
+    """MLflow's pickle-free check, on whatever the environment says: a pt2 archive loads only when every record is
+    plain metadata or passes torch's weights_only unpickler (torch.export.load alone would unpickle the rest)."""
+    import mlflow
+    import mlflow.pytorch
+
+    if not hasattr(mlflow.pytorch, "_validate_pt2_archive_is_pickle_free"):
+        raise UserError(f"MLflow {mlflow.__version__} cannot check a pt2 archive for pickled code; upgrade MLflow")
+    saved = os.environ.get(PICKLE_SWITCH)
+    os.environ[PICKLE_SWITCH] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(PICKLE_SWITCH, None)
+        else:
+            os.environ[PICKLE_SWITCH] = saved
+
+
+def load_pytorch_flavor(model_uri: str):
+    """The registered PyTorch (pt2) flavor as a module, loaded with MLflow's pickle guard on."""
+    import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+
+    with pickle_guard():
+        try:
+            return mlflow.pytorch.load_model(model_uri)
+        except MlflowException as exc:
+            raise UserError(f"refused to load {model_uri}: {exc.message.splitlines()[0]}") from None
 
 
 def load_predictor(client, mv, workdir: Path, flavor: str = "auto"):

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from data.manifest import sha256_file
 from evaluation.calibration import (
     apply_temperature,
     expected_calibration_error,
@@ -70,8 +71,10 @@ def calibration_summary(y_true, y_prob, n_bins: int, val: tuple | None = None) -
 
 
 def provenance(ckpt: dict, ckpt_path, split: Split) -> dict:
-    """Which checkpoint and split manifest every figure comes from."""
-    return {"model": ckpt["model_name"], "checkpoint": str(ckpt_path), "checkpoint_epoch": int(ckpt["epoch"]),
+    """Which checkpoint (by content: registration refuses figures of another file) and split manifest every
+    figure comes from."""
+    return {"model": ckpt["model_name"], "checkpoint": str(ckpt_path), "checkpoint_sha256": sha256_file(ckpt_path),
+            "checkpoint_epoch": int(ckpt["epoch"]),
             "split_manifest": str(split.manifest_path), "data_fingerprint": split.fingerprint,
             "class_names": list(ckpt["class_names"])}
 

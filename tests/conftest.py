@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny synthetic data set and a config overlay that keeps every output in tmp."""
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import shutil
 import sys
 from pathlib import Path
@@ -83,17 +85,60 @@ def trained(tmp_path_factory, tiny_data):
 
 @pytest.fixture(scope="session")
 def registered(trained, tmp_path_factory):
-    """The trained model registered as brain-cancer-resnet18 @production (forced: the tiny model is never
-    evaluated) in a registry of its own: the argv prefix that points a script at that registry."""
+    """The trained model registered as brain-cancer-resnet18 @staging (forced: the tiny model is never evaluated,
+    so it may never be @production) in a registry of its own: the argv prefix that points a script at it."""
     overlay, _, ckpt_path = trained
     tmp = tmp_path_factory.mktemp("inference registry")
     (tmp / "checkpoints" / "resnet18_outputs").mkdir(parents=True)
     shutil.copy(ckpt_path, tmp / "checkpoints" / "resnet18_outputs" / "best_model.pth")
     store = ["--config", overlay, "--set", f"monitoring.mlflow.tracking_uri=sqlite:///{tmp / 'registry.db'}",
              "--set", f"monitoring.mlflow.artifact_location={tmp / 'mlartifacts'}"]
-    assert run_script("register_model", store + ["--model", "resnet18", "--version", "1.0.0", "--alias", "production",
+    assert run_script("register_model", store + ["--model", "resnet18", "--version", "1.0.0", "--alias", "staging",
                                                  "--force", "--set", f"train.output_dir={tmp / 'checkpoints'}"]) == 0
     return store
+
+
+def write_distinct_classes(root: Path, n_per_class: int = 40, size: int = 48, seed: int = 0) -> Path:
+    """Three classes a small CNN tells apart in two epochs (dark, bright, half and half), as noisy PNGs: a model
+    that passes the medical-validation gates honestly, for the tests of what happens when they pass."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name in ("dark", "bright", "split"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            img = rng.normal(0, 12, (size, size)) + (50 if name == "dark" else 200)
+            if name == "split":
+                img[:, : size // 2] -= 150
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / name / f"{name}_{i:03d}.png")
+    return root
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Single-threaded torch while a latency is measured: with two threads on a busy 2-core machine a batch of one
+    waits on thread barriers (resnet18 at 32 px: 485 ms instead of 18 ms), and the latency gate would judge that."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="session")
+def passing_run(tmp_path_factory):
+    """resnet18 trained for two epochs on distinct classes with the default registry automation (it passes the
+    gates, so train.py registers and promotes it): (overlay path, tmp dir, train.py's console output)."""
+    tmp = tmp_path_factory.mktemp("passing run")
+    cfg = write_overlay(tmp, write_distinct_classes(tmp / "distinct"), **{"train.epochs": 2})
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), one_torch_thread():
+        assert run_script("train", ["--config", cfg, "--model", "resnet18"]) == 0
+    return cfg, tmp, out.getvalue()
 
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"

@@ -139,7 +139,9 @@ def test_tracker_down_costs_a_warning_only(tmp_path, tiny_data, trained, capsys)
     captured = capsys.readouterr()
     assert "MLflow tracking is off" in captured.err
     assert (best.parent / "evaluation_metrics.json").is_file()
-    assert not (best.parent / "medical_validation.json").exists()  # no stale verdict without --medical-validation
+    # a plain evaluation computes every gate figure: its verdict is recorded too (registration re-checks it)
+    assert json.loads((best.parent / "medical_validation.json").read_text())["deployment_ready"] is False
+    assert "Quality gates (evaluation.gates): failed: accuracy" in captured.out
 
 
 def test_checkpoint_of_another_split_is_refused(trained, tmp_path, tiny_data):

@@ -33,7 +33,7 @@ def images(tiny_data, tmp_path_factory):
 def test_every_image_kind_is_predicted_and_a_corrupt_file_is_reported(registered, images, capsys):
     paths = [images / n for n in ("odd size.jpg", "rgba.png", "sixteen.png", "windowed.dcm", "plain.dcm", "cine.dcm")]
     code = run_script("inference_with_mlflow",
-                      registered + ["--model", "brain-cancer-resnet18", "--alias", "production",
+                      registered + ["--model", "brain-cancer-resnet18", "--alias", "staging",
                                     "--json", "--image", *paths, images / "corrupt.png"])
     out = capsys.readouterr()
     assert code == 1  # one input failed
@@ -46,6 +46,7 @@ def test_every_image_kind_is_predicted_and_a_corrupt_file_is_reported(registered
         assert p["confidence"] == max(p["probabilities"].values())
     assert [e["path"] for e in doc["errors"]] == [str(images / "corrupt.png")]
     assert "corrupt.png" in out.err
+    assert "was registered with --force" in out.err and doc["forced"] is True  # announced on every run
 
 
 def test_onnx_and_pytorch_flavors_agree_and_report_format(registered, images, capsys):
@@ -67,7 +68,7 @@ def test_onnx_and_pytorch_flavors_agree_and_report_format(registered, images, ca
 
 def test_stage_maps_to_alias_and_gradcam_writes_overlays(registered, images, tmp_path, capsys):
     code = run_script("inference_with_mlflow",
-                      registered + ["--model", "brain-cancer-resnet18", "--stage", "Production",
+                      registered + ["--model", "brain-cancer-resnet18", "--stage", "Staging",
                                     "--image", images, "--gradcam", tmp_path / "cams"])
     assert code == 1  # the folder holds the corrupt file too
     assert "stages are deprecated" in capsys.readouterr().err
@@ -76,8 +77,8 @@ def test_stage_maps_to_alias_and_gradcam_writes_overlays(registered, images, tmp
 
 
 def test_unknown_alias_is_a_user_error(registered, images):
-    with pytest.raises(UserError, match="no alias @staging"):
-        run_script("inference_with_mlflow", registered + ["--model", "brain-cancer-resnet18", "--alias", "staging",
+    with pytest.raises(UserError, match=r"has no @candidate version; choose --alias staging \(v1\) or --version 1"):
+        run_script("inference_with_mlflow", registered + ["--model", "brain-cancer-resnet18", "--alias", "candidate",
                                                           "--image", images / "rgba.png"])
 
 
@@ -86,7 +87,7 @@ def test_a_decompression_bomb_in_the_batch_costs_one_line_and_the_rest_is_predic
     bomb = write_bomb_jpeg(tmp_path / "bomb.jpg")
     good = [images / "odd size.jpg", images / "windowed.dcm"]
     code = run_script("inference_with_mlflow", registered + ["--model", "brain-cancer-resnet18", "--alias",
-                                                             "production", "--json", "--image", good[0], bomb, good[1]])
+                                                             "staging", "--json", "--image", good[0], bomb, good[1]])
     out = capsys.readouterr()
     assert code == 1
     doc = json.loads(out.out)

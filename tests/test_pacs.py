@@ -378,7 +378,7 @@ def test_send_to_pacs_returns_inference_results_into_their_study_once(orthanc, r
     for name in ("scan.dcm", "single.dcm"):
         orthanc.upload((results / name).read_bytes())
     assert run_script("inference_with_mlflow", registered + ["--model", "brain-cancer-resnet18", "--alias",
-                                                             "production", "--json", "--image", results]) == 0
+                                                             "staging", "--json", "--image", results]) == 0
     (results / "predictions.json").write_text(capsys.readouterr().out)
     doc = json.loads((results / "predictions.json").read_text())
     argv = [results, "--host", "127.0.0.1", "--port", orthanc.dicom_port, "--ae-title", "ORTHANC",

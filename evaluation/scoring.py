@@ -1,0 +1,61 @@
+"""One evaluation of a checkpoint on its test split: the figures with their intervals, calibration, timing, the
+gate verdict, and the files registration reads (evaluation_metrics.json, medical_validation.json, predictions.csv,
+evaluation_report.txt). evaluate.py and the evaluation at the end of train.py both run it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from data.preprocess import Preprocessor
+from evaluation.gates import check_gates
+from evaluation.prediction import Scored, predict_split
+from evaluation.record import calibration_summary, evaluation_record, score_predictions
+from evaluation.reports import write_json, write_predictions, write_report
+from evaluation.timing import measure_inference
+from models.loading import model_from_checkpoint
+
+if TYPE_CHECKING:
+    from core.config import Config
+    from evaluation.source import OpenedCheckpoint
+
+
+@dataclass
+class TestEvaluation:
+    record: dict  # evaluation_metrics.json
+    validation: dict  # medical_validation.json: the gates of cfg.evaluation.gates on this record
+    test: Scored
+    model: torch.nn.Module
+    pre: Preprocessor
+    bins: dict  # reliability bins, before and after temperature scaling (None without --calibrate)
+    bins_after: dict | None
+
+
+def evaluate_checkpoint(cfg: Config, opened: OpenedCheckpoint, device, calibrate: bool = False,
+                        strict: bool = False) -> TestEvaluation:
+    """Score the checkpoint on the test split with its own preprocessing (not the config's) and judge the gates."""
+    contract = opened.contract
+    model = model_from_checkpoint(opened.ckpt, device)
+    pre = Preprocessor(contract.mean, contract.std).to(device)
+    test = predict_split(cfg, opened.split, "test", model, pre, contract.img_size, device)
+    val = None
+    if calibrate:
+        scored_val = predict_split(cfg, opened.split, "val", model, pre, contract.img_size, device)
+        val = (scored_val.y_true, scored_val.y_prob)
+    scores = score_predictions(test.y_true, test.y_prob, opened.class_names, cfg.evaluation)
+    calibration, bins, bins_after = calibration_summary(test.y_true, test.y_prob, cfg.evaluation.ece_bins, val)
+    timing = measure_inference(model, pre, test.dataset, cfg.recipe.batch_size, device,
+                               cfg.evaluation.timing_warmup, cfg.evaluation.timing_runs)
+    record = evaluation_record(opened.ckpt, opened.path, opened.split, scores, calibration, timing)
+    return TestEvaluation(record, check_gates(record, cfg.evaluation.gates, strict), test, model, pre, bins,
+                          bins_after)
+
+
+def write_evaluation_files(out_dir: Path, ev: TestEvaluation, class_names: list[str]) -> list[Path]:
+    """evaluation_metrics.json, predictions.csv, evaluation_report.txt and medical_validation.json in out_dir."""
+    return [write_json(out_dir / "evaluation_metrics.json", ev.record),
+            write_predictions(out_dir / "predictions.csv", ev.test.paths, ev.test.y_true, ev.test.y_prob, class_names),
+            write_report(out_dir / "evaluation_report.txt", ev.record, ev.validation),
+            write_json(out_dir / "medical_validation.json", ev.validation)]
