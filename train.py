@@ -91,7 +91,8 @@ def train(args, info: DistInfo, device) -> int:
     main_rank = info.is_main
     tags = {"model": cfg.model, "resumed_from": ckpt["path"]} if ckpt else {"model": cfg.model}
     with RunTracker(cfg, run_name=cfg.model, tags=tags,
-                    mlflow_experiment=experiment_name("train", cfg.model) if main_rank else None,
+                    mlflow_experiment=experiment_name("train", cfg.model, cfg.monitoring.mlflow.experiment_prefix)
+                    if main_rank else None,
                     wandb_project=wandb_project(cfg) if main_rank else None,
                     tensorboard_dir=f"{cfg.monitoring.tensorboard_log_dir}/{cfg.model}_logs" if main_rank else None,
                     ) as tracker, GracefulStop() as stop:

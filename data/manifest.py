@@ -254,6 +254,10 @@ def _report_skipped(meta: dict, log, detail: bool) -> None:
 
 def _as_split(root: Path, path: Path, rows: list[Row], meta: dict, cfg: Config) -> Split:
     folders = meta["class_folders"]
+    expected = cfg.dataset.num_classes
+    if expected is not None and expected != len(folders):
+        raise UserError(f"dataset.num_classes is {expected}, but {root} has {len(folders)} class folder(s): "
+                        f"{', '.join(folders)}")
     names = [cfg.dataset.class_names.get(c, c) for c in folders]
     return Split(root, path, rows, folders, names, meta["fingerprint"], meta)
 

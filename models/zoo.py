@@ -1,6 +1,7 @@
 """Model zoo: the eight models as a table (name -> builder + recipe), not an if/elif chain."""
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ import torchvision
 from torch import nn
 
 from core.errors import UserError
+from core.model_names import IMAGENET_WEIGHTS
 
 # timm's port of Chollet's original Xception (the name timm 0.9+ gives the old "xception").
 XCEPTION_TIMM_NAME = "legacy_xception"
@@ -107,20 +109,20 @@ def _load_xception(model: nn.Module, state: dict) -> None:
     _load_into(model.backbone, state, skip=("fc.",))
 
 
-def _tv(name: str, weights: str, head_prefix: str) -> ModelSpec:
-    return ModelSpec(name, "torchvision", 224, (), _torchvision(name), _skip_head(head_prefix), weights)
+def _tv(name: str, head_prefix: str) -> ModelSpec:
+    return ModelSpec(name, "torchvision", 224, (), _torchvision(name), _skip_head(head_prefix), IMAGENET_WEIGHTS[name])
 
 
-# IMAGENET1K_V1 everywhere: the weights that torchvision's `pretrained=True` gives, so results compare.
+# The ImageNet weights of each model are written once, torch-free, in core.model_names.
 MODEL_SPECS: dict[str, ModelSpec] = {s.name: s for s in [
-    _tv("resnet18", "ResNet18_Weights.IMAGENET1K_V1", "fc."),
-    _tv("resnet50", "ResNet50_Weights.IMAGENET1K_V1", "fc."),
-    _tv("efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1", "classifier."),
-    _tv("swin_t", "Swin_T_Weights.IMAGENET1K_V1", "head."),
-    _tv("swin_s", "Swin_S_Weights.IMAGENET1K_V1", "head."),
-    _tv("vit_b_16", "ViT_B_16_Weights.IMAGENET1K_V1", "heads."),
+    _tv("resnet18", "fc."),
+    _tv("resnet50", "fc."),
+    _tv("efficientnet_b0", "classifier."),
+    _tv("swin_t", "head."),
+    _tv("swin_s", "head."),
+    _tv("vit_b_16", "heads."),
     ModelSpec("medical_cnn", "torchvision", 224, ("backbone.",), _medical_cnn, _load_medical_cnn,
-              "EfficientNet_B0_Weights.IMAGENET1K_V1"),
+              IMAGENET_WEIGHTS["medical_cnn"]),
     ModelSpec("xception_medical", "timm", 299, (), _xception_medical, _load_xception, None,
               timm_name=XCEPTION_TIMM_NAME),
 ]}
@@ -157,10 +159,33 @@ def _read_weights_file(path: Path) -> dict:
     return {k.removeprefix("module."): v for k, v in obj.items()}  # DataParallel/DDP prefix
 
 
-def _download_imagenet(spec: ModelSpec) -> dict:
+TORCHVISION_WEIGHTS_NAME = re.compile(r"^[A-Za-z0-9_]+_Weights\.[A-Za-z0-9_]+$")  # ResNet50_Weights.IMAGENET1K_V2
+
+
+def is_weights_name(value) -> bool:
+    """A torchvision weights name (config `weights: ResNet50_Weights.IMAGENET1K_V2`), not a local file."""
+    return isinstance(value, str) and bool(TORCHVISION_WEIGHTS_NAME.match(value)) and not Path(value).exists()
+
+
+def weights_name_for(spec: ModelSpec, weights: str | Path | None) -> str | None:
+    """The torchvision weights a build loads: a name given in the config, else the zoo's (None: timm's)."""
+    if not is_weights_name(weights):
+        return spec.torchvision_weights
+    default = spec.torchvision_weights
+    if default is None or str(weights).split(".")[0] != default.split(".")[0]:
+        raise UserError(f"weights {weights} do not fit {spec.name} (its torchvision weights are "
+                        f"{default.split('.')[0] if default else 'none: timm weights or a local file'})")
     try:
-        if spec.torchvision_weights:  # uses $TORCH_HOME/hub/checkpoints when the file is there
-            return torchvision.models.get_weight(spec.torchvision_weights).get_state_dict(progress=True)
+        torchvision.models.get_weight(str(weights))
+    except (ValueError, KeyError, AttributeError):
+        raise UserError(f"torchvision has no weights named {weights}") from None
+    return str(weights)
+
+
+def _download_imagenet(spec: ModelSpec, weights_name: str | None = None) -> dict:
+    try:
+        if weights_name:  # uses $TORCH_HOME/hub/checkpoints when the file is there
+            return torchvision.models.get_weight(weights_name).get_state_dict(progress=True)
         import timm  # uses the HF hub cache when the file is there
 
         return timm.create_model(spec.timm_name, pretrained=True, num_classes=0).state_dict()
@@ -176,10 +201,10 @@ def build_model(name: str, num_classes: int, pretrained: bool = False,
     if num_classes < 1:
         raise UserError(f"num_classes must be at least 1, got {num_classes}")
     state = None
-    if weights_path is not None:
+    if weights_path is not None and not is_weights_name(weights_path):
         state = _read_weights_file(Path(weights_path))
-    elif pretrained:
-        state = _download_imagenet(spec)
+    elif pretrained or weights_path is not None:
+        state = _download_imagenet(spec, weights_name_for(spec, weights_path))
     model = spec.build(num_classes)
     if state is not None:
         if spec.load_pretrained is None:

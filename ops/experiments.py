@@ -30,7 +30,7 @@ from evaluation.gates import GATES_FAILED_EXIT  # evaluate.py: evaluated, but th
 if TYPE_CHECKING:
     from core.config import Config
 
-MLFLOW_EXPERIMENT = experiment_name("experiments")
+MLFLOW_EXPERIMENT = experiment_name("experiments")  # with the default monitoring.mlflow.experiment_prefix
 RULE = "=" * 60
 ERROR_HINT = re.compile(r"error|exception|out of memory|killed|traceback", re.IGNORECASE)
 
@@ -282,12 +282,16 @@ def comparison_plot(experiments: list[Experiment], path: Path) -> Path:
     return path
 
 
+def parent_experiment(cfg: Config) -> str:
+    return experiment_name("experiments", prefix=cfg.monitoring.mlflow.experiment_prefix)
+
+
 def _parent_tracker(cfg: Config, models: list[str]):
     """The parent MLflow run the training runs nest under (None, with one warning, if MLflow fails)."""
     from core.tracking import RunTracker
 
     name = "experiments-" + datetime.now().strftime("%Y%m%d-%H%M%S")
-    return RunTracker(cfg, run_name=name, mlflow_experiment=MLFLOW_EXPERIMENT, wandb_project=None,
+    return RunTracker(cfg, run_name=name, mlflow_experiment=parent_experiment(cfg), wandb_project=None,
                       tags={"models": ",".join(models)}, job_type="experiments")
 
 
@@ -311,7 +315,7 @@ def run_all(plan: Plan, models: list[str] | None = None, resume: bool = False, e
     parent = tracker.mlflow_run_id
     log(f"🧠 Brain Cancer MRI Classification - Model Comparison\n{RULE}")
     log(f"Models: {', '.join(models)} | logs: {out_dir / 'logs'}"
-        + (f"\nMLflow parent run: {parent} (experiment {MLFLOW_EXPERIMENT})" if parent else ""))
+        + (f"\nMLflow parent run: {parent} (experiment {parent_experiment(base)})" if parent else ""))
     experiments: list[Experiment] = []
     status = "KILLED"
     try:

@@ -168,3 +168,20 @@ def test_torch_free_name_list_matches_the_table():
     from core.model_names import MODEL_NAMES
 
     assert tuple(model_names()) == MODEL_NAMES
+
+
+def test_a_torchvision_weights_name_loads_from_the_hub_cache(offline, tmp_path):
+    """weights: ResNet18_Weights.IMAGENET1K_V1 (an original-format config) reads $TORCH_HOME's file, offline."""
+    import os
+
+    weights = torchvision.models.get_weight("ResNet18_Weights.IMAGENET1K_V1")
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / os.path.basename(weights.url)
+    cached.parent.mkdir(parents=True)
+    torch.save(state, cached)
+    model = build_model("resnet18", NUM_CLASSES, weights_path="ResNet18_Weights.IMAGENET1K_V1")
+    assert torch.equal(model.conv1.weight, state["conv1.weight"])
+    with pytest.raises(UserError, match="cannot download ImageNet weights for resnet50"):
+        build_model("resnet50", NUM_CLASSES, weights_path="ResNet50_Weights.IMAGENET1K_V2")
+    with pytest.raises(UserError, match="do not fit resnet18"):
+        build_model("resnet18", NUM_CLASSES, weights_path="ResNet50_Weights.IMAGENET1K_V2")
