@@ -71,6 +71,7 @@ class DatasetSection(Section):
     test_split: Fraction = 0.15
     seed: int = 42
     group_pattern: Optional[str] = None
+    group_dicom_series: bool = True  # the files of one DICOM series (SeriesInstanceUID) stay in one split
     num_classes: Optional[PositiveInt] = None  # None: the class folders decide; a number: checked against them
     class_names: dict[str, str] = {}
     normalization: Literal["dataset", "imagenet"] = "dataset"
