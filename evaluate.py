@@ -2,6 +2,7 @@
 
     python evaluate.py --model resnet18 --demo
     python evaluate.py --model resnet18 --detailed --medical-validation --compare [--strict] [--calibrate]
+    python evaluate.py --model resnet18 --external /data/other_site [--class-map map.yaml]   # external validation
 
 Exit codes: 0 success (and gates passed with --medical-validation), 3 gates failed, 2 user error.
 """
@@ -13,8 +14,10 @@ from typing import TYPE_CHECKING
 
 from core.cli import add_common_args, run
 from core.device import select_device
+from core.hardware import HardwareSampler
 from data.preprocess import Preprocessor
 from evaluation.explain import CamModel
+from evaluation.external import ExternalRequest, ExternalResult, validate_external
 from evaluation.gates import GATES_FAILED_EXIT, check_gates, format_gates
 from evaluation.plots import comparison_plot, evaluation_figures
 from evaluation.prediction import Scored, predict_split
@@ -24,6 +27,7 @@ from evaluation.reports import (
     flat_metrics,
     format_comparison,
     format_evaluation,
+    format_side_by_side,
     recommend,
     write_comparison_csv,
     write_json,
@@ -51,6 +55,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true", help="fit a temperature on the validation split; ECE "
                                                             "before/after")
     p.add_argument("--compare", action="store_true", help="rank every evaluated model under the checkpoints folder")
+    p.add_argument("--external", default=None, metavar="PATH",
+                   help="also score another site's ImageFolder or DICOM tree (external validation); outputs in "
+                        "checkpoints/{model}_outputs/external_{folder}/")
+    p.add_argument("--class-map", default=None, metavar="FILE",
+                   help="with --external: YAML mapping its folders to the model's classes (folder: class; null "
+                        "leaves one out); default: folders named like the classes")
     return p
 
 
@@ -87,6 +97,7 @@ def main(args) -> int:
     with open_tracker(cfg, name, "evaluation", ckpt) as tracker:
         model = model_from_checkpoint(ckpt, device)
         pre = Preprocessor(opened.contract.mean, opened.contract.std).to(device)  # the checkpoint's, not the config's
+        hardware = HardwareSampler().start()
         test = predict_split(cfg, split, "test", model, pre, opened.contract.img_size, device)
         y, prob = test.y_true, test.y_prob
         val = None
@@ -98,6 +109,7 @@ def main(args) -> int:
         timing = measure_inference(model, pre, test.dataset, cfg.recipe.batch_size, device,
                                    cfg.evaluation.timing_warmup, cfg.evaluation.timing_runs)
         record = evaluation_record(ckpt, ckpt_path, split, scores, calibration, timing)
+        record["hardware"] = hardware.stop()
         validation = check_gates(record, cfg.evaluation.gates, args.strict) if args.medical_validation else None
 
         files = [write_json(out_dir / "evaluation_metrics.json", record),
@@ -115,8 +127,12 @@ def main(args) -> int:
             files.append(index.parent)
             print(f"🔍 Grad-CAM overlays: {index}")
         log_evaluation(tracker, record, validation, files, args)
+        external = validate_external(cfg, opened, model, pre, device, ExternalRequest(
+            args.external, args.class_map, args.medical_validation, args.strict), tracker) if args.external else None
     print(f"\n📁 Outputs in {out_dir}: " + ", ".join(p.name for p in files))
     code = verdict(record, validation, cfg)
+    if external is not None:
+        code = external_verdict(record, external) or code
     if args.compare:
         compare_models(cfg)
     return code
@@ -127,6 +143,17 @@ def explain_gradcam(cfg: Config, cam: CamModel, test: Scored, classes: list[str]
 
     return explain_test_set(cam, test, classes, out_dir / "gradcam", cfg.evaluation.gradcam_correct_samples,
                             seed=cfg.evaluation.bootstrap_seed)
+
+
+def external_verdict(record: dict, external: ExternalResult) -> int:
+    """The external set's report and gates, then internal and external side by side."""
+    print("\n" + format_evaluation(external.record))
+    print("\n" + format_side_by_side(record, external.record))
+    print(f"📁 External outputs in {external.out_dir}")
+    if external.validation is None:
+        return 0
+    print("\nExternal " + format_gates(external.validation))
+    return 0 if external.validation["deployment_ready"] else GATES_FAILED_EXIT
 
 
 def verdict(record: dict, validation: dict | None, cfg: Config) -> int:
