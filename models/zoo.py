@@ -182,6 +182,21 @@ def weights_name_for(spec: ModelSpec, weights: str | Path | None) -> str | None:
     return str(weights)
 
 
+def hub_cache_file(spec: ModelSpec, weights: str | Path | None = None) -> tuple[Path, str] | None:
+    """Where a pretrained build looks before downloading ($TORCH_HOME/hub/checkpoints/<file>) and the URL it
+    would download from; None when the model takes no ImageNet weights."""
+    name = weights_name_for(spec, weights)
+    if name:
+        url = torchvision.models.get_weight(name).url
+    elif spec.timm_name:
+        import timm  # lazy: slow to import, only xception_medical needs it
+
+        url = timm.models.get_pretrained_cfg(spec.timm_name).url
+    else:
+        return None
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1], url
+
+
 def _download_imagenet(spec: ModelSpec, weights_name: str | None = None) -> dict:
     try:
         if weights_name:  # uses $TORCH_HOME/hub/checkpoints when the file is there
