@@ -176,6 +176,20 @@ class EvaluationSection(Section):
 
 class ExperimentsSection(Section):
     models: list[str] = ["resnet18", "efficientnet_b0", "swin_t", "vit_b_16"]
+    # A short comparison by default, as the original's (5 epochs for CNNs, 3 for transformers); null: train.epochs
+    epochs: Optional[dict[str, PositiveInt]] = {"default": 5, "swin_t": 3, "swin_s": 3, "vit_b_16": 3}
+
+    @field_validator("epochs")
+    @classmethod
+    def _epoch_keys(cls, value):
+        unknown = sorted(set(value or {}) - set(MODEL_NAMES) - {"default"})
+        if unknown:
+            raise ValueError(f"unknown model {unknown[0]!r}; keys are model names or 'default'")
+        return value
+
+    def epochs_for(self, model: str) -> int | None:
+        """The short comparison's epochs for one model (None: its full train.epochs)."""
+        return None if self.epochs is None else self.epochs.get(model, self.epochs.get("default"))
 
 
 class Config(Section):
