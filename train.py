@@ -82,7 +82,8 @@ def train(args, info: DistInfo, device) -> int:
         mean, std, source = resolve_normalization(cfg, split, cfg.img_size, log=log)
     ckpt = load_resume_checkpoint(cfg, args.resume, split.fingerprint) if args.resume is not None else None
     recipe = cfg.recipe
-    model = build_model(cfg.model, len(split.class_names), recipe.pretrained and ckpt is None, recipe.weights)
+    model = build_model(cfg.model, len(split.class_names), recipe.pretrained and ckpt is None, recipe.weights,
+                        cfg.img_size)
     if ckpt is not None:
         model.load_state_dict(ckpt["model_state"])
     t = build_trainer(cfg, split, training_contract(cfg, split, mean, std), device, info, model.to(device))

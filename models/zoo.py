@@ -23,10 +23,11 @@ class ModelSpec:
     family: str  # "torchvision" | "timm"
     default_img_size: int
     frozen_prefixes: tuple[str, ...]  # parameter-name prefixes frozen by definition of the model
-    build: Callable[[int], nn.Module]  # num_classes -> randomly initialised model
+    build: Callable[..., nn.Module]  # num_classes (and img_size when sized) -> randomly initialised model
     load_pretrained: Callable[[nn.Module, dict], None] | None  # ImageNet state dict -> backbone (head kept)
     torchvision_weights: str | None  # weights enum name, for the torch hub cache / download
     timm_name: str | None = None  # timm model name, for the HF hub cache / download
+    sized: bool = False  # build takes the image size too (a ViT's position embeddings depend on it)
 
 
 class BackboneWithHead(nn.Module):
@@ -62,6 +63,11 @@ def _medical_head(in_features: int, num_classes: int) -> nn.Module:
 
 def _torchvision(arch: str) -> Callable[[int], nn.Module]:
     return lambda num_classes: torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def _vit(num_classes: int, img_size: int) -> nn.Module:
+    # built for the image size it is trained at (the demo's 64 px: 16 patches), not only for 224
+    return torchvision.models.vit_b_16(weights=None, num_classes=num_classes, image_size=img_size)
 
 
 def _medical_cnn(num_classes: int) -> nn.Module:
@@ -105,6 +111,16 @@ def _load_medical_cnn(model: nn.Module, state: dict) -> None:
     _load_into(model.backbone, renamed, skip=("classifier.",))
 
 
+def _load_vit(model: nn.Module, state: dict) -> None:
+    """ImageNet's 224 px position embeddings, resampled to the model's grid when it is built for another size."""
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    key = "encoder.pos_embedding"
+    if key in state and state[key].shape != model.encoder.pos_embedding.shape:
+        state = interpolate_embeddings(model.image_size, model.patch_size, state)
+    _load_into(model, state, skip=("heads.",))
+
+
 def _load_xception(model: nn.Module, state: dict) -> None:
     _load_into(model.backbone, state, skip=("fc.",))
 
@@ -120,7 +136,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {s.name: s for s in [
     _tv("efficientnet_b0", "classifier."),
     _tv("swin_t", "head."),
     _tv("swin_s", "head."),
-    _tv("vit_b_16", "heads."),
+    ModelSpec("vit_b_16", "torchvision", 224, (), _vit, _load_vit, IMAGENET_WEIGHTS["vit_b_16"], sized=True),
     ModelSpec("medical_cnn", "torchvision", 224, ("backbone.",), _medical_cnn, _load_medical_cnn,
               IMAGENET_WEIGHTS["medical_cnn"]),
     ModelSpec("xception_medical", "timm", 299, (), _xception_medical, _load_xception, None,
@@ -211,7 +227,8 @@ def _download_imagenet(spec: ModelSpec, weights_name: str | None = None) -> dict
 
 
 def build_model(name: str, num_classes: int, pretrained: bool = False,
-                weights_path: str | Path | None = None) -> nn.Module:
+                weights_path: str | Path | None = None, img_size: int | None = None) -> nn.Module:
+    """img_size: what the model will see (only a ViT is built for it; default: the model's own size)."""
     spec = get_spec(name)
     if num_classes < 1:
         raise UserError(f"num_classes must be at least 1, got {num_classes}")
@@ -220,7 +237,7 @@ def build_model(name: str, num_classes: int, pretrained: bool = False,
         state = _read_weights_file(Path(weights_path))
     elif pretrained or weights_path is not None:
         state = _download_imagenet(spec, weights_name_for(spec, weights_path))
-    model = spec.build(num_classes)
+    model = spec.build(num_classes, img_size or spec.default_img_size) if spec.sized else spec.build(num_classes)
     if state is not None:
         if spec.load_pretrained is None:
             raise UserError(f"model {name} takes no pretrained weights")

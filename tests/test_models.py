@@ -185,3 +185,20 @@ def test_a_torchvision_weights_name_loads_from_the_hub_cache(offline, tmp_path):
         build_model("resnet50", NUM_CLASSES, weights_path="ResNet50_Weights.IMAGENET1K_V2")
     with pytest.raises(UserError, match="do not fit resnet18"):
         build_model("resnet18", NUM_CLASSES, weights_path="ResNet50_Weights.IMAGENET1K_V2")
+
+
+def test_vit_is_built_for_the_image_size_it_sees(tmp_path):
+    """vit_b_16 at the demo's 64 px: 16 patches; ImageNet's 224 px position embeddings are resampled to fit, and
+    a checkpoint rebuilds at its own size."""
+    from models.loading import model_from_checkpoint
+
+    state = torchvision.models.vit_b_16(weights=None).state_dict()
+    torch.save(state, tmp_path / "vit224.pth")
+    model = build_model("vit_b_16", NUM_CLASSES, weights_path=tmp_path / "vit224.pth", img_size=64)
+    assert model.encoder.pos_embedding.shape == (1, 17, 768)
+    assert torch.equal(model.conv_proj.weight, state["conv_proj.weight"])
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, NUM_CLASSES)
+    ckpt = {"model_name": "vit_b_16", "class_names": ["a", "b", "c"], "img_size": 64, "model_state": model.state_dict()}
+    rebuilt = model_from_checkpoint(ckpt)
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.allclose(rebuilt(x), model.eval()(x))
