@@ -55,7 +55,7 @@ class ModelRecipe(Section):
 
 class DemoSection(Section):
     root: str = "./data/demo"
-    n_per_class: PositiveInt = 300
+    n_per_class: PositiveInt = 400
     size: PositiveInt = 128
     seed: int = 0
 
