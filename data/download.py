@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from core.errors import UserError
 from data.images import is_dicom, is_image_file
+from data.manifest import sha256_file
 
 MENDELEY_ID, MENDELEY_VERSION = "mk56jw9rns", 1
 DOI = f"10.17632/{MENDELEY_ID}.{MENDELEY_VERSION}"
@@ -112,14 +113,6 @@ def download(url: str, target: Path, size: int | None, open_url: Callable = _ope
             raise
         raise OfflineError(f"the download of {target.name} broke off after {done} bytes ({exc})") from None
     os.replace(part, target)
-    return digest.hexdigest()
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -266,7 +259,7 @@ def fetch(request: Request, work: Path, log=print, open_url: Callable = _open_ur
         archive = Path(request.archive)
         if not archive.is_file():
             raise UserError(f"archive not found: {archive}")
-        fetched = Fetched(f"local archive {archive}", archive=archive, sha256=sha256_of(archive))
+        fetched = Fetched(f"local archive {archive}", archive=archive, sha256=sha256_file(archive))
         check_checksum(archive, fetched.sha256, request.sha256, fetched.checks, "--sha256")
         return fetched
     failures = []

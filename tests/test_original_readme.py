@@ -42,7 +42,7 @@ from pathlib import Path
 import pytest
 
 from core.errors import UserError
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, run_script, stop_process_group
 from tests.original_readme import OPENING, fenced_blocks, original_config_yaml
 
 # The quick start trains the real demo model: more than the default per-test limit on a busy 2-core machine.
@@ -364,12 +364,7 @@ def run_server(ws: Workspace) -> tuple[int, str]:
                 time.sleep(0.5)
         return proc.poll() or 1, log.read_text()
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc)
 
 
 def place_test_image(ws: Workspace) -> None:
