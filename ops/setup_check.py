@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import platform
 import sqlite3
 from dataclasses import dataclass
@@ -42,8 +43,6 @@ def check_torch() -> list[Check]:
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
         checks.append(Check("CUDA", "ok", f"CUDA {torch.version.cuda}: {torch.cuda.device_count()} GPU(s): {names}"))
     else:
-        import os
-
         built = f"this torch is built for CUDA {torch.version.cuda} but sees no GPU" if torch.version.cuda \
             else "this torch build has no CUDA"
         checks.append(Check("CUDA", "warn", f"{built}: training and evaluation run on the CPU ({os.cpu_count()} "
