@@ -135,8 +135,8 @@ EXPECTED = {
     "python train.py --model resnet18 --epochs 1": [*TRAIN, r"✅ Using pre-computed normalization statistics",
                                                     r"Pre-computed mean: \[", r"Pre-computed std: \["],
     "python compute_normalization.py --mode save": [
-        r"📊 Dataset path: ", r"📊 Training set mean: \[", r"💾 Statistics saved to: \S*normalization_stats\.json",
-        r"🐍 Python constants saved to: \S*normalization_constants\.py"],
+        r"📊 Dataset path: ", r"📊 Training set mean: \[", r"💾 Statistics saved to: .*normalization_stats\.json",
+        r"🐍 Python constants saved to: .*normalization_constants\.py"],
     "python compute_normalization.py --mode display": [r"📊 Training set mean: \[", r"📊 Training set std: \["],
     "python compute_normalization.py --mode verify": [r"✅ Statistics match! Pre-computed values are correct\."],
     "python evaluate.py --model resnet18": [*evaluation("resnet18"),
@@ -287,6 +287,7 @@ def adapt(text: str, ws: Workspace) -> list[str]:
     argv = shlex.split(text)
     if argv[0] in ("python", "python3"):
         argv = argv[1:]
+    argv[0] = argv[0].removeprefix("./")
     if "--epochs" in argv and argv[0] == "train.py":
         argv[argv.index("--epochs") + 1] = "1"
     if argv[0] == "run_experiments.py":
