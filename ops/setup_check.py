@@ -92,7 +92,7 @@ def _store_contents(uri: str, where: str) -> Check:
         else:
             from mlflow import MlflowClient
 
-            client = MlflowClient(uri)
+            client = MlflowClient(uri, registry_uri=uri)
             n_exp = len(client.search_experiments(max_results=1000))
             registered = client.search_registered_models(max_results=1000)
             names = [m.name for m in registered]

@@ -27,7 +27,8 @@ def setup(tmp_path, tiny_data, monkeypatch):
         "models.resnet18.weights": str(tmp_path / "resnet18-local.pth"), "models.resnet18.pretrained": True,
         "models.efficientnet_b0.pretrained": True, "models.swin_s.pretrained": False,
         "demo.root": str(tmp_path / "demo")})
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)  # not a registry URI another test set globally
     client.create_registered_model("brain-cancer-resnet18")
     run = client.create_run(client.create_experiment("x"))
     client.create_model_version("brain-cancer-resnet18", f"runs:/{run.info.run_id}/model", run.info.run_id)
