@@ -2,6 +2,7 @@
 
     python evaluate.py --model resnet18 --demo
     python evaluate.py --model resnet18 --detailed --medical-validation --compare [--strict] [--calibrate]
+    python evaluate.py --model resnet18 --external /data/other_site [--class-map map.yaml]   # external validation
 
 Exit codes: 0 success (and gates passed with --medical-validation), 3 gates failed, 2 user error.
 """
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 from core.cli import add_common_args, run
 from core.device import select_device
 from evaluation.explain import CamModel
+from evaluation.external import ExternalRequest, ExternalResult, validate_external
 from evaluation.gates import GATES_FAILED_EXIT, format_gates
 from evaluation.plots import comparison_plot, evaluation_figures
 from evaluation.prediction import Scored
@@ -23,6 +25,7 @@ from evaluation.reports import (
     flat_metrics,
     format_comparison,
     format_evaluation,
+    format_side_by_side,
     recommend,
     write_comparison_csv,
 )
@@ -46,6 +49,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true", help="fit a temperature on the validation split; ECE "
                                                             "before/after")
     p.add_argument("--compare", action="store_true", help="rank every evaluated model under the checkpoints folder")
+    p.add_argument("--external", default=None, metavar="PATH",
+                   help="also score another site's ImageFolder or DICOM tree (external validation); outputs in "
+                        "checkpoints/{model}_outputs/external_{folder}/")
+    p.add_argument("--class-map", default=None, metavar="FILE",
+                   help="with --external: YAML mapping its folders to the model's classes (folder: class; null "
+                        "leaves one out); default: folders named like the classes")
     return p
 
 
@@ -96,8 +105,12 @@ def main(args) -> int:
             per_patient.add(index.parent)
             print(f"🔍 Grad-CAM overlays: {index}")
         log_evaluation(tracker, record, validation, files, args, per_patient)
+        external = validate_external(cfg, opened, ev.model, ev.pre, device, ExternalRequest(
+            args.external, args.class_map, args.medical_validation, args.strict), tracker) if args.external else None
     print(f"\n📁 Outputs in {out_dir}: " + ", ".join(p.name for p in files))
     code = verdict(validation, name, args.medical_validation)
+    if external is not None:
+        code = external_verdict(record, external) or code
     if args.compare:
         compare_models(cfg)
     return code
@@ -108,6 +121,17 @@ def explain_gradcam(cfg: Config, cam: CamModel, test: Scored, classes: list[str]
 
     return explain_test_set(cam, test, classes, out_dir / "gradcam", cfg.evaluation.gradcam_correct_samples,
                             seed=cfg.evaluation.bootstrap_seed)
+
+
+def external_verdict(record: dict, external: ExternalResult) -> int:
+    """The external set's report and gates, then internal and external side by side."""
+    print("\n" + format_evaluation(external.record))
+    print("\n" + format_side_by_side(record, external.record))
+    print(f"📁 External outputs in {external.out_dir}")
+    if external.validation is None:
+        return 0
+    print("\nExternal " + format_gates(external.validation))
+    return 0 if external.validation["deployment_ready"] else GATES_FAILED_EXIT
 
 
 def verdict(validation: dict, model: str, medical_validation: bool) -> int:

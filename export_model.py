@@ -1,8 +1,8 @@
 """Export a trained model for deployment and check every artifact against PyTorch on real test images.
 
+    python export_model.py --model resnet18                     # TorchScript + ONNX, as the original (= --format both)
     python export_model.py --model resnet18 --format onnx       # recommended: ONNX Runtime, no PyTorch needed
     python export_model.py --model resnet18 --format all        # ONNX + TorchScript + torch.export (.pt2)
-    python export_model.py --model efficientnet_b0 --format both  # TorchScript + ONNX (as the original)
 
 Files: checkpoints/{model}_outputs/exported_models/{model}_model.onnx|.pt|.pt2 and {model}_contract.json.
 """
@@ -30,8 +30,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Export a checkpoint to ONNX / TorchScript / torch.export with parity "
                                             "checks")
     add_common_args(p, checkpoint=True)
-    p.add_argument("--format", default="onnx", choices=list(FORMATS),
-                   help="onnx | torchscript | pt2 | both (TorchScript + ONNX) | all (default: onnx)")
+    p.add_argument("--format", default="both", choices=list(FORMATS),
+                   help="onnx | torchscript | pt2 | both (TorchScript + ONNX) | all (default: both)")
     p.add_argument("--output-dir", default=None, metavar="DIR",
                    help="default: checkpoints/{model}_outputs/exported_models")
     p.add_argument("--parity-images", type=int, default=8, metavar="N",
@@ -39,13 +39,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def print_source(src) -> None:
+    """As the original: model, epoch, validation accuracy; then what the artifacts will carry."""
+    contract, ckpt = src.contract, src.opened.ckpt
+    val_acc = (ckpt.get("metrics") or {}).get("val_acc")
+    print(f"📋 Model: {contract.model_name}")
+    print(f" Loaded model from epoch {ckpt['epoch']} ({src.opened.path})")
+    if val_acc is not None:
+        print(f" Validation accuracy: {val_acc:.4f}")
+    print(f" Contract: {contract.img_size} px, classes: {', '.join(contract.class_names)}")
+
+
 def main(args) -> int:
     cfg = config_from_args(args)
+    print("🚀 Model Export for Deployment")
     src = export_source(cfg, args.checkpoint, args.model, args.resplit, args.parity_images)
     model, contract, name = src.model, src.contract, src.contract.model_name
     out_dir = Path(args.output_dir or cfg.output_dir / "exported_models")
-    print(f"📦 Exporting {name} (epoch {contract.checkpoint_epoch}, {contract.img_size} px, classes: "
-          f"{', '.join(contract.class_names)}) from {src.opened.path}")
+    print_source(src)
 
     failed = []
     for fmt in FORMATS[args.format]:
@@ -53,9 +64,9 @@ def main(args) -> int:
             print("⚠️  TorchScript is deprecated upstream; ONNX or .pt2 is the recommended artifact")
         path, result = export_checked(fmt, model, contract, artifact_path(out_dir, name, fmt), src.x)
         if result.passed:
-            print(f"✅ {LABELS[fmt]} model saved: {path} ({format_size(path.stat().st_size)})")
+            print(f"✅ {LABELS[fmt]} model saved: {path.name} ({format_size(path.stat().st_size)})")
         else:
-            print(f"❌ {LABELS[fmt]} model NOT saved (parity check failed): {path}")
+            print(f"❌ {LABELS[fmt]} model NOT saved (parity check failed): {path.name}")
             failed.append(LABELS[fmt])
         print(f"   {parity_line(result)}")
     if len(failed) < len(FORMATS[args.format]):

@@ -81,7 +81,8 @@ def train_on(cfg: Config, args, info: DistInfo, device, split, stats: tuple) -> 
     mean, std, source = stats
     ckpt = load_resume_checkpoint(cfg, args.resume, split.fingerprint) if args.resume is not None else None
     recipe = cfg.recipe
-    model = build_model(cfg.model, len(split.class_names), recipe.pretrained and ckpt is None, recipe.weights)
+    model = build_model(cfg.model, len(split.class_names), recipe.pretrained and ckpt is None, recipe.weights,
+                        cfg.img_size)
     if ckpt is not None:
         model.load_state_dict(ckpt["model_state"])
     t = build_trainer(cfg, split, training_contract(cfg, split, mean, std), device, info, model.to(device))
@@ -90,7 +91,8 @@ def train_on(cfg: Config, args, info: DistInfo, device, split, stats: tuple) -> 
     main_rank = info.is_main
     tags = {"model": cfg.model, "resumed_from": ckpt["path"]} if ckpt else {"model": cfg.model}
     with RunTracker(cfg, run_name=cfg.model, tags=tags,
-                    mlflow_experiment=experiment_name("train", cfg.model) if main_rank else None,
+                    mlflow_experiment=experiment_name("train", cfg.model, cfg.monitoring.mlflow.experiment_prefix)
+                    if main_rank else None,
                     wandb_project=wandb_project(cfg) if main_rank else None,
                     tensorboard_dir=f"{cfg.monitoring.tensorboard_log_dir}/{cfg.model}_logs" if main_rank else None,
                     ) as tracker, GracefulStop() as stop:

@@ -6,6 +6,7 @@ config/demo.yaml when --demo, each --set key.path=value, explicit flags.
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, Optional
@@ -27,6 +28,7 @@ from pydantic import (
 from core.errors import UserError
 from core.fileio import write_text_atomic
 from core.model_names import MODEL_NAMES
+from core.original_config import translate_original
 from core.redaction import redact
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -50,12 +52,12 @@ class ModelRecipe(Section):
     weight_decay: NonNegativeFloat = 0.05
     img_size: Optional[PositiveInt] = None  # None: dataset.img_size
     pretrained: bool = True
-    weights: Optional[str] = None  # local file with ImageNet weights
+    weights: Optional[str] = None  # a local file with ImageNet weights, or a name: ResNet50_Weights.IMAGENET1K_V2
 
 
 class DemoSection(Section):
     root: str = "./data/demo"
-    n_per_class: PositiveInt = 300
+    n_per_class: PositiveInt = 400
     size: PositiveInt = 128
     seed: int = 0
 
@@ -71,6 +73,8 @@ class DatasetSection(Section):
     test_split: Fraction = 0.15
     seed: int = 42
     group_pattern: Optional[str] = None
+    group_dicom_series: bool = True  # the files of one DICOM series (SeriesInstanceUID) stay in one split
+    num_classes: Optional[PositiveInt] = None  # None: the class folders decide; a number: checked against them
     class_names: dict[str, str] = {}
     normalization: Literal["dataset", "imagenet"] = "dataset"
     stats_path: str = "./normalization_stats.json"
@@ -115,6 +119,7 @@ class MlflowSection(Section):
     enabled: bool = True
     tracking_uri: str = "sqlite:///mlflow.db"
     artifact_location: str = "./mlartifacts"
+    experiment_prefix: str = "brain-cancer-mri"  # experiments {prefix}-v2-{model}, {prefix}-evaluation-{model}, ...
     parent_run_id: Optional[str] = None  # set by run_experiments.py to nest training runs under its run
     telemetry: bool = False  # MLflow's usage telemetry to its vendor: off unless turned on here
 
@@ -262,6 +267,20 @@ class RegistrySection(Section):
 
 class ExperimentsSection(Section):
     models: list[str] = ["resnet18", "efficientnet_b0", "swin_t", "vit_b_16"]
+    # A short comparison by default, as the original's (5 epochs for CNNs, 3 for transformers); null: train.epochs
+    epochs: Optional[dict[str, PositiveInt]] = {"default": 5, "swin_t": 3, "swin_s": 3, "vit_b_16": 3}
+
+    @field_validator("epochs")
+    @classmethod
+    def _epoch_keys(cls, value):
+        unknown = sorted(set(value or {}) - set(MODEL_NAMES) - {"default"})
+        if unknown:
+            raise ValueError(f"unknown model {unknown[0]!r}; keys are model names or 'default'")
+        return value
+
+    def epochs_for(self, model: str) -> int | None:
+        """The short comparison's epochs for one model (None: its full train.epochs)."""
+        return None if self.epochs is None else self.epochs.get(model, self.epochs.get("default"))
 
 
 class Config(Section):
@@ -386,6 +405,24 @@ def _section_for(loc) -> type[BaseModel] | None:
     return model
 
 
+_noticed: set[str] = set()
+
+
+def notice(message: str) -> None:
+    """One line on stderr per translated key, once per process (scripts load the config more than once)."""
+    if message not in _noticed:
+        _noticed.add(message)
+        print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def read_layer(data: dict, source: str) -> dict:
+    """One config layer (a file, a --set) with keys in the original project's format translated."""
+    translated, notices = translate_original(data, source)
+    for message in notices:
+        notice(message)
+    return translated
+
+
 def load_config(
     path: str | Path | None = None,
     sets: list[str] | None = None,
@@ -395,11 +432,11 @@ def load_config(
     """Build the resolved Config; `overrides` holds explicit flags as dotted keys (None = not given)."""
     data = read_yaml(DEFAULT_CONFIG)
     if path is not None and Path(path).resolve() != DEFAULT_CONFIG.resolve():
-        data = deep_merge(data, read_yaml(path))
+        data = deep_merge(data, read_layer(read_yaml(path), str(path)))
     if demo:
         data = deep_merge(data, read_yaml(DEMO_CONFIG))
     for assignment in sets or []:
-        apply_set(data, assignment)
+        data = deep_merge(data, read_layer(apply_set({}, assignment), f"--set {assignment}"))
     for key, value in (overrides or {}).items():
         if value is not None:  # "{model}" in a key means the model selected so far (flags win over --set)
             set_path(data, key.format(model=data.get("model")).split("."), value)

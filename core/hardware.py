@@ -1,4 +1,4 @@
-"""Hardware readings for the training banner, per-epoch logs and monitor_gpu.py.
+"""Hardware readings for the training banner, per-epoch logs, evaluation and monitor_gpu.py.
 
 CPU and RAM through psutil; GPUs through NVIDIA's NVML bindings (nvidia-ml-py), one library
 call per reading, no nvidia-smi subprocess (GPUtil shells out on every call).
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -141,6 +142,89 @@ def hardware_metrics() -> dict[str, float]:
                 out[prefix + key] = float(value)
     return out
 
+
+def _spread(values: list[float]) -> dict[str, float] | None:
+    return {"mean": sum(values) / len(values), "max": max(values)} if values else None
+
+
+class HardwareSampler:
+    """CPU, RAM and every GPU's utilization and memory, read every `interval` seconds while a block runs.
+
+        with HardwareSampler() as hw:
+            ...                      # the work being measured
+        hw.summary()                 # {"samples", "seconds", "cpu_pct": {"mean", "max"}, "ram_pct", "gpus": [...]}
+
+    A background thread takes the readings (one psutil and one NVML call each), so the work is not paused.
+    """
+
+    def __init__(self, interval: float = 0.5):
+        self.interval = interval
+        self._cpu: list[float] = []
+        self._ram: list[float] = []
+        self._gpus: dict[int, dict] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._started = self._seconds = 0.0
+
+    def _read(self) -> None:
+        system = read_system()
+        self._cpu.append(system.cpu_pct)
+        self._ram.append(system.ram_pct)
+        for g in read_gpus():
+            seen = self._gpus.setdefault(g.index, {"index": g.index, "name": g.name, "util": [], "mem_mb": [],
+                                                   "mem_pct": [], "memory_total_mb": g.memory_total_mb})
+            if g.utilization_pct is not None:
+                seen["util"].append(float(g.utilization_pct))
+            seen["mem_mb"].append(g.memory_used_mb)
+            seen["mem_pct"].append(g.memory_pct)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._read()
+
+    def start(self) -> HardwareSampler:
+        psutil.cpu_percent(interval=None)  # the first call only starts psutil's CPU interval
+        self._started = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, name="hardware-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict:
+        """Stop reading; the summary."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            self._read()  # a block shorter than one interval still gets a reading
+            self._seconds = time.perf_counter() - self._started
+        return self.summary()
+
+    def __enter__(self) -> HardwareSampler:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def summary(self) -> dict:
+        gpus = [{"index": g["index"], "name": g["name"], "utilization_pct": _spread(g["util"]),
+                 "memory_used_mb": _spread(g["mem_mb"]), "memory_pct": _spread(g["mem_pct"]),
+                 "memory_total_mb": g["memory_total_mb"]} for g in self._gpus.values()]
+        return {"samples": len(self._cpu), "interval_s": self.interval, "seconds": round(self._seconds, 3),
+                "cpu_count": psutil.cpu_count() or 1, "cpu_pct": _spread(self._cpu), "ram_pct": _spread(self._ram),
+                "gpus": gpus}
+
+
+def hardware_summary_metrics(summary: dict, prefix: str = "hw_") -> dict[str, float]:
+    """HardwareSampler.summary() as flat numbers for trackers: hw_cpu_pct_mean, hw_gpu0_util_pct_max, ..."""
+    out = {}
+    for key in ("cpu_pct", "ram_pct"):
+        for stat, value in (summary.get(key) or {}).items():
+            out[f"{prefix}{key}_{stat}"] = value
+    for g in summary.get("gpus", []):
+        for key, name in (("utilization_pct", "util_pct"), ("memory_used_mb", "mem_mb"), ("memory_pct", "mem_pct")):
+            for stat, value in (g.get(key) or {}).items():
+                out[f"{prefix}gpu{g['index']}_{name}_{stat}"] = value
+    return out
 
 
 TRAINING_SCRIPTS = ("train.py",)

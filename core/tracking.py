@@ -30,12 +30,13 @@ MLFLOW_BATCH = 100  # params/tags per log_batch call
 WANDB_TAG_LENGTH = 64
 
 
-def experiment_name(stage: str, model: str | None = None) -> str:
+def experiment_name(stage: str, model: str | None = None, prefix: str = EXPERIMENT_PREFIX) -> str:
     """The MLflow experiment of a stage: brain-cancer-mri-v2-{model} for training (the original's name),
-    brain-cancer-mri-{stage}-{model} for test/evaluation/registry, brain-cancer-mri-{stage} without a model."""
+    brain-cancer-mri-{stage}-{model} for test/evaluation/registry, brain-cancer-mri-{stage} without a model.
+    prefix: monitoring.mlflow.experiment_prefix (the original config's mlflow_experiment_name)."""
     if stage == "train":
-        return f"{EXPERIMENT_PREFIX}-v2-{model}"
-    return f"{EXPERIMENT_PREFIX}-{stage}" + (f"-{model}" if model else "")
+        return f"{prefix}-v2-{model}"
+    return f"{prefix}-{stage}" + (f"-{model}" if model else "")
 
 
 def wandb_project(cfg: Config, stage: str = "train") -> str:

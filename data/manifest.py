@@ -20,7 +20,8 @@ from tqdm import tqdm
 from core.errors import UserError
 from core.fileio import atomic_file, write_json_atomic
 from data.cache import usable_cpus
-from data.images import ImageReadError, is_image_file, open_image
+from data.dicom_records import inspect_dicom
+from data.images import ImageReadError, is_dicom, is_image_file, open_image, split_frame_name
 from data.split import SPLITS, assign_splits, group_items
 
 if TYPE_CHECKING:
@@ -39,9 +40,11 @@ class Row:
 
 @dataclass
 class ScanResult:
-    files: list[tuple[str, str, str]] = field(default_factory=list)  # (relpath, class folder, sha256)
+    # (record, class folder, sha256 of its file); a record is a relpath, or relpath#frame=K of a multi-frame DICOM
+    files: list[tuple[str, str, str]] = field(default_factory=list)
     non_images: list[str] = field(default_factory=list)
     bad_files: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
+    series: dict[str, str] = field(default_factory=dict)  # record -> DICOM SeriesInstanceUID
 
 
 @dataclass
@@ -90,7 +93,7 @@ def _walk(folder: Path, root: Path, classes: list[str], result: ScanResult) -> l
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
                 rel = (Path(dirpath) / name).relative_to(root).as_posix()
-                if name.startswith(".") or not is_image_file(name):
+                if name.startswith(".") or not (is_image_file(name) or is_dicom(name)):
                     result.non_images.append(rel)
                 else:
                     candidates.append((rel, cls))
@@ -99,30 +102,37 @@ def _walk(folder: Path, root: Path, classes: list[str], result: ScanResult) -> l
 
 def scan_folders(root: Path, folders: list[Path], classes: list[str], validate: set[str] | None = None,
                  progress: bool = True) -> ScanResult:
-    """Hash every image file; decode those in `validate` (None: all) to catch corrupt ones."""
+    """Hash every image file; decode those in `validate` (None: all) to catch corrupt ones. A DICOM file gives
+    one record per frame, with its series."""
     result = ScanResult()
     candidates = [c for f in folders for c in _walk(f, root, classes, result)]
 
     def check(item):
         rel, cls = item
         path = root / rel
+        decode = validate is None or rel in validate
         try:
             digest = sha256_file(path)
-            if validate is None or rel in validate:
+            if is_dicom(path):
+                return rel, cls, digest, inspect_dicom(path, decode), None
+            if decode:
                 open_image(path, size=1)  # a JPEG at its smallest DCT scale: every byte still decoded, ~30% faster
-            return rel, cls, digest, None
+            return rel, cls, digest, None, None
         except (ImageReadError, OSError) as exc:
-            return rel, cls, None, str(exc).replace(str(path) + ": ", "")
+            return rel, cls, None, None, str(exc).replace(str(path) + ": ", "")
 
     workers = min(8, usable_cpus())
     with ThreadPoolExecutor(workers) as pool:  # PIL decoding and hashing release the GIL
         it = pool.map(check, candidates)
-        for rel, cls, digest, error in tqdm(it, total=len(candidates), desc="Scanning images",
-                                           disable=not progress, leave=False):
-            if error is None:
-                result.files.append((rel, cls, digest))
-            else:
+        for rel, cls, digest, dicom, error in tqdm(it, total=len(candidates), desc="Scanning images",
+                                                  disable=not progress, leave=False):
+            if error is not None:
                 result.bad_files.append((rel, error))
+                continue
+            for record in dicom.record_names(rel) if dicom else [rel]:
+                result.files.append((record, cls, digest))
+                if dicom and dicom.series_uid:
+                    result.series[record] = dicom.series_uid
     return result
 
 
@@ -167,6 +177,8 @@ def split_settings(cfg: Config) -> dict:
         "group_pattern": ds.group_pattern,
         # A regenerated demo set with other settings is another data set, not a changed one.
         "demo": [cfg.demo.n_per_class, cfg.demo.size, cfg.demo.seed] if ds.demo else None,
+        # only when off: manifests written before the setting existed keep their names
+        **({} if ds.group_dicom_series else {"group_dicom_series": False}),
     }
 
 
@@ -201,7 +213,8 @@ def create_split(cfg: Config, log=print) -> Split:
     ds = cfg.dataset
     rels = [f[0] for f in scan.files]
     hashes = [f[2] for f in scan.files]
-    groups = group_items([Path(r).name for r in rels], hashes, ds.group_pattern)
+    series = [scan.series.get(r) for r in rels] if ds.group_dicom_series else None
+    groups = group_items([split_frame_name(r)[0].name for r in rels], hashes, ds.group_pattern, series)
     labels = [f[1] for f in scan.files]
     if ds.test_path:
         # The shipped test folder is the test split; the rest is split into train/val by their ratio.
@@ -232,13 +245,16 @@ def create_split(cfg: Config, log=print) -> Split:
         "fingerprint": fingerprint_rows(rows),
         "sizes": {s: splits.count(s) for s in SPLITS},
         "multi_image_groups": multi,
+        "dicom_series": len(set(scan.series.values())),
         "non_images": scan.non_images,
         "bad_files": [{"path": p, "reason": r} for p, r in scan.bad_files],
     }
     path = manifest_path_for(cfg)
     write_manifest(path, rows, meta)
     log(f"🗂️  New split manifest: {path}")
-    log(f"   {len(rows)} images, {multi} group(s) of duplicate/same-subject images kept within one split")
+    log(f"   {len(rows)} images, {multi} group(s) of duplicate/same-subject images kept within one split"
+        + (f" ({meta['dicom_series']} DICOM series{'' if ds.group_dicom_series else ', not grouped'})"
+           if scan.series else ""))
     _report_skipped(meta, log, detail=True)
     return _as_split(root, path, rows, meta, cfg)
 
@@ -254,17 +270,21 @@ def _report_skipped(meta: dict, log, detail: bool) -> None:
 
 def _as_split(root: Path, path: Path, rows: list[Row], meta: dict, cfg: Config) -> Split:
     folders = meta["class_folders"]
+    expected = cfg.dataset.num_classes
+    if expected is not None and expected != len(folders):
+        raise UserError(f"dataset.num_classes is {expected}, but {root} has {len(folders)} class folder(s): "
+                        f"{', '.join(folders)}")
     names = [cfg.dataset.class_names.get(c, c) for c in folders]
     return Split(root, path, rows, folders, names, meta["fingerprint"], meta)
 
 
 def compare_with_disk(root: Path, folders: list[Path], rows: list[Row], meta: dict) -> dict[str, list[str]]:
     """Files added, removed or changed since the manifest was written (left-out files excepted)."""
-    known = {r.path: r.sha256 for r in rows}
+    known = {split_frame_name(r.path)[0].as_posix(): r.sha256 for r in rows}  # frames of a file: the file
     excluded = set(meta["non_images"]) | {b["path"] for b in meta["bad_files"]}
     # Only files that are new to us are decoded; known ones are checked by hash.
     scan = scan_folders(root, [f.resolve() for f in folders], meta["class_folders"], validate=set(), progress=False)
-    on_disk = {rel: digest for rel, _, digest in scan.files}
+    on_disk = {split_frame_name(rel)[0].as_posix(): digest for rel, _, digest in scan.files}
     on_disk.update({rel: "" for rel, _ in scan.bad_files})
     added = sorted(p for p in on_disk if p not in known and p not in excluded)
     removed = sorted(p for p in known if p not in on_disk)

@@ -28,8 +28,10 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def group_items(names: list[str], hashes: list[str], group_pattern: str | None = None) -> list[int]:
-    """Group id per item: same hash, or same id matched by `group_pattern` on the file name."""
+def group_items(names: list[str], hashes: list[str], group_pattern: str | None = None,
+                series: list[str | None] | None = None) -> list[int]:
+    """Group id per item: same hash (frames of one file share it), same id matched by `group_pattern` on the
+    file name, or same DICOM series."""
     uf = _UnionFind(len(names))
     first_by_key: dict[tuple[str, str], int] = {}
     regex = re.compile(group_pattern) if group_pattern else None
@@ -37,6 +39,8 @@ def group_items(names: list[str], hashes: list[str], group_pattern: str | None =
         keys = [("sha", digest)]
         if regex is not None and (m := regex.search(name)):
             keys.append(("id", m.group(1) if m.groups() else m.group(0)))
+        if series is not None and series[i]:
+            keys.append(("series", series[i]))
         for key in keys:
             if key in first_by_key:
                 uf.union(first_by_key[key], i)

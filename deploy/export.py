@@ -144,7 +144,7 @@ def check_parity(fmt: str, model: torch.nn.Module, runner, x: np.ndarray) -> Par
 
 
 def format_size(n_bytes: int) -> str:
-    return f"{n_bytes / 1024 ** 2:.1f} MB"
+    return f"{n_bytes / 1024 ** 2:.2f} MB"
 
 
 def export_checked(fmt: str, model: torch.nn.Module, contract: Contract, path,

@@ -143,7 +143,7 @@ def log_models(cfg: Config, src, tmp: Path, card_path: Path, tags: dict, log=pri
         raise UserError("the ONNX export does not match PyTorch; not registered")
     contract_path = write_contract_json(src.contract, tmp)
     with RunTracker(cfg, run_name=f"register-{cfg.model}-{tags['semver']}",
-                    mlflow_experiment=experiment_name("registry", cfg.model),
+                    mlflow_experiment=experiment_name("registry", cfg.model, cfg.monitoring.mlflow.experiment_prefix),
                     wandb_project=None, tags=tags, job_type="register") as tracker:
         if tracker.mlflow_run_id is None:
             raise UserError(f"cannot open the MLflow store {cfg.monitoring.mlflow.tracking_uri} "

@@ -139,7 +139,7 @@ def evaluation_figures(out_dir, record: dict, y_true, y_prob, bins: dict, bins_a
     cal = record["calibration"]
     return [
         confusion_matrix_plot(record["confusion_matrix"], names, out_dir / "confusion_matrix.png",
-                              title=f"{record['model']} test set"),
+                              title=f"{record['model']} {record.get('kind', 'test')} set"),
         per_class_plot(record["per_class"], out_dir / "per_class_metrics.png"),
         roc_curves_plot(y_true, y_prob, names, [record["per_class"][c]["roc_auc"] for c in names],
                         out_dir / "roc_curves.png"),

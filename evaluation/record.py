@@ -92,7 +92,7 @@ def open_tracker(cfg: Config, model_name: str, stage: str, ckpt: dict):
     """The MLflow/W&B run of an evaluation ("evaluation") or quick test ("test"), tagged with the training run."""
     from core.tracking import RunTracker, experiment_name, wandb_project
 
-    experiment = experiment_name(stage, model_name)
+    experiment = experiment_name(stage, model_name, cfg.monitoring.mlflow.experiment_prefix)
     project = wandb_project(cfg, stage)
     print("📊 Setting up evaluation logging..." if stage == "evaluation" else "📊 Setting up test logging...")
     print(f"📈 MLflow experiment: {experiment}")

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from core.fileio import atomic_file, write_json_atomic, write_text_atomic
+from core.hardware import hardware_summary_metrics
 from evaluation.gates import format_gates
 
 COMPARISON_COLUMNS = ("rank", "model", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "macro_f1",
@@ -44,8 +45,11 @@ def format_evaluation(r: dict) -> str:
     """The human-readable report: every figure of evaluation_metrics.json with its interval."""
     conf = f"{r['confidence']:.0%}"
     auc = "n/a" if r["roc_auc_macro"] is None else f"{r['roc_auc_macro']:.4f}"
-    lines = [f"Evaluation of {r['model']} (checkpoint {r['checkpoint']}, epoch {r['checkpoint_epoch']})",
-             f"Test split: {r['n_test']} images of {r['split_manifest']} (fingerprint {r['data_fingerprint']})",
+    external = r.get("kind") == "external"
+    lines = [*_external_lines(r),
+             f"Evaluation of {r['model']} (checkpoint {r['checkpoint']}, epoch {r['checkpoint_epoch']})",
+             f"{'External set' if external else 'Test split'}: {r['n_test']} images of {r['split_manifest']} "
+             f"(fingerprint {r['data_fingerprint']})",
              f"Intervals: {conf} stratified bootstrap, {r['bootstrap_samples']} resamples", "",
              f"Accuracy:          {_ci(r['accuracy'])}",
              f"Balanced accuracy: {_ci(r['balanced_accuracy'])}",
@@ -63,6 +67,7 @@ def format_evaluation(r: dict) -> str:
     for c, counts, pcts in zip(r["class_names"], r["confusion_matrix"], r["confusion_matrix_row_pct"]):
         lines.append(f"{c:<{width}}" + "".join(f"{f'{n} ({p:.1f}%)':>16}" for n, p in zip(counts, pcts)))
     lines += ["", *_calibration_lines(r["calibration"]), *_timing_lines(r["timing"]),
+              *hardware_lines(r.get("hardware")),
               f"Class imbalance: {r['class_imbalance_ratio']:.2f}:1 (largest / smallest class in the training split: "
               + ", ".join(f"{k} {v}" for k, v in r.get("train_class_counts", {}).items()) + ")"]
     lines += [f"Note: {n}" for n in r.get("notes", [])]
@@ -77,9 +82,52 @@ def _calibration_lines(cal: dict) -> list[str]:
     return lines
 
 
+def _external_lines(r: dict) -> list[str]:
+    if r.get("kind") != "external":
+        return []
+    e = r["external"]
+    lines = [f"EXTERNAL VALIDATION on {e['path']} (training manifest {e['training_manifest']})",
+             "Folders: " + ", ".join(f"{f} -> {c}" for f, c in e["folder_classes"].items())]
+    if e["unmapped_folders"]:
+        lines.append("Left out, matching no class: "
+                     + ", ".join(f"{f} ({n} files)" for f, n in e["unmapped_folders"].items()))
+    lines.append(f"Left out: {e['left_out_in_training_manifest']} image(s) byte-identical to the training "
+                 f"manifest's, {e['left_out_unreadable']} unreadable")
+    return [*lines, ""]
+
+
+def hardware_lines(hw: dict | None) -> list[str]:
+    """CPU, RAM and GPU readings taken while the evaluation ran."""
+    if not hw or not hw.get("cpu_pct"):
+        return []
+    cpu, ram = hw["cpu_pct"], hw["ram_pct"]
+    lines = [f"Hardware during evaluation ({hw['samples']} readings over {hw['seconds']:.1f} s): "
+             f"CPU {cpu['mean']:.0f}% mean, {cpu['max']:.0f}% max of {hw['cpu_count']} cores; "
+             f"RAM {ram['mean']:.0f}% mean, {ram['max']:.0f}% max"]
+    for g in hw.get("gpus", []):
+        util = g["utilization_pct"]
+        util_text = f"utilization {util['mean']:.0f}% mean, {util['max']:.0f}% max" if util else "utilization n/a"
+        lines.append(f"  GPU {g['index']} ({g['name']}): {util_text}; memory {g['memory_used_mb']['max']:.0f} MB max "
+                     f"of {g['memory_total_mb']:.0f} MB ({g['memory_pct']['max']:.0f}%)")
+    return lines
+
+
 def _timing_lines(t: dict) -> list[str]:
     return [f"Inference on {t['device']}: {t['latency_ms_mean']:.2f} ms per image (p95 {t['latency_ms_p95']:.2f} ms) "
             f"at batch size 1; {t['throughput_images_per_s']:.1f} images/s at batch size {t['batch_size']}"]
+
+
+def format_side_by_side(internal: dict, external: dict) -> str:
+    """Internal test split and external set, figure by figure, with their intervals."""
+    rows = [("accuracy", internal["accuracy"], external["accuracy"]),
+            ("balanced accuracy", internal["balanced_accuracy"], external["balanced_accuracy"]),
+            ("macro F1", internal["macro_f1"], external["macro_f1"])]
+    rows += [(f"sensitivity {c}", internal["per_class"][c]["sensitivity"], external["per_class"][c]["sensitivity"])
+             for c in internal["per_class"]]
+    heads = (f"internal ({internal['n_test']} images)", f"external ({external['n_test']} images)")
+    lines = [f"Internal vs external ({internal['confidence']:.0%} CI)", f"{'':<24} {heads[0]:>28} {heads[1]:>28}"]
+    lines += [f"{name:<24} {_ci(a, name != 'macro F1'):>28} {_ci(b, name != 'macro F1'):>28}" for name, a, b in rows]
+    return "\n".join(lines)
 
 
 def write_report(path, record: dict, validation: dict | None = None) -> Path:
@@ -90,27 +138,32 @@ def write_report(path, record: dict, validation: dict | None = None) -> Path:
     return Path(path)
 
 
-def flat_metrics(r: dict) -> dict[str, float]:
-    """Scalar figures for MLflow / W&B (test_accuracy, test_accuracy_ci_low, test_sensitivity_<class>...)."""
+def flat_metrics(r: dict, prefix: str = "test_") -> dict[str, float]:
+    """Scalar figures for MLflow / W&B (test_accuracy, test_accuracy_ci_low, test_sensitivity_<class>..., the
+    hardware readings hw_cpu_pct_mean ...). An external set's: external_accuracy, ..., external_ece, ..."""
     out = {}
     for key in ("accuracy", "balanced_accuracy", "macro_f1"):
-        out.update({f"test_{key}": r[key]["value"], f"test_{key}_ci_low": r[key]["ci_low"],
-                    f"test_{key}_ci_high": r[key]["ci_high"]})
+        out.update({f"{prefix}{key}": r[key]["value"], f"{prefix}{key}_ci_low": r[key]["ci_low"],
+                    f"{prefix}{key}_ci_high": r[key]["ci_high"]})
     for c, row in r["per_class"].items():
         for key in ("sensitivity", "specificity"):
-            out[f"test_{key}_{c}"] = row[key]["value"]
-            out[f"test_{key}_{c}_ci_low"] = row[key]["ci_low"]
-        out[f"test_f1_{c}"] = row["f1"]
+            out[f"{prefix}{key}_{c}"] = row[key]["value"]
+            out[f"{prefix}{key}_{c}_ci_low"] = row[key]["ci_low"]
+        out[f"{prefix}f1_{c}"] = row["f1"]
         if row["roc_auc"] is not None:
-            out[f"test_roc_auc_{c}"] = row["roc_auc"]
+            out[f"{prefix}roc_auc_{c}"] = row["roc_auc"]
     if r["roc_auc_macro"] is not None:
-        out["test_roc_auc_macro"] = r["roc_auc_macro"]
-    out["ece"] = r["calibration"]["ece"]
+        out[f"{prefix}roc_auc_macro"] = r["roc_auc_macro"]
+    other = "" if prefix == "test_" else prefix  # the test split's keep their first, unprefixed names
+    out[f"{other}ece"] = r["calibration"]["ece"]
     if r["calibration"]["ece_after_temperature"] is not None:
-        out["ece_after_temperature"] = r["calibration"]["ece_after_temperature"]
-    out.update(latency_ms_mean=r["timing"]["latency_ms_mean"], latency_ms_p95=r["timing"]["latency_ms_p95"],
-               throughput_images_per_s=r["timing"]["throughput_images_per_s"],
-               class_imbalance_ratio=r["class_imbalance_ratio"])
+        out[f"{other}ece_after_temperature"] = r["calibration"]["ece_after_temperature"]
+    out.update({f"{other}latency_ms_mean": r["timing"]["latency_ms_mean"],
+                f"{other}latency_ms_p95": r["timing"]["latency_ms_p95"],
+                f"{other}throughput_images_per_s": r["timing"]["throughput_images_per_s"],
+                f"{other}class_imbalance_ratio": r["class_imbalance_ratio"]})
+    if r.get("hardware"):
+        out.update(hardware_summary_metrics(r["hardware"], prefix=f"{other}hw_"))
     return out
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from core.hardware import HardwareSampler
 from data.preprocess import Preprocessor
 from evaluation.gates import check_gates
 from evaluation.prediction import Scored, predict_split
@@ -39,16 +40,18 @@ def evaluate_checkpoint(cfg: Config, opened: OpenedCheckpoint, device, calibrate
     contract = opened.contract
     model = model_from_checkpoint(opened.ckpt, device)
     pre = Preprocessor(contract.mean, contract.std).to(device)
-    test = predict_split(cfg, opened.split, "test", model, pre, contract.img_size, device)
-    val = None
-    if calibrate:
-        scored_val = predict_split(cfg, opened.split, "val", model, pre, contract.img_size, device)
-        val = (scored_val.y_true, scored_val.y_prob)
+    with HardwareSampler() as hardware:  # CPU, RAM and GPU readings while the evaluation runs
+        test = predict_split(cfg, opened.split, "test", model, pre, contract.img_size, device)
+        val = None
+        if calibrate:
+            scored_val = predict_split(cfg, opened.split, "val", model, pre, contract.img_size, device)
+            val = (scored_val.y_true, scored_val.y_prob)
+        timing = measure_inference(model, pre, test.dataset, cfg.recipe.batch_size, device,
+                                   cfg.evaluation.timing_warmup, cfg.evaluation.timing_runs)
     scores = score_predictions(test.y_true, test.y_prob, opened.class_names, cfg.evaluation)
     calibration, bins, bins_after = calibration_summary(test.y_true, test.y_prob, cfg.evaluation.ece_bins, val)
-    timing = measure_inference(model, pre, test.dataset, cfg.recipe.batch_size, device,
-                               cfg.evaluation.timing_warmup, cfg.evaluation.timing_runs)
     record = evaluation_record(opened.ckpt, opened.path, opened.split, scores, calibration, timing)
+    record["hardware"] = hardware.summary()
     return TestEvaluation(record, check_gates(record, cfg.evaluation.gates, strict), test, model, pre, bins,
                           bins_after)
 

@@ -7,7 +7,8 @@ from models.zoo import build_model
 
 
 def model_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> torch.nn.Module:
-    model = build_model(ckpt["model_name"], num_classes=len(ckpt["class_names"]), pretrained=False)
+    model = build_model(ckpt["model_name"], num_classes=len(ckpt["class_names"]), pretrained=False,
+                        img_size=ckpt.get("img_size"))
     model.load_state_dict(ckpt["model_state"])
     return model.to(device).eval()
 

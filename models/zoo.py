@@ -19,6 +19,7 @@ import torchvision
 from torch import nn
 
 from core.errors import UserError
+from core.model_names import IMAGENET_WEIGHTS
 
 # timm's port of Chollet's original Xception (the name timm 0.9+ gives the old "xception").
 XCEPTION_TIMM_NAME = "legacy_xception"
@@ -32,10 +33,11 @@ class ModelSpec:
     family: str  # "torchvision" | "timm"
     default_img_size: int
     frozen_prefixes: tuple[str, ...]  # parameter-name prefixes frozen by definition of the model
-    build: Callable[[int], nn.Module]  # num_classes -> randomly initialised model
+    build: Callable[..., nn.Module]  # num_classes (and img_size when sized) -> randomly initialised model
     load_pretrained: Callable[[nn.Module, dict], None] | None  # ImageNet state dict -> backbone (head kept)
     torchvision_weights: str | None  # weights enum name, for the torch hub cache / download
     timm_name: str | None = None  # timm model name, for the HF hub cache / download
+    sized: bool = False  # build takes the image size too (a ViT's position embeddings depend on it)
 
 
 class BackboneWithHead(nn.Module):
@@ -71,6 +73,11 @@ def _medical_head(in_features: int, num_classes: int) -> nn.Module:
 
 def _torchvision(arch: str) -> Callable[[int], nn.Module]:
     return lambda num_classes: torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def _vit(num_classes: int, img_size: int) -> nn.Module:
+    # built for the image size it is trained at (the demo's 64 px: 16 patches), not only for 224
+    return torchvision.models.vit_b_16(weights=None, num_classes=num_classes, image_size=img_size)
 
 
 def _medical_cnn(num_classes: int) -> nn.Module:
@@ -114,24 +121,34 @@ def _load_medical_cnn(model: nn.Module, state: dict) -> None:
     _load_into(model.backbone, renamed, skip=("classifier.",))
 
 
+def _load_vit(model: nn.Module, state: dict) -> None:
+    """ImageNet's 224 px position embeddings, resampled to the model's grid when it is built for another size."""
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    key = "encoder.pos_embedding"
+    if key in state and state[key].shape != model.encoder.pos_embedding.shape:
+        state = interpolate_embeddings(model.image_size, model.patch_size, state)
+    _load_into(model, state, skip=("heads.",))
+
+
 def _load_xception(model: nn.Module, state: dict) -> None:
     _load_into(model.backbone, state, skip=("fc.",))
 
 
-def _tv(name: str, weights: str, head_prefix: str) -> ModelSpec:
-    return ModelSpec(name, "torchvision", 224, (), _torchvision(name), _skip_head(head_prefix), weights)
+def _tv(name: str, head_prefix: str) -> ModelSpec:
+    return ModelSpec(name, "torchvision", 224, (), _torchvision(name), _skip_head(head_prefix), IMAGENET_WEIGHTS[name])
 
 
-# IMAGENET1K_V1 everywhere: the weights that torchvision's `pretrained=True` gives, so results compare.
+# The ImageNet weights of each model are written once, torch-free, in core.model_names.
 MODEL_SPECS: dict[str, ModelSpec] = {s.name: s for s in [
-    _tv("resnet18", "ResNet18_Weights.IMAGENET1K_V1", "fc."),
-    _tv("resnet50", "ResNet50_Weights.IMAGENET1K_V1", "fc."),
-    _tv("efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1", "classifier."),
-    _tv("swin_t", "Swin_T_Weights.IMAGENET1K_V1", "head."),
-    _tv("swin_s", "Swin_S_Weights.IMAGENET1K_V1", "head."),
-    _tv("vit_b_16", "ViT_B_16_Weights.IMAGENET1K_V1", "heads."),
+    _tv("resnet18", "fc."),
+    _tv("resnet50", "fc."),
+    _tv("efficientnet_b0", "classifier."),
+    _tv("swin_t", "head."),
+    _tv("swin_s", "head."),
+    ModelSpec("vit_b_16", "torchvision", 224, (), _vit, _load_vit, IMAGENET_WEIGHTS["vit_b_16"], sized=True),
     ModelSpec("medical_cnn", "torchvision", 224, ("backbone.",), _medical_cnn, _load_medical_cnn,
-              "EfficientNet_B0_Weights.IMAGENET1K_V1"),
+              IMAGENET_WEIGHTS["medical_cnn"]),
     ModelSpec("xception_medical", "timm", 299, (), _xception_medical, _load_xception, None,
               timm_name=XCEPTION_TIMM_NAME),
 ]}
@@ -184,19 +201,55 @@ def _read_weights_file(path: Path) -> dict:
     return {k.removeprefix("module."): v for k, v in obj.items()}  # DataParallel/DDP prefix
 
 
-def weights_url(spec: ModelSpec) -> str:
-    """Where the model's ImageNet weights are published (its file name carries their sha256 prefix)."""
-    if spec.torchvision_weights:
-        return torchvision.models.get_weight(spec.torchvision_weights).url
-    import timm  # lazy: slow to import
-
-    return timm.models.get_pretrained_cfg(spec.timm_name).url
+TORCHVISION_WEIGHTS_NAME = re.compile(r"^[A-Za-z0-9_]+_Weights\.[A-Za-z0-9_]+$")  # ResNet50_Weights.IMAGENET1K_V2
 
 
-def _download_imagenet(spec: ModelSpec) -> dict:
+def is_weights_name(value) -> bool:
+    """A torchvision weights name (config `weights: ResNet50_Weights.IMAGENET1K_V2`), not a local file."""
+    return isinstance(value, str) and bool(TORCHVISION_WEIGHTS_NAME.match(value)) and not Path(value).exists()
+
+
+def weights_name_for(spec: ModelSpec, weights: str | Path | None) -> str | None:
+    """The torchvision weights a build loads: a name given in the config, else the zoo's (None: timm's)."""
+    if not is_weights_name(weights):
+        return spec.torchvision_weights
+    default = spec.torchvision_weights
+    if default is None or str(weights).split(".")[0] != default.split(".")[0]:
+        raise UserError(f"weights {weights} do not fit {spec.name} (its torchvision weights are "
+                        f"{default.split('.')[0] if default else 'none: timm weights or a local file'})")
+    try:
+        torchvision.models.get_weight(str(weights))
+    except (ValueError, KeyError, AttributeError):
+        raise UserError(f"torchvision has no weights named {weights}") from None
+    return str(weights)
+
+
+def weights_url(spec: ModelSpec, weights: str | Path | None = None) -> str | None:
+    """Where the model's ImageNet weights are published (the file name carries their sha256 prefix); None when
+    the model takes none."""
+    name = weights_name_for(spec, weights)
+    if name:
+        return torchvision.models.get_weight(name).url
+    if spec.timm_name:
+        import timm  # lazy: slow to import, only xception_medical needs it
+
+        return timm.models.get_pretrained_cfg(spec.timm_name).url
+    return None
+
+
+def hub_cache_file(spec: ModelSpec, weights: str | Path | None = None) -> tuple[Path, str] | None:
+    """Where a pretrained build looks before downloading ($TORCH_HOME/hub/checkpoints/<file>) and the URL it
+    would download from; None when the model takes no ImageNet weights."""
+    url = weights_url(spec, weights)
+    return None if url is None else (Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name, url)
+
+
+def _download_imagenet(spec: ModelSpec, weights: str | None = None) -> dict:
     """The ImageNet state dict from $TORCH_HOME/hub/checkpoints, downloaded there (hash-checked) when missing."""
-    url = weights_url(spec)
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    found = hub_cache_file(spec, weights)
+    if found is None:
+        raise UserError(f"model {spec.name} takes no pretrained weights")
+    path, url = found
     if not path.is_file():
         match = HASH_IN_NAME.search(path.name)
         try:
@@ -210,16 +263,17 @@ def _download_imagenet(spec: ModelSpec) -> dict:
 
 
 def build_model(name: str, num_classes: int, pretrained: bool = False,
-                weights_path: str | Path | None = None) -> nn.Module:
+                weights_path: str | Path | None = None, img_size: int | None = None) -> nn.Module:
+    """img_size: what the model will see (only a ViT is built for it; default: the model's own size)."""
     spec = get_spec(name)
     if num_classes < 1:
         raise UserError(f"num_classes must be at least 1, got {num_classes}")
     state = None
-    if weights_path is not None:
+    if weights_path is not None and not is_weights_name(weights_path):
         state = _read_weights_file(Path(weights_path))
-    elif pretrained:
-        state = _download_imagenet(spec)
-    model = spec.build(num_classes)
+    elif pretrained or weights_path is not None:
+        state = _download_imagenet(spec, weights_path)
+    model = spec.build(num_classes, img_size or spec.default_img_size) if spec.sized else spec.build(num_classes)
     if state is not None:
         if spec.load_pretrained is None:
             raise UserError(f"model {name} takes no pretrained weights")

@@ -33,7 +33,7 @@ from evaluation.gates import GATES_FAILED_EXIT  # evaluate.py: evaluated, but th
 if TYPE_CHECKING:
     from core.config import Config
 
-MLFLOW_EXPERIMENT = experiment_name("experiments")
+MLFLOW_EXPERIMENT = experiment_name("experiments")  # with the default monitoring.mlflow.experiment_prefix
 RULE = "=" * 60
 ERROR_HINT = re.compile(r"error|exception|out of memory|killed|traceback", re.IGNORECASE)
 CHILD_STOP_S = 300  # a stopped child saves its state (train.py: last_model.pth) before it exits; then it is killed
@@ -41,15 +41,24 @@ CHILD_STOP_S = 300  # a stopped child saves its state (train.py: last_model.pth)
 
 @dataclass
 class Plan:
-    """The flags every child gets: the same config, overrides, demo switch and epochs."""
+    """The flags every child gets: the same config, overrides, demo switch and epochs.
+
+    epochs: --epochs N for every model; otherwise experiments.epochs per model (a short comparison), or
+    train.epochs with full=True (--full)."""
     config: str | None = None
     sets: list[str] = field(default_factory=list)
     demo: bool = False
     epochs: int | None = None
     resplit: bool = False
+    full: bool = False
+
+    def epochs_for(self, model: str | None):
+        if self.epochs is not None or self.full or model is None:
+            return self.epochs
+        return load_config(self.config, self.sets, self.demo, {"model": model}).experiments.epochs_for(model)
 
     def load(self, model: str | None = None):
-        return load_config(self.config, self.sets, self.demo, {"model": model, "train.epochs": self.epochs})
+        return load_config(self.config, self.sets, self.demo, {"model": model, "train.epochs": self.epochs_for(model)})
 
 
 @dataclass
@@ -83,7 +92,8 @@ def settings_hash(cfg: Config) -> str:
 def child_argv(script: str, model: str, plan: Plan, parent_run_id: str | None, first: bool) -> list[str]:
     argv = [sys.executable, script, "--model", model]
     if script == "train.py":
-        argv += ["--epochs", str(plan.epochs)] if plan.epochs is not None else []
+        epochs = plan.epochs_for(model)
+        argv += ["--epochs", str(epochs)] if epochs is not None else []
         argv += ["--resplit"] if plan.resplit and first else []  # one new split, shared by all models
     else:
         argv += ["--medical-validation"]
@@ -298,12 +308,32 @@ def comparison_plot(experiments: list[Experiment], path: Path) -> Path:
     return path
 
 
+def epochs_line(plan: Plan, models: list[str]) -> str:
+    if plan.epochs is not None:
+        return f"{plan.epochs} each (--epochs)"
+    if plan.full:
+        return "train.epochs each (--full)"
+    per_model = {}
+    for m in models:
+        try:
+            per_model[m] = plan.epochs_for(m)
+        except UserError:  # an unknown model: it fails on its own turn, with the reason
+            per_model[m] = "-"
+    if None in per_model.values():
+        return "train.epochs each (experiments.epochs: null)"
+    return ", ".join(f"{m} {e}" for m, e in per_model.items()) + " (experiments.epochs; --epochs N or --full)"
+
+
+def parent_experiment(cfg: Config) -> str:
+    return experiment_name("experiments", prefix=cfg.monitoring.mlflow.experiment_prefix)
+
+
 def _parent_tracker(cfg: Config, models: list[str]):
     """The parent MLflow run the training runs nest under (None, with one warning, if MLflow fails)."""
     from core.tracking import RunTracker
 
     name = "experiments-" + datetime.now().strftime("%Y%m%d-%H%M%S")
-    return RunTracker(cfg, run_name=name, mlflow_experiment=MLFLOW_EXPERIMENT, wandb_project=None,
+    return RunTracker(cfg, run_name=name, mlflow_experiment=parent_experiment(cfg), wandb_project=None,
                       tags={"models": ",".join(models)}, job_type="experiments")
 
 
@@ -326,8 +356,8 @@ def run_all(plan: Plan, models: list[str] | None = None, resume: bool = False, e
     tracker = _parent_tracker(base, models)
     parent = tracker.mlflow_run_id
     log(f"🧠 Brain Cancer MRI Classification - Model Comparison\n{RULE}")
-    log(f"Models: {', '.join(models)} | logs: {out_dir / 'logs'}"
-        + (f"\nMLflow parent run: {parent} (experiment {MLFLOW_EXPERIMENT})" if parent else ""))
+    log(f"Models: {', '.join(models)} | epochs: {epochs_line(plan, models)} | logs: {out_dir / 'logs'}"
+        + (f"\nMLflow parent run: {parent} (experiment {parent_experiment(base)})" if parent else ""))
     experiments: list[Experiment] = []
     status = "KILLED"
     try:
@@ -337,7 +367,8 @@ def run_all(plan: Plan, models: list[str] | None = None, resume: bool = False, e
         status = "FINISHED"
     finally:  # Ctrl-C or SIGTERM still leaves the summary of the models that finished
         meta = {"created": datetime.now().astimezone().isoformat(timespec="seconds"), "models": models,
-                "epochs": plan.epochs, "demo": plan.demo, "config": plan.config, "sets": redact(plan.sets),
+                "epochs": plan.epochs, "full": plan.full, "demo": plan.demo, "config": plan.config,
+                "sets": redact(plan.sets),
                 "mlflow_parent_run_id": parent, "interrupted": status != "FINISHED"}
         files = write_summary(experiments, out_dir, meta)
         _log_to_parent(tracker, experiments, files)

@@ -141,6 +141,20 @@ def passing_run(tmp_path_factory):
     return cfg, tmp, out.getvalue()
 
 
+def stop_process_group(proc, timeout: float = 30) -> None:
+    """Stop a process started with start_new_session=True and everything it started: SIGTERM, then SIGKILL."""
+    import os
+    import signal
+    import subprocess
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 

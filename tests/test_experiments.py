@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT, write_overlay
 from core.checkpoint import load_checkpoint
 from core.config import load_config
+from core.errors import UserError
 from ops.experiments import MLFLOW_EXPERIMENT, last_error_line, run_child, settings_hash
 
 MODELS = ["resnet18", "not_a_model", "efficientnet_b0"]
@@ -131,3 +132,22 @@ def test_error_line_of_a_killed_child():
     assert last_error_line("Epoch 1/5\n 40%|####  | 4/10\r 50%|#####", -9).startswith("killed by SIGKILL (out of "
                                                                                       "memory?)")
     assert last_error_line("", 2) == "exit code 2"
+
+
+def test_the_default_run_is_a_short_comparison():
+    """No flags: 5 epochs for the CNNs and 3 for the transformers, as the original's comparison; --epochs N for
+    every model; --full (or experiments.epochs: null) gives each its full train.epochs."""
+    from ops.experiments import Plan, child_argv, epochs_line
+
+    plan = Plan()
+    assert [plan.epochs_for(m) for m in ("resnet18", "efficientnet_b0", "swin_t", "vit_b_16")] == [5, 5, 3, 3]
+    assert plan.load("swin_t").train.epochs == 3
+    argv = child_argv("train.py", "vit_b_16", plan, None, first=True)
+    assert argv[argv.index("--epochs") + 1] == "3"
+    assert "resnet18 5, efficientnet_b0 5, swin_t 3, vit_b_16 3" in epochs_line(plan, load_config().experiments.models)
+    assert Plan(epochs=2).epochs_for("swin_t") == 2
+    assert Plan(full=True).epochs_for("resnet18") is None and Plan(full=True).load("resnet18").train.epochs == 50
+    assert Plan(sets=["experiments.epochs=null"]).epochs_for("resnet18") is None
+    assert "--epochs" not in child_argv("train.py", "resnet18", Plan(full=True), None, first=True)
+    with pytest.raises(UserError, match="keys are model names or 'default'"):
+        load_config(sets=["experiments.epochs={resnet_18: 2}"])

@@ -29,6 +29,25 @@ def _export(trained, tmp_path, fmt):
     return code, out, load_checkpoint(ckpt_path)
 
 
+def test_export_without_format_writes_torchscript_and_onnx_with_their_sizes(trained, tmp_path, capsys):
+    """The original's `export_model.py --model X`: both formats, its header and one size line each."""
+    import re
+
+    overlay, _, ckpt_path = trained
+    out = tmp_path / "exported"
+    assert run_script("export_model", ["--config", overlay, "--model", "resnet18", "--checkpoint", ckpt_path,
+                                       "--output-dir", out, "--parity-images", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["resnet18_contract.json", "resnet18_model.onnx",
+                                                      "resnet18_model.pt"]
+    for line in ("🚀 Model Export for Deployment", "📋 Model: resnet18", " Loaded model from epoch 1",
+                 " Validation accuracy: 0."):
+        assert line in printed
+    for label, name in (("TorchScript", "resnet18_model.pt"), ("ONNX", "resnet18_model.onnx")):
+        size = (out / name).stat().st_size / 2**20
+        assert re.search(rf"✅ {label} model saved: {re.escape(name)} \({size:.2f} MB\)", printed), printed
+
+
 def test_export_all_writes_three_artifacts_that_match_pytorch(trained, tmp_path, capsys):
     code, out, ckpt = _export(trained, tmp_path, "all")
     assert code == 0

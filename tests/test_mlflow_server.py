@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import time
@@ -12,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, stop_process_group
 
 SCRIPT = ROOT / "start_mlflow_server.sh"
 
@@ -45,12 +44,7 @@ def test_server_answers_on_loopback_and_stops(tmp_path):
         banner = (tmp_path / "server.log").read_text()
         assert f"http://127.0.0.1:{port}" in banner
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop_process_group(proc)
         log.close()
     with socket.socket() as s:  # nothing kept listening on the port
         assert s.connect_ex(("127.0.0.1", port)) != 0

@@ -2,6 +2,7 @@
 import hashlib
 import io
 import pathlib
+import re
 import socket
 
 import pytest
@@ -204,7 +205,7 @@ def test_hub_weights_are_hash_checked_and_never_run_code(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     reference = torchvision.models.resnet18(weights=None).state_dict()
     good = hub_file(cache, saved(reference))
-    monkeypatch.setattr(models.zoo, "weights_url", lambda spec: f"https://weights.invalid/{good.name}")
+    monkeypatch.setattr(models.zoo, "weights_url", lambda spec, weights=None: f"https://weights.invalid/{good.name}")
     model = build_model("resnet18", NUM_CLASSES, pretrained=True)  # from the cache, checked, no download
     assert torch.equal(model.conv1.weight, reference["conv1.weight"])
 
@@ -216,7 +217,42 @@ def test_hub_weights_are_hash_checked_and_never_run_code(tmp_path, monkeypatch):
 
     marker = tmp_path / "code ran"
     evil = hub_file(cache, saved({"conv1.weight": RunsCode(marker)}), stem="evil")  # its own hash: it passes that
-    monkeypatch.setattr(models.zoo, "weights_url", lambda spec: f"https://weights.invalid/{evil.name}")
+    monkeypatch.setattr(models.zoo, "weights_url", lambda spec, weights=None: f"https://weights.invalid/{evil.name}")
     with pytest.raises(UserError, match="is unreadable"):
         build_model("resnet18", NUM_CLASSES, pretrained=True)
     assert not marker.exists()  # weights_only=True unpickled nothing that runs
+
+
+def test_a_torchvision_weights_name_loads_from_the_hub_cache(offline, tmp_path):
+    """weights: ResNet18_Weights.IMAGENET1K_V1 (an original-format config) reads $TORCH_HOME's file of that name,
+    offline, and checks it like any hub file."""
+    import os
+
+    weights = torchvision.models.get_weight("ResNet18_Weights.IMAGENET1K_V1")
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / os.path.basename(weights.url)
+    cached.parent.mkdir(parents=True)
+    torch.save(state, cached)  # not the published bytes: the name's sha256 prefix proves which file was read
+    with pytest.raises(UserError, match=re.escape(str(cached)) + ".*does not match the sha256 in its name"):
+        build_model("resnet18", NUM_CLASSES, weights_path="ResNet18_Weights.IMAGENET1K_V1")
+    with pytest.raises(UserError, match="cannot download ImageNet weights for resnet50"):
+        build_model("resnet50", NUM_CLASSES, weights_path="ResNet50_Weights.IMAGENET1K_V2")
+    with pytest.raises(UserError, match="do not fit resnet18"):
+        build_model("resnet18", NUM_CLASSES, weights_path="ResNet50_Weights.IMAGENET1K_V2")
+
+
+def test_vit_is_built_for_the_image_size_it_sees(tmp_path):
+    """vit_b_16 at the demo's 64 px: 16 patches; ImageNet's 224 px position embeddings are resampled to fit, and
+    a checkpoint rebuilds at its own size."""
+    from models.loading import model_from_checkpoint
+
+    state = torchvision.models.vit_b_16(weights=None).state_dict()
+    torch.save(state, tmp_path / "vit224.pth")
+    model = build_model("vit_b_16", NUM_CLASSES, weights_path=tmp_path / "vit224.pth", img_size=64)
+    assert model.encoder.pos_embedding.shape == (1, 17, 768)
+    assert torch.equal(model.conv_proj.weight, state["conv_proj.weight"])
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, NUM_CLASSES)
+    ckpt = {"model_name": "vit_b_16", "class_names": ["a", "b", "c"], "img_size": 64, "model_state": model.state_dict()}
+    rebuilt = model_from_checkpoint(ckpt)
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.allclose(rebuilt(x), model.eval()(x))

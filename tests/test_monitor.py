@@ -189,3 +189,25 @@ def test_real_machine_without_gpu(tmp_path):
     record = json.loads(Path(out).read_text())
     assert record["gpus"] == [] and record["recommendations"] == [] and "NVML unavailable" in record["gpu_error"]
     assert record["system"]["cpu_count"] >= 1 and record["system"]["ram_available_gb"] > 0
+
+
+def test_hardware_sampler_summarizes_cpu_ram_and_gpus_while_work_runs(fake_nvml):
+    """evaluate.py's readings: a background thread reads while the block runs; the summary feeds the report/MLflow."""
+    from core.hardware import HardwareSampler, hardware_summary_metrics
+    from evaluation.reports import hardware_lines
+
+    fake_nvml(GOOD_GPU)
+    with HardwareSampler(interval=0.02) as hw:
+        deadline = time.perf_counter() + 0.3
+        while time.perf_counter() < deadline:
+            sum(i * i for i in range(1000))  # busy, so there is CPU use to read
+    summary = hw.summary()
+    assert summary["samples"] >= 3 and summary["seconds"] >= 0.3
+    assert 0 <= summary["cpu_pct"]["mean"] <= summary["cpu_pct"]["max"] <= 100
+    gpu = summary["gpus"][0]
+    assert gpu["name"] == "NVIDIA Fake RTX" and gpu["utilization_pct"] == {"mean": 87.0, "max": 87.0}
+    assert gpu["memory_used_mb"]["max"] == pytest.approx(3140)
+    flat = hardware_summary_metrics(summary)
+    assert flat["hw_gpu0_util_pct_mean"] == 87.0 and "hw_cpu_pct_max" in flat and "hw_ram_pct_mean" in flat
+    lines = hardware_lines(summary)
+    assert lines[0].startswith("Hardware during evaluation") and "GPU 0 (NVIDIA Fake RTX): utilization 87%" in lines[1]
