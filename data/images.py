@@ -100,7 +100,7 @@ def open_image(path: str | Path, size: int | None = None) -> Image.Image:
             return to_grayscale(img)
     except ImageReadError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
         raise ImageReadError(f"{path}: {type(exc).__name__}: {exc}") from None
 
 
@@ -121,7 +121,9 @@ def read_dicom(path: Path, frame: int | None = None) -> list[np.ndarray]:
         arr = pydicom.pixels.pixel_array(ds, index=None if frame is None else frame - 1).astype(np.float64)
     except ImageReadError:
         raise
-    except (InvalidDicomError, AttributeError, KeyError, TypeError, ValueError, OSError) as exc:
+    # NotImplementedError/RuntimeError: a transfer syntax that no installed decoder handles
+    except (InvalidDicomError, AttributeError, KeyError, TypeError, ValueError, OSError, NotImplementedError,
+            RuntimeError) as exc:
         raise ImageReadError(f"{path}: not a readable DICOM image ({exc})") from None
     if int(getattr(ds, "SamplesPerPixel", 1) or 1) > 1:
         arr = arr[..., :3].mean(axis=-1)  # colour samples (last axis) to grey
