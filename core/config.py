@@ -176,6 +176,7 @@ class ServingSection(Section):
     workers: PositiveInt = 1
     token_file: Optional[str] = None       # required for any address other than loopback
     database_url: str = "sqlite:///audit.db"
+    audit_fsync: bool = True               # sqlite: fsync each commit (survives a power cut; else a kill -9 only)
     max_batch: PositiveInt = 16            # images per ONNX Runtime call
     max_wait_ms: NonNegativeFloat = 5.0    # how long a batch waits for more requests
     queue_size: PositiveInt = 64           # requests in the server at once; more get 503 + Retry-After

@@ -78,7 +78,7 @@ def app_from_environment() -> FastAPI:
 def create_app(options: ServeOptions, extensions: Sequence[Extension] = ()) -> FastAPI:
     extensions = [*load_extensions(options), *extensions]
     settings = options.cfg.serving
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, settings.audit_fsync)
     migrate(engine, {k: v for ext in extensions for k, v in ext.migrations.items()})
     stores = [ext.pixel_store for ext in extensions if ext.pixel_store]
     metrics, audit = Metrics(), AuditLog(engine)
@@ -170,18 +170,12 @@ def context(request: Request, source: str = "api") -> RequestContext:
 
 
 def add_routes(app: FastAPI, service: Service, token: str | None) -> None:
+    add_prediction_routes(app, service)
+    add_operation_routes(app, service, token)
+
+
+def add_prediction_routes(app: FastAPI, service: Service) -> None:
     settings = service.settings
-
-    @app.get("/healthz", tags=["health"])
-    async def healthz():
-        """Alive: the process answers (no token needed)."""
-        return {"status": "alive"}
-
-    @app.get("/readyz", tags=["health"])
-    async def readyz():
-        """Ready: a model version is loaded and warmed up (503 while loading)."""
-        status = service.status()
-        return JSONResponse(status, 200 if status["ready"] else 503, None if status["ready"] else {"Retry-After": "5"})
 
     @app.post("/v1/predict", tags=["predict"], openapi_extra=MULTIPART_BODY)
     async def predict(request: Request):
@@ -213,6 +207,19 @@ def add_routes(app: FastAPI, service: Service, token: str | None) -> None:
             raise NotReady(service.failure or "loading")
         return {**model.identity(), "contract": model.contract(), **model.evidence,
                 "batching": {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms}}
+
+
+def add_operation_routes(app: FastAPI, service: Service, token: str | None) -> None:
+    @app.get("/healthz", tags=["health"])
+    async def healthz():
+        """Alive: the process answers (no token needed)."""
+        return {"status": "alive"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz():
+        """Ready: a model version is loaded and warmed up (503 while loading)."""
+        status = service.status()
+        return JSONResponse(status, 200 if status["ready"] else 503, None if status["ready"] else {"Retry-After": "5"})
 
     @app.post("/admin/reload", tags=["admin"])
     async def reload():

@@ -88,16 +88,20 @@ class Migration:
 SERVING_MIGRATIONS = (Migration(1, "predictions", lambda conn: predictions.create(conn, checkfirst=True)),)
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")   # readers never block the writer
-    cursor.execute("PRAGMA synchronous=FULL")   # the WAL is fsynced at each commit: acknowledged means on disk
-    cursor.execute("PRAGMA busy_timeout=30000")  # several worker processes share the file
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
+def _sqlite_pragmas(fsync: bool):
+    def on_connect(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+        # FULL: the WAL is fsynced at each commit (a power cut loses nothing acknowledged); NORMAL: the commit
+        # is in the OS's hands (a killed process loses nothing, a power cut may lose the last commits)
+        cursor.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+        cursor.execute("PRAGMA busy_timeout=30000")  # several worker processes share the file
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+    return on_connect
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, fsync: bool = True) -> Engine:
     """An engine on the audit database; a sqlite file is created readable by its owner only."""
     try:
         parsed = make_url(url)
@@ -110,7 +114,7 @@ def make_engine(url: str) -> Engine:
         path.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))  # file names and UIDs are patient data
         engine = create_engine(url, connect_args={"timeout": 30})
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_pragmas(fsync))
         return engine
     try:
         return create_engine(url, pool_pre_ping=True)

@@ -59,7 +59,7 @@ class Guard:
             return await self.app(scope, receive, send)
         path, p = scope["path"], self.policy
         headers = dict(scope["headers"])
-        exempt = path in PUBLIC_PATHS or path.startswith(p.exempt_prefixes or ("\0",)) or scope["method"] == "OPTIONS"
+        exempt = path in PUBLIC_PATHS or path.startswith(p.exempt_prefixes) or scope["method"] == "OPTIONS"
         if p.token and not exempt and not bearer_ok(headers, p.token):
             self.admission.count_error("unauthorized")
             return await send_json(send, 401, {"detail": "missing or wrong bearer token"},
@@ -69,7 +69,7 @@ class Guard:
             self.admission.count_error("too_large")
             return await send_json(send, 413, {"detail": f"request body over the {p.max_body_bytes:,} byte limit"})
         receive = self._bounded(receive) if scope["method"] in ("POST", "PUT", "PATCH") else receive
-        if not path.startswith(p.admitted_prefixes or ("\0",)):
+        if not path.startswith(p.admitted_prefixes):
             return await self.app(scope, receive, send)
         if not self.admission.enter():
             self.admission.count_error("overloaded")

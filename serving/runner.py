@@ -22,7 +22,7 @@ def preflight(options: ServeOptions) -> None:
     read_token(cfg.serving.token_file)
     spec = options.spec
     resolve_version(connect(cfg.monitoring.mlflow), spec.name, spec.alias, spec.version)
-    engine = make_engine(cfg.serving.database_url)
+    engine = make_engine(cfg.serving.database_url, cfg.serving.audit_fsync)
     try:  # once here, so N workers do not race to create the tables
         migrate(engine, {k: v for ext in load_extensions(options) for k, v in ext.migrations.items()})
     finally:

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from server_process import ServerProcess, write_token
+from server_process import ServerProcess, free_port, write_token
 
 from conftest import run_script, write_dicom
 from core.errors import UserError
@@ -196,6 +196,24 @@ def test_model_card_and_metrics(server):
     assert info in metrics
     for name in ("brain_mri_requests_total", "brain_mri_batch_size_bucket", "brain_mri_request_seconds_bucket"):
         assert name in metrics
+
+
+def test_explain_returns_the_grad_cam_of_the_predicted_class(server, good_files, expected):
+    with server.client() as c:
+        r = c.post("/v1/explain", files={"files": ("windowed.dcm", good_files["windowed.dcm"])})
+        frame = c.post("/v1/explain", params={"frame": 2}, files={"files": ("cine.dcm", good_files["cine.dcm"])})
+        missing = c.post("/v1/explain", params={"frame": 9}, files={"files": ("cine.dcm", good_files["cine.dcm"])})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+    assert Image.open(io.BytesIO(r.content)).size[0] > 0
+    want = expected["1"][("windowed.dcm", None)]
+    assert r.headers["x-predicted-class"] == max(want, key=want.get) and r.headers["x-model-version"] == "1"
+    assert frame.status_code == 200
+    want = expected["1"][("cine.dcm", 2)]
+    assert frame.headers["x-predicted-class"] == max(want, key=want.get)
+    assert missing.status_code == 422 and "no frame 9" in missing.json()["detail"]
+    rows = audit_rows(server.workdir / "a.db", "SELECT frame FROM predictions WHERE id = ?",
+                      (frame.headers["x-record-id"],))
+    assert rows == [(2,)]  # a Grad-CAM's prediction is audited like any other
 
 
 # ---- hostile input ------------------------------------------------------------------------------------------
@@ -452,3 +470,57 @@ def test_kill_9_under_load_loses_no_acknowledged_record(registry, good_files, tm
     stored = {row[0] for row in audit_rows(db, "SELECT id FROM predictions")}
     missing = set(acknowledged) - stored
     assert len(acknowledged) >= 60 and not missing, f"{len(missing)} acknowledged records lost"
+
+
+# ---- the seams later components use -------------------------------------------------------------------------
+
+def test_the_audit_schema_is_versioned_and_a_newer_database_is_refused(tmp_path):
+    from sqlalchemy import text
+
+    from serving.audit import Migration, make_engine, migrate
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'audit.db'}")
+    probe = Migration(1, "probe table", lambda conn: conn.execute(text("CREATE TABLE probe (id INTEGER)")))
+    assert migrate(engine, {"probe": [probe]}) == {"serving": 1, "probe": 1}
+    assert migrate(engine, {"probe": [probe]}) == {"serving": 1, "probe": 1}  # applied once
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE schema_versions SET version = 7 WHERE component = 'serving'"))
+    with pytest.raises(UserError, match="serving schema v7, newer than this toolkit"):
+        migrate(engine)
+    engine.dispose()
+    assert (tmp_path / "audit.db").stat().st_mode & 0o077 == 0  # patient metadata: owner only
+
+
+def test_an_extension_plugs_its_routes_hooks_and_tables_into_the_same_server(registry, tmp_path):
+    import uvicorn
+    from fastapi import APIRouter
+    from sqlalchemy import text
+
+    import serve
+    from serving.app import Extension, create_app
+    from serving.audit import Migration
+
+    token_file, _ = write_token(tmp_path)
+    args = serve.get_args_parser().parse_args(list(map(str, [*store_args(registry), "--token-file", token_file,
+                                                            "--database", f"sqlite:///{tmp_path / 'a.db'}"])))
+    router, started = APIRouter(), []
+    router.add_api_route("/page/hello", lambda: {"hello": "reviewer"})
+    verdicts = Migration(1, "verdicts", lambda conn: conn.execute(text("CREATE TABLE v (i INT)")))
+    ext = Extension("page", router=router, on_startup=started.append, exempt_prefixes=("/page",),
+                    migrations={"page": [verdicts]})
+    app = create_app(serve.options_from_args(args), [ext])
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 60)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+            assert c.get("/page/hello").json() == {"hello": "reviewer"}  # its own login, not the bearer token
+            assert c.get("/v1/model").status_code == 401
+        assert started == [app.state.service]
+        assert audit_rows(tmp_path / "a.db", "SELECT component, version FROM schema_versions ORDER BY 1") == [
+            ("page", 1), ("serving", 1)]
+    finally:
+        server.should_exit = True
+        thread.join(60)
