@@ -103,26 +103,26 @@ def _download_json(run_id: str, artifact: str, dst: Path) -> dict | None:
 
 
 def read_evidence(mv, workdir: Path, tracking_uri: str) -> dict:
-    """The model card, the evaluation's figures (with their intervals) and the gates, from the registration run."""
+    """The model card, the evaluation's figures (with their intervals) and the gates, from the registration run;
+    paths in them (the training machine's checkpoint and manifest) cut to file names."""
     import mlflow
 
-    evidence = {"model_card": None, "evaluation": None, "gates": None}
     if not getattr(mv, "run_id", None):
-        return evidence
+        return {"model_card": None, "evaluation": None, "gates": None}
     dst = workdir / "evidence"
     dst.mkdir(parents=True, exist_ok=True)
-    evidence["evaluation"] = scrub_paths(_download_json(mv.run_id, "evaluation/evaluation_metrics.json", dst))
-    evidence["gates"] = scrub_paths(_download_json(mv.run_id, "evaluation/medical_validation.json", dst))
+    evaluation = _download_json(mv.run_id, "evaluation/evaluation_metrics.json", dst)
+    gates = _download_json(mv.run_id, "evaluation/medical_validation.json", dst)
     try:
         card = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="model_card.md",
                                                         dst_path=str(dst))).read_text()
     except Exception:
         card = None
     if card:
-        for path in _paths_in(evidence["evaluation"]) | _paths_in(mv.tags):
+        for path in sorted(_paths_in(evaluation) | _paths_in(gates) | _paths_in(mv.tags), key=len, reverse=True):
             card = card.replace(path, Path(path).name)
-        evidence["model_card"] = card.replace(tracking_uri, "the MLflow store")
-    return evidence
+        card = card.replace(tracking_uri, "the MLflow store")
+    return {"model_card": card, "evaluation": scrub_paths(evaluation), "gates": scrub_paths(gates)}
 
 
 def _paths_in(obj) -> set[str]:

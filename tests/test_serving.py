@@ -48,7 +48,8 @@ def perturbed_checkpoint(src: Path, dst: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def registry(trained, tmp_path_factory):
-    """v1 (@staging) and v2 (no alias) of brain-cancer-resnet18, forced: the tiny model is never evaluated."""
+    """v1 (@staging, evaluated) and v2 (no alias, never evaluated) of brain-cancer-resnet18, both forced: a
+    one-epoch model fails the gates."""
     overlay, _, ckpt_path = trained
     tmp = tmp_path_factory.mktemp("serving registry")
     store = ["--config", overlay, "--set", f"monitoring.mlflow.tracking_uri=sqlite:///{tmp / 'registry.db'}",
@@ -61,6 +62,9 @@ def registry(trained, tmp_path_factory):
         else:
             perturbed_checkpoint(ckpt_path, target)
         alias = ["--alias", "staging"] if version == "1.0.0" else []
+        if version == "1.0.0":  # v1 carries its evaluation (it fails the gates: a one-epoch model)
+            assert run_script("evaluate", store + ["--model", "resnet18", "--medical-validation",
+                                                   "--set", f"train.output_dir={out}"]) in (0, 3)  # 3: gates failed
         assert run_script("register_model", store + ["--model", "resnet18", "--version", version, "--force", *alias,
                                                      "--set", f"train.output_dir={out}"]) == 0
     return {"store": store, "uri": f"sqlite:///{tmp / 'registry.db'}", "tmp": tmp}
@@ -188,10 +192,15 @@ def test_model_card_and_metrics(server):
     with server.client() as c:
         card = c.get("/v1/model").json()
         metrics = c.get("/metrics").text
-    assert (card["version"], card["medical_validation"], card["forced"]) == ("1", "missing", True)
+    assert (card["version"], card["forced"]) == ("1", True) and card["medical_validation"] in ("failed", "passed")
     assert card["model_card"].startswith("# Model card: brain-cancer-resnet18 1.0.0")
-    assert "never evaluated" in card["model_card"] and card["evaluation"] is None and card["gates"] is None
-    assert "/" not in card["contract"]["split_manifest"]  # no paths in answers
+    accuracy = card["evaluation"]["accuracy"]
+    assert accuracy["ci_low"] <= accuracy["value"] <= accuracy["ci_high"]  # the figures with their intervals
+    assert {g["name"] for g in card["gates"]["gates"]} >= {"accuracy"}
+    for path in (card["contract"]["split_manifest"], card["evaluation"]["checkpoint"],
+                 card["evaluation"]["split_manifest"]):
+        assert "/" not in path  # file names, never paths
+    assert str(server.workdir.parent) not in json.dumps(card)
     info = 'brain_mri_model_info{alias="staging",flavor="onnx",model="brain-cancer-resnet18",version="1"} 1.0'
     assert info in metrics
     for name in ("brain_mri_requests_total", "brain_mri_batch_size_bucket", "brain_mri_request_seconds_bucket"):
