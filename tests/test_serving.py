@@ -373,9 +373,9 @@ def test_reload_under_load_swaps_versions_and_every_answer_names_its_own(registr
     srv = ServerProcess([*store_args(registry), "--token-file", token_file, "--poll-seconds", "1",
                          "--database", f"sqlite:///{tmp_path / 'a.db'}"], tmp_path, token)
     names = [n for n in good_files if n != "cine.dcm"]
-    answers, stop = [], threading.Event()
+    answers = []
 
-    def client_loop(seed):
+    def client_loop(seed, stop):
         rng = random.Random(seed)
         with srv.client() as c:
             while not stop.is_set():
@@ -385,9 +385,7 @@ def test_reload_under_load_swaps_versions_and_every_answer_names_its_own(registr
 
     try:
         srv.wait_ready()
-        with ThreadPoolExecutor(4) as pool:
-            for seed in range(4):
-                pool.submit(client_loop, seed)
+        with load_in_background(client_loop, 4):
             wait_for_answers(answers, 20)
             move_alias(registry, "2")
             with srv.client() as c:
@@ -399,9 +397,7 @@ def test_reload_under_load_swaps_versions_and_every_answer_names_its_own(registr
             move_alias(registry, "1")  # not announced: the server finds it by polling the alias
             wait_until(lambda: answers[-1][2].json()["version"] == "1", 120)
             wait_for_answers(answers, len(answers) + 10)
-            stop.set()
     finally:
-        stop.set()
         move_alias(registry, "1")
         srv.stop()
     versions = [r.json()["version"] for _, _, r in answers]
@@ -412,6 +408,21 @@ def test_reload_under_load_swaps_versions_and_every_answer_names_its_own(registr
         assert_matches(doc["predictions"][0], expected, doc["version"])  # produced by the version it names
     after_reload = [r.json()["version"] for sent, _, r in answers if swapped < sent < moved_back]
     assert after_reload and set(after_reload) == {"2"}  # nothing sent after the reload's answer met v1
+
+
+@contextlib.contextmanager
+def load_in_background(client_loop, n: int):
+    """n threads running client_loop(seed, stop) while the block runs; stopped on leaving it, however it is
+    left; their errors are raised at the end."""
+    stop = threading.Event()
+    with ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(client_loop, seed, stop) for seed in range(n)]
+        try:
+            yield
+        finally:
+            stop.set()
+    for f in futures:
+        f.result()
 
 
 def wait_for_answers(answers: list, n: int, timeout: float = 180) -> None:
@@ -456,10 +467,10 @@ def test_kill_9_under_load_loses_no_acknowledged_record(registry, good_files, tm
                          "--database", f"sqlite:///{db}"], tmp_path)
     acknowledged, names = [], [n for n in good_files if n.endswith(".jpg")]
 
-    def client_loop(seed):
+    def client_loop(seed, stop):
         rng = random.Random(seed)
         with contextlib.suppress(httpx.TransportError), srv.client() as c:
-            while True:
+            while not stop.is_set():
                 name = rng.choice(names)
                 r = c.post("/v1/predict", files={"files": (name, good_files[name])})
                 if r.status_code == 200:
@@ -467,9 +478,7 @@ def test_kill_9_under_load_loses_no_acknowledged_record(registry, good_files, tm
 
     try:
         srv.wait_ready()
-        with ThreadPoolExecutor(8) as pool:
-            for seed in range(8):
-                pool.submit(client_loop, seed)
+        with load_in_background(client_loop, 8):
             wait_for_answers(acknowledged, 60)
             srv.kill9()  # mid-load: requests are in flight in both workers
     finally:
