@@ -226,7 +226,15 @@ def add_operation_routes(app: FastAPI, service: Service, token: str | None) -> N
         """Load the version the alias points at now, warm it up and swap it in; answers once it serves."""
         if token is None:
             raise HTTPException(403, "admin endpoints need a token: start the server with --token-file")
-        identity, changed = await service.reload()
+        try:
+            identity, changed = await service.reload()
+        except UserError:
+            raise
+        except Exception as exc:  # a download or a load failed: the old version goes on serving
+            log.error("reload failed", exc_info=exc)
+            current = service.model.version if service.model else "none"
+            raise HTTPException(503, f"the new version could not be loaded ({type(exc).__name__}); still serving "
+                                     f"v{current}") from None
         return {"model": identity["model"], "version": identity["version"], "alias": identity["alias"],
                 "changed": changed}
 
