@@ -323,6 +323,7 @@ def test_token_guards_every_endpoint_but_the_health_checks(server, registry, goo
         wrong = anon.post("/v1/predict", files=files, headers={"Authorization": "Bearer not-the-token-at-all"})
         assert wrong.status_code == 401 and wrong.headers["www-authenticate"].startswith("Bearer")
         assert anon.get("/healthz").status_code == 200 and anon.get("/readyz").status_code == 200
+        assert "access-control-allow-origin" not in anon.get("/healthz", headers={"Origin": "http://x"}).headers
     with server.client() as c:
         assert c.get("/docs").status_code == 200
         assert c.post("/admin/reload").json() == {"model": MODEL, "version": "1", "alias": "staging", "changed": False}
@@ -520,7 +521,8 @@ def test_an_extension_plugs_its_routes_hooks_and_tables_into_the_same_server(reg
 
     token_file, _ = write_token(tmp_path)
     args = serve.get_args_parser().parse_args(list(map(str, [*store_args(registry), "--token-file", token_file,
-                                                            "--database", f"sqlite:///{tmp_path / 'a.db'}"])))
+                                                            "--database", f"sqlite:///{tmp_path / 'a.db'}",
+                                                            "--cors-origin", "https://viewer.example"])))
     router, started = APIRouter(), []
     router.add_api_route("/page/hello", lambda: {"hello": "reviewer"})
     verdicts = Migration(1, "verdicts", lambda conn: conn.execute(text("CREATE TABLE v (i INT)")))
@@ -536,6 +538,9 @@ def test_an_extension_plugs_its_routes_hooks_and_tables_into_the_same_server(reg
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
             assert c.get("/page/hello").json() == {"hello": "reviewer"}  # its own login, not the bearer token
             assert c.get("/v1/model").status_code == 401
+            preflight = c.options("/v1/predict", headers={"Origin": "https://viewer.example",
+                                                          "Access-Control-Request-Method": "POST"})
+            assert preflight.headers["access-control-allow-origin"] == "https://viewer.example"  # --cors-origin
         assert started == [app.state.service]
         assert audit_rows(tmp_path / "a.db", "SELECT component, version FROM schema_versions ORDER BY 1") == [
             ("page", 1), ("serving", 1)]
