@@ -265,6 +265,27 @@ class RegistrySection(Section):
     promote_on: Literal["point", "ci_lower"] = "point"  # judge promotion on the point estimate or the CI's lower bound
 
 
+class ServingSection(Section):
+    """serve.py: where it listens, how it batches, what it refuses, where it keeps the audit trail."""
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    workers: PositiveInt = 1
+    token_file: Optional[str] = None       # required for any address other than loopback
+    database_url: str = "sqlite:///audit.db"
+    audit_fsync: bool = True               # sqlite: fsync each commit (survives a power cut; else a kill -9 only)
+    max_batch: PositiveInt = 16            # images per ONNX Runtime call
+    max_wait_ms: NonNegativeFloat = 5.0    # how long a batch waits for more requests
+    queue_size: PositiveInt = 64           # requests in the server at once; more get 503 + Retry-After
+    max_upload_mb: PositiveFloat = 32.0    # the whole request body
+    max_files: PositiveInt = 16            # files per request
+    max_images: PositiveInt = 64           # images per request (a multi-frame DICOM counts its frames)
+    request_timeout_s: PositiveFloat = 30.0  # the whole body must arrive within this
+    header_timeout_s: PositiveFloat = 10.0   # the request line and headers must arrive within this
+    poll_seconds: NonNegativeFloat = 30.0  # how often the alias is checked for a new version (0: never)
+    decode_threads: Optional[PositiveInt] = None  # None: usable cores
+    cors_origins: list[str] = []           # none: CORS off
+
+
 class ExperimentsSection(Section):
     models: list[str] = ["resnet18", "efficientnet_b0", "swin_t", "vit_b_16"]
     # A short comparison by default, as the original's (5 epochs for CNNs, 3 for transformers); null: train.epochs
@@ -294,6 +315,7 @@ class Config(Section):
     evaluation: EvaluationSection = EvaluationSection()
     registry: RegistrySection = RegistrySection()
     experiments: ExperimentsSection = ExperimentsSection()
+    serving: ServingSection = ServingSection()
     demo: DemoSection = DemoSection()
     pacs: PacsSection = PacsSection()
     images: ImagesSection = ImagesSection()

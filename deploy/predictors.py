@@ -98,13 +98,16 @@ class OnnxPredictor(Predictor):
     """One ONNX Runtime session, created once and reused for every prediction."""
 
     def __init__(self, onnx_path: str | Path, contract: Contract | None = None,
-                 providers: list[str] | None = None, threads: int | None = None):
+                 providers: list[str] | None = None, threads: int | None = None,
+                 session_config: dict[str, str] | None = None):
         import onnxruntime as ort
 
         self.onnx_path = Path(onnx_path)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = int(threads)
+        for key, value in (session_config or {}).items():  # e.g. {"session.intra_op.allow_spinning": "0"}
+            options.add_session_config_entry(key, value)
         self.session = ort.InferenceSession(str(self.onnx_path), sess_options=options,
                                             providers=providers or default_providers())
         if contract is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from benchmarks import bench_data, bench_inference, bench_training
+from benchmarks import bench_data, bench_inference, bench_serving, bench_training
 
 
 def run_smoke(module, tmp_path, capsys, *extra) -> dict:
@@ -41,3 +41,11 @@ def test_data_smoke(tmp_path, capsys):
         assert results[f"stats@{scale}"]["rate_cold"]["median"] > 0
         assert results[f"evaluate@{scale}"]["n_images"] > 0
     assert results["stats_memory_10x_vs_1x"] > 0
+
+
+def test_serving_smoke(tmp_path, capsys):
+    results = run_smoke(bench_serving, tmp_path, capsys)
+    assert [r["clients"] for r in results["server"]] == [1, 4]
+    assert all(r["ok"] == r["answers"] > 0 and r["errors"] == 0 for r in results["server"] + results["mlflow"])
+    assert results["onnx_limit"]["per_s"] > 0 and results["offline"]["median_ms"] > 0
+    assert results["memory"]["server_tracebacks"] == 0

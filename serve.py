@@ -1,0 +1,81 @@
+"""Serve a registered model over HTTP: predictions, Grad-CAM, the model card, metrics, and an audit log.
+
+    python serve.py --model brain-cancer-resnet18 --alias production          # http://127.0.0.1:8000
+    python serve.py --model brain-cancer-resnet18 --host 0.0.0.0 --token-file /etc/mri/token --workers 2
+    curl -F files=@scan.jpg http://127.0.0.1:8000/v1/predict
+
+The ONNX flavor runs in ONNX Runtime (PyTorch only for /v1/explain). Every prediction is committed to the audit
+database (--database, sqlite by default) before it is answered. Any address other than loopback needs
+--token-file. Other settings: --set serving.KEY=VALUE (config/config.yaml, section serving).
+A first word that names a subcommand runs it instead (python serve.py SUBCOMMAND --help).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from core.cli import add_common_args, config_from_args, run
+from deploy.registry import PRODUCTION, validate_alias
+from serving.options import ServeOptions
+from serving.runner import run_server
+
+# name -> (get_args_parser, main): `python serve.py NAME ...` runs it; anything else runs the server.
+SUBCOMMANDS: dict[str, tuple[Callable[[], argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Serve a registered model over HTTP (FastAPI + uvicorn), with an "
+                                            "audit log of every prediction")
+    add_common_args(p, model=False)
+    p.add_argument("--model", dest="registered_model", required=True,
+                   help="registered model, e.g. brain-cancer-resnet18")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--alias", default=None, help="serve the version this alias points at, and follow it "
+                                                     f"(default: {PRODUCTION})")
+    which.add_argument("--version", default=None, help="serve this version number, pinned")
+    p.add_argument("--flavor", default="auto", help="auto (ONNX when registered), onnx, pytorch, or another "
+                                                    "flavor the registry holds for the version")
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1; others need --token-file)")
+    p.add_argument("--port", type=int, default=None, help="default 8000")
+    p.add_argument("--workers", type=int, default=None, help="server processes (default 1)")
+    p.add_argument("--token-file", default=None, metavar="FILE",
+                   help="a file holding the bearer token every client must send (all paths but /healthz, /readyz)")
+    p.add_argument("--database", default=None, metavar="URL",
+                   help="audit database URL (default sqlite:///audit.db; postgresql+psycopg://... for several "
+                        "servers)")
+    p.add_argument("--max-batch", type=int, default=None, help="images per model call (default 16)")
+    p.add_argument("--max-wait-ms", type=float, default=None, help="how long a batch waits for more (default 5)")
+    p.add_argument("--queue-size", type=int, default=None,
+                   help="requests in the server at once; more get 503 + Retry-After (default 64)")
+    p.add_argument("--poll-seconds", type=float, default=None,
+                   help="check the alias for a new version this often (default 30; 0: never)")
+    p.add_argument("--cors-origin", action="append", default=None, metavar="URL",
+                   help="allow browser calls from this origin (repeatable; default: CORS off)")
+    return p
+
+
+def options_from_args(args) -> ServeOptions:
+    flags = {"host": args.host, "port": args.port, "workers": args.workers, "token_file": args.token_file,
+             "database_url": args.database, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
+             "queue_size": args.queue_size, "poll_seconds": args.poll_seconds, "cors_origins": args.cors_origin}
+    cfg = config_from_args(args, **{f"serving.{k}": v for k, v in flags.items()})
+    alias = None if args.version is not None else validate_alias(args.alias) or PRODUCTION
+    return ServeOptions(cfg.to_dict(), args.registered_model, alias, args.version, args.flavor)
+
+
+def main(args) -> int:
+    run_server(options_from_args(args))
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBCOMMANDS:
+        parser, command = SUBCOMMANDS[argv[0]]
+        run(command, parser(), argv[1:])
+    run(main, get_args_parser(), argv)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,214 @@
+"""The audit database: every prediction the server answers is committed here first.
+
+SQLAlchemy 2 on any database URL: sqlite (WAL, synchronous=FULL: a committed row survives a kill -9 and a
+power cut) by default, PostgreSQL when several servers share one log. One writer thread commits the rows of
+all requests waiting at that moment in one transaction (group commit), then releases their answers.
+
+The schema has a version per component (`schema_versions`): serving owns `predictions`; the review page and
+the DICOM receiver add their own tables and columns as migrations of their own components
+(`migrate(engine, {"review": [...]})`), and a database newer than the code is refused.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Engine,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from core.errors import UserError
+
+log = logging.getLogger("serving.audit")
+metadata = MetaData()
+
+schema_versions = Table(
+    "schema_versions", metadata,
+    Column("component", String(64), primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("applied_at", DateTime(timezone=True), nullable=False),
+)
+
+predictions = Table(
+    "predictions", metadata,
+    Column("id", String(32), primary_key=True),               # uuid4 hex: unique across servers
+    Column("request_id", String(32), nullable=False, index=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("source", String(32), nullable=False),             # api | review | dicom
+    Column("client", String(255)),                            # address (or AE title) that sent the image
+    Column("case_id", String(64), index=True),                # the review page's case, when there is one
+    Column("study_uid", String(64), index=True),              # DICOM Study/Series/SOP Instance UIDs
+    Column("series_uid", String(64)),
+    Column("sop_instance_uid", String(64), index=True),
+    Column("frame", Integer),                                 # 1-based frame of a multi-frame file
+    Column("filename", String(255)),                          # the upload's own name, as sent (never a path here)
+    Column("input_sha256", String(64), nullable=False, index=True),
+    Column("model_name", String(255), nullable=False),
+    Column("model_version", String(32), nullable=False),
+    Column("model_alias", String(255)),
+    Column("flavor", String(32), nullable=False),
+    Column("predicted_class", String(255), nullable=False),
+    Column("confidence", Float, nullable=False),
+    Column("output_json", Text, nullable=False),              # the answer's record: probabilities, class index ...
+    Column("latency_ms", Float, nullable=False),
+    Column("pixels_ref", String(512)),                        # where a storage hook kept the upload (default none)
+)
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    describe: str
+    apply: Callable[[Connection], None]
+
+
+SERVING_MIGRATIONS = (Migration(1, "predictions", lambda conn: predictions.create(conn, checkfirst=True)),)
+
+
+def _sqlite_pragmas(fsync: bool):
+    def on_connect(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+        # FULL: the WAL is fsynced at each commit (a power cut loses nothing acknowledged); NORMAL: the commit
+        # is in the OS's hands (a killed process loses nothing, a power cut may lose the last commits)
+        cursor.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+        cursor.execute("PRAGMA busy_timeout=30000")  # several worker processes share the file
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+    return on_connect
+
+
+def make_engine(url: str, fsync: bool = True) -> Engine:
+    """An engine on the audit database; a sqlite file is created readable by its owner only."""
+    try:
+        parsed = make_url(url)
+    except Exception:
+        raise UserError(f"serving.database_url {url!r} is not a database URL (e.g. sqlite:///audit.db)") from None
+    if parsed.get_backend_name() == "sqlite":
+        if not parsed.database or parsed.database == ":memory:":
+            raise UserError("the audit database must be a file (sqlite:///audit.db), not in memory")
+        path = Path(parsed.database)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))  # file names and UIDs are patient data
+        engine = create_engine(url, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas(fsync))
+        return engine
+    try:
+        return create_engine(url, pool_pre_ping=True)
+    except Exception as exc:  # e.g. a PostgreSQL URL without its driver installed
+        raise UserError(f"cannot open the audit database: {type(exc).__name__}: {exc}") from None
+
+
+def migrate(engine: Engine, components: dict[str, Iterable[Migration]] | None = None) -> dict[str, int]:
+    """Bring each component's tables to its latest version; returns {component: version}."""
+    wanted = {"serving": SERVING_MIGRATIONS, **(components or {})}
+    try:
+        with engine.begin() as conn:
+            schema_versions.create(conn, checkfirst=True)
+        return {name: _migrate_component(engine, name, tuple(steps)) for name, steps in wanted.items()}
+    except SQLAlchemyError as exc:
+        raise UserError(f"audit database {engine.url.render_as_string(hide_password=True)}: "
+                        f"{str(exc).splitlines()[0]}") from None
+
+
+def _migrate_component(engine: Engine, component: str, steps: tuple[Migration, ...]) -> int:
+    latest = max(step.version for step in steps)
+    with engine.begin() as conn:
+        current = conn.execute(select(schema_versions.c.version)
+                               .where(schema_versions.c.component == component)).scalar()
+        if current is not None and current > latest:
+            raise UserError(f"the audit database holds {component} schema v{current}, newer than this toolkit's "
+                            f"v{latest}: upgrade the toolkit")
+        for step in sorted(steps, key=lambda s: s.version):
+            if step.version > (current or 0):
+                log.info("audit database: %s v%d (%s)", component, step.version, step.describe)
+                step.apply(conn)
+        row = {"version": latest, "applied_at": datetime.now(timezone.utc)}
+        if current is None:
+            conn.execute(insert(schema_versions).values(component=component, **row))
+        elif current < latest:
+            conn.execute(update(schema_versions).where(schema_versions.c.component == component).values(**row))
+    return latest
+
+
+class AuditUnavailable(Exception):
+    """The record could not be committed: the answer must not be sent as a success."""
+
+
+class AuditLog:
+    """Group commit on one writer thread: `await write(rows)` returns once the rows are committed."""
+
+    def __init__(self, engine: Engine, table: Table = predictions, max_rows: int = 512):
+        self.engine, self.table, self.max_rows = engine, table, max_rows
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, rows: list[dict]) -> concurrent.futures.Future:
+        """Queue rows for the next commit; the future resolves when they are on disk (from any thread)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((rows, future))
+        return future
+
+    async def write(self, rows: list[dict]) -> None:
+        await asyncio.wrap_future(self.submit(rows))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            pending, stop = [first], False
+            while sum(len(rows) for rows, _ in pending) < self.max_rows:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                pending.append(item)
+            self._commit(pending)
+            if stop:
+                return
+
+    def _commit(self, pending: list) -> None:
+        try:
+            columns = [c.name for c in self.table.columns]  # an executemany compiles from the first row's keys
+            rows = [{c: row.get(c) for c in columns} for batch, _ in pending for row in batch]
+            with self.engine.begin() as conn:
+                conn.execute(insert(self.table), rows)
+        except Exception as exc:  # the database is down or full: no answer may claim a record
+            log.error("audit database write failed: %s", str(exc).splitlines()[0])
+            for _, future in pending:
+                future.set_exception(AuditUnavailable(f"audit database unavailable ({type(exc).__name__})"))
+            return
+        for _, future in pending:
+            future.set_result(None)

@@ -1,0 +1,145 @@
+"""What every request passes before any work is done for it: the token, the queue, the body's size and deadline.
+
+A pure ASGI middleware, so a refused request costs no body read and no form parsing:
+- the bearer token (when the server has one) on every path except the health checks and the paths an
+  extension authenticates itself (a login page);
+- admission: requests that run the model count against `queue_size`; beyond it, 503 with Retry-After;
+- the body: a Content-Length above the cap is refused at once (413); a body that grows past it while
+  streaming (413) or does not arrive within `request_timeout_s` (408) stops the request.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from starlette.exceptions import HTTPException
+
+from core.errors import UserError
+
+PUBLIC_PATHS = ("/healthz", "/readyz")
+
+
+@dataclass
+class GuardPolicy:
+    token: str | None
+    max_body_bytes: int
+    request_timeout_s: float
+    admitted_prefixes: tuple[str, ...]     # paths that run the model: they take a place in the queue
+    exempt_prefixes: tuple[str, ...] = ()  # paths with their own authentication
+
+
+def bearer_ok(headers: dict[bytes, bytes], token: str) -> bool:
+    scheme, _, value = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+
+
+async def send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            (b"connection", b"close"), *headers]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class Guard:
+    """ASGI middleware; `admission` is the service's (enter, leave, retry_after_s, count_error) set."""
+
+    def __init__(self, app, policy: GuardPolicy, admission: Admission):
+        self.app, self.policy, self.admission = app, policy, admission
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, p = scope["path"], self.policy
+        headers = dict(scope["headers"])
+        exempt = path in PUBLIC_PATHS or path.startswith(p.exempt_prefixes) or scope["method"] == "OPTIONS"
+        if p.token and not exempt and not bearer_ok(headers, p.token):
+            self.admission.count_error("unauthorized")
+            return await send_json(send, 401, {"detail": "missing or wrong bearer token"},
+                                   [(b"www-authenticate", b'Bearer realm="brain-mri"')])
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > p.max_body_bytes:
+            self.admission.count_error("too_large")
+            return await send_json(send, 413, {"detail": f"request body over the {p.max_body_bytes:,} byte limit"})
+        receive = self._bounded(receive) if scope["method"] in ("POST", "PUT", "PATCH") else receive
+        if not path.startswith(p.admitted_prefixes):
+            return await self.app(scope, receive, send)
+        if not self.admission.enter():
+            self.admission.count_error("overloaded")
+            retry = str(max(1, math.ceil(self.admission.retry_after_s()))).encode()
+            return await send_json(send, 503, {"detail": "the server is at its queue limit; retry later"},
+                                   [(b"retry-after", retry)])
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.admission.leave()
+
+    def _bounded(self, receive):
+        """receive() with the body's size cap and its deadline (raised as HTTP errors the app answers)."""
+        p = self.policy
+        deadline = time.monotonic() + p.request_timeout_s
+        state = {"bytes": 0, "done": False}
+
+        async def bounded_receive():
+            if state["done"]:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                self.admission.count_error("timeout")
+                raise HTTPException(408, f"request body not received within {p.request_timeout_s:g} s") from None
+            if message["type"] == "http.request":
+                state["bytes"] += len(message.get("body", b""))
+                state["done"] = not message.get("more_body", False)
+                if state["bytes"] > p.max_body_bytes:
+                    self.admission.count_error("too_large")
+                    raise HTTPException(413, f"request body over the {p.max_body_bytes:,} byte limit")
+            return message
+
+        return bounded_receive
+
+
+@dataclass
+class Admission:
+    """The queue's bookkeeping, kept by the service; the guard only asks."""
+    enter: Callable[[], bool]
+    leave: Callable[[], None]
+    retry_after_s: Callable[[], float]
+    count_error: Callable[[str], None]
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost: the only addresses served without a token."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(path: str | None) -> str | None:
+    """The bearer token in a file (never on the command line, where `ps` shows it); at least 16 characters."""
+    if path is None:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise UserError(f"cannot read the token file {path}: {exc.strerror}") from None
+    if len(token) < 16 or any(c.isspace() for c in token):
+        raise UserError(f"the token in {path} must be one word of at least 16 characters "
+                        "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))' > token)")
+    return token
+
+
+def check_bind(host: str, token_file: str | None) -> None:
+    if not is_loopback(host) and not token_file:
+        raise UserError(f"--host {host} is reachable from other machines: give --token-file FILE (a bearer token "
+                        "every client must send), or bind 127.0.0.1 behind a reverse proxy")

@@ -1,0 +1,52 @@
+"""Start uvicorn on the app: the checks a server makes before it opens a port, then one or N worker processes."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+from sqlalchemy.engine import make_url
+
+from deploy.registry import connect, resolve_version
+from serving.app import load_extensions
+from serving.audit import make_engine, migrate
+from serving.guard import check_bind, read_token
+from serving.options import ServeOptions
+
+
+def preflight(options: ServeOptions) -> None:
+    """Fail before the port opens, with one line: an exposed bind without a token, an unreadable token,
+    a model or alias the registry does not have, an audit database that cannot be opened or migrated."""
+    cfg = options.cfg
+    check_bind(cfg.serving.host, cfg.serving.token_file)
+    read_token(cfg.serving.token_file)
+    spec = options.spec
+    resolve_version(connect(cfg.monitoring.mlflow), spec.name, spec.alias, spec.version)
+    engine = make_engine(cfg.serving.database_url, cfg.serving.audit_fsync)
+    try:  # once here, so N workers do not race to create the tables
+        migrate(engine, {k: v for ext in load_extensions(options) for k, v in ext.migrations.items()})
+    finally:
+        engine.dispose()
+
+
+def run_server(options: ServeOptions) -> None:
+    import uvicorn
+
+    s = options.cfg.serving
+    preflight(options)
+    options.to_env()
+    metrics_dir = None
+    if s.workers > 1:  # the workers' Prometheus samples meet in one folder
+        metrics_dir = tempfile.mkdtemp(prefix="brain-mri-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    where = f"@{options.spec.alias}" if options.spec.alias else f"v{options.spec.version}"
+    print(f"🧠 Serving {options.model} {where} on http://{s.host}:{s.port} (API docs: /docs; "
+          f"{s.workers} worker(s); token: {'required' if s.token_file else 'none, loopback only'})", flush=True)
+    print(f"🗄️  Audit log: {make_url(s.database_url).render_as_string(hide_password=True)}", flush=True)
+    try:
+        uvicorn.run("serving.app:app_from_environment", factory=True, host=s.host, port=s.port, workers=s.workers,
+                    http="serving.http:HeaderTimeoutProtocol", ws="none", lifespan="on", server_header=False,
+                    timeout_keep_alive=5, timeout_graceful_shutdown=30, log_level="info")
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)

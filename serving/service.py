@@ -1,0 +1,288 @@
+"""The prediction service behind every entry point (the HTTP API, the review page, the DICOM receiver).
+
+One model version is current. A request binds to it when it starts and is answered by it, even when a new
+version is swapped in meanwhile (the old one is released once its last request is answered). Files are
+decoded on a thread pool, their images join a micro-batch, and every prediction is committed to the audit
+database before the answer is returned.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from data.cache import usable_cpus
+from data.images import frame_name
+from deploy.predictors import prediction_record
+from deploy.registry import connect, resolve_version
+from serving.audit import AuditLog, AuditUnavailable
+from serving.batcher import MicroBatcher
+from serving.guard import Admission
+from serving.metrics import Metrics
+from serving.model import ServedModel, load_served_model
+from serving.options import ServeOptions
+from serving.uploads import DecodedFile, Upload, UploadError, decode_upload
+
+log = logging.getLogger("serving")
+
+
+@dataclass
+class RequestContext:
+    """Who asked, through which door, for which case (the review page and the DICOM receiver set the last)."""
+    client: str | None
+    source: str = "api"
+    case_id: str | None = None
+    started: float | None = None  # perf_counter() when the request arrived
+
+
+@dataclass
+class Answer:
+    status: int
+    body: dict
+    records: list[dict]
+
+
+class NotReady(Exception):
+    """No model is loaded yet (or loading failed): 503 until one is."""
+
+
+# A storage hook: (decoded file, its bytes, the request) -> a reference kept in the audit row, or None.
+PixelStore = Callable[[DecodedFile, bytes, RequestContext], "str | None"]
+
+
+class Service:
+    def __init__(self, options: ServeOptions, audit: AuditLog, metrics: Metrics, pixel_store: PixelStore | None = None):
+        self.options, self.cfg = options, options.cfg
+        self.settings, self.spec = self.cfg.serving, options.spec
+        self.audit, self.metrics, self.pixel_store = audit, metrics, pixel_store
+        self.client = connect(self.cfg.monitoring.mlflow)
+        self.root = Path(tempfile.mkdtemp(prefix="brain-mri-serve-"))  # 0700: uploads and model files
+        (self.root / "uploads").mkdir()
+        self.decode_pool = ThreadPoolExecutor(self.settings.decode_threads or usable_cpus(), "decode")
+        self.model_pool = ThreadPoolExecutor(1, "model")      # one batch at a time: the runtime uses every core
+        self.explain_pool = ThreadPoolExecutor(1, "gradcam")
+        self.model: ServedModel | None = None
+        self.failure: str | None = "loading"
+        self.in_flight = self.decoding = 0
+        self.seconds_per_image = 0.05  # running estimate for Retry-After
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._reload_lock: asyncio.Lock | None = None
+        self._watcher: asyncio.Task | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()  # threads (a DICOM receiver) submit work with run_coroutine_threadsafe
+        self._reload_lock = asyncio.Lock()
+        self._watcher = asyncio.get_running_loop().create_task(self._keep_current())
+
+    async def stop(self) -> None:
+        if self._watcher:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        if self.model and self.model.batcher:
+            await self.model.batcher.close()
+        for pool in (self.decode_pool, self.model_pool, self.explain_pool):
+            pool.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    async def _keep_current(self) -> None:
+        """Load the model, then follow the alias: every poll_seconds, a new version is loaded and swapped in."""
+        poll = self.settings.poll_seconds
+        while True:
+            try:
+                await self.reload()
+            except Exception as exc:  # the registry is unreachable or the version cannot load: keep serving
+                self.failure = str(exc).splitlines()[0] if self.model is None else None
+                log.error("cannot load %s: %s", self.spec.name, str(exc).splitlines()[0])
+            if self.model is not None and (poll == 0 or self.spec.version is not None):
+                return
+            await asyncio.sleep(poll or 10.0)
+
+    async def reload(self) -> tuple[dict, bool]:
+        """(identity of the version now served, whether it changed): resolve the alias, load, warm up, swap."""
+        async with self._reload_lock:
+            mv = await asyncio.to_thread(resolve_version, self.client, self.spec.name, self.spec.alias,
+                                         self.spec.version)
+            if self.model is not None and str(mv.version) == self.model.version:
+                return self.model.identity(), False
+            new = await asyncio.to_thread(load_served_model, self.client, self.spec, mv, self.root / "models",
+                                          self.cfg.monitoring.mlflow.tracking_uri, self.settings.max_batch)
+            self._install(new)
+            return new.identity(), True
+
+    def _install(self, new: ServedModel) -> None:
+        new.batcher = MicroBatcher(new.predictor.predict_array, self.model_pool, self.settings.max_batch,
+                                   self.settings.max_wait_ms / 1000, lambda: self.decoding, self._on_batch)
+        old, self.model, self.failure = self.model, new, None
+        self.metrics.set_model(new.identity(), old.identity() if old else None)
+        if old is not None:
+            self.metrics.reloads.inc()
+            log.info("now serving %s v%s (was v%s)", new.mv.name, new.version, old.version)
+            old.retired = True
+            if old.users == 0:
+                asyncio.get_running_loop().create_task(self._release(old))
+
+    async def _release(self, model: ServedModel) -> None:
+        await model.batcher.close()
+        await asyncio.to_thread(model.discard)
+
+    @contextlib.contextmanager
+    def _using(self):
+        """The current version, held until the request is answered."""
+        model = self.model
+        if model is None:
+            raise NotReady(self.failure or "loading")
+        model.users += 1
+        try:
+            yield model
+        finally:
+            model.users -= 1
+            if model.users == 0 and model.retired:
+                asyncio.get_running_loop().create_task(self._release(model))
+
+    def _on_batch(self, images: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(images)
+        self.metrics.inference.observe(seconds)
+        self.seconds_per_image = 0.9 * self.seconds_per_image + 0.1 * seconds / max(images, 1)
+
+    # ---- admission (asked by serving.guard before the body is read) --------------------------------
+    def admission(self) -> Admission:
+        return Admission(self._enter, self._leave, lambda: self.in_flight * self.seconds_per_image,
+                         lambda kind: self.metrics.errors.labels(kind).inc())
+
+    def _enter(self) -> bool:
+        if self.in_flight >= self.settings.queue_size:
+            return False
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        return True
+
+    def _leave(self) -> None:
+        self.in_flight -= 1
+        self.metrics.in_flight.dec()
+
+    def status(self) -> dict:
+        if self.model is None:
+            return {"ready": False, "reason": self.failure or "loading"}
+        return {"ready": True, **self.model.identity()}
+
+    # ---- prediction --------------------------------------------------------------------------------
+    def _decode(self, upload: Upload, model: ServedModel, ctx: RequestContext, keep: bool = False) -> DecodedFile:
+        decoded = decode_upload(upload, model.predictor, self.root / "uploads", self.settings.max_images, keep)
+        decoded.pixels_ref = self.pixel_store(decoded, upload.data, ctx) if self.pixel_store else None
+        return decoded
+
+    async def _decode_all(self, uploads: list[Upload], model: ServedModel, ctx: RequestContext,
+                          keep: bool = False) -> tuple[list[DecodedFile], list[UploadError]]:
+        loop = asyncio.get_running_loop()
+        self.decoding += 1
+        try:
+            results = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, self._decode, u, model, ctx, keep)
+                                             for u in uploads), return_exceptions=True)
+        finally:
+            self.decoding -= 1
+        for r in results:
+            if not isinstance(r, (DecodedFile, UploadError)):
+                raise r
+        good = [r for r in results if isinstance(r, DecodedFile)]
+        errors = [r for r in results if isinstance(r, UploadError)]
+        for e in errors:
+            self.metrics.errors.labels(e.kind).inc()
+        n_images = sum(len(d.x) for d in good)
+        if n_images > self.settings.max_images:
+            self.metrics.errors.labels("too_many_images").inc()
+            raise UploadError(413, "too_many_images", f"{n_images} images in one request, over the limit of "
+                                                      f"{self.settings.max_images}")
+        return good, errors
+
+    async def predict(self, uploads: list[Upload], ctx: RequestContext) -> Answer:
+        """Decode, batch, record, answer: 200 with a record per image (and any per-file errors), or the
+        first file's 4xx when no file could be read."""
+        started = ctx.started or time.perf_counter()
+        request_id = uuid.uuid4().hex
+        with self._using() as model:
+            good, errors = await self._decode_all(uploads, model, ctx)
+            head = {"request_id": request_id, **model.identity()}
+            problems = [{"file": e.reason.split(": ", 1)[0], "error": e.reason, "status": e.status} for e in errors]
+            if not good:
+                return Answer(errors[0].status, {**head, "detail": errors[0].reason, "errors": problems}, [])
+            probs = await model.batcher.submit(np.concatenate([d.x for d in good]))
+            records, rows = self._records(good, probs, model, ctx, request_id, started)
+            await self._commit(rows)
+        body = {**head, "contract": model.contract(), "predictions": records, "errors": problems}
+        return Answer(200, body, records)
+
+    def _records(self, good: list[DecodedFile], probs: np.ndarray, model: ServedModel, ctx: RequestContext,
+                 request_id: str, started: float) -> tuple[list[dict], list[dict]]:
+        """The answer's records and the audit rows, one per image."""
+        now, latency_ms = datetime.now(timezone.utc), (time.perf_counter() - started) * 1000
+        ident, records, rows, offset = model.identity(), [], [], 0
+        for d in good:
+            for frame in d.frames:
+                base = prediction_record(d.filename, probs[offset], model.predictor.class_names)
+                record = {"record_id": uuid.uuid4().hex, "file": base.pop("path"), "frame": frame,
+                          "sha256": d.sha256, **base}
+                records.append(record)
+                self.metrics.predictions.labels(record["predicted_class"]).inc()
+                rows.append({"id": record["record_id"], "request_id": request_id, "created_at": now,
+                             "source": ctx.source, "client": ctx.client, "case_id": ctx.case_id, **d.dicom,
+                             "frame": frame, "filename": d.filename, "input_sha256": d.sha256,
+                             "model_name": ident["model"], "model_version": ident["version"],
+                             "model_alias": ident["alias"], "flavor": ident["flavor"],
+                             "predicted_class": record["predicted_class"], "confidence": record["confidence"],
+                             "output_json": json.dumps({**record, "medical_validation": ident["medical_validation"],
+                                                        "forced": ident["forced"]}),
+                             "latency_ms": latency_ms, "pixels_ref": d.pixels_ref})
+                offset += 1
+        return records, rows
+
+    async def _commit(self, rows: list[dict]) -> None:
+        try:
+            await self.audit.write(rows)
+        except AuditUnavailable:
+            self.metrics.errors.labels("audit_unavailable").inc()
+            raise
+
+    # ---- Grad-CAM ----------------------------------------------------------------------------------
+    async def explain(self, upload: Upload, frame: int, ctx: RequestContext) -> tuple[bytes, dict]:
+        """(PNG of the Grad-CAM overlay of the predicted class, the audited record) for one image or frame."""
+        started = ctx.started or time.perf_counter()
+        request_id = uuid.uuid4().hex
+        with self._using() as model:
+            good, errors = await self._decode_all([upload], model, ctx, keep=True)
+            if errors:
+                raise errors[0]
+            d = good[0]
+            try:
+                if frame not in (d.frames if d.frames != [None] else [1]):
+                    raise UploadError(422, "bad_frame", f"{d.filename}: has {len(d.frames)} frame(s), no frame {frame}")
+                k = d.frames.index(frame) if d.frames != [None] else 0
+                d.x, d.frames = d.x[k:k + 1], d.frames[k:k + 1]
+                probs = await model.batcher.submit(d.x)
+                records, rows = self._records([d], probs, model, ctx, request_id, started)
+                await self._commit(rows)
+                png = await asyncio.get_running_loop().run_in_executor(
+                    self.explain_pool, self._gradcam, model, d, records[0]["class_index"])
+            finally:
+                d.path.unlink(missing_ok=True)
+        return png, {"request_id": request_id, **model.identity(), **records[0]}
+
+    def _gradcam(self, model: ServedModel, d: DecodedFile, class_index: int) -> bytes:
+        torch_predictor = model.torch_predictor(self.client)
+        name = frame_name(d.path, d.frames[0])
+        with tempfile.TemporaryDirectory(dir=self.root) as out:
+            [png] = torch_predictor.gradcam([name], [class_index], Path(out))
+            return png.read_bytes()
