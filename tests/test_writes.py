@@ -155,7 +155,7 @@ def children_of(pid: int) -> list[int]:
 def test_sigterm_stops_the_running_child_and_the_summary_is_still_written(tmp_path, tiny_data):
     overlay = write_overlay(tmp_path, tiny_data, **{"train.epochs": 1000, "train.patience": 1000,
                                                     "monitoring.tensorboard": False})
-    argv = [sys.executable, "run_experiments.py", "--config", str(overlay), "--models", "resnet18", "--quiet"]
+    argv = [sys.executable, "run_experiments.py", "--config", str(overlay), "--models", "resnet18", "--full", "--quiet"]
     parent = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     log = tmp_path / "checkpoints" / "experiments" / "logs" / "resnet18_train.log"
