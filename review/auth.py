@@ -2,10 +2,12 @@
 HttpOnly SameSite=Strict cookie (only its sha256 is stored), and a CSRF token per session for every form."""
 from __future__ import annotations
 
+import getpass
 import hashlib
 import hmac
 import re
 import secrets
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -36,14 +38,24 @@ def check_name(name: str) -> str:
     return name
 
 
-def read_password_file(path: str) -> str:
-    """The password in a file (never on the command line, where `ps` and the shell history show it)."""
-    try:
-        password = open(path, encoding="utf-8").read().rstrip("\r\n")
-    except OSError as exc:
-        raise UserError(f"cannot read the password file {path}: {exc.strerror}") from None
+def read_password(path: str | None) -> str:
+    """The password in a file, or typed twice at a terminal; never on the command line, where `ps` and the
+    shell history show it."""
+    if path is None:
+        if not sys.stdin.isatty():
+            raise UserError("give --password-file FILE (or run at a terminal to type the password)")
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise UserError("the two passwords differ")
+        where = "the password"
+    else:
+        try:
+            password = open(path, encoding="utf-8").read().rstrip("\r\n")
+        except OSError as exc:
+            raise UserError(f"cannot read the password file {path}: {exc.strerror}") from None
+        where = f"the password in {path}"
     if len(password) < MIN_PASSWORD:
-        raise UserError(f"the password in {path} has {len(password)} characters; at least {MIN_PASSWORD} please")
+        raise UserError(f"{where} has {len(password)} characters; at least {MIN_PASSWORD} please")
     return password
 
 

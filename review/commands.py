@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from core.cli import add_common_args, config_from_args
-from review.auth import add_reviewer, read_password_file
+from review.auth import add_reviewer, read_password
 from review.cases import CaseFiles
 from review.export import GROUP_PATTERN, export_reviews
 from review.schema import MIGRATIONS
@@ -28,15 +28,16 @@ def add_reviewer_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="serve.py add-reviewer",
                                 description="Add a reviewer who may log in to the review page (serve.py --review)")
     p.add_argument("name", help="the reviewer's login name (letters, digits, . _ -)")
-    p.add_argument("--password-file", required=True, metavar="FILE",
-                   help="a file holding the password (at least 10 characters; never on the command line)")
+    p.add_argument("--password-file", default=None, metavar="FILE",
+                   help="a file holding the password (at least 10 characters); without it the password is typed "
+                        "at the terminal. Never on the command line")
     p.add_argument("--reset", action="store_true", help="set a new password for an existing reviewer")
     _database_args(p)
     return p
 
 
 def add_reviewer_main(args) -> int:
-    password = read_password_file(args.password_file)
+    password = read_password(args.password_file)
     _, engine = _engine(args)
     try:
         new = add_reviewer(engine, args.name, password, replace=args.reset)

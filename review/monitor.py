@@ -51,6 +51,11 @@ def recent_verdicts(engine: Engine, window: int) -> list[bool]:
     return out[:window]
 
 
+def _points(gap: float, worse: str, better: str, limit: float) -> str:
+    """A gap between two rates in percentage points, said in words, with its limit."""
+    return f"{abs(gap) * 100:.1f} points {worse if gap > 0 else better} (limit {limit * 100:g})"
+
+
 def _judge(n: int, limits: MonitorLimits, gap: float, limit: float) -> str:
     if n < limits.min_samples:
         return "too few"
@@ -80,7 +85,8 @@ def class_check(recent: list[dict], ref: dict[str, float] | None, limits: Monito
     worst = max(gaps, key=lambda c: abs(gaps[c]))
     return Check("Predicted classes", said, ", ".join(f"{c} {v:.0%}" for c, v in ref.items()), n,
                  _judge(n, limits, abs(gaps[worst]), limits.class_share),
-                 f"largest difference: {worst} {gaps[worst]:+.0%} (limit {limits.class_share:.0%})" if n else "")
+                 f"largest difference: {worst}, " + _points(gaps[worst], "more", "fewer", limits.class_share)
+                 if n else "")
 
 
 def confidence_check(recent: list[dict], ref_conf: list[float] | None, limits: MonitorLimits) -> Check:
@@ -92,7 +98,7 @@ def confidence_check(recent: list[dict], ref_conf: list[float] | None, limits: M
     ref_mean = float(np.mean(ref_conf))
     return Check("Top probability", said, f"mean {ref_mean:.1%}", n,
                  _judge(n, limits, ref_mean - mean if n else 0.0, limits.confidence_drop),
-                 f"lower by {ref_mean - mean:+.1%} (limit {limits.confidence_drop:.0%})" if n else "")
+                 _points(ref_mean - mean, "lower", "higher", limits.confidence_drop) if n else "")
 
 
 def refer_check(recent: list[dict], ref: dict | None, rule: ReferRule, limits: MonitorLimits) -> Check:
@@ -108,7 +114,7 @@ def refer_check(recent: list[dict], ref: dict | None, rule: ReferRule, limits: M
     basis = "" if dist and rule.limit is not None else " (top probability only: no intensity figures)"
     return Check("Refer rate", f"{rate:.0%}" if n else "none yet", f"{ref_rate:.0%}{basis}", n,
                  _judge(n, limits, rate - ref_rate, limits.refer_rate_rise),
-                 f"higher by {rate - ref_rate:+.0%} (limit {limits.refer_rate_rise:.0%})" if n else "")
+                 _points(rate - ref_rate, "higher", "lower", limits.refer_rate_rise) if n else "")
 
 
 def agreement_check(agreed: list[bool], evaluation: dict | None, limits: MonitorLimits) -> Check:
@@ -121,7 +127,7 @@ def agreement_check(agreed: list[bool], evaluation: dict | None, limits: Monitor
     return Check("Agreement with reviewers", said,
                  f"test accuracy {acc['value']:.1%} [{acc['ci_low']:.1%}, {acc['ci_high']:.1%}]", n,
                  _judge(n, limits, acc["value"] - rate if n else 0.0, limits.agreement_drop),
-                 f"lower by {acc['value'] - rate:+.1%} (limit {limits.agreement_drop:.0%})" if n else "")
+                 _points(acc["value"] - rate, "lower", "higher", limits.agreement_drop) if n else "")
 
 
 def _reference_confidences(ref: dict | None, rule: ReferRule) -> list[float] | None:

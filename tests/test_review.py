@@ -452,3 +452,49 @@ def test_export_reviews_is_a_training_set_train_py_reads(station, tiny_data, tmp
                                 "dataset.group_pattern=^([^_]+)_"]) == 0
     manifest = json.loads(next((tmp_path / "splits").glob("*.json")).read_text())
     assert sum(manifest["sizes"].values()) == len(written) - 1 and manifest["class_folders"] == sorted(truth.values())
+
+
+# ---- the monitoring panel's judgement ------------------------------------------------------------------------
+
+def test_the_monitoring_checks_warn_past_their_limits_and_only_with_enough_samples():
+    from core.config import MonitorLimits
+    from review.monitor import agreement_check, class_check, confidence_check, predicted_share, refer_check
+    from review.refer import ReferRule
+
+    limits = MonitorLimits(min_samples=10)
+    probs = json.dumps({"glioma": 0.5, "meningioma": 0.3, "pituitary": 0.2})
+    evaluation = {"accuracy": {"value": 0.95, "ci_low": 0.92, "ci_high": 0.98},
+                  "class_names": ["glioma", "meningioma", "pituitary"], "confusion_matrix": [[5, 0, 0], [1, 4, 0],
+                                                                                          [0, 0, 10]]}
+    assert predicted_share(evaluation) == {"glioma": 0.3, "meningioma": 0.2, "pituitary": 0.5}  # column sums
+    ref = {"predicted_share": {"glioma": 1 / 3, "meningioma": 1 / 3, "pituitary": 1 / 3},
+           "confidence": [0.9] * 90 + [0.5] * 10, "intensity_distance": [0.3] + [0.05] * 99}
+    rule = ReferRule(threshold=0.6, limit=0.2)
+
+    def recent(n, cls="glioma", confidence=0.9, refer=False):
+        return [{"predicted_class": cls, "confidence": confidence, "refer": refer, "probabilities_json": probs}] * n
+
+    drifted = recent(20)  # every recent slice glioma, as confident as the test split, none referred
+    assert class_check(drifted, ref["predicted_share"], limits).status == "warn"
+    assert confidence_check(drifted, ref["confidence"], limits).status == "ok"
+    referred = refer_check(recent(20, confidence=0.5, refer=True), ref, rule, limits)
+    assert referred.status == "warn" and referred.reference == "11%"  # 10 unsure + 1 far test slice
+    assert confidence_check(recent(20, confidence=0.6), ref["confidence"], limits).status == "warn"
+    assert class_check(drifted[:9], ref["predicted_share"], limits).status == "too few"
+    assert agreement_check([True] * 16 + [False] * 4, evaluation, limits).status == "warn"  # 80% vs 95%
+    assert agreement_check([True] * 19 + [False], evaluation, limits).status == "ok"
+    assert agreement_check([True] * 20, None, limits).status == "no reference"  # never made up
+
+
+def test_add_reviewer_refuses_a_short_password_and_a_taken_name(tmp_path):
+    db = f"sqlite:///{tmp_path / 'audit.db'}"
+    (tmp_path / "short.pw").write_text("abc\n")
+    short = serve_cli(["add-reviewer", "bob", "--password-file", tmp_path / "short.pw", "--database", db], tmp_path)
+    assert short.returncode == 2 and short.stderr.strip() == (
+        f"error: the password in {tmp_path / 'short.pw'} has 3 characters; at least 10 please")
+    (tmp_path / "bob.pw").write_text(PASSWORD)
+    first = serve_cli(["add-reviewer", "bob", "--password-file", tmp_path / "bob.pw", "--database", db], tmp_path)
+    again = serve_cli(["add-reviewer", "bob", "--password-file", tmp_path / "bob.pw", "--database", db], tmp_path)
+    assert first.returncode == 0 and again.returncode == 2 and "exists already" in again.stderr
+    stored = rows(tmp_path / "audit.db", "SELECT name, password_hash FROM reviewers")
+    assert stored[0][0] == "bob" and stored[0][1].startswith("$argon2id$") and PASSWORD not in stored[0][1]
