@@ -3,6 +3,9 @@
     python serve.py --model brain-cancer-resnet18 --alias production          # http://127.0.0.1:8000
     python serve.py --model brain-cancer-resnet18 --host 0.0.0.0 --token-file /etc/mri/token --workers 2
     curl -F files=@scan.jpg http://127.0.0.1:8000/v1/predict
+    python serve.py add-reviewer alice --password-file alice.pw     # a login for the review page
+    python serve.py --model brain-cancer-resnet18 --review          # the review page at http://127.0.0.1:8000/
+    python serve.py export-reviews reviewed/                          # the verdicts as a training set
 
 The ONNX flavor runs in ONNX Runtime (PyTorch only for /v1/explain). Every prediction is committed to the audit
 database (--database, sqlite by default) before it is answered. Any address other than loopback needs
@@ -17,11 +20,16 @@ from collections.abc import Callable
 
 from core.cli import add_common_args, config_from_args, run
 from deploy.registry import PRODUCTION, validate_alias
+from review import commands as review_commands
+from review.extension import SPEC as REVIEW_EXTENSION
 from serving.options import ServeOptions
 from serving.runner import run_server
 
 # name -> (get_args_parser, main): `python serve.py NAME ...` runs it; anything else runs the server.
-SUBCOMMANDS: dict[str, tuple[Callable[[], argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {}
+SUBCOMMANDS: dict[str, tuple[Callable[[], argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {
+    "add-reviewer": (review_commands.add_reviewer_parser, review_commands.add_reviewer_main),
+    "export-reviews": (review_commands.export_parser, review_commands.export_main),
+}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -52,6 +60,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="check the alias for a new version this often (default 30; 0: never)")
     p.add_argument("--cors-origin", action="append", default=None, metavar="URL",
                    help="allow browser calls from this origin (repeatable; default: CORS off)")
+    p.add_argument("--review", action="store_true",
+                   help="serve the review page at / (worklist, case view, verdicts; reviewers log in: "
+                        "python serve.py add-reviewer NAME --password-file FILE; settings: review.* in the config)")
     return p
 
 
@@ -61,7 +72,8 @@ def options_from_args(args) -> ServeOptions:
              "queue_size": args.queue_size, "poll_seconds": args.poll_seconds, "cors_origins": args.cors_origin}
     cfg = config_from_args(args, **{f"serving.{k}": v for k, v in flags.items()})
     alias = None if args.version is not None else validate_alias(args.alias) or PRODUCTION
-    return ServeOptions(cfg.to_dict(), args.registered_model, alias, args.version, args.flavor)
+    extensions = [REVIEW_EXTENSION] if args.review else []
+    return ServeOptions(cfg.to_dict(), args.registered_model, alias, args.version, args.flavor, extensions)
 
 
 def main(args) -> int:

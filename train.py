@@ -17,7 +17,7 @@ from core.device import seed_everything, select_device
 from core.fileio import FolderLock
 from core.tracking import RunTracker, experiment_name, wandb_project
 from data.manifest import prepare_split
-from data.normalization import resolve_normalization
+from data.normalization import intensity_reference, resolve_normalization
 from deploy.automation import release_after_training
 from models.zoo import build_model
 from training.banner import banner_lines
@@ -73,19 +73,20 @@ def train(args, info: DistInfo, device) -> int:
                 held.enter_context(FolderLock(cfg.output_dir, "train.py"))
             split = prepare_split(cfg, args.resplit, log=log)
             mean, std, source = resolve_normalization(cfg, split, cfg.img_size, log=log)
-        return train_on(cfg, args, info, device, split, (mean, std, source))
+            reference = intensity_reference(cfg, split, cfg.img_size)  # the review station's drift reference
+        return train_on(cfg, args, info, device, split, (mean, std, source, reference))
 
 
 def train_on(cfg: Config, args, info: DistInfo, device, split, stats: tuple) -> int:
     """Build the model and trainer, then the epoch loop under the trackers."""
-    mean, std, source = stats
+    mean, std, source, reference = stats
     ckpt = load_resume_checkpoint(cfg, args.resume, split.fingerprint) if args.resume is not None else None
     recipe = cfg.recipe
     model = build_model(cfg.model, len(split.class_names), recipe.pretrained and ckpt is None, recipe.weights,
                         cfg.img_size)
     if ckpt is not None:
         model.load_state_dict(ckpt["model_state"])
-    t = build_trainer(cfg, split, training_contract(cfg, split, mean, std), device, info, model.to(device))
+    t = build_trainer(cfg, split, training_contract(cfg, split, mean, std, reference), device, info, model.to(device))
     if ckpt is not None:
         restore_training_state(t, ckpt)
     main_rank = info.is_main

@@ -286,6 +286,26 @@ class ServingSection(Section):
     cors_origins: list[str] = []           # none: CORS off
 
 
+class MonitorLimits(Section):
+    """The review station's monitoring panel: recent predictions against the test split's (warn past a limit)."""
+    window: PositiveInt = 200             # the most recent worklist predictions (and verdicts) compared
+    min_samples: PositiveInt = 20         # fewer recent ones: shown, not judged
+    class_share: Fraction = 0.15          # a predicted class's share differs from the test split's by more
+    confidence_drop: Fraction = 0.10      # mean top probability below the test split's by more
+    refer_rate_rise: Fraction = 0.10      # refer rate above the test split's by more
+    agreement_drop: Fraction = 0.10       # reviewers agree less often than the test accuracy by more
+
+
+class ReviewSection(Section):
+    """serve.py --review: the radiologists' review page (docs/review.md)."""
+    store_dir: str = "./review_store"     # uploaded files kept for review and export (owner-only)
+    refer_below: Fraction = 0.6           # refer when the top probability is below this
+    drift_limit: Optional[Annotated[float, Field(ge=0, le=1)]] = None  # None: the model's own (p99 of validation)
+    session_hours: PositiveFloat = 12.0   # a login lasts this long
+    secure_cookie: Optional[bool] = None  # None: Secure when the page is served over https
+    monitor: MonitorLimits = MonitorLimits()
+
+
 class ExperimentsSection(Section):
     models: list[str] = ["resnet18", "efficientnet_b0", "swin_t", "vit_b_16"]
     # A short comparison by default, as the original's (5 epochs for CNNs, 3 for transformers); null: train.epochs
@@ -318,6 +338,7 @@ class Config(Section):
     serving: ServingSection = ServingSection()
     demo: DemoSection = DemoSection()
     pacs: PacsSection = PacsSection()
+    review: ReviewSection = ReviewSection()
     images: ImagesSection = ImagesSection()
 
     @field_validator("models")

@@ -59,13 +59,14 @@ class Contract:
         return cls(model_name=ckpt["model_name"], class_names=ckpt["class_names"], img_size=ckpt["img_size"],
                    mean=ckpt["mean"], std=ckpt["std"], decode=ckpt.get("decode", DECODE_RULE),
                    data_fingerprint=ckpt.get("data_fingerprint"), split_manifest=ckpt.get("split_manifest"),
-                   checkpoint_epoch=ckpt.get("epoch"))
+                   checkpoint_epoch=ckpt.get("epoch"), extra=dict(ckpt.get("contract_extra") or {}))
 
     def checkpoint_fields(self) -> dict:
         """The contract's keys as a checkpoint stores them (plain lists, for torch.load(weights_only=True))."""
         return {"model_name": self.model_name, "class_names": list(self.class_names), "img_size": self.img_size,
                 "mean": list(self.mean), "std": list(self.std), "decode": self.decode,
-                "split_manifest": self.split_manifest, "data_fingerprint": self.data_fingerprint}
+                "split_manifest": self.split_manifest, "data_fingerprint": self.data_fingerprint,
+                "contract_extra": dict(self.extra)}
 
     # ---- JSON (contract.json, the API) ----------------------------------------------------------------
     def to_dict(self) -> dict:

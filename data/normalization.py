@@ -17,6 +17,7 @@ from tqdm import tqdm
 from core.errors import UserError
 from core.fileio import write_json_atomic, write_text_atomic
 from data.dataset import GrayImageDataset, build_dataset
+from data.intensity import make_reference
 from data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
@@ -33,6 +34,27 @@ def pixel_histogram(dataset: GrayImageDataset, num_workers: int = 0, batch_size:
     return hist.numpy()
 
 
+def training_histogram(cfg: Config, split: Split, img_size: int, progress: bool = True) -> np.ndarray:
+    """The 256-bin histogram of the training split at img_size (counted while its cache was built, else now)."""
+    dataset = build_dataset(cfg, split, "train", img_size)
+    if dataset.cache is not None and dataset.cache.histogram is not None:  # counted while it was built
+        return dataset.cache.histogram
+    return pixel_histogram(dataset, cfg.dataset.num_workers, progress=progress)
+
+
+def split_slices(cfg: Config, split: Split, name: str, img_size: int):
+    """Every 8-bit image of one split at img_size, one at a time (from the cache when there is one)."""
+    dataset = build_dataset(cfg, split, name, img_size)
+    return (dataset.read(i) for i in range(len(dataset)))
+
+
+def intensity_reference(cfg: Config, split: Split, img_size: int) -> dict:
+    """What the out-of-distribution check compares a slice with (data.intensity), stored with the model: the
+    training split's histogram and the validation slices' distances to it."""
+    return make_reference(training_histogram(cfg, split, img_size), split_slices(cfg, split, "val", img_size),
+                          img_size)
+
+
 def stats_from_histogram(hist: np.ndarray) -> tuple[float, float]:
     values = np.arange(256, dtype=np.float64) / 255.0
     n = hist.sum()
@@ -45,11 +67,7 @@ def stats_from_histogram(hist: np.ndarray) -> tuple[float, float]:
 
 def compute_stats(cfg: Config, split: Split, img_size: int, progress: bool = True) -> dict:
     """Statistics of the training rows at img_size, no augmentation; the grayscale plane fills 3 channels."""
-    dataset = build_dataset(cfg, split, "train", img_size)
-    if dataset.cache is not None and dataset.cache.histogram is not None:  # counted while it was built
-        hist = dataset.cache.histogram
-    else:
-        hist = pixel_histogram(dataset, cfg.dataset.num_workers, progress=progress)
+    hist = training_histogram(cfg, split, img_size, progress)
     mean, std = stats_from_histogram(hist)
     return {
         "mean": [round(mean, 6)] * 3,
@@ -59,7 +77,7 @@ def compute_stats(cfg: Config, split: Split, img_size: int, progress: bool = Tru
         "split_sizes": split.sizes(),
         "fingerprint": split.fingerprint,
         "split_manifest": str(split.manifest_path),
-        "num_images": len(dataset),
+        "num_images": len(split.rows_for("train")),
     }
 
 

@@ -144,6 +144,17 @@ class TorchPredictor(Predictor):
             out = self.model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device))
         return out.float().cpu().numpy()
 
+    def cam_maps(self, grays: list[np.ndarray], classes: list[int]) -> list[np.ndarray]:
+        """The Grad-CAM of each 8-bit image (S x S, as the model sees it) for its class: S x S, 0..1."""
+        import torch
+
+        from data.preprocess import Preprocessor
+        from evaluation.explain import CamModel, gradcam_maps
+
+        c = self.contract
+        cam = CamModel(self.model, c.model_name, Preprocessor(c.mean, c.std).to(self.device).eval(), self.device)
+        return list(gradcam_maps(cam, torch.from_numpy(np.stack(grays))[:, None], classes))
+
     def gradcam(self, paths: list, predicted: list[int], out_dir) -> list[Path]:
         """One overlay PNG per image (Grad-CAM of its predicted class), named after the image."""
         import torch

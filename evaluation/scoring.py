@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from core.hardware import HardwareSampler
+from data.intensity import REFERENCE_KEY, distance_to
 from data.preprocess import Preprocessor
 from evaluation.gates import check_gates
 from evaluation.prediction import Scored, predict_split
-from evaluation.record import calibration_summary, evaluation_record, score_predictions
+from evaluation.record import calibration_summary, evaluation_record, monitoring_reference, score_predictions
 from evaluation.reports import write_json, write_predictions, write_report
 from evaluation.timing import measure_inference
 from models.loading import model_from_checkpoint
@@ -52,6 +53,11 @@ def evaluate_checkpoint(cfg: Config, opened: OpenedCheckpoint, device, calibrate
     calibration, bins, bins_after = calibration_summary(test.y_true, test.y_prob, cfg.evaluation.ece_bins, val)
     record = evaluation_record(opened.ckpt, opened.path, opened.split, scores, calibration, timing)
     record["hardware"] = hardware.summary()
+    reference = contract.extra.get(REFERENCE_KEY)
+    distances = None if reference is None else [distance_to(reference, test.dataset.read(i))
+                                                 for i in range(len(test.dataset))]
+    record["monitoring_reference"] = monitoring_reference(test.y_prob, opened.class_names,
+                                                          calibration["temperature"], distances)
     return TestEvaluation(record, check_gates(record, cfg.evaluation.gates, strict), test, model, pre, bins,
                           bins_after)
 

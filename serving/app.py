@@ -46,6 +46,7 @@ class Extension:
     migrations: dict[str, Sequence[Migration]] = field(default_factory=dict)  # its tables, by component
     pixel_store: PixelStore | None = None                   # keep uploaded files (default: never stored)
     exempt_prefixes: tuple[str, ...] = ()    # paths that authenticate themselves (a login), not by bearer token
+    exempt_paths: tuple[str, ...] = ()       # the same, for exact paths (e.g. "/", which as a prefix is every path)
     admitted_prefixes: tuple[str, ...] = ()  # its paths that run the model: they take a place in the queue
 
 
@@ -108,7 +109,8 @@ def create_app(options: ServeOptions, extensions: Sequence[Extension] = ()) -> F
     policy = GuardPolicy(read_token(settings.token_file), int(settings.max_upload_mb * 2**20),
                          settings.request_timeout_s,
                          PREDICTION_PATHS + tuple(p for ext in extensions for p in ext.admitted_prefixes),
-                         tuple(p for ext in extensions for p in ext.exempt_prefixes))
+                         tuple(p for ext in extensions for p in ext.exempt_prefixes),
+                         tuple(p for ext in extensions for p in ext.exempt_paths))
     app.add_middleware(Guard, policy=policy, admission=service.admission())
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
@@ -152,15 +154,21 @@ def add_error_handlers(app: FastAPI, service: Service) -> None:
 
 async def read_uploads(request: Request, max_files: int) -> list[Upload]:
     """The files of a multipart request (any field name), with their bytes; 4xx with a reason otherwise."""
+    return (await read_form(request, max_files))[0]
+
+
+async def read_form(request: Request, max_files: int) -> tuple[list[Upload], dict[str, str]]:
+    """(the files, the other fields) of a multipart request, with the API's caps; 4xx with a reason otherwise."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         request.app.state.service.metrics.errors.labels("bad_content_type").inc()
         raise HTTPException(415, "send the files as multipart/form-data, field 'files'")
     form = await request.form(max_files=max_files, max_fields=max_files + 16)
     try:
         files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
         if not files:
             raise HTTPException(422, "no file in the request (multipart field 'files')")
-        return [Upload(f.filename or "", await f.read()) for f in files]
+        return [Upload(f.filename or "", await f.read()) for f in files], fields
     finally:
         await form.close()
 

@@ -33,6 +33,7 @@ class GuardPolicy:
     request_timeout_s: float
     admitted_prefixes: tuple[str, ...]     # paths that run the model: they take a place in the queue
     exempt_prefixes: tuple[str, ...] = ()  # paths with their own authentication
+    exempt_paths: tuple[str, ...] = ()     # the same, matched exactly
 
 
 def bearer_ok(headers: dict[bytes, bytes], token: str) -> bool:
@@ -59,7 +60,8 @@ class Guard:
             return await self.app(scope, receive, send)
         path, p = scope["path"], self.policy
         headers = dict(scope["headers"])
-        exempt = path in PUBLIC_PATHS or path.startswith(p.exempt_prefixes) or scope["method"] == "OPTIONS"
+        exempt = (path in PUBLIC_PATHS or path in p.exempt_paths or path.startswith(p.exempt_prefixes)
+                  or scope["method"] == "OPTIONS")
         if p.token and not exempt and not bearer_ok(headers, p.token):
             self.admission.count_error("unauthorized")
             return await send_json(send, 401, {"detail": "missing or wrong bearer token"},

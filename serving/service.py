@@ -80,6 +80,8 @@ class Service:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._reload_lock: asyncio.Lock | None = None
         self._watcher: asyncio.Task | None = None
+        # what extensions offer each other, by name (e.g. "review": the review station, for the DICOM receiver)
+        self.extensions: dict[str, object] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:

@@ -11,6 +11,7 @@ from torch.utils.data import DistributedSampler, Subset
 from core.contract import Contract
 from core.errors import UserError
 from data.dataset import build_dataset, make_loader
+from data.intensity import REFERENCE_KEY
 from data.preprocess import Preprocessor
 from models.loading import unwrap
 from training.distributed import DistInfo
@@ -107,10 +108,12 @@ def build_trainer(cfg: Config, split: Split, contract: Contract, device: torch.d
         contract=contract, class_folders=list(split.class_folders))
 
 
-def training_contract(cfg: Config, split: Split, mean, std) -> Contract:
-    """The contract a run trained on this split writes into every checkpoint."""
+def training_contract(cfg: Config, split: Split, mean, std, intensity: dict | None = None) -> Contract:
+    """The contract a run trained on this split writes into every checkpoint; `intensity` is the training split's
+    intensity reference (data.intensity), which the review station's out-of-distribution check compares with."""
     return Contract(model_name=cfg.model, class_names=split.class_names, img_size=cfg.img_size, mean=mean, std=std,
-                    data_fingerprint=split.fingerprint, split_manifest=str(split.manifest_path))
+                    data_fingerprint=split.fingerprint, split_manifest=str(split.manifest_path),
+                    extra={REFERENCE_KEY: intensity} if intensity else {})
 
 
 def checkpoint_payload(model: torch.nn.Module, cfg: Config, contract: Contract, epoch: int, metrics: dict,

@@ -1,0 +1,217 @@
+"""The review page's routes: login, worklist and monitoring panel, intake, case view, verdicts, pictures.
+
+Server-rendered HTML (jinja2, autoescaped: an upload's name is only ever text on the page) with one static
+script and one style sheet served by the app: nothing from another origin, no inline script or handler (the
+Content-Security-Policy forbids them). Every form carries the session's CSRF token; the session cookie is
+HttpOnly and SameSite=Strict (and Secure over https).
+"""
+from __future__ import annotations
+
+import asyncio
+import secrets
+from pathlib import Path
+from urllib.parse import quote
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from review import auth, worklist
+from review.monitor import panel
+from review.station import ReviewStation
+from serving.app import read_form
+
+HERE = Path(__file__).resolve().parent
+PREFIX = "/review"
+SESSION_COOKIE, LOGIN_COOKIE = "review_session", "review_login"
+STATIC = {"review.js": "text/javascript", "review.css": "text/css", "favicon.svg": "image/svg+xml"}
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+       "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+SECURITY_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
+                    "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY",
+                    "Cache-Control": "no-store"}  # patient images and names: never kept by a browser cache
+TEMPLATES = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
+
+
+def _percent(value) -> str:
+    return "" if value is None else f"{value:.1%}"
+
+
+TEMPLATES.filters["pct"] = _percent
+
+
+def page(template: str, status: int = 200, **context) -> HTMLResponse:
+    return HTMLResponse(TEMPLATES.get_template(template).render(**context), status, headers=SECURITY_HEADERS)
+
+
+def png(data: bytes) -> Response:
+    return Response(data, media_type="image/png", headers=SECURITY_HEADERS)
+
+
+def redirect(url: str) -> RedirectResponse:
+    return RedirectResponse(url, 303, headers=SECURITY_HEADERS)
+
+
+def local_next(value: str | None) -> str:
+    """Where to go after the login: a path of this page only (no other host, no scheme)."""
+    if value and value.startswith(PREFIX + "/") and "//" not in value and "\\" not in value:
+        return value
+    return PREFIX + "/"
+
+
+class Pages:
+    """The routes over one station; `router` is what the server includes."""
+
+    def __init__(self, station: ReviewStation):
+        self.station = station
+        self.router = APIRouter(include_in_schema=False)
+        self._static = {name: (HERE / "static" / name).read_bytes() for name in STATIC}
+        self._add_routes()
+
+    # ---- sessions ---------------------------------------------------------------------------------------
+    def _secure(self, request: Request) -> bool:
+        configured = self.station.settings.secure_cookie
+        return request.url.scheme == "https" if configured is None else configured
+
+    def _set_cookie(self, response: Response, request: Request, name: str, value: str, max_age: int | None) -> None:
+        response.set_cookie(name, value, max_age=max_age, path=PREFIX, httponly=True, samesite="strict",
+                            secure=self._secure(request))
+
+    async def reviewer(self, request: Request) -> auth.Reviewer | None:
+        return await asyncio.to_thread(auth.reviewer_for, self.station.engine, request.cookies.get(SESSION_COOKIE))
+
+    async def require(self, request: Request) -> auth.Reviewer:
+        """The logged-in reviewer; a page asked for without a login goes to the login (and comes back)."""
+        who = await self.reviewer(request)
+        if who is None:
+            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            raise HTTPException(303, headers={"Location": f"{PREFIX}/login?next={quote(target)}", **SECURITY_HEADERS})
+        return who
+
+    @staticmethod
+    def check_csrf(who: auth.Reviewer, fields) -> None:
+        if not auth.same_token(who.csrf, fields.get("csrf")):
+            raise HTTPException(403, "the form's security token is missing or stale: reload the page and retry")
+
+    # ---- routes -----------------------------------------------------------------------------------------
+    def _add_routes(self) -> None:
+        r = self.router
+        r.add_api_route("/", lambda: redirect(PREFIX + "/"), methods=["GET"])
+        r.add_api_route(PREFIX, lambda: redirect(PREFIX + "/"), methods=["GET"])
+        r.add_api_route(PREFIX + "/static/{name}", self.static, methods=["GET"])
+        r.add_api_route(PREFIX + "/login", self.login_form, methods=["GET"])
+        r.add_api_route(PREFIX + "/login", self.login, methods=["POST"])
+        r.add_api_route(PREFIX + "/logout", self.logout, methods=["POST"])
+        r.add_api_route(PREFIX + "/", self.worklist, methods=["GET"])
+        r.add_api_route(PREFIX + "/upload", self.upload, methods=["POST"])
+        r.add_api_route(PREFIX + "/case/{case_id}", self.case, methods=["GET"])
+        r.add_api_route(PREFIX + "/case/{case_id}/slice.png", self.slice, methods=["GET"])
+        r.add_api_route(PREFIX + "/case/{case_id}/verdict", self.verdict, methods=["POST"])
+        r.add_api_route(PREFIX + "/heatmap/{prediction_id}.png", self.heatmap, methods=["GET"])
+
+    async def static(self, name: str):
+        if name not in STATIC:
+            raise HTTPException(404)
+        return Response(self._static[name], media_type=STATIC[name],
+                        headers={**SECURITY_HEADERS, "Cache-Control": "no-cache"})
+
+    async def login_form(self, request: Request, next: str | None = None, failed: bool = False):
+        token = secrets.token_urlsafe(32)
+        response = page("login.html", 401 if failed else 200, csrf=token, next=local_next(next), failed=failed)
+        self._set_cookie(response, request, LOGIN_COOKIE, token, None)
+        return response
+
+    async def login(self, request: Request):
+        form = await request.form(max_files=0, max_fields=8)
+        if not auth.same_token(request.cookies.get(LOGIN_COOKIE), form.get("csrf")):
+            raise HTTPException(403, "the login form expired: reload the page and retry")
+        token = await asyncio.to_thread(auth.log_in, self.station.engine, str(form.get("name", "")),
+                                        str(form.get("password", "")), self.station.settings.session_hours)
+        if token is None:
+            return await self.login_form(request, str(form.get("next", "")), failed=True)
+        response = redirect(local_next(str(form.get("next", ""))))
+        self._set_cookie(response, request, SESSION_COOKIE, token, int(self.station.settings.session_hours * 3600))
+        response.delete_cookie(LOGIN_COOKIE, path=PREFIX)
+        return response
+
+    async def logout(self, request: Request):
+        who = await self.require(request)
+        self.check_csrf(who, await request.form(max_files=0, max_fields=4))
+        await asyncio.to_thread(auth.log_out, self.station.engine, request.cookies.get(SESSION_COOKIE))
+        response = redirect(PREFIX + "/login")
+        response.delete_cookie(SESSION_COOKIE, path=PREFIX)
+        return response
+
+    async def worklist(self, request: Request, status: str = "pending", sort: str = "confidence",
+                       order: str = "asc", predicted: str = "", page_no: int = 0):
+        who = await self.require(request)
+        query = worklist.Query(status if status in worklist.STATUSES else "pending",
+                               sort if sort in worklist.SORTS else "confidence", order == "desc", predicted or None,
+                               max(0, page_no))
+        station = self.station
+        rows, counts = await asyncio.gather(asyncio.to_thread(worklist.list_items, station.engine, query),
+                                            asyncio.to_thread(worklist.counts, station.engine))
+        identity, contract, evaluation = station.model_facts()
+        checks = await asyncio.to_thread(panel, station.engine, evaluation, station.rule(contract, evaluation),
+                                         station.settings.monitor)
+        return page("worklist.html", who=who, rows=rows, counts=counts, query=query, statuses=worklist.STATUSES,
+                    classes=contract["class_names"], checks=checks, model=identity,
+                    limits=station.settings.monitor, page_size=worklist.PAGE)
+
+    async def upload(self, request: Request):
+        who = await self.require(request)
+        uploads, fields = await read_form(request, self.station.service.settings.max_files)
+        self.check_csrf(who, fields)
+        results = await self.station.upload(uploads, who.name, request.client.host if request.client else None)
+        made = [r for r in results if r.case_id]
+        if made and len(made) == len(results):
+            return redirect(f"{PREFIX}/case/{made[0].case_id}")
+        return page("uploaded.html", 422 if not made else 200, who=who, results=results)
+
+    async def case(self, request: Request, case_id: str, frame: int | None = None):
+        who = await self.require(request)
+        engine = self.station.engine
+        case, entries, past = await asyncio.gather(asyncio.to_thread(worklist.case_row, engine, case_id),
+                                                   asyncio.to_thread(worklist.case_items, engine, case_id),
+                                                   asyncio.to_thread(worklist.history, engine, case_id))
+        if case is None or not entries:
+            return page("missing.html", 404, who=who)
+        item = next((e for e in entries if (e["frame"] or 1) == (frame or 1)), entries[0])
+        identity, _, evaluation = self.station.model_facts()
+        return page("case.html", who=who, case=case, item=item, items=entries, history=past, model=identity,
+                    evaluation=evaluation if identity["version"] == item["model_version"] else None,
+                    classes=list(item["probabilities"]))
+
+    async def slice(self, request: Request, case_id: str, frame: int | None = None):
+        await self.require(request)
+        case = await asyncio.to_thread(worklist.case_row, self.station.engine, case_id)
+        if case is None or not case["file_ref"]:
+            raise HTTPException(404, "no such case")
+        return png(await asyncio.to_thread(self.station.slice_png, case["file_ref"], frame))
+
+    async def heatmap(self, request: Request, prediction_id: str):
+        await self.require(request)
+        try:
+            data = await self.station.heatmap_png(prediction_id)
+        except ValueError:
+            data = None
+        if data is None:
+            raise HTTPException(404, "no such prediction")
+        return png(data)
+
+    async def verdict(self, request: Request, case_id: str):
+        who = await self.require(request)
+        fields = await request.form(max_files=0, max_fields=8)
+        self.check_csrf(who, fields)
+        agrees = fields.get("verdict") == "agree"
+        verdict = worklist.Verdict(str(fields.get("prediction_id", "")), agrees,
+                                   None if agrees else str(fields.get("reviewer_class", "")), fields.get("note"))
+        try:
+            await asyncio.to_thread(worklist.record_verdict, self.station.engine, verdict, who.id, who.name)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        following = await asyncio.to_thread(worklist.next_pending, self.station.engine, verdict.prediction_id)
+        if following is None:
+            return redirect(PREFIX + "/?status=reviewed")
+        return redirect(f"{PREFIX}/case/{following['case_id']}" + (f"?frame={following['frame']}"
+                                                                     if following["frame"] else ""))

@@ -1,0 +1,85 @@
+"""The review station's tables, in the audit database beside serving's `predictions` (component "review").
+
+A verdict is a row that is never changed: a reviewer who changes their mind adds a row, and the latest row of a
+prediction is its current verdict (on sqlite a trigger refuses UPDATE and DELETE on the table).
+"""
+from __future__ import annotations
+
+from sqlalchemy import Boolean, Column, DateTime, Float, ForeignKey, Integer, String, Table, Text, text
+from sqlalchemy.engine import Connection
+
+from serving.audit import Migration, metadata
+
+reviewers = Table(
+    "reviewers", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("password_hash", String(255), nullable=False),       # argon2id
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+sessions = Table(
+    "review_sessions", metadata,
+    Column("token_sha256", String(64), primary_key=True),      # the cookie's token is never stored itself
+    Column("reviewer_id", Integer, ForeignKey("reviewers.id"), nullable=False),
+    Column("csrf", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
+cases = Table(
+    "review_cases", metadata,
+    Column("id", String(32), primary_key=True),                # random hex: never derived from a name
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("source", String(32), nullable=False),              # review (an upload on the page) | dicom | ...
+    Column("client", String(255)),                             # who sent it: a reviewer, an AE title
+    Column("filename", String(255)),                           # the upload's own name, shown escaped
+    Column("file_ref", String(64)),                            # the kept file in review.store_dir
+    Column("frames", Integer, nullable=False),
+    Column("study_uid", String(64)),
+)
+
+items = Table(  # one per prediction on the worklist (a frame of a case), with what the page showed
+    "review_items", metadata,
+    Column("prediction_id", String(32), ForeignKey("predictions.id"), primary_key=True),
+    Column("case_id", String(32), ForeignKey("review_cases.id"), nullable=False, index=True),
+    Column("frame", Integer),
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("predicted_class", String(255), nullable=False),
+    Column("probabilities_json", Text, nullable=False),        # as shown: calibrated when `temperature` is set
+    Column("temperature", Float),
+    Column("confidence", Float, nullable=False, index=True),   # the top shown probability
+    Column("refer", Boolean, nullable=False, index=True),
+    Column("reasons_json", Text, nullable=False),
+    Column("drift_distance", Float),                           # None: the model has no intensity reference
+    Column("drift_limit", Float),
+    Column("model_version", String(32), nullable=False),
+)
+
+verdicts = Table(
+    "review_verdicts", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),  # the order verdicts were given in
+    Column("prediction_id", String(32), ForeignKey("predictions.id"), nullable=False, index=True),
+    Column("case_id", String(32), ForeignKey("review_cases.id"), nullable=False, index=True),
+    Column("reviewer_id", Integer, ForeignKey("reviewers.id"), nullable=False),
+    Column("reviewer", String(64), nullable=False),
+    Column("agrees", Boolean, nullable=False),
+    Column("predicted_class", String(255), nullable=False),
+    Column("reviewer_class", String(255), nullable=False),     # the class the reviewer says it is
+    Column("note", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
+TABLES = (reviewers, sessions, cases, items, verdicts)
+
+
+def _create(conn: Connection) -> None:
+    metadata.create_all(conn, tables=list(TABLES), checkfirst=True)
+    if conn.dialect.name == "sqlite":  # a verdict, once committed, stays as it was
+        for action in ("UPDATE", "DELETE"):
+            conn.execute(text(f"CREATE TRIGGER IF NOT EXISTS review_verdicts_no_{action.lower()} BEFORE {action} "
+                              "ON review_verdicts BEGIN SELECT RAISE(ABORT, 'verdicts are never changed: "
+                              "record a new one'); END"))
+
+
+MIGRATIONS = {"review": (Migration(1, "reviewers, sessions, cases, worklist items, verdicts", _create),)}

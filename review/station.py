@@ -1,0 +1,190 @@
+"""The review station inside one server process: cases in (page uploads, predictions made elsewhere), the refer
+rule of the served version, and the pictures of the case view.
+
+Other components reach it through the service: `service.extensions["review"]` is this process's station. The
+DICOM receiver puts each classified instance on the worklist with `add_case` (from any thread) and can use
+`current_rule()` as its refer rule, so the flag in its report and on the page is the same.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from core.config import ReviewSection
+from core.fileio import atomic_file, private_dir
+from data.images import load_frames
+from deploy.registry import load_predictor
+from review import worklist
+from review.cases import (
+    CaseFiles,
+    CaseOrigin,
+    assess_file,
+    audit_rows,
+    case_row,
+    display_frame,
+    item_rows,
+    new_case_id,
+    write_case,
+)
+from review.refer import ReferRule
+from review.render import heatmap_png, slice_png
+from serving.service import NotReady, RequestContext, Service
+from serving.uploads import DecodedFile, Upload, UploadError, display_name, is_dicom_upload
+
+log = logging.getLogger("review")
+
+
+@dataclass
+class Intake:
+    """One uploaded file: the case it became, or why it could not."""
+    filename: str
+    case_id: str | None
+    error: str | None = None
+    refer: bool = False
+
+
+class ReviewStation:
+    def __init__(self, settings: ReviewSection):
+        self.settings = settings
+        self.files = CaseFiles(settings.store_dir)
+        self.service: Service | None = None
+        self._kept: dict[str, str] = {}  # case id -> kept file, between the pixel store hook and the case's row
+        self._heat_pool = ThreadPoolExecutor(1, "review-heatmap")  # Grad-CAM uses every core: one at a time
+        self._torch: dict[tuple[str, str], object] = {}
+        self._torch_lock = threading.Lock()
+
+    # ---- lifecycle (serving.app.Extension hooks) -------------------------------------------------------
+    def attach(self, service: Service) -> None:
+        private_dir(self.files.root)
+        self.service = service
+        service.extensions["review"] = self
+
+    def close(self, service: Service | None = None) -> None:
+        self._heat_pool.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def engine(self):
+        return self.service.audit.engine
+
+    # ---- the served version's facts ---------------------------------------------------------------------
+    def model_facts(self, version: str | None = None) -> tuple[dict, dict, dict | None]:
+        """(identity, contract as a dict, evaluation figures) of the served version; the evaluation only when
+        `version` is that version (None otherwise: a case predicted by an older version gets no temperature)."""
+        model = self.service.model if self.service else None
+        if model is None:
+            raise NotReady(self.service.failure if self.service else "loading")
+        same = version is None or str(version) == model.version
+        return model.identity(), model.predictor.contract.to_dict(), (model.evidence.get("evaluation") if same
+                                                                      else None)
+
+    def rule(self, contract: dict, evaluation: dict | None) -> ReferRule:
+        return ReferRule.for_model(contract, evaluation, self.settings.refer_below, self.settings.drift_limit)
+
+    def current_rule(self) -> ReferRule:
+        """The refer rule of the version served now (the DICOM receiver's `refer(record, gray)`)."""
+        _, contract, evaluation = self.model_facts()
+        return self.rule(contract, evaluation)
+
+    # ---- cases in -----------------------------------------------------------------------------------------
+    def keep_upload(self, decoded: DecodedFile, data: bytes, ctx: RequestContext) -> str | None:
+        """serving's pixel store: keep the files uploaded on the review page (never the API's)."""
+        if ctx.source != "review" or not ctx.case_id:
+            return None
+        ref = self.files.keep(ctx.case_id, data, is_dicom_upload(data, decoded.filename))
+        self._kept[ctx.case_id] = ref
+        return ref
+
+    async def upload(self, uploads: list[Upload], reviewer: str, address: str | None) -> list[Intake]:
+        """Each file becomes a case: predicted (and audited, with the browser's address) by the service, and
+        judged by the refer rule."""
+        return list(await asyncio.gather(*(self._upload_one(u, reviewer, address) for u in uploads)))
+
+    async def _upload_one(self, upload: Upload, reviewer: str, address: str | None) -> Intake:
+        case_id, name = new_case_id(), display_name(upload.filename)
+        try:
+            answer = await self.service.predict([upload], RequestContext(address, "review", case_id,
+                                                                         time.perf_counter()))
+        except UploadError as exc:
+            return Intake(name, None, exc.reason)
+        finally:
+            ref = self._kept.pop(case_id, None)
+        if answer.status != 200 or ref is None:
+            return Intake(name, None, answer.body.get("detail", "not predicted"))
+        identity = {k: answer.body[k] for k in ("model", "version", "alias", "flavor")}
+        origin = CaseOrigin("review", reviewer, answer.records[0]["file"], identity)
+        _, _, evaluation = self.model_facts(answer.body["version"])
+        refer = await asyncio.to_thread(self._enter, case_id, origin, ref, answer.records, answer.body["contract"],
+                                        evaluation)
+        return Intake(name, case_id, None, refer)
+
+    def _enter(self, case_id: str, origin: CaseOrigin, ref: str, records: list[dict], contract: dict,
+               evaluation: dict | None, audited: list[dict] = ()) -> bool:
+        judged = assess_file(self.rule(contract, evaluation), self.files.path(ref), records, contract["img_size"])
+        now = datetime.now(timezone.utc)
+        write_case(self.engine, case_row(case_id, origin, ref, records, now),
+                   item_rows(case_id, records, judged, origin.model["version"], now), audited)
+        return any(a.refer for a in judged)
+
+    def add_case(self, records: list[dict], data: bytes, origin: CaseOrigin, dicom: bool = True) -> str:
+        """Put predictions made elsewhere on the worklist (blocking; any thread): one record per frame of the
+        file `data` (deploy.predictors.prediction_record fields, plus `frame` and the DICOM UIDs). Records with a
+        `record_id` are already in the audit log; the others are written to it here, in the case's transaction.
+        Returns the case id."""
+        case_id = new_case_id()
+        ref = self.files.keep(case_id, data, dicom)
+        _, contract, evaluation = self.model_facts(origin.model.get("version"))
+        records = [dict(r) for r in records]
+        audited = audit_rows(case_id, origin, records, data, ref) if any("record_id" not in r for r in records) \
+            else []
+        try:
+            self._enter(case_id, origin, ref, records, contract, evaluation, audited)
+        except BaseException:
+            self.files.path(ref).unlink(missing_ok=True)
+            raise
+        return case_id
+
+    # ---- pictures -----------------------------------------------------------------------------------------
+    def slice_png(self, ref: str, frame: int | None) -> bytes:
+        return slice_png(display_frame(self.files.path(ref), frame))
+
+    async def heatmap_png(self, prediction_id: str) -> bytes | None:
+        """The Grad-CAM layer of one prediction, drawn by the version that made it (kept once drawn)."""
+        path = self.files.heat_path(prediction_id)
+        if path.is_file():
+            return await asyncio.to_thread(path.read_bytes)
+        facts = await asyncio.to_thread(worklist.heat_facts, self.engine, prediction_id)
+        if facts is None or not facts["file_ref"]:
+            return None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._heat_pool, self._draw_heatmap, facts, path)
+
+    def _draw_heatmap(self, facts: dict, path: Path) -> bytes:
+        source = self.files.path(facts["file_ref"])
+        predictor = self._torch_predictor(facts["model"], str(facts["version"]))
+        grays = dict(enumerate((g for _, g in load_frames(source, predictor.contract.img_size)), start=1))
+        [cam] = predictor.cam_maps([grays[facts["frame"] or 1]], [facts["class_index"]])
+        shown = display_frame(source, facts["frame"])
+        data = heatmap_png(cam, (shown.shape[1], shown.shape[0]))
+        with atomic_file(private_dir(path.parent) / path.name, private=True) as fh:
+            fh.write(data)
+        return data
+
+    def _torch_predictor(self, name: str, version: str):
+        """The PyTorch flavor of the version that made a prediction: the served one's, or loaded from the
+        registry once (a case predicted before a version change keeps its own model's heat map)."""
+        model = self.service.model
+        if model is not None and model.mv.name == name and model.version == version:
+            return model.torch_predictor(self.service.client)
+        with self._torch_lock:
+            if (name, version) not in self._torch:
+                mv = self.service.client.get_model_version(name, version)
+                workdir = Path(tempfile.mkdtemp(prefix=f"review-v{version}-", dir=self.service.root))
+                self._torch[(name, version)] = load_predictor(self.service.client, mv, workdir, "pytorch")[0]
+            return self._torch[(name, version)]

@@ -1,0 +1,500 @@
+"""serve.py --review: the review page in a real Chromium (Debian's, driven by Playwright) against a real uvicorn
+server on loopback with a real registered model, plus the refer rule, the security of the page's forms and
+cookies, a prediction made elsewhere joining the worklist, and export-reviews read back by train.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from server_process import ROOT, ServerProcess, free_port, write_token
+
+from conftest import run_script, write_dicom, write_overlay
+
+MODEL = "brain-cancer-resnet18"
+PASSWORD = "correct horse battery"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+HOSTILE_NAME = "<img src=x onerror=alert(1)>.jpg"
+
+
+# ---- the model, the server, a reviewer ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def registry(trained, tmp_path_factory):
+    """The tiny model evaluated (with a fitted temperature) and registered @staging, forced (it fails the gates)."""
+    overlay, _, ckpt_path = trained
+    tmp = tmp_path_factory.mktemp("review_registry")
+    out = tmp / "run" / "resnet18_outputs"
+    out.mkdir(parents=True)
+    shutil.copy(ckpt_path, out / "best_model.pth")
+    store = ["--config", overlay, "--set", f"monitoring.mlflow.tracking_uri=sqlite:///{tmp / 'registry.db'}",
+             "--set", f"monitoring.mlflow.artifact_location={tmp / 'mlartifacts'}",
+             "--set", f"train.output_dir={out.parent}"]
+    assert run_script("evaluate", store + ["--model", "resnet18", "--medical-validation", "--calibrate"]) in (0, 3)
+    assert run_script("register_model", store + ["--model", "resnet18", "--version", "1.0.0", "--force",
+                                                 "--alias", "staging"]) == 0
+    return store
+
+
+def serve_cli(args: list, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "serve.py"), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def station(registry, tmp_path_factory):
+    """serve.py --review behind a bearer token (the page logs in on its own), a reviewer added by the CLI."""
+    tmp = tmp_path_factory.mktemp("review_server")
+    db = f"sqlite:///{tmp / 'audit.db'}"
+    (tmp / "alice.pw").write_text(PASSWORD + "\n")
+    added = serve_cli(["add-reviewer", "alice", "--password-file", tmp / "alice.pw", "--database", db], tmp)
+    assert added.returncode == 0 and "Reviewer alice added" in added.stdout, added.stderr
+    token_file, token = write_token(tmp)
+    srv = ServerProcess([*registry, "--model", MODEL, "--alias", "staging", "--review", "--token-file", token_file,
+                         "--database", db, "--poll-seconds", "0", "--set", f"review.store_dir={tmp / 'store'}",
+                         "--set", "review.monitor.min_samples=3", "--set", "serving.max_upload_mb=2"], tmp, token)
+    srv.db, srv.store = tmp / "audit.db", tmp / "store"
+    try:
+        yield srv.wait_ready()
+    finally:
+        srv.stop()
+
+
+def rows(db: Path, sql: str, args=()) -> list:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+@pytest.fixture(scope="module")
+def files(tiny_data, tmp_path_factory) -> dict[str, bytes]:
+    """A real JPEG of the data set and a DICOM written here (12-bit, with a window), as uploaded."""
+    folder = tmp_path_factory.mktemp("review_inputs")
+    jpeg = sorted(tiny_data.rglob("*.jpg"))[0]
+    gray = np.asarray(Image.open(jpeg).convert("L").resize((96, 80)), dtype=np.uint16) * 16
+    write_dicom(folder / "scan.dcm", gray, (2040, 4080))
+    return {"slice.jpg": jpeg.read_bytes(), "scan.dcm": (folder / "scan.dcm").read_bytes()}
+
+
+# ---- the browser ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip("the review page's browser tests need Debian's chromium at /usr/bin/chromium "
+                    "(.ci/run installs it when run as root)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("review_screenshots")
+    print(f"\nreview page screenshots: {folder}")
+    return folder
+
+
+@contextlib.contextmanager
+def browsing(browser, server):
+    """A fresh browser context; on leaving, every request it made went to the server on 127.0.0.1 and no
+    dialog (alert, confirm) ever opened."""
+    context = browser.new_context(viewport={"width": 1280, "height": 960})
+    requests, dialogs = [], []
+    context.on("request", lambda r: requests.append(r.url))
+    page = context.new_page()
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    try:
+        yield page
+    finally:
+        context.close()
+    assert requests and all(u.startswith(f"http://127.0.0.1:{server.port}/") for u in requests), \
+        [u for u in requests if not u.startswith(f"http://127.0.0.1:{server.port}/")]
+    assert dialogs == [], f"a script ran: {dialogs}"
+
+
+def log_in(page, server) -> None:
+    page.goto(server.url + "/")
+    assert "/review/login" in page.url  # no session: the login first
+    page.fill("input[name=name]", "alice")
+    page.fill("input[name=password]", PASSWORD)
+    with page.expect_navigation():
+        page.click(".login button[type=submit]")
+    assert page.url == server.url + "/review/"
+
+
+def upload(page, named: dict[str, bytes]) -> None:
+    """Pick files in the page's file input (its change handler submits the form)."""
+    payload = [{"name": n, "mimeType": "application/octet-stream", "buffer": b} for n, b in named.items()]
+    with page.expect_navigation():
+        page.set_input_files("#files", payload)
+
+
+def wait_loaded(page, element_id: str) -> int:
+    """The natural width of an image once it has loaded (Grad-CAM may first load the PyTorch model)."""
+    page.wait_for_function(f"() => {{ const i = document.getElementById('{element_id}'); "
+                           "return i && i.complete && i.naturalWidth > 0; }", timeout=180_000)
+    return page.evaluate(f"document.getElementById('{element_id}').naturalWidth")
+
+
+def bars(page) -> dict[str, float]:
+    names = page.locator("#bars .cls").all_inner_texts()
+    values = [float(v) for v in page.locator("#bars progress").evaluate_all("els => els.map(e => e.value)")]
+    return dict(zip(names, values))
+
+
+def test_a_reviewer_uploads_reads_the_case_and_a_disagreement_is_kept(station, browser, files, artifacts):
+    with browsing(browser, station) as page:
+        log_in(page, station)
+        upload(page, files)
+        assert "/review/case/" in page.url  # the first upload's case opens
+        jpeg_case = page.url
+        shown = bars(page)
+        assert list(shown) == ["glioma", "meningioma", "pituitary"]
+        assert abs(sum(shown.values()) - 1) < 1e-4
+        assert page.locator("#bars-caption").inner_text().startswith("Calibrated probabilities (temperature")
+        leading = max(shown, key=shown.get)
+        if page.locator("#refer").count():
+            assert leading in page.locator("#refer").inner_text()
+        else:
+            assert page.locator("#predicted-class").inner_text() == leading
+        assert wait_loaded(page, "slice") > 0 and wait_loaded(page, "heatmap") > 0
+        assert page.locator("#drift").inner_text().startswith("Intensity distance from the training data")
+        page.screenshot(path=str(artifacts / "case-view.png"), full_page=True)
+
+        others = [c for c in shown if c != leading]
+        with page.expect_navigation():
+            page.keyboard.press("d")
+            page.keyboard.press(str(list(shown).index(others[0]) + 1))
+        assert page.url != jpeg_case  # the next case opens
+        page.goto(jpeg_case)
+        page.reload()
+        assert "disagree" in page.locator("#current-verdict").inner_text()
+        assert others[0] in page.locator("#current-verdict").inner_text()
+
+        page.goto(station.url + "/review/?status=all")
+        page.click("#worklist tr:has(td.filename:text-is('scan.dcm')) a")
+        page.wait_for_url("**/review/case/**")
+        assert bars(page) and wait_loaded(page, "heatmap") > 0
+        assert wait_loaded(page, "slice") == 96  # the DICOM at its own size, through its window
+    verdicts = rows(station.db, "SELECT v.agrees, v.reviewer, v.reviewer_class, p.filename, p.case_id FROM "
+                                "review_verdicts v JOIN predictions p ON p.id = v.prediction_id")
+    assert (0, "alice", others[0], "slice.jpg") in [v[:4] for v in verdicts]
+    with httpx.Client(base_url=station.url, headers=station.headers) as api:  # the API says what the page said
+        answer = api.post("/v1/predict", files={"files": ("slice.jpg", files["slice.jpg"])}).json()
+    assert answer["predictions"][0]["predicted_class"] == leading
+
+
+def test_keys_record_verdicts_and_a_changed_verdict_is_a_new_row(station, browser, files):
+    with browsing(browser, station) as page:
+        log_in(page, station)
+        upload(page, {"again.jpg": files["slice.jpg"]})
+        case_url = page.url
+        with page.expect_navigation():
+            page.keyboard.press("a")  # agree at once
+        page.goto(case_url)
+        shown = bars(page)
+        leading = max(shown, key=shown.get)
+        other = next(c for c in shown if c != leading)
+        page.fill("#note", "lesion at the sella")
+        page.select_option("#reviewer-class", other)
+        with page.expect_navigation():
+            page.click("#disagree")
+        page.goto(case_url)
+        assert page.locator("#history tbody tr").count() == 2
+        assert other in page.locator("#current-verdict").inner_text()
+    history = rows(station.db, "SELECT v.agrees, v.reviewer_class, v.note FROM review_verdicts v JOIN predictions p "
+                               "ON p.id = v.prediction_id WHERE p.filename = 'again.jpg' ORDER BY v.id")
+    assert history == [(1, leading, None), (0, other, "lesion at the sella")]
+    with pytest.raises(sqlite3.DatabaseError, match="never changed"):
+        with contextlib.closing(sqlite3.connect(station.db)) as conn:
+            conn.execute("UPDATE review_verdicts SET agrees = 1")
+
+
+def test_an_upload_named_like_markup_is_shown_as_text_and_runs_nothing(station, browser, files):
+    with browsing(browser, station) as page:
+        log_in(page, station)
+        upload(page, {HOSTILE_NAME: files["slice.jpg"], "<svg onload=document.body.dataset.pwned=1>.jpg":
+                      files["slice.jpg"]})
+        assert page.locator("#case-name").inner_text() == HOSTILE_NAME
+        page.goto(station.url + "/review/?status=all")
+        assert HOSTILE_NAME in page.locator("#worklist").inner_text()
+        assert page.locator("img[src='x']").count() == 0 and page.locator("main svg").count() == 0
+        assert page.evaluate("document.body.dataset.pwned") is None
+    stored = [p.name for p in station.store.iterdir()]
+    assert stored and all(re.fullmatch(r"[0-9a-f]{32}\.(jpg|dcm|png)|heatmaps", n) for n in stored)
+
+
+def test_the_worklist_and_its_monitoring_panel(station, browser, files, artifacts):
+    with browsing(browser, station) as page:
+        log_in(page, station)
+        page.goto(station.url + "/review/?status=all")
+        assert page.locator("#worklist tbody tr").count() >= 4
+        checks = page.locator("#monitor tr.check")
+        assert checks.count() == 4
+        text = page.locator("#monitor").inner_text()
+        assert "test accuracy" in text and "not recorded" not in text  # the references of the evaluated version
+        statuses = checks.locator("td.status").all_inner_texts()
+        assert set(statuses) <= {"ok", "warn", "too few"}
+        confidences = [float(t.split("%")[0]) for t in page.locator("#worklist tbody tr td:nth-child(4)")
+                       .all_inner_texts() if t]
+        page.goto(station.url + "/review/?status=all&sort=confidence&order=desc")
+        page.screenshot(path=str(artifacts / "worklist.png"), full_page=True)
+        page.goto(station.url + "/review/")  # default: pending, least certain first
+        pending = [float(t.split("%")[0]) for t in page.locator("#worklist tbody tr td:nth-child(4)")
+                   .all_inner_texts() if t]
+        assert pending == sorted(pending) and confidences
+
+
+# ---- the page's security, without a browser ----------------------------------------------------------------
+
+def session(url: str) -> tuple[httpx.Client, str]:
+    """An httpx client logged in as alice, and the session's CSRF token."""
+    client = httpx.Client(base_url=url, timeout=120)
+    form = client.get("/review/login")
+    login_csrf = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
+    done = client.post("/review/login", data={"csrf": login_csrf, "name": "alice", "password": PASSWORD,
+                                              "next": "/review/"})
+    assert done.status_code == 303
+    cookie = done.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/review" in cookie
+    assert "Secure" not in cookie  # plain http on loopback; over https it is Secure
+    page = client.get("/review/")
+    return client, re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+
+
+def test_forms_need_a_session_and_its_csrf_token_and_pages_allow_no_inline_script(station, files):
+    with httpx.Client(base_url=station.url, timeout=120) as anon:
+        assert anon.get("/").status_code == 303  # the page is exempt from the bearer token ...
+        assert anon.get("/v1/model").status_code == 401  # ... the API is not
+        assert anon.get("/review/").headers["location"].startswith("/review/login")
+        before = rows(station.db, "SELECT COUNT(*) FROM predictions")
+        refused = anon.post("/review/upload", files={"files": ("a.jpg", files["slice.jpg"])})
+        assert refused.status_code == 303 and rows(station.db, "SELECT COUNT(*) FROM predictions") == before
+        form = anon.get("/review/login")
+        token = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
+        wrong = anon.post("/review/login", data={"csrf": token, "name": "alice", "password": "not it at all"})
+        assert wrong.status_code == 401 and "Wrong name or password" in wrong.text
+        no_cookie = httpx.post(station.url + "/review/login", data={"csrf": token, "name": "alice",
+                                                                   "password": PASSWORD})
+        assert no_cookie.status_code == 403  # the login form's token must match its cookie
+    client, csrf = session(station.url)
+    with contextlib.closing(client):
+        page = client.get("/review/?status=all")
+        csp = page.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "default-src 'none'" in csp
+        assert page.headers["x-frame-options"] == "DENY" and page.headers["cache-control"] == "no-store"
+        case = client.get(re.search(r'href="(/review/case/[0-9a-f]{32})', page.text).group(1))
+        for html in (page.text, case.text):
+            assert not re.search(r"<script(?![^>]*\bsrc=)", html) and not re.search(r"<[^>]*\son[a-z]+\s*=", html)
+        pid = re.search(r'name="prediction_id" value="([0-9a-f]{32})"', case.text).group(1)
+        url = case.url.path + "/verdict"
+        for data in ({"prediction_id": pid, "verdict": "agree"}, {"prediction_id": pid, "verdict": "agree",
+                                                                 "csrf": "forged-token-of-another-page"}):
+            assert client.post(url, data=data).status_code == 403
+        big = client.post("/review/upload", data={"csrf": csrf},
+                          files={"files": ("big.jpg", b"\xff\xd8" + bytes(3 * 2**20))})
+        assert big.status_code == 413  # the API's upload cap (serving.max_upload_mb) holds here too
+        assert client.post("/review/logout", data={"csrf": csrf}).status_code == 303
+        assert client.get("/review/").status_code == 303  # the session is gone
+
+
+# ---- the refer rule ----------------------------------------------------------------------------------------
+
+def test_the_refer_rule_flags_low_confidence_and_slices_unlike_the_training_data(trained):
+    import torch
+
+    from core.contract import Contract
+    from data.intensity import REFERENCE_KEY, distance_to
+    from evaluation.calibration import apply_temperature, logits_from_probs
+    from review.refer import NO_REFERENCE, ReferRule, calibrated
+
+    contract = Contract.from_checkpoint(torch.load(trained[2], weights_only=True))
+    reference = contract.extra[REFERENCE_KEY]
+    assert len(reference["histogram"]) == 256 and sum(reference["histogram"]) == reference["pixels"]
+    spread = reference["validation_distances"]
+    assert 0 <= spread["p50"] <= spread["p99"] <= spread["max"] <= 1
+    rule = ReferRule.for_model(contract.to_dict(), None, threshold=0.6)
+    assert rule.limit == spread["p99"]  # the model's own limit unless one is configured
+    confident = {"probabilities": {"glioma": 0.9, "meningioma": 0.05, "pituitary": 0.05}}
+    unsure = {"probabilities": {"glioma": 0.4, "meningioma": 0.35, "pituitary": 0.25}}
+    counts = np.asarray(reference["histogram"], dtype=np.float64)
+    typical = np.repeat(np.arange(256, dtype=np.uint8), np.round(counts / counts.sum() * 128 * 128).astype(int))
+    typical = np.resize(typical, (128, 128))  # a slice with the training split's own intensities
+    white = np.full((32, 32), 255, np.uint8)
+    assert distance_to(reference, typical) < 0.05 < distance_to(reference, white)
+    assert not rule(confident, typical) and rule(unsure, typical) and rule(confident, white)
+    judged = rule.assess(confident, white)
+    assert judged.reasons == [f"unlike the training data: intensity distance {judged.distance:.3f} is above the "
+                              f"limit {judged.limit:.3f}"]
+    old = ReferRule.for_model({k: v for k, v in contract.to_dict().items() if k != REFERENCE_KEY}, None, 0.6)
+    unknown = old.assess(confident, white)
+    assert not unknown.refer and unknown.note == NO_REFERENCE and unknown.distance is None  # said, never guessed
+    p = unsure["probabilities"]
+    want = apply_temperature(logits_from_probs(np.array([list(p.values())])), 1.7)[0]
+    assert np.allclose(list(calibrated(p, 1.7).values()), want, atol=1e-9)
+
+
+# ---- a prediction made elsewhere (the DICOM receiver) joins the worklist ------------------------------------
+
+def test_a_prediction_made_elsewhere_joins_the_worklist(registry, files, tmp_path):
+    import uvicorn
+
+    import serve
+    from review.cases import CaseOrigin
+    from serving.app import create_app
+
+    db = tmp_path / "audit.db"
+    args = serve.get_args_parser().parse_args([*map(str, registry), "--model", MODEL, "--alias", "staging",
+                                               "--review", "--database", f"sqlite:///{db}", "--poll-seconds", "0",
+                                               "--set", f"review.store_dir={tmp_path / 'store'}"])
+    app = create_app(serve.options_from_args(args))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started and app.state.service.model is not None)
+        service = app.state.service
+        station = service.extensions["review"]
+        (tmp_path / "alice.pw").write_text(PASSWORD)
+        assert serve_cli(["add-reviewer", "alice", "--password-file", tmp_path / "alice.pw", "--database",
+                          f"sqlite:///{db}"], tmp_path).returncode == 0
+        frames = np.stack([np.asarray(Image.open(io.BytesIO(files["slice.jpg"])).convert("L"))] * 2)
+        write_dicom(tmp_path / "cine.dcm", frames.astype(np.uint16) * 16, StudyInstanceUID="1.2.3.4")
+        records = service.model.predictor.predict_file(tmp_path / "cine.dcm")
+        for k, r in enumerate(records, start=1):
+            r.update(frame=k, study_instance_uid="1.2.3.4", sop_instance_uid="1.2.3.4.5")
+        origin = CaseOrigin("dicom", "SCANNER", "1.2.3.4.5", service.model.identity())
+        case_id = station.add_case(records, (tmp_path / "cine.dcm").read_bytes(), origin)
+        refer = station.current_rule()  # the receiver's refer(record, gray) -> bool
+        assert isinstance(refer(records[0], np.zeros((32, 32), np.uint8)), bool)
+        audit = rows(db, "SELECT source, client, case_id, frame, study_uid FROM predictions ORDER BY frame")
+        assert audit == [("dicom", "SCANNER", case_id, 1, "1.2.3.4"), ("dicom", "SCANNER", case_id, 2, "1.2.3.4")]
+        client, _ = session(f"http://127.0.0.1:{port}")
+        with contextlib.closing(client):
+            listed = client.get("/review/?status=all").text
+            assert listed.count(f"/review/case/{case_id}?frame=") == 2
+            case = client.get(f"/review/case/{case_id}?frame=2")
+            assert case.status_code == 200 and "from SCANNER" in case.text
+            assert client.get(f"/review/case/{case_id}/slice.png?frame=2").headers["content-type"] == "image/png"
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def wait_for(condition, timeout: float = 300) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+# ---- back to training --------------------------------------------------------------------------------------
+
+def test_export_reviews_is_a_training_set_train_py_reads(station, tiny_data, tmp_path):
+    """Every tiny-data image reviewed (agreeing with its folder's class), exported, and trained on."""
+    client, csrf = session(station.url)
+    truth = {"brain_glioma": "glioma", "brain_menin": "meningioma", "brain_tumor": "pituitary"}
+    images = sorted(tiny_data.rglob("*.jpg"))
+    with contextlib.closing(client):
+        for chunk in (images[:12], images[12:]):
+            r = client.post("/review/upload", data={"csrf": csrf}, files=[("files", (p.name, p.read_bytes()))
+                                                                          for p in chunk])
+            assert r.status_code in (200, 303), r.text[:300]
+        cases = rows(station.db, "SELECT p.id, p.filename, p.predicted_class, p.case_id FROM predictions p JOIN "
+                                 "review_items i ON i.prediction_id = p.id")
+        by_name = {p.name: truth[p.parent.name] for p in images}
+        for pid, name, predicted, case_id in cases:
+            if name in by_name:
+                said = by_name[name]
+                data = {"csrf": csrf, "prediction_id": pid, "verdict": "agree" if said == predicted else "disagree",
+                        "reviewer_class": said}
+                assert client.post(f"/review/case/{case_id}/verdict", data=data).status_code == 303
+    out = tmp_path / "reviewed"
+    done = serve_cli(["export-reviews", out, "--database", f"sqlite:///{station.db}", "--store-dir", station.store],
+                     tmp_path)
+    assert done.returncode == 0, done.stderr
+    written = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    with open(out / "verdicts.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    current = {r["file"]: r for r in table if r["current"] == "True" and r["file"]}
+    assert written == set(current) | {"verdicts.csv"}
+    for name, cls in by_name.items():  # each image under the reviewer's class, as uploaded
+        [row] = [r for r in current.values() if r["uploaded_as"] == name]
+        assert row["file"].startswith(f"{cls}/") and re.fullmatch(r"[0-9a-f]{32}_[0-9a-f]{32}\.jpg",
+                                                                   row["file"].split("/")[1])
+        assert (out / row["file"]).read_bytes() == next(p for p in images if p.name == name).read_bytes()
+    assert len(table) == rows(station.db, "SELECT COUNT(*) FROM review_verdicts")[0][0]  # every verdict ever given
+    overlay = write_overlay(tmp_path, out, **{"registry.auto_register": False})
+    assert run_script("train", ["--config", overlay, "--model", "resnet18", "--set",
+                                "dataset.group_pattern=^([^_]+)_"]) == 0
+    manifest = json.loads(next((tmp_path / "splits").glob("*.json")).read_text())
+    assert sum(manifest["sizes"].values()) == len(written) - 1 and manifest["class_folders"] == sorted(truth.values())
+
+
+# ---- the monitoring panel's judgement ------------------------------------------------------------------------
+
+def test_the_monitoring_checks_warn_past_their_limits_and_only_with_enough_samples():
+    from core.config import MonitorLimits
+    from review.monitor import agreement_check, class_check, confidence_check, predicted_share, refer_check
+    from review.refer import ReferRule
+
+    limits = MonitorLimits(min_samples=10)
+    probs = json.dumps({"glioma": 0.5, "meningioma": 0.3, "pituitary": 0.2})
+    evaluation = {"accuracy": {"value": 0.95, "ci_low": 0.92, "ci_high": 0.98},
+                  "class_names": ["glioma", "meningioma", "pituitary"], "confusion_matrix": [[5, 0, 0], [1, 4, 0],
+                                                                                          [0, 0, 10]]}
+    assert predicted_share(evaluation) == {"glioma": 0.3, "meningioma": 0.2, "pituitary": 0.5}  # column sums
+    ref = {"predicted_share": {"glioma": 1 / 3, "meningioma": 1 / 3, "pituitary": 1 / 3},
+           "confidence": [0.9] * 90 + [0.5] * 10, "intensity_distance": [0.3] + [0.05] * 99}
+    rule = ReferRule(threshold=0.6, limit=0.2)
+
+    def recent(n, cls="glioma", confidence=0.9, refer=False):
+        return [{"predicted_class": cls, "confidence": confidence, "refer": refer, "probabilities_json": probs}] * n
+
+    drifted = recent(20)  # every recent slice glioma, as confident as the test split, none referred
+    assert class_check(drifted, ref["predicted_share"], limits).status == "warn"
+    assert confidence_check(drifted, ref["confidence"], limits).status == "ok"
+    referred = refer_check(recent(20, confidence=0.5, refer=True), ref, rule, limits)
+    assert referred.status == "warn" and referred.reference == "11%"  # 10 unsure + 1 far test slice
+    assert confidence_check(recent(20, confidence=0.6), ref["confidence"], limits).status == "warn"
+    assert class_check(drifted[:9], ref["predicted_share"], limits).status == "too few"
+    assert agreement_check([True] * 16 + [False] * 4, evaluation, limits).status == "warn"  # 80% vs 95%
+    assert agreement_check([True] * 19 + [False], evaluation, limits).status == "ok"
+    assert agreement_check([True] * 20, None, limits).status == "no reference"  # never made up
+
+
+def test_add_reviewer_refuses_a_short_password_and_a_taken_name(tmp_path):
+    db = f"sqlite:///{tmp_path / 'audit.db'}"
+    (tmp_path / "short.pw").write_text("abc\n")
+    short = serve_cli(["add-reviewer", "bob", "--password-file", tmp_path / "short.pw", "--database", db], tmp_path)
+    assert short.returncode == 2 and short.stderr.strip() == (
+        f"error: the password in {tmp_path / 'short.pw'} has 3 characters; at least 10 please")
+    (tmp_path / "bob.pw").write_text(PASSWORD)
+    first = serve_cli(["add-reviewer", "bob", "--password-file", tmp_path / "bob.pw", "--database", db], tmp_path)
+    again = serve_cli(["add-reviewer", "bob", "--password-file", tmp_path / "bob.pw", "--database", db], tmp_path)
+    assert first.returncode == 0 and again.returncode == 2 and "exists already" in again.stderr
+    stored = rows(tmp_path / "audit.db", "SELECT name, password_hash FROM reviewers")
+    assert stored[0][0] == "bob" and stored[0][1].startswith("$argon2id$") and PASSWORD not in stored[0][1]
