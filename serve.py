@@ -6,10 +6,13 @@
     python serve.py add-reviewer alice --password-file alice.pw     # a login for the review page
     python serve.py --model brain-cancer-resnet18 --review          # the review page at http://127.0.0.1:8000/
     python serve.py export-reviews reviewed/                          # the verdicts as a training set
+    python serve.py --model brain-cancer-resnet18 --dicom-port 11112 --pacs-destination ORTHANC@127.0.0.1:4242
 
 The ONNX flavor runs in ONNX Runtime (PyTorch only for /v1/explain). Every prediction is committed to the audit
 database (--database, sqlite by default) before it is answered. Any address other than loopback needs
---token-file. Other settings: --set serving.KEY=VALUE (config/config.yaml, section serving).
+--token-file. --dicom-port runs a DICOM receiver beside the API (one server process): every frame a PACS sends
+is classified, recorded and (with --review) put on the worklist; an SR and secondary captures go back into
+the study at --pacs-destination. Other settings: --set serving.KEY=VALUE (config/config.yaml, section serving).
 A first word that names a subcommand runs it instead (python serve.py SUBCOMMAND --help).
 """
 from __future__ import annotations
@@ -19,7 +22,9 @@ import sys
 from collections.abc import Callable
 
 from core.cli import add_common_args, config_from_args, run
+from core.errors import UserError
 from deploy.registry import PRODUCTION, validate_alias
+from pacs.extension import SPEC as DICOM_EXTENSION
 from review import commands as review_commands
 from review.extension import SPEC as REVIEW_EXTENSION
 from serving.options import ServeOptions
@@ -63,16 +68,40 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--review", action="store_true",
                    help="serve the review page at / (worklist, case view, verdicts; reviewers log in: "
                         "python serve.py add-reviewer NAME --password-file FILE; settings: review.* in the config)")
+    add_dicom_args(p)
     return p
+
+
+def add_dicom_args(p: argparse.ArgumentParser) -> None:
+    d = p.add_argument_group("DICOM receiver (docs/deployment.md, section PACS)")
+    d.add_argument("--dicom-port", type=int, default=None, metavar="PORT",
+                   help="run a DICOM Storage SCP on this port beside the API (pacs.port; pacs.enabled: true does the "
+                        "same with the configured port); needs --workers 1")
+    d.add_argument("--ae-title", default=None, help="the receiver's AE title (default pacs.ae_title, MRI_AI)")
+    d.add_argument("--pacs-destination", default=None, metavar="AE@HOST:PORT",
+                   help="where the SR and secondary captures go, e.g. ORTHANC@127.0.0.1:4242 (pacs.destination; "
+                        "it may also send images)")
+    d.add_argument("--dicom-allow", action="append", default=None, metavar="AE@HOST",
+                   help="a calling peer that may send images (repeatable; replaces pacs.allow)")
+
+
+def dicom_flags(args) -> dict:
+    """The DICOM flags as pacs.* config keys (None: not given); --dicom-port turns the receiver on."""
+    return {"pacs.enabled": True if args.dicom_port is not None else None, "pacs.port": args.dicom_port,
+            "pacs.ae_title": args.ae_title, "pacs.destination": args.pacs_destination,
+            "pacs.allow": args.dicom_allow}
 
 
 def options_from_args(args) -> ServeOptions:
     flags = {"host": args.host, "port": args.port, "workers": args.workers, "token_file": args.token_file,
              "database_url": args.database, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
              "queue_size": args.queue_size, "poll_seconds": args.poll_seconds, "cors_origins": args.cors_origin}
-    cfg = config_from_args(args, **{f"serving.{k}": v for k, v in flags.items()})
+    dicom = dicom_flags(args)
+    cfg = config_from_args(args, **{f"serving.{k}": v for k, v in flags.items()}, **dicom)
+    if not cfg.pacs.enabled and any(v is not None for v in dicom.values()):
+        raise UserError("DICOM flags without the receiver: give --dicom-port PORT (or set pacs.enabled: true)")
     alias = None if args.version is not None else validate_alias(args.alias) or PRODUCTION
-    extensions = [REVIEW_EXTENSION] if args.review else []
+    extensions = ([REVIEW_EXTENSION] if args.review else []) + ([DICOM_EXTENSION] if cfg.pacs.enabled else [])
     return ServeOptions(cfg.to_dict(), args.registered_model, alias, args.version, args.flavor, extensions)
 
 

@@ -213,6 +213,7 @@ class PacsRetrySection(Section):
 
 
 class PacsSection(Section):
+    enabled: bool = False               # serve.py runs the receiver (also when --dicom-port is given)
     ae_title: str = "MRI_AI"
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 11112  # 0: any free port

@@ -6,6 +6,7 @@ receiver plug in (an Extension: a router, startup/shutdown hooks, database migra
 """
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 import logging
@@ -21,7 +22,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from core.errors import UserError
-from serving.audit import AuditLog, AuditUnavailable, Migration, make_engine, migrate
+from serving.audit import FILTERS, AuditLog, AuditUnavailable, Migration, find_predictions, make_engine, migrate
 from serving.guard import Guard, GuardPolicy, read_token
 from serving.metrics import Metrics, MetricsMiddleware
 from serving.options import ServeOptions
@@ -48,6 +49,7 @@ class Extension:
     exempt_prefixes: tuple[str, ...] = ()    # paths that authenticate themselves (a login), not by bearer token
     exempt_paths: tuple[str, ...] = ()       # the same, for exact paths (e.g. "/", which as a prefix is every path)
     admitted_prefixes: tuple[str, ...] = ()  # its paths that run the model: they take a place in the queue
+    preflight: Callable[[], object] | None = None  # checks before the port opens (raise UserError: one line)
 
 
 async def _call(hook, service: Service) -> None:
@@ -205,6 +207,19 @@ def add_prediction_routes(app: FastAPI, service: Service) -> None:
                    "X-Confidence": f"{record['confidence']:.6f}", "X-Record-Id": record["record_id"],
                    "X-Request-Id": record["request_id"]}
         return Response(png, media_type="image/png", headers=headers)
+
+    @app.get("/v1/predictions", tags=["audit"])
+    async def recorded(request: Request, limit: int = Query(1000, ge=1, le=10000)):
+        """The recorded predictions of a study, series, instance or review case (at least one filter:
+        study_uid, series_uid, sop_instance_uid, case_id), oldest first: from the API, the review page and the
+        DICOM receiver alike."""
+        filters = {k: v for k, v in request.query_params.items() if k in FILTERS and v}
+        unknown = sorted(set(request.query_params) - set(FILTERS) - {"limit"})
+        if unknown or not filters:
+            raise HTTPException(422, f"filter by one or more of {', '.join(FILTERS)}"
+                                     + (f" (not {', '.join(unknown)})" if unknown else ""))
+        found = await asyncio.to_thread(find_predictions, service.audit.engine, filters, limit)
+        return {"predictions": found}
 
     @app.get("/v1/model", tags=["model"])
     async def model_card():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import os
 import queue
@@ -152,6 +153,35 @@ def _migrate_component(engine: Engine, component: str, steps: tuple[Migration, .
         elif current < latest:
             conn.execute(update(schema_versions).where(schema_versions.c.component == component).values(**row))
     return latest
+
+
+# What GET /v1/predictions may filter on: the query parameter -> its column.
+FILTERS = {"study_uid": predictions.c.study_uid, "series_uid": predictions.c.series_uid,
+           "sop_instance_uid": predictions.c.sop_instance_uid, "case_id": predictions.c.case_id}
+
+
+def find_predictions(engine: Engine, filters: dict[str, str], limit: int = 1000) -> list[dict]:
+    """The recorded predictions matching every filter (FILTERS keys), oldest first, as the API answers them:
+    the row's facts and the record's probabilities (and refer flag, when the source set one)."""
+    query = select(predictions)
+    for key, value in filters.items():
+        query = query.where(FILTERS[key] == value)
+    query = query.order_by(predictions.c.created_at, predictions.c.sop_instance_uid, predictions.c.frame)
+    with engine.connect() as conn:
+        rows = conn.execute(query.limit(limit)).mappings().all()
+    out = []
+    for row in rows:
+        record = json.loads(row["output_json"])
+        out.append({"record_id": row["id"], "request_id": row["request_id"],
+                    "created_at": row["created_at"].isoformat(),
+                    "source": row["source"], "client": row["client"], "case_id": row["case_id"],
+                    "study_uid": row["study_uid"], "series_uid": row["series_uid"],
+                    "sop_instance_uid": row["sop_instance_uid"], "frame": row["frame"], "filename": row["filename"],
+                    "sha256": row["input_sha256"], "model": row["model_name"], "version": row["model_version"],
+                    "alias": row["model_alias"], "flavor": row["flavor"], "predicted_class": row["predicted_class"],
+                    "class_index": record.get("class_index"), "confidence": row["confidence"],
+                    "probabilities": record.get("probabilities"), "refer": record.get("refer")})
+    return out
 
 
 class AuditUnavailable(Exception):

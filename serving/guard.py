@@ -71,7 +71,7 @@ class Guard:
             self.admission.count_error("too_large")
             return await send_json(send, 413, {"detail": f"request body over the {p.max_body_bytes:,} byte limit"})
         receive = self._bounded(receive) if scope["method"] in ("POST", "PUT", "PATCH") else receive
-        if not path.startswith(p.admitted_prefixes):
+        if not under(path, p.admitted_prefixes):
             return await self.app(scope, receive, send)
         if not self.admission.enter():
             self.admission.count_error("overloaded")
@@ -106,6 +106,11 @@ class Guard:
             return message
 
         return bounded_receive
+
+
+def under(path: str, prefixes: tuple[str, ...]) -> bool:
+    """The path is one of the prefixes or below one (/v1/predict, not /v1/predictions; "/x/" matches below /x/)."""
+    return any(path == pre or path.startswith(pre if pre.endswith("/") else pre + "/") for pre in prefixes)
 
 
 @dataclass

@@ -15,16 +15,21 @@ from serving.options import ServeOptions
 
 
 def preflight(options: ServeOptions) -> None:
-    """Fail before the port opens, with one line: an exposed bind without a token, an unreadable token,
-    a model or alias the registry does not have, an audit database that cannot be opened or migrated."""
+    """Fail before the port opens, with one line: an exposed bind without a token, an unreadable token, an
+    extension's own check (a DICOM port in use), a model or alias the registry does not have, an audit database
+    that cannot be opened or migrated."""
     cfg = options.cfg
     check_bind(cfg.serving.host, cfg.serving.token_file)
     read_token(cfg.serving.token_file)
+    extensions = load_extensions(options)
+    for ext in extensions:
+        if ext.preflight is not None:
+            ext.preflight()
     spec = options.spec
     resolve_version(connect(cfg.monitoring.mlflow), spec.name, spec.alias, spec.version)
     engine = make_engine(cfg.serving.database_url, cfg.serving.audit_fsync)
     try:  # once here, so N workers do not race to create the tables
-        migrate(engine, {k: v for ext in load_extensions(options) for k, v in ext.migrations.items()})
+        migrate(engine, {k: v for ext in extensions for k, v in ext.migrations.items()})
     finally:
         engine.dispose()
 

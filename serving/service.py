@@ -82,6 +82,8 @@ class Service:
         self._watcher: asyncio.Task | None = None
         # what extensions offer each other, by name (e.g. "review": the review station, for the DICOM receiver)
         self.extensions: dict[str, object] = {}
+        # called on the event loop with each version swapped in (the first included), e.g. by the DICOM receiver
+        self.model_listeners: list[Callable[[ServedModel], object]] = []
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -130,6 +132,11 @@ class Service:
                                    self.settings.max_wait_ms / 1000, lambda: self.decoding, self._on_batch)
         old, self.model, self.failure = self.model, new, None
         self.metrics.set_model(new.identity(), old.identity() if old else None)
+        for listener in self.model_listeners:
+            try:
+                listener(new)
+            except Exception:  # a listener's failure is its own: the version is served all the same
+                log.exception("a model listener failed on v%s", new.version)
         if old is not None:
             self.metrics.reloads.inc()
             log.info("now serving %s v%s (was v%s)", new.mv.name, new.version, old.version)

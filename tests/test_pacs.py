@@ -3,10 +3,13 @@ burned-in secondary captures come back into the study exactly once, even across 
 of the toolkit; refused peers and objects get the right DICOM answer and the receiver stays up."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -32,6 +35,7 @@ from pacs.report import DISCLAIMER, ModelInfo, make_report, read_report
 from pacs.sender import Forwarder
 from pacs.spool import Spool, destination_key
 from tests.orthanc_server import Orthanc, free_port, requires_orthanc
+from tests.server_process import ServerProcess
 
 MODEL = ModelInfo("brain-cancer-resnet18", "1")
 SR_MODALITY, SC_MODALITY = "SR", "OT"
@@ -447,3 +451,80 @@ def test_send_to_pacs_says_what_is_missing(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.startswith("error: ") and "predictions.json" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+# ---- serve.py --dicom-port: the receiver inside the HTTP server ------------------------------------------------
+
+def served_predictions(server, study_uid: str, n: int, timeout_s: float = 60) -> list[dict]:
+    """GET /v1/predictions?study_uid=... once it lists n predictions."""
+    deadline = time.monotonic() + timeout_s
+    with server.client() as client:
+        while True:
+            answer = client.get("/v1/predictions", params={"study_uid": study_uid})
+            assert answer.status_code == 200, answer.text
+            found = answer.json()["predictions"]
+            if len(found) >= n or time.monotonic() > deadline:
+                return found
+            time.sleep(0.2)
+
+
+def db_rows(db, sql: str) -> list:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return conn.execute(sql).fetchall()
+
+
+@requires_orthanc
+def test_serve_py_takes_a_study_from_orthanc_into_its_api_and_worklist_and_sends_the_results_back(
+        orthanc, registered, slices, tmp_path):
+    db, store = tmp_path / "audit.db", tmp_path / "store"
+    server = ServerProcess([*registered, "--model", "brain-cancer-resnet18", "--alias", "staging", "--review",
+                            "--database", f"sqlite:///{db}", "--poll-seconds", "0",
+                            "--dicom-port", orthanc.receiver_port, "--ae-title", "MRI_AI",
+                            "--pacs-destination", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",
+                            "--set", f"pacs.spool_dir={tmp_path / 'spool'}", "--set", f"review.store_dir={store}",
+                            "--set", "pacs.retry.initial_s=0.2"], tmp_path)
+    try:
+        server.wait_ready()
+        mr = write_mr(tmp_path / "scan.dcm", slices)
+        status, answer = orthanc.store("mri_ai", orthanc.upload((tmp_path / "scan.dcm").read_bytes()))
+        assert status == 200, answer
+        api = served_predictions(server, mr.StudyInstanceUID, 3)
+        assert [p["frame"] for p in api] == [1, 2, 3]
+        for p in api:
+            assert (p["source"], p["client"], p["series_uid"], p["sop_instance_uid"]) == (
+                "dicom", "ORTHANC@127.0.0.1", mr.SeriesInstanceUID, mr.SOPInstanceUID)
+            assert (p["model"], p["version"]) == ("brain-cancer-resnet18", "1") and isinstance(p["refer"], bool)
+
+        found = wait_for_results(orthanc, mr.StudyInstanceUID, n_captures=3)
+        report = read_report(dcmread(io.BytesIO(orthanc.instance_file(found[SR_MODALITY][0]))))
+        assert [r["frame"] for r in report] == [1, 2, 3]
+        for frame, p in zip(report, api):
+            assert (frame["predicted_class"], frame["refer"], frame["model"], frame["version"]) == (
+                p["predicted_class"], p["refer"], p["model"], p["version"])
+            assert max(abs(frame["probabilities"][k] - v) for k, v in p["probabilities"].items()) < 1e-6
+        capture = dcmread(io.BytesIO(orthanc.instance_file(found[SC_MODALITY][0]))).pixel_array.astype(int)
+        assert np.abs(capture[..., 0] - capture[..., 2]).max() > 50  # the served version's Grad-CAM burned in
+
+        # On the worklist: one case for the instance, one item per frame, with the refer flag the SR carries.
+        items = db_rows(db, "SELECT c.source, c.client, c.study_uid, i.frame, i.refer, i.prediction_id, c.file_ref "
+                            "FROM review_items i JOIN review_cases c ON c.id = i.case_id ORDER BY i.frame")
+        assert [row[:3] for row in items] == [("dicom", "ORTHANC@127.0.0.1", mr.StudyInstanceUID)] * 3
+        assert [(row[3], bool(row[4]), row[5]) for row in items] == [(p["frame"], p["refer"], p["record_id"])
+                                                                     for p in api]
+        kept = dcmread(store / items[0][6])  # the instance as the page shows it: no patient name or birth date
+        assert str(kept.PatientName) == "" and not kept.get("PatientBirthDate")
+        assert not any("Phantom" in row[0] for row in db_rows(db, "SELECT output_json FROM predictions"))
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log()
+
+
+def test_serve_py_runs_the_dicom_receiver_in_one_process_and_on_a_free_port(registered):
+    served = [*registered, "--model", "brain-cancer-resnet18", "--alias", "staging"]
+    with pytest.raises(UserError, match="one server process"):
+        run_script("serve", [*served, "--workers", "2", "--dicom-port", free_port()])
+    with pytest.raises(UserError, match="give --dicom-port"):
+        run_script("serve", [*served, "--pacs-destination", "ORTHANC@127.0.0.1:4242"])
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        with pytest.raises(UserError, match="cannot listen for DICOM"):
+            run_script("serve", [*served, "--dicom-port", taken.getsockname()[1]])

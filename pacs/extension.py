@@ -1,0 +1,129 @@
+"""serve.py --dicom-port: the DICOM node inside the HTTP server, as a serving.app.Extension
+("pacs.extension:dicom_extension").
+
+The node starts when the server's first model version is loaded and follows every version swapped in after it
+(`node.use_model`): it classifies with the served model (the API's own ONNX session), draws Grad-CAM with the
+same version's PyTorch flavor, records every frame in the server's audit database (source "dicom") and, with
+--review, puts every instance on the worklist as a case, all before the C-STORE is answered. Its refer flag is
+the review station's rule (review.refer_below, review.drift_limit), the one the page shows, and it goes into
+the SR. The node runs in one process: with --workers > 1 the server refuses to start.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import socket
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from core.config import Config
+from core.errors import UserError
+from pacs.node import PacsNode, start_node
+from pacs.pipeline import HeatMaps, ServerHooks
+from pacs.report import ModelInfo
+from review.cases import CaseOrigin, audit_rows
+from review.refer import ReferRule
+from serving.app import Extension
+from serving.model import ServedModel
+from serving.options import ServeOptions
+from serving.service import Service
+
+SPEC = "pacs.extension:dicom_extension"
+LOG = logging.getLogger(__name__)
+
+
+def dicom_extension(options: ServeOptions) -> Extension:
+    served = ServedNode(options.cfg)
+    return Extension("dicom", on_startup=served.attach, on_shutdown=served.close, preflight=served.preflight)
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail before the server starts when the DICOM port cannot be bound (in use, or not ours to take)."""
+    if port == 0:
+        return
+    try:
+        socket.create_server((host, port)).close()
+    except OSError as exc:
+        raise UserError(f"cannot listen for DICOM on {host}:{port} (--dicom-port, pacs.port): "
+                        f"{exc.strerror or exc}") from None
+
+
+def instance_bytes(ds: Dataset) -> bytes:
+    """The received instance as a DICOM file (patient identity already removed unless kept on purpose)."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+class ServedNode:
+    """The DICOM node of one server process, fed by the service's model swaps."""
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.settings = cfg, cfg.pacs
+        self.service: Service | None = None
+        self.node: PacsNode | None = None
+        self.rule: ReferRule | None = None
+        self.identities: dict[str, dict] = {}  # version -> the served identity (model, version, alias, flavor)
+
+    def preflight(self) -> None:
+        if self.cfg.serving.workers > 1:
+            raise UserError(f"the DICOM receiver runs in one server process: --workers {self.cfg.serving.workers} "
+                            "cannot be used with --dicom-port (run it with --workers 1, or in a second serve.py "
+                            "--workers 1 on the same --database)")
+        check_port(self.settings.host, self.settings.port)
+
+    def attach(self, service: Service) -> None:
+        self.service = service
+        service.extensions["dicom"] = self
+        service.model_listeners.append(self.follow)
+        if service.model is not None:
+            self.follow(service.model)
+
+    def follow(self, model: ServedModel) -> None:
+        """A version was swapped in: the first one starts the node, the next ones classify the next instances."""
+        review = self.cfg.review
+        self.identities[model.version] = model.identity()
+        self.rule = ReferRule.for_model(model.predictor.contract.to_dict(), model.evidence.get("evaluation"),
+                                        review.refer_below, review.drift_limit)
+        info = ModelInfo(model.mv.name, model.version)
+        if self.node is not None:
+            self.node.use_model(model.predictor, info, self.heatmaps(model))
+            return
+        hooks = ServerHooks(refer=self.refer, heatmaps=self.heatmaps(model), on_predictions=self.record)
+        self.node = start_node(self.settings, model.predictor, info, hooks)
+        where = f", results to {self.settings.destination}" if self.settings.destination else ", no destination"
+        LOG.info("DICOM receiver %s on %s:%d%s", self.settings.ae_title, self.settings.host, self.node.port, where)
+
+    async def close(self, service: Service | None = None) -> None:
+        if self.node is not None:
+            await asyncio.to_thread(self.node.stop)  # the results not sent yet stay in the spool
+            self.node = None
+
+    def refer(self, record: dict, gray: np.ndarray) -> bool:
+        return self.rule(record, gray)
+
+    def heatmaps(self, model: ServedModel) -> HeatMaps:
+        """Grad-CAM from the version's PyTorch flavor (loaded on first use), one at a time with the API's."""
+        service = self.service
+
+        def draw(grays: list[np.ndarray], classes: list[int]) -> list[np.ndarray]:
+            torch_model = model.torch_predictor(service.client)
+            return service.explain_pool.submit(torch_model.cam_maps, grays, classes).result()
+        return draw
+
+    def record(self, records: list[dict], ds: Dataset, calling_ae: str, peer: str) -> None:
+        """The receiver's on_predictions: the audit rows (and, with --review, the case on the worklist), committed
+        before the sender gets its answer."""
+        service, version = self.service, str(records[0]["version"])
+        identity = self.identities.get(version) or {"model": records[0]["model"], "version": version}
+        origin = CaseOrigin("dicom", f"{calling_ae}@{peer}", records[0]["sop_instance_uid"], identity)
+        data = instance_bytes(ds)
+        station = service.extensions.get("review")
+        if station is not None:
+            station.add_case(records, data, origin)
+        else:
+            service.audit.submit(audit_rows(None, origin, [dict(r) for r in records], data, None)).result()
+        for r in records:
+            service.metrics.predictions.labels(r["predicted_class"]).inc()
