@@ -23,6 +23,7 @@ from core.errors import UserError
 from pacs.node import PacsNode, start_node
 from pacs.pipeline import HeatMaps, ServerHooks
 from pacs.report import ModelInfo
+from pacs.spool import Spool
 from review.cases import CaseOrigin, audit_rows
 from review.refer import ReferRule
 from serving.app import Extension
@@ -73,6 +74,8 @@ class ServedNode:
                             "cannot be used with --dicom-port (run it with --workers 1, or in a second serve.py "
                             "--workers 1 on the same --database)")
         check_port(self.settings.host, self.settings.port)
+        if self.settings.destination_peer is not None:  # another process sending from the same spool: refused now
+            Spool(self.settings.spool_dir, self.settings.destination_peer).acquire().release()
 
     def attach(self, service: Service) -> None:
         self.service = service

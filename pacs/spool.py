@@ -51,10 +51,10 @@ class Spool:
             folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._lock_fd: int | None = None
-        self.recover()
 
     def acquire(self) -> Spool:
-        """Take the folder for this process; a second sender on the same spool would send twice."""
+        """Take the folder for this process (a second sender on the same spool would send twice), then clean up
+        after a crash: only under the lock, so that another running process never loses a file in progress."""
         import fcntl
 
         fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -65,6 +65,7 @@ class Spool:
             raise UserError(f"the spool {self.dir} is in use by another process (a running receiver sends "
                             "from it)") from None
         self._lock_fd = fd
+        self.recover()
         return self
 
     def release(self) -> None:

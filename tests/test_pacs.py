@@ -1,6 +1,7 @@
 """PACS integration against a real Orthanc: images arrive by C-STORE, every frame is classified, an SR and
 burned-in secondary captures come back into the study exactly once, even across a PACS outage and a kill -9
-of the toolkit; refused peers and objects get the right DICOM answer and the receiver stays up."""
+of the toolkit; refused peers and objects get the right DICOM answer and the receiver stays up; and the same
+through serve.py --dicom-port, its API and its review worklist."""
 from __future__ import annotations
 
 import contextlib
@@ -519,7 +520,7 @@ def test_serve_py_takes_a_study_from_orthanc_into_its_api_and_worklist_and_sends
     assert "Traceback" not in server.log()
 
 
-def test_serve_py_runs_the_dicom_receiver_in_one_process_and_on_a_free_port(registered):
+def test_serve_py_runs_the_dicom_receiver_in_one_process_on_a_free_port_and_spool(registered, tmp_path):
     served = [*registered, "--model", "brain-cancer-resnet18", "--alias", "staging"]
     with pytest.raises(UserError, match="one server process"):
         run_script("serve", [*served, "--workers", "2", "--dicom-port", free_port()])
@@ -528,3 +529,11 @@ def test_serve_py_runs_the_dicom_receiver_in_one_process_and_on_a_free_port(regi
     with socket.create_server(("127.0.0.1", 0)) as taken:
         with pytest.raises(UserError, match="cannot listen for DICOM"):
             run_script("serve", [*served, "--dicom-port", taken.getsockname()[1]])
+    settings = pacs_settings(tmp_path, 0, None, "pacs.destination=ORTHANC@127.0.0.1:4242")
+    running = Spool(settings.spool_dir, settings.destination_peer).acquire()  # another server sends from it
+    try:
+        with pytest.raises(UserError, match="in use by another process"):
+            run_script("serve", [*served, "--dicom-port", free_port(), "--pacs-destination", settings.destination,
+                                 "--set", f"pacs.spool_dir={settings.spool_dir}"])
+    finally:
+        running.release()
