@@ -359,6 +359,10 @@ def session(url: str) -> tuple[httpx.Client, str]:
 
 
 def test_forms_need_a_session_and_its_csrf_token_and_pages_allow_no_inline_script(station, files):
+    import psutil
+
+    listening = {c.laddr for c in psutil.Process(station.proc.pid).net_connections("inet") if c.status == "LISTEN"}
+    assert listening == {("127.0.0.1", station.port)}  # no --host: loopback only, page and API alike
     with httpx.Client(base_url=station.url, timeout=120) as anon:
         assert anon.get("/").status_code == 303  # the page is exempt from the bearer token ...
         assert anon.get("/v1/model").status_code == 401  # ... the API is not
