@@ -160,6 +160,18 @@ def upload(page, named: dict[str, bytes]) -> None:
         page.set_input_files("#files", payload)
 
 
+def drop(page, named: dict[str, bytes]) -> None:
+    """Drop files on the worklist's drop zone, as from a file manager (its drop handler submits the form)."""
+    with page.expect_navigation():
+        page.evaluate("""files => {
+            const dt = new DataTransfer();
+            for (const [name, bytes] of files) dt.items.add(new File([new Uint8Array(bytes)], name));
+            const zone = document.getElementById("drop-zone");
+            for (const kind of ["dragenter", "dragover", "drop"])
+                zone.dispatchEvent(new DragEvent(kind, {dataTransfer: dt, bubbles: true, cancelable: true}));
+        }""", [[n, list(b)] for n, b in named.items()])
+
+
 def wait_loaded(page, element_id: str) -> int:
     """The natural width of an image once it has loaded (Grad-CAM may first load the PyTorch model)."""
     page.wait_for_function(f"() => {{ const i = document.getElementById('{element_id}'); "
@@ -283,8 +295,8 @@ def test_keys_record_verdicts_and_a_changed_verdict_is_a_new_row(station, browse
 def test_an_upload_named_like_markup_is_shown_as_text_and_runs_nothing(station, browser, files):
     with browsing(browser, station) as page:
         log_in(page, station)
-        upload(page, {HOSTILE_NAME: files["slice.jpg"], "<svg onload=document.body.dataset.pwned=1>.jpg":
-                      files["slice.jpg"]})
+        drop(page, {HOSTILE_NAME: files["slice.jpg"], "<svg onload=document.body.dataset.pwned=1>.jpg":
+                    files["slice.jpg"]})  # dropped on the page, not picked
         assert page.locator("#case-name").inner_text() == HOSTILE_NAME
         page.goto(station.url + "/review/?status=all")
         assert HOSTILE_NAME in page.locator("#worklist").inner_text()
