@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy import Engine, delete, func, insert, select, update
 
 from core.errors import UserError
 from review.schema import reviewers, sessions
@@ -57,6 +57,11 @@ def read_password(path: str | None) -> str:
     if len(password) < MIN_PASSWORD:
         raise UserError(f"{where} has {len(password)} characters; at least {MIN_PASSWORD} please")
     return password
+
+
+def reviewer_count(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(reviewers)).scalar_one()
 
 
 def add_reviewer(engine: Engine, name: str, password: str, replace: bool = False) -> bool:

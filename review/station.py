@@ -22,6 +22,7 @@ from core.fileio import atomic_file, private_dir
 from data.images import load_frames
 from deploy.registry import load_predictor
 from review import worklist
+from review.auth import reviewer_count
 from review.cases import (
     CaseFiles,
     CaseOrigin,
@@ -65,6 +66,12 @@ class ReviewStation:
         private_dir(self.files.root)
         self.service = service
         service.extensions["review"] = self
+        where, n = f"http://{service.settings.host}:{service.settings.port}/", reviewer_count(self.engine)
+        if n:
+            log.info("review page at %s (%d reviewer(s) may log in)", where, n)
+        else:  # a page nobody can log in to: say how to fix it where the user is looking
+            log.warning("review page at %s, but no reviewer can log in yet: python serve.py add-reviewer NAME "
+                        "(with this server's --database)", where)
 
     def close(self, service: Service | None = None) -> None:
         self._heat_pool.shutdown(wait=True, cancel_futures=True)

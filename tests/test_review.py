@@ -8,6 +8,7 @@ import contextlib
 import csv
 import io
 import json
+import os
 import re
 import shutil
 import sqlite3
@@ -30,6 +31,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 HOSTILE_NAME = "<img src=x onerror=alert(1)>.jpg"
+DICOM_WINDOW = (2048, 1024)  # narrower than the 12-bit range: both ends saturate, as a reader sets it
 
 
 # ---- the model, the server, a reviewer ---------------------------------------------------------------------
@@ -82,12 +84,18 @@ def rows(db: Path, sql: str, args=()) -> list:
 
 @pytest.fixture(scope="module")
 def files(tiny_data, tmp_path_factory) -> dict[str, bytes]:
-    """A real JPEG of the data set and a DICOM written here (12-bit, with a window), as uploaded."""
+    """A real JPEG of the data set and a DICOM written here (12-bit, with a narrow window), as uploaded."""
     folder = tmp_path_factory.mktemp("review_inputs")
     jpeg = sorted(tiny_data.rglob("*.jpg"))[0]
     gray = np.asarray(Image.open(jpeg).convert("L").resize((96, 80)), dtype=np.uint16) * 16
-    write_dicom(folder / "scan.dcm", gray, (2040, 4080))
+    write_dicom(folder / "scan.dcm", gray, DICOM_WINDOW)
     return {"slice.jpg": jpeg.read_bytes(), "scan.dcm": (folder / "scan.dcm").read_bytes()}
+
+
+def windowed(stored: np.ndarray, center: float, width: float) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2.1, the linear VOI function, to 8 bits."""
+    x = (stored.astype(np.float64) - (center - 0.5)) / (width - 1) + 0.5
+    return np.clip(x, 0, 1) * 255
 
 
 # ---- the browser ---------------------------------------------------------------------------------------------
@@ -109,7 +117,10 @@ def browser():
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("review_screenshots")
+    """Where the screenshots go: $TEST_ARTIFACTS/review when set (CI keeps that folder), else a temporary one."""
+    kept = os.environ.get("TEST_ARTIFACTS")
+    folder = Path(kept) / "review" if kept else tmp_path_factory.mktemp("review_screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
     print(f"\nreview page screenshots: {folder}")
     return folder
 
@@ -149,6 +160,18 @@ def upload(page, named: dict[str, bytes]) -> None:
         page.set_input_files("#files", payload)
 
 
+def drop(page, named: dict[str, bytes]) -> None:
+    """Drop files on the worklist's drop zone, as from a file manager (its drop handler submits the form)."""
+    with page.expect_navigation():
+        page.evaluate("""files => {
+            const dt = new DataTransfer();
+            for (const [name, bytes] of files) dt.items.add(new File([new Uint8Array(bytes)], name));
+            const zone = document.getElementById("drop-zone");
+            for (const kind of ["dragenter", "dragover", "drop"])
+                zone.dispatchEvent(new DragEvent(kind, {dataTransfer: dt, bubbles: true, cancelable: true}));
+        }""", [[n, list(b)] for n, b in named.items()])
+
+
 def wait_loaded(page, element_id: str) -> int:
     """The natural width of an image once it has loaded (Grad-CAM may first load the PyTorch model)."""
     page.wait_for_function(f"() => {{ const i = document.getElementById('{element_id}'); "
@@ -162,7 +185,42 @@ def bars(page) -> dict[str, float]:
     return dict(zip(names, values))
 
 
+def assert_registry_evidence(page, evaluation: dict) -> None:
+    """The case view's validation table is the registered evaluation's: accuracy and per-class sensitivity with
+    their bootstrap intervals."""
+    want = {"Test accuracy": evaluation["accuracy"]} | {f"Sensitivity {name}": row["sensitivity"]
+                                                       for name, row in evaluation["per_class"].items()}
+    shown = page.locator("#model table.evidence tr").evaluate_all(
+        "rs => rs.map(r => [...r.children].map(c => c.textContent.trim()))")
+    assert {row[0]: row[1:] for row in shown} == {
+        name: [f"{f['value']:.1%}", f"[{f['ci_low']:.1%}, {f['ci_high']:.1%}]"] for name, f in want.items()}
+
+
+def assert_heat_map_controls(page) -> None:
+    """The opacity slider sets the Grad-CAM layer's opacity; the toggle hides and shows it."""
+    heat = page.locator("#heatmap")
+    page.locator("#heat-opacity").fill("20")
+    assert heat.evaluate("e => getComputedStyle(e).opacity") == "0.2"
+    page.uncheck("#heat-toggle")
+    assert heat.is_hidden() and page.locator("#slice").is_visible()
+    page.check("#heat-toggle")
+    assert heat.is_visible()
+
+
+def assert_shown_through_its_window(page, server, dicom: bytes) -> None:
+    """The slice the page shows is the DICOM's stored values through its own window (not a min-max stretch)."""
+    import pydicom
+
+    picture = page.request.get(server.url + page.locator("#slice").get_attribute("src"))
+    shown = np.asarray(Image.open(io.BytesIO(picture.body())), dtype=np.float64)
+    stored = pydicom.dcmread(io.BytesIO(dicom)).pixel_array
+    assert shown.shape == stored.shape and np.abs(shown - windowed(stored, *DICOM_WINDOW)).max() <= 1
+    assert (shown == 255).mean() > (stored == stored.max()).mean()  # saturated above the window's top
+
+
 def test_a_reviewer_uploads_reads_the_case_and_a_disagreement_is_kept(station, browser, files, artifacts):
+    with httpx.Client(base_url=station.url, headers=station.headers) as api:
+        evaluation = api.get("/v1/model").json()["evaluation"]
     with browsing(browser, station) as page:
         log_in(page, station)
         upload(page, files)
@@ -180,6 +238,8 @@ def test_a_reviewer_uploads_reads_the_case_and_a_disagreement_is_kept(station, b
         assert wait_loaded(page, "slice") > 0 and wait_loaded(page, "heatmap") > 0
         assert page.locator("#drift").inner_text().startswith("Intensity distance from the training data")
         page.screenshot(path=str(artifacts / "case-view.png"), full_page=True)
+        assert_registry_evidence(page, evaluation)
+        assert_heat_map_controls(page)
 
         others = [c for c in shown if c != leading]
         with page.expect_navigation():
@@ -195,7 +255,8 @@ def test_a_reviewer_uploads_reads_the_case_and_a_disagreement_is_kept(station, b
         page.click("#worklist tr:has(td.filename:text-is('scan.dcm')) a")
         page.wait_for_url("**/review/case/**")
         assert bars(page) and wait_loaded(page, "heatmap") > 0
-        assert wait_loaded(page, "slice") == 96  # the DICOM at its own size, through its window
+        assert wait_loaded(page, "slice") == 96  # the DICOM at its own size ...
+        assert_shown_through_its_window(page, station, files["scan.dcm"])  # ... through its window
     verdicts = rows(station.db, "SELECT v.agrees, v.reviewer, v.reviewer_class, p.filename, p.case_id FROM "
                                 "review_verdicts v JOIN predictions p ON p.id = v.prediction_id")
     assert (0, "alice", others[0], "slice.jpg") in [v[:4] for v in verdicts]
@@ -210,7 +271,8 @@ def test_keys_record_verdicts_and_a_changed_verdict_is_a_new_row(station, browse
         upload(page, {"again.jpg": files["slice.jpg"]})
         case_url = page.url
         with page.expect_navigation():
-            page.keyboard.press("a")  # agree at once
+            page.keyboard.press("a")  # agree at once ...
+        assert "/review/case/" in page.url and page.url != case_url  # ... and the next case opens
         page.goto(case_url)
         shown = bars(page)
         leading = max(shown, key=shown.get)
@@ -233,8 +295,8 @@ def test_keys_record_verdicts_and_a_changed_verdict_is_a_new_row(station, browse
 def test_an_upload_named_like_markup_is_shown_as_text_and_runs_nothing(station, browser, files):
     with browsing(browser, station) as page:
         log_in(page, station)
-        upload(page, {HOSTILE_NAME: files["slice.jpg"], "<svg onload=document.body.dataset.pwned=1>.jpg":
-                      files["slice.jpg"]})
+        drop(page, {HOSTILE_NAME: files["slice.jpg"], "<svg onload=document.body.dataset.pwned=1>.jpg":
+                    files["slice.jpg"]})  # dropped on the page, not picked
         assert page.locator("#case-name").inner_text() == HOSTILE_NAME
         page.goto(station.url + "/review/?status=all")
         assert HOSTILE_NAME in page.locator("#worklist").inner_text()
@@ -244,25 +306,51 @@ def test_an_upload_named_like_markup_is_shown_as_text_and_runs_nothing(station, 
     assert stored and all(re.fullmatch(r"[0-9a-f]{32}\.(jpg|dcm|png)|heatmaps", n) for n in stored)
 
 
-def test_the_worklist_and_its_monitoring_panel(station, browser, files, artifacts):
+def listed(page) -> list[dict[str, str]]:
+    """The worklist's rows as {column heading: text}, plus the row's classes."""
+    heads = page.locator("#worklist thead th").all_inner_texts()
+    cells = page.locator("#worklist tbody tr:not(:has(td.empty))").evaluate_all(
+        "rs => rs.map(r => [r.className, ...[...r.children].map(c => c.textContent.trim())])")
+    return [{"class": c[0], **dict(zip(heads, c[1:]))} for c in cells]
+
+
+def certainty(rows: list[dict]) -> list[float]:
+    return [float(r["Top probability"].split("%")[0]) for r in rows]
+
+
+def test_the_worklist_filters_sorts_and_monitors(station, browser, files, artifacts):
     with browsing(browser, station) as page:
         log_in(page, station)
+        pending = listed(page)  # the default: pending, least certain first
+        assert len(pending) >= 2 and certainty(pending) == sorted(certainty(pending))
+        assert all(r["class"].split()[0] == "pending" for r in pending)
+        with page.expect_navigation():
+            page.click("nav.tabs a:has-text('disagreements')")
+        disagreed = listed(page)
+        assert disagreed and all(r["Status"].startswith("disagreed: ") for r in disagreed)
+        assert page.locator("nav.tabs a.current .count").inner_text() == str(len(disagreed))
+        page.goto(station.url + "/review/?status=referred")
+        assert all("referred" in r["class"].split() and r["Refer"] == "refer" for r in listed(page))
         page.goto(station.url + "/review/?status=all")
-        assert page.locator("#worklist tbody tr").count() >= 4
+        everything = listed(page)
+        assert len(everything) >= 5
+        predicted = everything[0]["Predicted"]
+        page.select_option("form.filters select[name=predicted]", predicted)
+        page.select_option("form.filters select[name=order]", "desc")
+        with page.expect_navigation():
+            page.click("form.filters button[type=submit]")
+        chosen = listed(page)
+        assert chosen and {r["Predicted"] for r in chosen} == {predicted}
+        assert certainty(chosen) == sorted(certainty(chosen), reverse=True)
+        assert len(chosen) == sum(r["Predicted"] == predicted for r in everything)
+
+        page.goto(station.url + "/review/?status=all")
         checks = page.locator("#monitor tr.check")
         assert checks.count() == 4
         text = page.locator("#monitor").inner_text()
         assert "test accuracy" in text and "not recorded" not in text  # the references of the evaluated version
-        statuses = checks.locator("td.status").all_inner_texts()
-        assert set(statuses) <= {"ok", "warn", "too few"}
-        confidences = [float(t.split("%")[0]) for t in page.locator("#worklist tbody tr td:nth-child(4)")
-                       .all_inner_texts() if t]
-        page.goto(station.url + "/review/?status=all&sort=confidence&order=desc")
+        assert set(checks.locator("td.status").all_inner_texts()) <= {"ok", "warn", "too few"}
         page.screenshot(path=str(artifacts / "worklist.png"), full_page=True)
-        page.goto(station.url + "/review/")  # default: pending, least certain first
-        pending = [float(t.split("%")[0]) for t in page.locator("#worklist tbody tr td:nth-child(4)")
-                   .all_inner_texts() if t]
-        assert pending == sorted(pending) and confidences
 
 
 # ---- the page's security, without a browser ----------------------------------------------------------------
@@ -283,6 +371,10 @@ def session(url: str) -> tuple[httpx.Client, str]:
 
 
 def test_forms_need_a_session_and_its_csrf_token_and_pages_allow_no_inline_script(station, files):
+    import psutil
+
+    listening = {c.laddr for c in psutil.Process(station.proc.pid).net_connections("inet") if c.status == "LISTEN"}
+    assert listening == {("127.0.0.1", station.port)}  # no --host: loopback only, page and API alike
     with httpx.Client(base_url=station.url, timeout=120) as anon:
         assert anon.get("/").status_code == 303  # the page is exempt from the bearer token ...
         assert anon.get("/v1/model").status_code == 401  # ... the API is not

@@ -34,6 +34,13 @@ function setUpHeatMap() {
   apply();
 }
 
+// Keys go to the verdict unless the reviewer is typing; the heat map's toggle and slider keep them working.
+function typing(target) {
+  if (!target) return false;
+  if (target.tagName === "TEXTAREA" || target.tagName === "SELECT" || target.isContentEditable) return true;
+  return target.tagName === "INPUT" && !["checkbox", "range", "radio", "button", "submit"].includes(target.type);
+}
+
 function setUpKeys() {
   const form = document.getElementById("verdict-form");
   if (!form) return;
@@ -49,9 +56,8 @@ function setUpKeys() {
     form.requestSubmit(button);
   };
   document.addEventListener("keydown", (event) => {
-    const target = event.target;
     if (sent || event.ctrlKey || event.metaKey || event.altKey) return;
-    if (target && (target.tagName === "TEXTAREA" || target.tagName === "INPUT" || target.tagName === "SELECT")) return;
+    if (typing(event.target)) return;
     const key = event.key.toLowerCase();
     if (choosing && /^[1-9]$/.test(key)) {
       const option = select.querySelector(`option[data-key="${key}"]`);
