@@ -2,6 +2,7 @@
 
     python evaluate.py --model resnet18 --demo
     python evaluate.py --model resnet18 --detailed --medical-validation --compare [--strict] [--calibrate]
+    python evaluate.py --model resnet18 --onnx checkpoints/resnet18_outputs/exported_models/resnet18_model_int8.onnx
 
 Exit codes: 0 success (and gates passed with --medical-validation), 3 gates failed, 2 user error.
 """
@@ -11,9 +12,13 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from core.cli import add_common_args, run
 from core.device import select_device
+from core.errors import UserError
 from data.preprocess import Preprocessor
+from deploy.scoring import open_onnx
 from evaluation.explain import CamModel
 from evaluation.gates import GATES_FAILED_EXIT, check_gates, format_gates
 from evaluation.plots import comparison_plot, evaluation_figures
@@ -51,6 +56,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true", help="fit a temperature on the validation split; ECE "
                                                             "before/after")
     p.add_argument("--compare", action="store_true", help="rank every evaluated model under the checkpoints folder")
+    p.add_argument("--onnx", default=None, metavar="PATH",
+                   help="score this ONNX file exported from the checkpoint (fp32 or int8) in ONNX Runtime instead of "
+                        "the PyTorch model; outputs in {checkpoint folder}/evaluation_{file name}/")
     return p
 
 
@@ -79,13 +87,14 @@ def compare_models(cfg: Config) -> None:
 
 def main(args) -> int:
     args.medical_validation = args.medical_validation or args.strict
-    device = select_device(args.device)
+    device = select_device("cpu" if args.onnx else args.device)  # ONNX Runtime scores on the CPU
     cfg, opened = open_for_scoring(args)
     ckpt, ckpt_path, split = opened.ckpt, opened.path, opened.split
-    name, classes, out_dir = opened.model_name, opened.class_names, ckpt_path.parent
-    print(f"Evaluating {name} (epoch {ckpt['epoch']}) on the test split of {split.manifest_path}")
+    name, classes = opened.model_name, opened.class_names
+    model, out_dir, artifact = scoring_model(args, opened, device)
+    print(f"Evaluating {name} (epoch {ckpt['epoch']}{artifact_label(artifact)}) on the test split of "
+          f"{split.manifest_path}")
     with open_tracker(cfg, name, "evaluation", ckpt) as tracker:
-        model = model_from_checkpoint(ckpt, device)
         pre = Preprocessor(opened.contract.mean, opened.contract.std).to(device)  # the checkpoint's, not the config's
         test = predict_split(cfg, split, "test", model, pre, opened.contract.img_size, device)
         y, prob = test.y_true, test.y_prob
@@ -97,7 +106,8 @@ def main(args) -> int:
         calibration, bins, bins_after = calibration_summary(y, prob, cfg.evaluation.ece_bins, val)
         timing = measure_inference(model, pre, test.dataset, cfg.recipe.batch_size, device,
                                    cfg.evaluation.timing_warmup, cfg.evaluation.timing_runs)
-        record = evaluation_record(ckpt, ckpt_path, split, scores, calibration, timing)
+        record = {**evaluation_record(ckpt, ckpt_path, split, scores, calibration, timing),
+                  **({"artifact": artifact} if artifact else {})}
         validation = check_gates(record, cfg.evaluation.gates, args.strict) if args.medical_validation else None
 
         files = [write_json(out_dir / "evaluation_metrics.json", record),
@@ -120,6 +130,35 @@ def main(args) -> int:
     if args.compare:
         compare_models(cfg)
     return code
+
+
+def scoring_model(args, opened, device) -> tuple[torch.nn.Module, Path, dict | None]:
+    """(model, output folder, artifact record): the checkpoint's PyTorch model, or with --onnx the exported file
+    in ONNX Runtime, whose contract must be the checkpoint's; its figures go to their own folder, so the
+    checkpoint's evaluation (what register_model.py reads) is never overwritten by an artifact's."""
+    if not args.onnx:
+        return model_from_checkpoint(opened.ckpt, device), opened.path.parent, None
+    if args.detailed:
+        raise UserError("--detailed (Grad-CAM) needs the PyTorch model; run it without --onnx")
+    path = Path(args.onnx)
+    if not path.is_file():
+        raise UserError(f"--onnx {path}: no such file")
+    try:
+        module = open_onnx(path)
+    except Exception as exc:  # not ONNX, no contract, an operator ONNX Runtime lacks: one line, whichever it is
+        raise UserError(f"--onnx {path}: cannot be scored ({str(exc).strip().splitlines()[0]})") from None
+    if module.contract != opened.contract:
+        raise UserError(f"--onnx {path} was not exported from {opened.path} (its preprocessing contract differs); "
+                        "pass the checkpoint it came from with --checkpoint")
+    precision = module.contract.extra.get("precision", "fp32")
+    artifact = {"path": str(path), "runtime": "onnxruntime", "precision": precision}
+    out_dir = opened.path.parent / f"evaluation_{path.stem}"
+    out_dir.mkdir(exist_ok=True)
+    return module, out_dir, artifact
+
+
+def artifact_label(artifact: dict | None) -> str:
+    return f", {artifact['precision']} ONNX file {artifact['path']}" if artifact else ""
 
 
 def explain_gradcam(cfg: Config, cam: CamModel, test: Scored, classes: list[str], out_dir: Path) -> Path:

@@ -3,6 +3,7 @@
     python inference_with_mlflow.py --model brain-cancer-resnet18 --alias production --image scan.jpg
     python inference_with_mlflow.py --model brain-cancer-resnet18 --version 3 --image folder/ slice.dcm --json
     python inference_with_mlflow.py --model brain-cancer-resnet18 --alias production --image scan.png --gradcam cams/
+    python inference_with_mlflow.py --model brain-cancer-resnet18 --alias production --flavor onnx-int8 --image scan.jpg
 
 Uses the ONNX flavor with ONNX Runtime when one is registered (no PyTorch at prediction), else the PyTorch flavor.
 Images: jpg/png/bmp/tif (any size, 8/16-bit, RGBA, palette) and DICOM (.dcm). Exit code 1 if any input failed.
@@ -22,7 +23,7 @@ from core.cli import add_common_args, config_from_args, run
 from core.errors import UserError
 from data.images import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, ImageReadError
 from deploy.predictors import prediction_record
-from deploy.registry import connect, load_predictor, resolve_version
+from deploy.registry import INT8_FLAVOR, connect, load_predictor, resolve_version
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -36,8 +37,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     which.add_argument("--version", default=None, help="model version number (default: the latest)")
     p.add_argument("--image", nargs="+", required=True, metavar="PATH", help="image files or folders of images")
     p.add_argument("--img-size", type=int, default=None, help="default: the image size of the model's contract")
-    p.add_argument("--flavor", choices=["auto", "onnx", "pytorch"], default="auto",
-                   help="auto: ONNX when registered, else PyTorch")
+    p.add_argument("--flavor", choices=["auto", "onnx", "pytorch", INT8_FLAVOR], default="auto",
+                   help="auto: ONNX when registered, else PyTorch; onnx-int8: the int8 model registered with --int8")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the report")
     p.add_argument("--gradcam", default=None, metavar="OUT_DIR", help="write Grad-CAM overlays here (PyTorch flavor)")
     return p
@@ -111,7 +112,7 @@ def main(args) -> int:
         label = f"@{alias}, " if alias else ""
         if not args.json:
             print(f"🧠 Brain Cancer MRI Inference with MLflow\n{'=' * 50}")
-            runtime = "ONNX Runtime" if flavor == "onnx" else "PyTorch"
+            runtime = {"onnx": "ONNX Runtime", INT8_FLAVOR: "ONNX Runtime, int8"}.get(flavor, "PyTorch")
             print(f"✅ Successfully loaded model: {mv.name} ({label}v{mv.version}; {flavor} flavor "
                   f"{used.name} v{used.version} on {runtime})")
         records, errors = predict_all(predictor, paths, args.json)
@@ -129,7 +130,7 @@ def main(args) -> int:
 def apply_img_size(predictor, img_size: int | None, flavor: str) -> None:
     if img_size is None or img_size == predictor.contract.img_size:
         return
-    if flavor == "onnx":
+    if flavor.startswith("onnx"):
         raise UserError(f"the ONNX model takes {predictor.contract.img_size} px input; "
                         "use --flavor pytorch to predict at another size")
     print(f"warning: --img-size {img_size} differs from the training size {predictor.contract.img_size}; "

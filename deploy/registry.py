@@ -242,7 +242,10 @@ def download(mv, dst: Path) -> Path:
 
 
 def load_predictor(client, mv, workdir: Path, flavor: str = "auto"):
-    """(predictor, version used, flavor name): ONNX Runtime when an ONNX flavor exists (auto), else PyTorch."""
+    """(predictor, version used, flavor name): ONNX Runtime when an ONNX flavor exists (auto), else PyTorch;
+    the int8 ONNX model only when asked for (flavor "onnx-int8") or named."""
+    if flavor == INT8_FLAVOR or mv.name.endswith(f"-{INT8_FLAVOR}"):
+        return load_int8_predictor(client, mv, workdir)
     twin = onnx_twin(client, mv) if flavor in ("auto", "onnx") else None
     if flavor == "onnx" and twin is None:
         raise UserError(f"{mv.name} v{mv.version} has no ONNX flavor registered")
@@ -261,3 +264,55 @@ def load_predictor(client, mv, workdir: Path, flavor: str = "auto"):
     from deploy.predictors import TorchPredictor
 
     return TorchPredictor(checkpoints[0]), mv, "pytorch"
+
+
+# ---- the int8 ONNX model: a third registered model, brain-cancer-{model}-onnx-int8 ----------------------
+INT8_FLAVOR = "onnx-int8"
+INT8_LINK_TAG = "onnx_int8_version"  # on the PyTorch and ONNX versions of the same release
+
+
+def int8_registered_name(model: str) -> dict[str, str]:
+    return {INT8_FLAVOR: f"brain-cancer-{model}-{INT8_FLAVOR}"}
+
+
+def log_int8_flavor(int8_path: Path, example, extra_files: list[Path]) -> str:
+    """Log the int8 ONNX file into the active MLflow run (signature from its own outputs); its model URI."""
+    import mlflow
+    import onnx
+    import onnxruntime
+    from mlflow.models import infer_signature
+
+    from deploy.predictors import OnnxPredictor
+
+    signature = infer_signature(example, OnnxPredictor(int8_path, providers=["CPUExecutionProvider"]).logits(example))
+    info = mlflow.onnx.log_model(onnx_model=onnx.load(str(int8_path)), name="onnx_int8_model", signature=signature,
+                                 input_example=example, extra_files=[str(p) for p in extra_files],
+                                 save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"],
+                                 pip_requirements=[f"onnxruntime=={onnxruntime.__version__}"])
+    return info.model_uri
+
+
+def int8_twin(client, mv):
+    """The int8 ONNX version registered with this PyTorch or ONNX version (or the int8 version itself)."""
+    if mv.name.endswith(f"-{INT8_FLAVOR}"):
+        return mv
+    linked = mv.tags.get(INT8_LINK_TAG)
+    if not linked:
+        raise UserError(f"{mv.name} v{mv.version} has no int8 model registered (python register_model.py ... --int8)")
+    return client.get_model_version(f"{mv.name.removesuffix('-onnx')}-{INT8_FLAVOR}", linked)
+
+
+def load_int8_predictor(client, mv, workdir: Path):
+    """(OnnxPredictor of the int8 file on the CPU provider, the int8 version, "onnx-int8")."""
+    from deploy.predictors import OnnxPredictor
+
+    twin = int8_twin(client, mv)
+    folder = download(twin, Path(workdir) / INT8_FLAVOR)
+    files = sorted(folder.rglob("*.onnx"))
+    if not files:
+        raise UserError(f"{twin.name} v{twin.version} holds no ONNX file")
+    predictor = OnnxPredictor(files[0], providers=["CPUExecutionProvider"])
+    if predictor.contract.extra.get("precision") != "int8":
+        raise UserError(f"{twin.name} v{twin.version} is not an int8 model (its contract says precision "
+                        f"{predictor.contract.extra.get('precision', 'fp32')})")
+    return predictor, twin, INT8_FLAVOR

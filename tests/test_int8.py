@@ -1,0 +1,174 @@
+"""int8 inference: the gate-checked static quantization (export_model.py --format onnx-int8), the contract inside
+the int8 file, scoring it with evaluate.py --onnx, and the int8 model through the registry and inference."""
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+from mlflow import MlflowClient
+
+from conftest import run_script
+from core.checkpoint import load_checkpoint
+from core.contract import Contract
+from core.errors import UserError
+from deploy.predictors import OnnxPredictor, read_contract
+from deploy.quantize import judge_int8
+
+EV = SimpleNamespace(bootstrap_samples=500, confidence=0.95, bootstrap_seed=0)
+
+
+@pytest.fixture(scope="module")
+def int8_export(trained, tmp_path_factory):
+    """The shared one-epoch checkpoint copied into a folder of its own and exported as int8 there."""
+    overlay, _, ckpt_path = trained
+    out = tmp_path_factory.mktemp("int8 run") / "resnet18_outputs"
+    out.mkdir()
+    shutil.copy(ckpt_path, out / "best_model.pth")
+    ckpt = out / "best_model.pth"
+    code = run_script("export_model", ["--config", overlay, "--model", "resnet18", "--checkpoint", ckpt,
+                                       "--format", "onnx-int8", "--output-dir", out / "exported"])
+    assert code == 0
+    return overlay, out / "best_model.pth", out / "exported" / "resnet18_model_int8.onnx"
+
+
+def test_int8_file_is_quantized_and_carries_the_contract_and_its_gate(int8_export):
+    _, ckpt_path, path = int8_export
+    assert sorted(p.name for p in path.parent.iterdir()) == ["resnet18_contract.json", "resnet18_model_int8.onnx"]
+    graph = onnx.load(str(path)).graph
+    ops = {n.op_type for n in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ format
+    weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(weights) >= 20  # every conv of resnet18 and the classifier hold int8 weights
+    per_channel = [n for n in graph.node if n.op_type == "DequantizeLinear"
+                   and any(a.name == "axis" for a in n.attribute)]
+    assert per_channel  # weights are quantized per output channel
+
+    contract = read_contract(path)
+    assert contract == Contract.from_checkpoint(load_checkpoint(ckpt_path))  # the same preprocessing as fp32
+    assert contract.extra["precision"] == "int8"
+    gate = contract.extra["int8_gate"]
+    assert gate["agreement"] >= gate["min_agreement"] == 0.99 and gate["n_test"] > 0
+    assert gate["fp32_ci"][0] <= gate["int8_accuracy"] <= gate["fp32_ci"][1]
+    assert "training split" in contract.extra["quantization"]["calibration"]
+
+    predictor = OnnxPredictor(path)  # the file alone is enough to predict
+    x = np.random.default_rng(0).normal(size=(3, 3, contract.img_size, contract.img_size)).astype(np.float32)
+    probs = predictor.predict_array(x)
+    assert probs.shape == (3, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_gate_accepts_agreement_and_refuses_a_disagreeing_quantization():
+    y = np.repeat(np.arange(3), 100)
+    fp32 = y.copy()
+    fp32[::10] = (fp32[::10] + 1) % 3  # 90% accurate
+    assert judge_int8(y, fp32, fp32, 3, EV).passed
+    close = fp32.copy()
+    close[5] = (close[5] + 1) % 3  # one answer of 300 differs: 99.7% agreement
+    assert judge_int8(y, fp32, close, 3, EV).passed
+
+    far = fp32.copy()
+    far[1:300:50] = (far[1:300:50] + 2) % 3  # 6 of 300 answers differ: 98% agreement
+    verdict = judge_int8(y, fp32, far, 3, EV)
+    assert not verdict.passed and verdict.agreement == pytest.approx(0.98)
+    assert "agree with fp32 on 98.0% of 300 test images, 1.0 points short of 99%" in verdict.problems()[0]
+
+    worse = fp32.copy()
+    worse[y == 0] = 1  # every glioma now wrong: far below fp32's interval
+    verdict = judge_int8(y, fp32, worse, 3, EV)
+    assert not verdict.passed
+    assert any("points below fp32's 95% CI" in p for p in verdict.problems())
+
+
+def test_a_refused_int8_export_fails_saying_by_how_much_and_leaves_no_file(trained, tmp_path, monkeypatch, capsys):
+    import deploy.quantize
+
+    overlay, _, ckpt_path = trained
+    out = tmp_path / "exported"
+    out.mkdir()
+    (out / "resnet18_model_int8.onnx").write_bytes(b"an int8 file of an earlier model")
+    monkeypatch.setattr(deploy.quantize, "INT8_MIN_AGREEMENT", 1.01)  # even full agreement is now too little
+    with pytest.raises(UserError, match=r"int8 export refused .*removed.*: its top-1 answers agree with fp32 on "
+                                        r"100\.0% of \d+ test images, 1\.0 points short of 101%"):
+        run_script("export_model", ["--config", overlay, "--model", "resnet18", "--checkpoint", ckpt_path,
+                                    "--format", "onnx-int8", "--output-dir", out])
+    assert sorted(p.name for p in out.iterdir()) == ["resnet18_contract.json"]  # no int8 file, no temporary files
+
+
+def test_evaluate_scores_the_int8_file_in_a_folder_of_its_own(int8_export, capsys):
+    overlay, ckpt_path, path = int8_export
+    code = run_script("evaluate", ["--config", overlay, "--checkpoint", ckpt_path, "--onnx", path])
+    assert code == 0
+    assert "Scored artifact: " in capsys.readouterr().out
+    folder = ckpt_path.parent / "evaluation_resnet18_model_int8"
+    record = json.loads((folder / "evaluation_metrics.json").read_text())
+    assert record["artifact"] == {"path": str(path), "runtime": "onnxruntime", "precision": "int8"}
+    assert record["n_test"] == read_contract(path).extra["int8_gate"]["n_test"]
+    assert record["accuracy"]["value"] == pytest.approx(read_contract(path).extra["int8_gate"]["int8_accuracy"])
+    assert not (ckpt_path.parent / "evaluation_metrics.json").exists()  # the checkpoint's own evidence: untouched
+
+
+def test_evaluate_refuses_what_it_cannot_score(int8_export, tmp_path):
+    overlay, ckpt_path, path = int8_export
+    base = ["--config", overlay, "--checkpoint", ckpt_path, "--onnx"]
+    with pytest.raises(UserError, match="no such file"):
+        run_script("evaluate", [*base, tmp_path / "missing.onnx"])
+    (tmp_path / "notes.onnx").write_text("not a model")
+    with pytest.raises(UserError, match="notes.onnx: cannot be scored"):
+        run_script("evaluate", [*base, tmp_path / "notes.onnx"])
+    with pytest.raises(UserError, match="--detailed .*needs the PyTorch model"):
+        run_script("evaluate", [*base, path, "--detailed"])
+    other = onnx.load(str(path))
+    for prop in other.metadata_props:
+        if prop.key == "img_size":
+            prop.value = "48"  # a file made for another model
+    onnx.save(other, str(tmp_path / "other.onnx"))
+    with pytest.raises(UserError, match="was not exported from"):
+        run_script("evaluate", [*base, tmp_path / "other.onnx"])
+
+
+def test_register_with_int8_then_load_and_predict_it(trained, tiny_data, tmp_path, capsys):
+    """register_model.py --int8 adds brain-cancer-{model}-onnx-int8 beside the PyTorch and ONNX models; the alias
+    moves on all three; load_predictor(..., flavor="onnx-int8") and inference_with_mlflow.py --flavor onnx-int8
+    run the int8 file."""
+    from deploy.registry import connect, load_predictor, resolve_version
+
+    overlay, _, ckpt_path = trained
+    (tmp_path / "checkpoints" / "resnet18_outputs").mkdir(parents=True)
+    shutil.copy(ckpt_path, tmp_path / "checkpoints" / "resnet18_outputs" / "best_model.pth")
+    uri = f"sqlite:///{tmp_path / 'registry.db'}"
+    store = ["--config", overlay, "--set", f"monitoring.mlflow.tracking_uri={uri}",
+             "--set", f"monitoring.mlflow.artifact_location={tmp_path / 'mlartifacts'}"]
+    assert run_script("register_model", store + ["--model", "resnet18", "--version", "1.0.0", "--alias", "staging",
+                                                 "--force", "--int8",
+                                                 "--set", f"train.output_dir={tmp_path / 'checkpoints'}"]) == 0
+    assert "int8 ONNX model registered: brain-cancer-resnet18-onnx-int8 v1" in capsys.readouterr().out
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    int8_mv = client.get_model_version_by_alias("brain-cancer-resnet18-onnx-int8", "staging")
+    torch_mv = client.get_model_version_by_alias("brain-cancer-resnet18", "staging")
+    assert torch_mv.tags["onnx_int8_version"] == str(int8_mv.version) and int8_mv.tags["precision"] == "int8"
+    assert float(int8_mv.tags["int8_agreement"]) >= 0.99
+
+    from core.config import load_config
+
+    cfg = load_config(overlay, [f"monitoring.mlflow.tracking_uri={uri}"])
+    predictor, used, flavor = load_predictor(connect(cfg.monitoring.mlflow), torch_mv, tmp_path / "dl", "onnx-int8")
+    assert flavor == "onnx-int8" and used.name == "brain-cancer-resnet18-onnx-int8"
+    assert predictor.contract.extra["precision"] == "int8"
+
+    image = next(tiny_data.rglob("*.jpg"))
+    code = run_script("inference_with_mlflow", store + ["--model", "brain-cancer-resnet18", "--alias", "staging",
+                                                        "--flavor", "onnx-int8", "--json", "--image", image])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and doc["flavor"] == "onnx-int8" and doc["contract"]["precision"] == "int8"
+    assert doc["predictions"][0]["predicted_class"] in doc["contract"]["class_names"]
+    # the int8 model's own name works too; a release without an int8 model says so in one line
+    mv = resolve_version(client, "brain-cancer-resnet18-onnx-int8", "staging")
+    assert load_predictor(client, mv, tmp_path / "dl2")[2] == "onnx-int8"
+    client.delete_model_version_tag("brain-cancer-resnet18", torch_mv.version, "onnx_int8_version")
+    plain = resolve_version(client, "brain-cancer-resnet18", "staging")
+    with pytest.raises(UserError, match="has no int8 model registered"):
+        load_predictor(client, plain, tmp_path / "dl3", "onnx-int8")
