@@ -164,8 +164,9 @@ class Trainer:
         loss.backward()
         setup.optimizer.step()
 
-    def epoch(self, variant: str, source) -> float:
-        """images/s over one epoch (the timer includes waiting for the loader's first batch)."""
+    def epoch(self, variant: str, source) -> tuple[float, float]:
+        """(images per second, images per CPU-second of this process) over one epoch (the timer includes waiting
+        for the loader's first batch)."""
         dev, n = self.device, 0
         with harness.Stopwatch(self.sync) as sw:
             if variant == "loop":
@@ -182,7 +183,7 @@ class Trainer:
                     x = images if variant == "original" else self.pre(images)
                     self.step(self.main, x, labels.to(dev, non_blocking=True))
                     n += labels.shape[0]
-        return n / sw.seconds
+        return n / sw.seconds, n / max(sw.cpu_seconds, 1e-9)
 
 
 def pipeline_config(args) -> Config:
@@ -194,16 +195,30 @@ def pipeline_config(args) -> Config:
                                   "performance.channels_last": args.channels_last})
 
 
-def timed(trainer: Trainer, loaders: dict, variants: tuple, repeats: int) -> dict[str, list[float]]:
-    """images/s per variant per repeat, after one warm-up epoch each; the order rotates every repeat."""
+def timed(trainer: Trainer, loaders: dict, variants: tuple, repeats: int) -> tuple[dict, dict]:
+    """(images/s, images per CPU-second) per variant per repeat, after one warm-up epoch each; the order rotates
+    every repeat."""
     for v in variants:  # warm-up: workers start, files reach the page cache, kernels get picked
         trainer.epoch(v, loaders[v])
-    rates = {v: [] for v in variants}
+    rates, cpu_rates = {v: [] for v in variants}, {v: [] for v in variants}
     for r in range(repeats):
         k = r % len(variants)
         for v in variants[k:] + variants[:k]:  # no variant always goes first
-            rates[v].append(trainer.epoch(v, loaders[v]))
-    return rates
+            wall, cpu = trainer.epoch(v, loaders[v])
+            rates[v].append(wall)
+            cpu_rates[v].append(cpu)
+    return rates, cpu_rates
+
+
+def ratios_to_models(rates: dict, models: list[str], pipelines: tuple, same: str) -> tuple[str, dict]:
+    """(best model-alone row, per-repeat ratios of every variant to it and of each pipeline to its own setup)."""
+    best = max(models, key=lambda name: harness.spread(rates[name])["median"])
+    ratios = {}
+    for v in rates:
+        ratios[f"{v}/best_model"] = harness.spread([a / b for a, b in zip(rates[v], rates[best])])
+        if v in pipelines:
+            ratios[f"{v}/same_model"] = harness.spread([a / b for a, b in zip(rates[v], rates[same])])
+    return best, ratios
 
 
 def run(args) -> dict:
@@ -224,15 +239,12 @@ def run(args) -> dict:
     loaders.update({name: batch for name in trainer.setups}, loop=loaders["toolkit"])
     trainer.loop = trainer.loop_state(cfg, loaders["loop"])
     pipelines = PIPELINES + (EXTRA_VARIANTS if args.with_workers_variant else ())
-    rates = timed(trainer, loaders, pipelines + tuple(trainer.setups), args.repeats)
-    best = max(trainer.setups, key=lambda name: harness.spread(rates[name])["median"])
-    ratios = {}
-    for v in rates:
-        ratios[f"{v}/best_model"] = [a / b for a, b in zip(rates[v], rates[best])]
-        if v in pipelines:
-            ratios[f"{v}/same_model"] = [a / b for a, b in zip(rates[v], rates[trainer.pipeline_row])]
-    return {"images_per_s": {v: harness.spread(r) for v, r in rates.items()},
-            "ratios": {k: harness.spread(r) for k, r in ratios.items()}, "best_model": best,
+    rates, cpu_rates = timed(trainer, loaders, pipelines + tuple(trainer.setups), args.repeats)
+    best, ratios = ratios_to_models(rates, list(trainer.setups), pipelines, trainer.pipeline_row)
+    cpu_best, cpu_ratios = ratios_to_models(cpu_rates, list(trainer.setups), pipelines, trainer.pipeline_row)
+    return {"images_per_s": {v: harness.spread(r) for v, r in rates.items()}, "ratios": ratios, "best_model": best,
+            "images_per_cpu_s": {v: harness.spread(r) for v, r in cpu_rates.items()}, "cpu_ratios": cpu_ratios,
+            "cpu_best_model": cpu_best,
             "pipeline": {"row": trainer.pipeline_row, "precision_reason": trainer.precision.reason},
             "cache_build_s": build_s, "cache_build_images_per_s": n_images / build_s if build_s else None}
 
@@ -244,13 +256,16 @@ def main(args) -> int:
     settings = {k: getattr(args, k) for k in ("device", "model", "img_size", "jpeg_size", "batch_size", "batches",
                                               "repeats", "workers", "precision", "channels_last")}
     settings["threads"] = args.threads or usable_cpus()
-    ips, ratio, best = results["images_per_s"], results["ratios"], results["best_model"]
+    ips, ratio, cpu, cpu_ratio = (results[k] for k in ("images_per_s", "ratios", "images_per_cpu_s", "cpu_ratios"))
     rows = [[v, ips[v]["median"], ips[v]["min"], ips[v]["max"], ratio[f"{v}/best_model"]["median"],
-             ratio[f"{v}/same_model"]["median"] if f"{v}/same_model" in ratio else "-"] for v in ips]
+             ratio[f"{v}/same_model"]["median"] if f"{v}/same_model" in ratio else "-",
+             cpu[v]["median"], cpu_ratio[f"{v}/best_model"]["median"]] for v in ips]
     pipe = results["pipeline"]
-    print(f"pipelines: {pipe['row'].removeprefix('model ')} ({pipe['precision_reason']}); best model-alone row: {best}")
+    print(f"pipelines: {pipe['row'].removeprefix('model ')} ({pipe['precision_reason']}); best model-alone row: "
+          f"{results['best_model']} (by CPU time: {results['cpu_best_model']})")
     harness.report("bench_training", settings, ["variant", "img/s median", "min", "max", "x best model",
-                                                "x same-setup model"], rows, results, args.device)
+                                                "x same-setup model", "img/CPU-s", "x best (CPU time)"],
+                   rows, results, args.device)
     return 0
 
 

@@ -107,21 +107,24 @@ def latency_stats(seconds) -> dict:
 
 
 class Stopwatch:
-    """Wall-clock seconds of a block; `sync` (e.g. torch.cuda.synchronize) runs before each reading."""
+    """Wall-clock seconds of a block, and this process's CPU seconds (all its threads; robust to other processes
+    on a shared machine, where wall-clock rates swing with their load); `sync` (e.g. torch.cuda.synchronize)
+    runs before each reading."""
 
     def __init__(self, sync=None):
-        self.sync, self.seconds = sync, 0.0
+        self.sync, self.seconds, self.cpu_seconds = sync, 0.0, 0.0
 
     def __enter__(self):
         if self.sync:
             self.sync()
-        self.start = time.perf_counter()
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc):
         if self.sync:
             self.sync()
         self.seconds = time.perf_counter() - self.start
+        self.cpu_seconds = time.process_time() - self.cpu_start
 
 
 def report(name: str, settings: dict, headers: list[str], rows: list[list], results: dict, device: str = "cpu") -> dict:
