@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from core.cli import add_common_args, config_from_args, run
+from core.device import INT8_DOT_FLAGS, cpu_flags
 from core.errors import UserError
 from deploy.export import (
     FORMATS,
@@ -78,7 +79,9 @@ def main(args) -> int:
 
 def export_int8_step(cfg, src, path: Path, n_calibration: int) -> list[str]:
     """The int8 file, gate-checked against fp32 on the test split; [] when written, else why it was refused."""
-    print("🔢 ONNX int8: static quantization in ONNX Runtime (QDQ, per-channel weights)")
+    units = cpu_flags(wanted=INT8_DOT_FLAGS)
+    print("🔢 ONNX int8: static quantization in ONNX Runtime (QDQ, per-channel weights); this CPU's int8 units: "
+          + (" ".join(units) if units else "none of VNNI, AMX, I8MM (expect a smaller speed-up here)"))
     try:
         path, _ = export_int8(cfg, src, path, n_calibration)
     except UserError as exc:
