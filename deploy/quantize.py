@@ -75,11 +75,13 @@ def quantize_file(fp32_path: Path, out_path: Path, reader) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = out_path.with_name(out_path.stem + ".prepared.onnx")
-    quant_pre_process(str(fp32_path), str(prepared))
-    quantize_static(str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                    reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
-    prepared.unlink(missing_ok=True)
+    try:
+        quant_pre_process(str(fp32_path), str(prepared))
+        quantize_static(str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+    finally:
+        prepared.unlink(missing_ok=True)
     return out_path
 
 
