@@ -185,6 +185,9 @@ def export_int8(cfg: Config, src: ExportSource, out_path, n_calibration: int = C
             raise UserError(f"the fp32 ONNX model the int8 one is made from does not match PyTorch: "
                             f"{parity_line(parity)}")
         sample = calibration_sample(src.opened.split.samples("train")[0], n_calibration)
+        if not sample:
+            raise UserError(f"the training split of {src.opened.split.manifest_path} is empty: no images to "
+                            "calibrate the int8 ranges on")
         log(f"🔧 Calibrating int8 ranges on {len(sample)} training images")
         reader = calibration_reader(sample, src.contract)
         int8_path = quantize_file(fp32_path, Path(tmp) / "int8.onnx", reader)
