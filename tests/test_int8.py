@@ -61,6 +61,20 @@ def test_int8_file_is_quantized_and_carries_the_contract_and_its_gate(int8_expor
     assert probs.shape == (3, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
 
 
+def test_calibration_reads_real_images_and_skips_a_bad_one(tiny_data, tmp_path, capsys):
+    from deploy.quantize import calibration_reader, calibration_sample
+
+    good = sorted(tiny_data.rglob("*.jpg"))[:5]
+    (tmp_path / "truncated.jpg").write_bytes(good[0].read_bytes()[:200])
+    contract = Contract("resnet18", ("a", "b", "c"), 32, (0.2,) * 3, (0.25,) * 3)
+    paths = calibration_sample([*good, tmp_path / "truncated.jpg"], 10)
+    assert len(paths) == 6 and calibration_sample(good, 3) == calibration_sample(good, 3)  # seeded
+    reader = calibration_reader(paths, contract, batch=4)
+    batches = list(iter(reader.get_next, None))
+    assert [b["input"].shape for b in batches] == [(4, 3, 32, 32), (1, 3, 32, 32)]  # the truncated file is last
+    assert reader.used == 5 and "skipped for calibration: " in capsys.readouterr().err
+
+
 def test_gate_accepts_agreement_and_refuses_a_disagreeing_quantization():
     y = np.repeat(np.arange(3), 100)
     fp32 = y.copy()
