@@ -3,6 +3,7 @@
     python evaluate.py --model resnet18 --demo
     python evaluate.py --model resnet18 --detailed --medical-validation --compare [--strict] [--calibrate]
     python evaluate.py --model resnet18 --external /data/other_site [--class-map map.yaml]   # external validation
+    python evaluate.py --model resnet18 --onnx checkpoints/resnet18_outputs/exported_models/resnet18_model_int8.onnx
 
 Exit codes: 0 success (and gates passed with --medical-validation), 3 gates failed, 2 user error.
 """
@@ -14,6 +15,8 @@ from typing import TYPE_CHECKING
 
 from core.cli import add_common_args, run
 from core.device import select_device
+from core.errors import UserError
+from deploy.scoring import open_exported
 from evaluation.explain import CamModel
 from evaluation.external import ExternalRequest, ExternalResult, validate_external
 from evaluation.gates import GATES_FAILED_EXIT, format_gates
@@ -55,6 +58,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-map", default=None, metavar="FILE",
                    help="with --external: YAML mapping its folders to the model's classes (folder: class; null "
                         "leaves one out); default: folders named like the classes")
+    p.add_argument("--onnx", default=None, metavar="PATH",
+                   help="score this ONNX file exported from the checkpoint (fp32 or int8) in ONNX Runtime instead of "
+                        "the PyTorch model; outputs in {checkpoint folder}/evaluation_{file name}/")
     return p
 
 
@@ -67,6 +73,9 @@ def log_evaluation(tracker, record: dict, validation: dict | None, files: list[P
                         "bootstrap_samples": record["bootstrap_samples"], "device": record["timing"]["device"],
                         "strict": args.strict, "calibrate": args.calibrate})
     tracker.log_metrics(flat_metrics(record))
+    if record.get("artifact"):
+        tracker.set_tags({"scored_artifact": Path(record["artifact"]["path"]).name,
+                          "artifact_precision": record["artifact"]["precision"]})
     if validation is not None:
         tracker.set_tags({"deployment_ready": validation["deployment_ready"], "gate_basis": validation["basis"]})
     for path in files:
@@ -86,14 +95,20 @@ def compare_models(cfg: Config) -> None:
 
 def main(args) -> int:
     args.medical_validation = args.medical_validation or args.strict
-    device = select_device(args.device)
+    check_onnx_args(args)
+    device = select_device("cpu" if args.onnx else args.device)  # ONNX Runtime scores on the CPU
     cfg, opened = open_for_scoring(args)
     ckpt, out_dir = opened.ckpt, opened.path.parent
     name, classes = opened.model_name, opened.class_names
-    print(f"Evaluating {name} (epoch {ckpt['epoch']}) on the test split of {opened.split.manifest_path}")
+    model, artifact = open_exported(args.onnx, opened) if args.onnx else (None, None)
+    if artifact:  # its own folder: the checkpoint's evaluation (what registration reads) is never overwritten
+        out_dir = out_dir / f"evaluation_{Path(args.onnx).stem}"
+        out_dir.mkdir(exist_ok=True)
+    scored = f", {artifact['precision']} ONNX file {artifact['path']}" if artifact else ""
+    print(f"Evaluating {name} (epoch {ckpt['epoch']}{scored}) on the test split of {opened.split.manifest_path}")
     with open_tracker(cfg, name, "evaluation", ckpt) as tracker:
         # every gate figure is computed anyway: the verdict is recorded with or without --medical-validation
-        ev = evaluate_checkpoint(cfg, opened, device, args.calibrate, args.strict)
+        ev = evaluate_checkpoint(cfg, opened, device, args.calibrate, args.strict, model, artifact)
         record, validation = ev.record, ev.validation
         files = [*write_evaluation_files(out_dir, ev, classes),
                  *evaluation_figures(out_dir, record, ev.test.y_true, ev.test.y_prob, ev.bins, ev.bins_after)]
@@ -108,12 +123,23 @@ def main(args) -> int:
         external = validate_external(cfg, opened, ev.model, ev.pre, device, ExternalRequest(
             args.external, args.class_map, args.medical_validation, args.strict), tracker) if args.external else None
     print(f"\n📁 Outputs in {out_dir}: " + ", ".join(p.name for p in files))
+    if artifact:
+        print("ℹ️  These figures are the ONNX file's; register_model.py reads the checkpoint's own evaluation "
+              f"(python evaluate.py --model {name})")
     code = verdict(validation, name, args.medical_validation)
     if external is not None:
         code = external_verdict(record, external) or code
     if args.compare:
         compare_models(cfg)
     return code
+
+
+def check_onnx_args(args) -> None:
+    """--onnx scores the exported file alone: Grad-CAM needs the PyTorch model, external validation the checkpoint."""
+    if args.onnx and args.detailed:
+        raise UserError("--detailed (Grad-CAM) needs the PyTorch model; run it without --onnx")
+    if args.onnx and args.external:
+        raise UserError("--external scores the checkpoint; run it without --onnx")
 
 
 def explain_gradcam(cfg: Config, cam: CamModel, test: Scored, classes: list[str], out_dir: Path) -> Path:

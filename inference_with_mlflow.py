@@ -4,6 +4,7 @@
     python inference_with_mlflow.py --model brain-cancer-resnet18 --stage Staging --image scan.jpg
     python inference_with_mlflow.py --model brain-cancer-resnet18 --version 3 --image folder/ slice.dcm --json
     python inference_with_mlflow.py --model brain-cancer-resnet18 --alias production --image scan.png --gradcam cams/
+    python inference_with_mlflow.py --model brain-cancer-resnet18 --alias production --flavor onnx-int8 --image scan.jpg
 
 Uses the ONNX flavor with ONNX Runtime when one is registered (no PyTorch at prediction), else the PyTorch flavor.
 A version registered with --force or without a passed validation is announced on every run.
@@ -25,7 +26,7 @@ from core.errors import UserError
 from data.images import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, ImageReadError
 from deploy.policy import serving_warning
 from deploy.predictors import prediction_record
-from deploy.registry import connect, load_predictor, registered_name, resolve_version
+from deploy.registry import INT8_FLAVOR, connect, load_predictor, registered_name, resolve_version
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -40,8 +41,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     which.add_argument("--version", default=None, help="model version number (default: the @production version)")
     p.add_argument("--image", nargs="+", required=True, metavar="PATH", help="image files or folders of images")
     p.add_argument("--img-size", type=int, default=None, help="default: the image size of the model's contract")
-    p.add_argument("--flavor", choices=["auto", "onnx", "pytorch"], default="auto",
-                   help="auto: ONNX when registered, else PyTorch")
+    p.add_argument("--flavor", choices=["auto", "onnx", "pytorch", INT8_FLAVOR], default="auto",
+                   help="auto: ONNX when registered, else PyTorch; onnx-int8: the int8 model registered with --int8")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the report")
     p.add_argument("--gradcam", default=None, metavar="OUT_DIR", help="write Grad-CAM overlays here (PyTorch flavor)")
     return p
@@ -136,7 +137,7 @@ def main(args) -> int:
 def loaded_lines(mv, used, flavor: str, alias: str | None) -> str:
     """The original report's line (the stage name for production/staging), then which version and runtime."""
     label = alias.capitalize() if alias in ("production", "staging") else f"@{alias}" if alias else f"v{mv.version}"
-    runtime = "ONNX Runtime" if flavor == "onnx" else "PyTorch"
+    runtime = {"onnx": "ONNX Runtime", INT8_FLAVOR: "ONNX Runtime, int8"}.get(flavor, "PyTorch")
     status = mv.tags.get("medical_validation", "missing")
     return (f"✅ Successfully loaded model: {mv.name} ({label})\n"
             f"   v{mv.version} (semver {mv.tags.get('semver', '?')}, medical validation {status}); "
@@ -146,7 +147,7 @@ def loaded_lines(mv, used, flavor: str, alias: str | None) -> str:
 def apply_img_size(predictor, img_size: int | None, flavor: str) -> None:
     if img_size is None or img_size == predictor.contract.img_size:
         return
-    if flavor == "onnx":
+    if flavor.startswith("onnx"):
         raise UserError(f"the ONNX model takes {predictor.contract.img_size} px input; "
                         "use --flavor pytorch to predict at another size")
     print(f"warning: --img-size {img_size} differs from the training size {predictor.contract.img_size}; "

@@ -3,6 +3,7 @@
     python evaluate.py --model resnet18                           # the evidence registration reads
     python register_model.py --model resnet18 --version 1.0.0 --description "First production model"
     python register_model.py --model resnet18 --version 1.1.0 --alias production --tags "medical_ai=validated"
+    python register_model.py --model resnet18 --version 1.2.0 --int8   # also brain-cancer-resnet18-onnx-int8
 
 The gates of evaluation.gates are re-checked on the evaluation's figures of this very checkpoint (its sha256).
 A model that fails them or was never evaluated is refused unless --force (tagged forced=true); gates loosened
@@ -31,6 +32,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="register although the gates fail or no evaluation exists (tagged forced=true; never "
                         "production)")
+    p.add_argument("--int8", action="store_true",
+                   help="also register the int8 ONNX model (as export_model.py --format onnx-int8: refused, and "
+                        "nothing registered, unless it agrees with fp32 on the test split) as "
+                        "brain-cancer-{model}-onnx-int8")
     return p
 
 
@@ -39,7 +44,7 @@ def main(args) -> int:
         args.model = load_checkpoint(args.checkpoint)["model_name"]
     cfg = config_from_args(args)
     request = ReleaseRequest(validate_semver(args.version), validate_alias(args.alias), args.description,
-                             parse_tags(args.tags), args.force, args.checkpoint, args.resplit)
+                             parse_tags(args.tags), args.force, args.checkpoint, args.resplit, int8=args.int8)
     released = release_checkpoint(cfg, request)
     if released.moves:
         print(describe(released.moves))

@@ -47,7 +47,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     which.add_argument("--alias", default=None, help="serve the version this alias points at, and follow it "
                                                      f"(default: {PRODUCTION})")
     which.add_argument("--version", default=None, help="serve this version number, pinned")
-    p.add_argument("--flavor", default="auto", help="auto (ONNX when registered), onnx, pytorch, or another "
+    p.add_argument("--flavor", default="auto", help="auto (ONNX when registered), onnx, onnx-int8 (the int8 model "
+                                                    "of a release registered with --int8), pytorch, or another "
                                                     "flavor the registry holds for the version")
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1; others need --token-file)")
     p.add_argument("--port", type=int, default=None, help="default 8000")

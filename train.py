@@ -23,8 +23,8 @@ from models.zoo import build_model
 from training.banner import banner_lines
 from training.distributed import DistInfo, init_distributed, main_first, shutdown
 from training.loop import GracefulStop, fit, restore_training_state
-from training.recipe import precision_label
-from training.resume import load_resume_checkpoint
+from training.recipe import precision_label, precision_name
+from training.resume import load_resume_checkpoint, precision_note
 from training.trainer import build_trainer, training_contract
 
 if TYPE_CHECKING:
@@ -99,11 +99,15 @@ def train_on(cfg: Config, args, info: DistInfo, device, split, stats: tuple) -> 
                     ) as tracker, GracefulStop() as stop:
         t.run_id = tracker.mlflow_run_id
         if main_rank:
-            print("\n".join(banner_lines(cfg, split, device, info.world_size, precision_label(t.amp),
-                                         tracker.targets(), ckpt["path"] if ckpt else None)), flush=True)
+            precision = precision_label(t.amp, t.precision_reason)
+            print("\n".join(banner_lines(cfg, split, device, info.world_size, precision, tracker.targets(),
+                                         ckpt["path"] if ckpt else None)), flush=True)
+            if ckpt is not None and (note := precision_note(ckpt, precision_name(t.amp))):
+                print(note, flush=True)
             tracker.log_params({**cfg.to_dict(), "normalization": {"mean": list(mean), "std": list(std),
                                                                    "source": source},
-                                "world_size": info.world_size, "device": str(device)})
+                                "world_size": info.world_size, "device": str(device),
+                                "precision": precision_name(t.amp)})
             tracker.log_artifact(save_resolved(cfg, cfg.output_dir), "config")
             if source == "precomputed":  # computed/imagenet statistics are in the params above
                 tracker.log_artifact(cfg.dataset.stats_path, "normalization")

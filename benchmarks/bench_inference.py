@@ -2,9 +2,13 @@
 
   onnx_e2e     the toolkit's ONNX Runtime path: OnnxPredictor.predict_path (decode, numpy preprocessing, run)
   torch_eager  the same model in PyTorch eager: load_gray + Preprocessor + model + softmax
-  onnx_limit   ONNX Runtime alone on an already-preprocessed tensor: the limit
+  onnx_limit   ONNX Runtime alone on an already-preprocessed tensor: the fp32 limit
+  int8_e2e     the int8 model (deploy/quantize.py: static QDQ, per-channel weights) end to end, as onnx_e2e
+  int8_limit   the int8 model alone on the preprocessed tensor
 
-Same weights, image and threads; the three alternate call by call in one process.
+Same weights, image and threads; the variants alternate call by call in one process. The int8 model is
+calibrated on generated phantoms: its speed is what counts here (its agreement with fp32 is the export gate's
+job, on a trained model and real test images).
 
     python benchmarks/bench_inference.py
     python benchmarks/bench_inference.py --model efficientnet_b0 --runs 200
@@ -27,9 +31,10 @@ from data.images import load_gray
 from data.preprocess import Preprocessor
 from deploy.export import export_onnx
 from deploy.predictors import OnnxPredictor
+from deploy.quantize import calibration_reader, quantize_file
 from models.zoo import build_model
 
-VARIANTS = ("onnx_e2e", "torch_eager", "onnx_limit")
+VARIANTS = ("onnx_e2e", "torch_eager", "onnx_limit", "int8_e2e", "int8_limit")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -57,10 +62,21 @@ def exported_model(args, out_dir) -> tuple[torch.nn.Module, object, Contract]:
     return model, path, contract
 
 
-def variants(args, model, onnx_path, contract, image_path) -> dict:
+def int8_model(onnx_path, contract: Contract, calibration: list) -> object:
+    """The fp32 file quantized as export_model.py --format onnx-int8 does (reused when present)."""
+    import onnxruntime
+
+    path = onnx_path.with_name(f"{onnx_path.stem}_int8_ort{onnxruntime.__version__}.onnx")
+    if not path.is_file():
+        quantize_file(onnx_path, path, calibration_reader(calibration, contract))
+    return path
+
+
+def variants(args, model, paths: tuple, contract, image_path) -> dict:
     """Each variant as a no-argument callable returning class probabilities."""
     threads = args.threads or usable_cpus()
-    predictor = OnnxPredictor(onnx_path, threads=threads)
+    predictor = OnnxPredictor(paths[0], contract, providers=["CPUExecutionProvider"], threads=threads)
+    int8 = OnnxPredictor(paths[1], contract, providers=["CPUExecutionProvider"], threads=threads)
     pre = Preprocessor(contract.mean, contract.std).eval()
     x = predictor.preprocess(image_path)
 
@@ -71,22 +87,27 @@ def variants(args, model, onnx_path, contract, image_path) -> dict:
 
     return {"onnx_e2e": lambda: predictor.predict_path(image_path)["probabilities"],
             "torch_eager": torch_eager,
-            "onnx_limit": lambda: predictor.predict_array(x)}
+            "onnx_limit": lambda: predictor.predict_array(x),
+            "int8_e2e": lambda: int8.predict_path(image_path)["probabilities"],
+            "int8_limit": lambda: int8.predict_array(x)}
 
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads or usable_cpus())
     data_dir = harness.Path(args.data_dir)
-    root = harness.make_jpegs(data_dir / f"infer_{args.jpeg_size}px" / "images", 3, args.jpeg_size, 1)
-    image_path = harness.list_images(root)[0][0]
+    root = harness.make_jpegs(data_dir / f"infer_{args.jpeg_size}px" / "images", 24, args.jpeg_size, 8)
+    images = harness.list_images(root)[0]
+    image_path = images[0]
     with harness.Stopwatch() as export:
         model, onnx_path, contract = exported_model(args, data_dir / "onnx")
-    calls = variants(args, model, onnx_path, contract, image_path)
+        int8_path = int8_model(onnx_path, contract, images[1:])  # calibrated on the other images
+    calls = variants(args, model, (onnx_path, int8_path), contract, image_path)
     e2e = np.asarray(list(calls["onnx_e2e"]().values()))
     assert np.allclose(e2e, calls["torch_eager"]()[0], atol=1e-3), "ONNX and PyTorch disagree"
     times = {v: [] for v in VARIANTS}
+    k = len(VARIANTS)
     for i in range(args.warmup + args.runs):
-        for v in VARIANTS[i % 3:] + VARIANTS[:i % 3]:  # rotate the order: no variant always follows another
+        for v in VARIANTS[i % k:] + VARIANTS[:i % k]:  # rotate the order: no variant always follows another
             with harness.Stopwatch() as sw:
                 calls[v]()
             if i >= args.warmup:
@@ -94,7 +115,10 @@ def run(args) -> dict:
     stats = {v: harness.latency_stats(t) for v, t in times.items()}
     med = {v: s["median_ms"] for v, s in stats.items()}
     ratios = {"onnx_e2e/onnx_limit": med["onnx_e2e"] / med["onnx_limit"],
-              "onnx_e2e/torch_eager": med["onnx_e2e"] / med["torch_eager"]}
+              "onnx_e2e/torch_eager": med["onnx_e2e"] / med["torch_eager"],
+              "int8_e2e/onnx_limit": med["int8_e2e"] / med["onnx_limit"],  # the int8 target
+              "int8_limit/onnx_limit": med["int8_limit"] / med["onnx_limit"],
+              "int8_e2e/int8_limit": med["int8_e2e"] / med["int8_limit"]}
     return {"latency": stats, "ratios": ratios, "export_s": export.seconds, "image": str(image_path)}
 
 
@@ -106,7 +130,7 @@ def main(args) -> int:
     settings["threads"] = args.threads or usable_cpus()
     lat, limit = results["latency"], results["latency"]["onnx_limit"]["median_ms"]
     rows = [[v, lat[v]["median_ms"], lat[v]["p95_ms"], lat[v]["median_ms"] / limit] for v in VARIANTS]
-    harness.report("bench_inference", settings, ["path", "median ms", "p95 ms", "x limit"], rows, results)
+    harness.report("bench_inference", settings, ["path", "median ms", "p95 ms", "x fp32 limit"], rows, results)
     return 0
 
 

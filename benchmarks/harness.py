@@ -80,11 +80,21 @@ def cpu_model() -> str:
 def machine(device: str = "cpu") -> dict:
     import torch
 
-    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+    from core.device import cpu_flags
+
+    info = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2)}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
+
+
+def machine_line(info: dict) -> str:
+    """What the figures above were measured on: CPU model, the flags that decide bf16/int8 speed, cores, load."""
+    gpu = f"; GPU {info['gpu']}" if "gpu" in info else ""
+    return (f"measured on: {info['cpu']} (flags: {' '.join(info['cpu_flags']) or 'none of the bf16/int8 ones'}), "
+            f"{info['cores']} cores, {info['torch_threads']} torch threads, load {info['load_avg_1m']}, "
+            f"torch {info['torch']}{gpu}")
 
 
 def spread(values) -> dict:
@@ -99,21 +109,24 @@ def latency_stats(seconds) -> dict:
 
 
 class Stopwatch:
-    """Wall-clock seconds of a block; `sync` (e.g. torch.cuda.synchronize) runs before each reading."""
+    """Wall-clock seconds of a block, and this process's CPU seconds (all its threads; robust to other processes
+    on a shared machine, where wall-clock rates swing with their load); `sync` (e.g. torch.cuda.synchronize)
+    runs before each reading."""
 
     def __init__(self, sync=None):
-        self.sync, self.seconds = sync, 0.0
+        self.sync, self.seconds, self.cpu_seconds = sync, 0.0, 0.0
 
     def __enter__(self):
         if self.sync:
             self.sync()
-        self.start = time.perf_counter()
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc):
         if self.sync:
             self.sync()
         self.seconds = time.perf_counter() - self.start
+        self.cpu_seconds = time.process_time() - self.cpu_start
 
 
 def report(name: str, settings: dict, headers: list[str], rows: list[list], results: dict, device: str = "cpu") -> dict:
@@ -126,5 +139,6 @@ def report(name: str, settings: dict, headers: list[str], rows: list[list], resu
         if i == 0:
             print("  ".join("-" * w for w in widths))
     record = {"benchmark": name, "machine": machine(device), "settings": settings, "results": results}
+    print(machine_line(record["machine"]))
     print(json.dumps(record), flush=True)
     return record

@@ -150,7 +150,8 @@ class MonitoringSection(Section):
 
 
 class PerformanceSection(Section):
-    mixed_precision: bool = True
+    mixed_precision: bool = True  # CUDA
+    cpu_precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where the CPU has native bf16
     compile_model: bool = False
     channels_last: bool = True
     benchmark_cudnn: bool = True

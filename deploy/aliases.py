@@ -1,4 +1,4 @@
-"""Aliases of registered versions: point one at a version (both flavors), roll it back, list what runs where.
+"""Aliases of registered versions: point one at a version (every flavor), roll it back, list what runs where.
 
 The gate policy decides who may hold @production (deploy/policy.py). Each move is written into the version tags:
 `alias.{name}` (when, by what, the gate verdict), `alias.{name}.previous` (the version that held it before, which
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from core.errors import UserError
 from deploy.policy import PRODUCTION, check_production, is_production, production_refusal
-from deploy.registry import ONNX_LINK_TAG
+from deploy.registry import INT8_FLAVOR, INT8_LINK_TAG, ONNX_LINK_TAG
 
 HISTORY_CHARS = 4000  # MLflow keeps tag values up to 5000 characters (8000 on newer stores)
 
@@ -31,9 +31,10 @@ class Move:
 
 
 def describe(moves: list[Move]) -> str:
-    """One line for the PyTorch version (the original project's wording for production), one for its ONNX twin."""
+    """One line for the PyTorch version (the original project's wording for production), one per ONNX twin."""
     lines = [moves[0].line()]
-    lines += [f"   ONNX twin {m.name} v{m.version} is @{m.alias} too" for m in moves[1:]]
+    lines += [f"   {'int8 ' if m.name.endswith(INT8_FLAVOR) else ''}ONNX twin {m.name} v{m.version} is @{m.alias} too"
+              for m in moves[1:]]
     return "\n".join(lines)
 
 
@@ -79,13 +80,15 @@ def _move_one(client, name: str, version: str, alias: str, how: str, status: str
 
 
 def move_alias(client, mv, alias: str, how: str, promote_on: str = "point", rollback: bool = False) -> list[Move]:
-    """Point `alias` at the PyTorch version mv and its ONNX twin; @production only for a version that passed."""
+    """Point `alias` at the PyTorch version mv and its ONNX twins (fp32, and int8 when registered); @production
+    only for a version that passed."""
     check_production(alias, mv.tags or {}, f"{mv.name} v{mv.version}", promote_on)
     status = (mv.tags or {}).get("medical_validation", "missing")
     moves = [_move_one(client, mv.name, str(mv.version), alias, how, status, rollback)]
-    twin = (mv.tags or {}).get(ONNX_LINK_TAG)
-    if twin:
-        moves.append(_move_one(client, f"{mv.name}-onnx", twin, alias, how, status, rollback))
+    for tag, suffix in ((ONNX_LINK_TAG, "onnx"), (INT8_LINK_TAG, INT8_FLAVOR)):
+        twin = (mv.tags or {}).get(tag)
+        if twin:
+            moves.append(_move_one(client, f"{mv.name}-{suffix}", twin, alias, how, status, rollback))
     return moves
 
 

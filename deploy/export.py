@@ -24,10 +24,11 @@ from evaluation.source import OpenedCheckpoint, open_checkpoint
 if TYPE_CHECKING:
     from core.config import Config
 
-FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "pt2": ("pt2",),
-           "both": ("torchscript", "onnx"), "all": ("onnx", "torchscript", "pt2")}
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2"}
-LABELS = {"onnx": "ONNX", "torchscript": "TorchScript", "pt2": "torch.export (.pt2)"}
+INT8 = "onnx-int8"  # made by deploy/quantize.py from the fp32 ONNX model, with its own gate instead of parity
+FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "pt2": ("pt2",), INT8: (INT8,),
+           "both": ("torchscript", "onnx"), "all": ("onnx", "torchscript", "pt2", INT8)}
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2", INT8: "_int8.onnx"}
+LABELS = {"onnx": "ONNX", "torchscript": "TorchScript", "pt2": "torch.export (.pt2)", INT8: "ONNX int8"}
 # Parity tolerance on softmax probabilities: float32 kernels in another runtime reorder sums
 # (differences ~1e-6 here); 1e-4 is below the 0.01 % a printed confidence can show, while a wrong
 # graph, missing normalization or a baked-in batch size moves probabilities by far more.

@@ -76,6 +76,7 @@ class Release:
     demo: bool = False
     description: str | None = None
     training_run: str | None = None
+    int8_gate: str | None = None  # the int8 gate's summary when an int8 ONNX model is registered too
 
 
 def build_model_card(ckpt: dict, contract: Contract, evidence: Evidence, release: Release) -> str:
@@ -87,7 +88,9 @@ def build_model_card(ckpt: dict, contract: Contract, evidence: Evidence, release
     manifest = (metrics or {}).get("split_manifest") or ckpt.get("split_manifest")
     lines = [f"# Model card: {names['pytorch']} {semver}", "",
              f"Registered {datetime.now(timezone.utc).isoformat(timespec='seconds')}; flavors: `{names['pytorch']}` "
-             f"(PyTorch, torch.export) and `{names['onnx']}` (ONNX)" + (f"; alias `{alias}`" if alias else "") + ".",
+             f"(PyTorch, torch.export) and `{names['onnx']}` (ONNX)"
+             + (f", `{names['onnx-int8']}` (ONNX int8)" if "onnx-int8" in names else "")
+             + (f"; alias `{alias}`" if alias else "") + ".",
              *(["", description] if description else []), "",
              "## Intended use",
              f"Classifies a single 2-D brain MRI slice into one of: {', '.join(contract.class_names)}. "
@@ -106,6 +109,8 @@ def build_model_card(ckpt: dict, contract: Contract, evidence: Evidence, release
               f"mean {list(contract.mean)}, std {list(contract.std)}. Output: logits; softmax gives class "
               "probabilities. "
               "The contract is also stored in the ONNX metadata and in contract.json.", "",
+              *([f"The int8 ONNX model (static quantization, calibrated on training images) passed its gate: "
+                 f"{release.int8_gate}.", ""] if release.int8_gate else []),
               "## Metrics", *_metrics_section(metrics),
               "## Medical validation gates", *_gates_section(evidence, release.forced),
               "## Limitations",

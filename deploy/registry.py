@@ -3,7 +3,8 @@ back by alias or version (by default @production).
 
 Stages are deprecated in MLflow 3: versions carry aliases (`staging`, `production`) and a `semver` tag
 (an alias cannot hold dots). A version of `brain-cancer-{model}` (PyTorch, torch.export format) is tagged
-with the number of its twin in `brain-cancer-{model}-onnx`, so inference can pick the ONNX flavor.
+with the number of its twin in `brain-cancer-{model}-onnx`, so inference can pick the ONNX flavor, and (when
+registered with --int8) of its int8 twin in `brain-cancer-{model}-onnx-int8`, served only when asked for.
 The gate policy (who may hold @production) is deploy/policy.py; moving aliases is deploy/aliases.py.
 """
 from __future__ import annotations
@@ -23,6 +24,8 @@ SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
                     r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$")
 ALIAS = re.compile(r"^[A-Za-z0-9_-]{1,255}$")  # MLflow's alias characters
 ONNX_LINK_TAG = "onnx_version"
+INT8_FLAVOR = "onnx-int8"
+INT8_LINK_TAG = "onnx_int8_version"  # on the PyTorch and ONNX versions of a release registered with --int8
 PICKLE_SWITCH = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"  # MLflow's environment switch for pickle on load
 
 
@@ -224,7 +227,13 @@ def load_pytorch_flavor(model_uri: str):
 
 
 def load_predictor(client, mv, workdir: Path, flavor: str = "auto"):
-    """(predictor, version used, flavor name): ONNX Runtime when an ONNX flavor exists (auto), else PyTorch."""
+    """(predictor, version used, flavor name): ONNX Runtime when an ONNX flavor exists (auto), else PyTorch;
+    the int8 ONNX model only when asked for (flavor "onnx-int8") or named."""
+    if flavor == INT8_FLAVOR or (flavor == "auto" and mv.name.endswith(f"-{INT8_FLAVOR}")):
+        return load_int8_predictor(client, mv, workdir)
+    if mv.name.endswith(f"-{INT8_FLAVOR}"):
+        raise UserError(f"{mv.name} is the int8 ONNX model; for the {flavor} flavor use "
+                        f"{mv.name.removesuffix('-' + INT8_FLAVOR)}")
     twin = onnx_twin(client, mv) if flavor in ("auto", "onnx") else None
     if flavor == "onnx" and twin is None:
         raise UserError(f"{mv.name} v{mv.version} has no ONNX flavor registered")
@@ -243,3 +252,53 @@ def load_predictor(client, mv, workdir: Path, flavor: str = "auto"):
     from deploy.predictors import TorchPredictor
 
     return TorchPredictor(checkpoints[0]), mv, "pytorch"
+
+
+# ---- the int8 ONNX model: a third registered model, brain-cancer-{model}-onnx-int8 ----------------------
+
+
+def int8_registered_name(model: str) -> dict[str, str]:
+    return {INT8_FLAVOR: f"brain-cancer-{model}-{INT8_FLAVOR}"}
+
+
+def log_int8_flavor(int8_path: Path, example, extra_files: list[Path]) -> str:
+    """Log the int8 ONNX file into the active MLflow run (signature from its own outputs); its model URI."""
+    import mlflow
+    import onnx
+    import onnxruntime
+    from mlflow.models import infer_signature
+
+    from deploy.predictors import OnnxPredictor
+
+    signature = infer_signature(example, OnnxPredictor(int8_path, providers=["CPUExecutionProvider"]).logits(example))
+    info = mlflow.onnx.log_model(onnx_model=onnx.load(str(int8_path)), name="onnx_int8_model", signature=signature,
+                                 input_example=example, extra_files=[str(p) for p in extra_files],
+                                 save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"],
+                                 pip_requirements=[f"onnxruntime=={onnxruntime.__version__}"])
+    return info.model_uri
+
+
+def int8_twin(client, mv):
+    """The int8 ONNX version registered with this PyTorch or ONNX version (or the int8 version itself)."""
+    if mv.name.endswith(f"-{INT8_FLAVOR}"):
+        return mv
+    linked = mv.tags.get(INT8_LINK_TAG)
+    if not linked:
+        raise UserError(f"{mv.name} v{mv.version} has no int8 model registered (python register_model.py ... --int8)")
+    return client.get_model_version(f"{mv.name.removesuffix('-onnx')}-{INT8_FLAVOR}", linked)
+
+
+def load_int8_predictor(client, mv, workdir: Path):
+    """(OnnxPredictor of the int8 file on the CPU provider, the int8 version, "onnx-int8")."""
+    from deploy.predictors import OnnxPredictor
+
+    twin = int8_twin(client, mv)
+    folder = download(twin, Path(workdir) / INT8_FLAVOR)
+    files = sorted(folder.rglob("*.onnx"))
+    if not files:
+        raise UserError(f"{twin.name} v{twin.version} holds no ONNX file")
+    predictor = OnnxPredictor(files[0], providers=["CPUExecutionProvider"])
+    if predictor.contract.extra.get("precision") != "int8":
+        raise UserError(f"{twin.name} v{twin.version} is not an int8 model (its contract says precision "
+                        f"{predictor.contract.extra.get('precision', 'fp32')})")
+    return predictor, twin, INT8_FLAVOR

@@ -71,6 +71,9 @@ def format_evaluation(r: dict) -> str:
               f"Class imbalance: {r['class_imbalance_ratio']:.2f}:1 (largest / smallest class in the training split: "
               + ", ".join(f"{k} {v}" for k, v in r.get("train_class_counts", {}).items()) + ")"]
     lines += [f"Note: {n}" for n in r.get("notes", [])]
+    if r.get("artifact"):  # evaluate.py --onnx: the figures are the exported file's, not the PyTorch model's
+        a = r["artifact"]
+        lines.insert(1, f"Scored artifact: {a['path']} ({a['precision']}, {a['runtime']})")
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """One evaluation of a checkpoint on its test split: the figures with their intervals, calibration, timing, the
 gate verdict, and the files registration reads (evaluation_metrics.json, medical_validation.json, predictions.csv,
-evaluation_report.txt). evaluate.py and the evaluation at the end of train.py both run it."""
+evaluation_report.txt). evaluate.py and the evaluation at the end of train.py both run it; `evaluate.py --onnx`
+runs it on an exported file instead of the checkpoint's PyTorch model."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,10 +37,12 @@ class TestEvaluation:
 
 
 def evaluate_checkpoint(cfg: Config, opened: OpenedCheckpoint, device, calibrate: bool = False,
-                        strict: bool = False) -> TestEvaluation:
-    """Score the checkpoint on the test split with its own preprocessing (not the config's) and judge the gates."""
+                        strict: bool = False, model: torch.nn.Module | None = None,
+                        artifact: dict | None = None) -> TestEvaluation:
+    """Score the checkpoint on the test split with its own preprocessing (not the config's) and judge the gates;
+    `model` (an exported file behind nn.Module's call, described by `artifact`) replaces the checkpoint's model."""
     contract = opened.contract
-    model = model_from_checkpoint(opened.ckpt, device)
+    model = model if model is not None else model_from_checkpoint(opened.ckpt, device)
     pre = Preprocessor(contract.mean, contract.std).to(device)
     with HardwareSampler() as hardware:  # CPU, RAM and GPU readings while the evaluation runs
         test = predict_split(cfg, opened.split, "test", model, pre, contract.img_size, device)
@@ -53,6 +56,8 @@ def evaluate_checkpoint(cfg: Config, opened: OpenedCheckpoint, device, calibrate
     calibration, bins, bins_after = calibration_summary(test.y_true, test.y_prob, cfg.evaluation.ece_bins, val)
     record = evaluation_record(opened.ckpt, opened.path, opened.split, scores, calibration, timing)
     record["hardware"] = hardware.summary()
+    if artifact:
+        record["artifact"] = artifact
     reference = contract.extra.get(REFERENCE_KEY)
     distances = None if reference is None else [distance_to(reference, test.dataset.read(i))
                                                  for i in range(len(test.dataset))]

@@ -32,7 +32,10 @@ def write_overlay(tmp: Path, data_path: Path, **extra) -> Path:
                        "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
                                   "artifact_location": str(tmp / "mlartifacts")},
                        "wandb": {"mode": "disabled", "dir": str(tmp)}},
-        "performance": {"mixed_precision": False, "compile_model": False, "channels_last": False},
+        # fp32 on every CPU, so a test's numbers do not depend on the machine's bf16 units (tests/test_precision.py
+        # covers bf16)
+        "performance": {"mixed_precision": False, "cpu_precision": "fp32", "compile_model": False,
+                        "channels_last": False},
         "evaluation": {"bootstrap_samples": 200, "timing_runs": 3, "timing_warmup": 1},
     }
     for key, value in extra.items():  # dotted keys: {"train.epochs": 2}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from benchmarks import bench_data, bench_inference, bench_serving, bench_training
+from benchmarks import bench_data, bench_inference, bench_precision, bench_serving, bench_training
 
 
 def run_smoke(module, tmp_path, capsys, *extra) -> dict:
@@ -17,21 +17,25 @@ def run_smoke(module, tmp_path, capsys, *extra) -> dict:
     assert record["benchmark"] == module.__name__.split(".")[-1]
     assert record["machine"]["cpu"] and record["machine"]["cores"] >= 1
     assert any(line.startswith("---") for line in lines), "no table printed"
+    assert lines[-2].startswith(f"measured on: {record['machine']['cpu']} (flags: ")  # the CPU beside the figures
     return record["results"]
 
 
 def test_training_smoke(tmp_path, capsys):
-    results = run_smoke(bench_training, tmp_path, capsys, "--threads", "1", "--workers", "1")
-    assert set(results["images_per_s"]) == {"loop", "toolkit", "original", "model"}
+    results = run_smoke(bench_training, tmp_path, capsys, "--threads", "1", "--workers", "1", "--precision", "fp32")
+    models = {"model fp32", "model fp32 channels_last", "model bf16", "model bf16 channels_last"}
+    assert set(results["images_per_s"]) == {"loop", "toolkit", "original"} | models
     assert all(v["median"] > 0 for v in results["images_per_s"].values())
-    assert set(results["ratios"]) == {"loop/model", "toolkit/model", "original/model"}
+    assert results["best_model"] in models and results["pipeline"]["row"] == "model fp32 channels_last"
+    assert {"loop/best_model", "loop/same_model", "toolkit/same_model", "model bf16/best_model"} <= \
+        set(results["ratios"])
 
 
 def test_inference_smoke(tmp_path, capsys):
     results = run_smoke(bench_inference, tmp_path, capsys, "--threads", "1")
-    assert set(results["latency"]) == {"onnx_e2e", "torch_eager", "onnx_limit"}
+    assert set(results["latency"]) == {"onnx_e2e", "torch_eager", "onnx_limit", "int8_e2e", "int8_limit"}
     assert all(v["median_ms"] > 0 and v["p95_ms"] >= v["median_ms"] for v in results["latency"].values())
-    assert results["ratios"]["onnx_e2e/onnx_limit"] > 0
+    assert results["ratios"]["onnx_e2e/onnx_limit"] > 0 and results["ratios"]["int8_e2e/onnx_limit"] > 0
 
 
 def test_data_smoke(tmp_path, capsys):
@@ -49,3 +53,12 @@ def test_serving_smoke(tmp_path, capsys):
     assert all(r["ok"] == r["answers"] > 0 and r["errors"] == 0 for r in results["server"] + results["mlflow"])
     assert results["onnx_limit"]["per_s"] > 0 and results["offline"]["median_ms"] > 0
     assert results["memory"]["server_tracebacks"] == 0
+
+
+def test_precision_smoke(tmp_path, capsys):
+    results = run_smoke(bench_precision, tmp_path, capsys)
+    assert set(results["runs"]) == {"fp32", "bf16"} and results["reference"] == "fp32"
+    for run in results["runs"].values():
+        low, value, high = run["val_acc"][1], run["val_acc"][0], run["val_acc"][2]
+        assert low <= value <= high and run["peak_rss_mb"] > 0 and run["wall_s"] > 0
+    assert results["runs"]["fp32"]["val_inside_reference_ci"]  # the reference lies inside its own interval

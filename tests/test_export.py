@@ -48,14 +48,15 @@ def test_export_without_format_writes_torchscript_and_onnx_with_their_sizes(trai
         assert re.search(rf"✅ {label} model saved: {re.escape(name)} \({size:.2f} MB\)", printed), printed
 
 
-def test_export_all_writes_three_artifacts_that_match_pytorch(trained, tmp_path, capsys):
+def test_export_all_writes_the_artifacts_that_match_pytorch(trained, tmp_path, capsys):
     code, out, ckpt = _export(trained, tmp_path, "all")
     assert code == 0
     printed = capsys.readouterr().out
     assert printed.count("max |Δprob|") == 3 and "MB)" in printed
     files = sorted(p.name for p in out.iterdir())
     # one self-contained ONNX file: no external-data file beside it
-    assert files == ["resnet18_contract.json", "resnet18_model.onnx", "resnet18_model.pt", "resnet18_model.pt2"]
+    assert files == ["resnet18_contract.json", "resnet18_model.onnx", "resnet18_model.pt", "resnet18_model.pt2",
+                     "resnet18_model_int8.onnx"]  # all: the int8 file too (tests/test_int8.py checks it)
 
     # One contract, the checkpoint's, in every artifact: ONNX metadata, contract.json, inside .pt2 and .pt
     expected = Contract.from_checkpoint(ckpt)

@@ -128,10 +128,12 @@ def test_clipping_bounds_the_gradient_norm():
 
 
 def test_speed_options_are_harmless_on_cpu():
-    """AMP stays off on CPU; channels_last changes the weights' layout; torch.compile still runs (~5 s)."""
+    """CUDA's mixed_precision does not reach the CPU (cpu_precision does); channels_last changes the weights'
+    layout; torch.compile still runs (~5 s)."""
     from training.distributed import DistInfo
 
-    cfg = cfg_with("performance.mixed_precision=true", "performance.channels_last=true")
+    cfg = cfg_with("performance.mixed_precision=true", "performance.cpu_precision=fp32",
+                   "performance.channels_last=true")
     assert amp_dtype(cfg, torch.device("cpu")) is None
     conv = prepare_model(torch.nn.Conv2d(3, 4, 3), cfg, torch.device("cpu"), DistInfo())
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from core.device import cpu_description
 from core.hardware import read_gpus, read_system
 
 if TYPE_CHECKING:
@@ -44,6 +45,8 @@ def banner_lines(cfg: Config, split: Split, device, world_size: int, precision: 
              f"Device: {device}" + (f" (DDP, {world_size} processes)" if world_size > 1 else ""),
              *hardware_lines(device),
              f"Mixed Precision: {precision}",
+             f"Memory Format: {'channels_last' if perf.channels_last else 'channels-first (NCHW)'}",
+             *([f"CPU Features: {cpu_description()}"] if device.type == "cpu" else []),
              f"Model Compilation: {'Enabled' if perf.compile_model else 'Disabled'}",
              *targets]
     if resumed_from:

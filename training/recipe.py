@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import WeightedRandomSampler
 
+from core.device import NATIVE_BF16_FLAGS, cpu_capabilities, cpu_flags, cpu_name
 from core.errors import UserError
 from training.distributed import DistInfo, wrap_ddp
 
@@ -88,16 +91,58 @@ def balanced_sampler(labels, generator: torch.Generator) -> WeightedRandomSample
     return WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator)
 
 
-def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """bf16 where the GPU has it, else fp16 (with GradScaler); None on CPU or when turned off."""
+@dataclass(frozen=True)
+class Precision:
+    """The autocast dtype of a run (None = fp32) and why it was chosen, for the banner."""
+    dtype: torch.dtype | None
+    reason: str
+
+
+def cpu_precision(setting: str, caps: Mapping) -> Precision:
+    """performance.cpu_precision on a CPU with capabilities `caps` (torch.cpu.get_capabilities()).
+
+    auto: bf16 autocast where the CPU computes bf16 natively (AMX, AVX512-BF16, Arm BF16); elsewhere bf16
+    is emulated and slower than fp32, so fp32."""
+    native = cpu_flags(caps, NATIVE_BF16_FLAGS)
+    name = cpu_name(caps)
+    if setting == "fp32":
+        return Precision(None, "performance.cpu_precision=fp32")
+    if setting == "bf16":
+        if native:
+            return Precision(torch.bfloat16, f"performance.cpu_precision=bf16; {name} has native bf16 ({native[0]})")
+        return Precision(torch.bfloat16, f"performance.cpu_precision=bf16; {name} has no native bf16: emulated, "
+                                         "expect it to be slower than fp32")
+    if native:
+        return Precision(torch.bfloat16, f"auto: {name} has native bf16 ({', '.join(native)})")
+    return Precision(None, f"auto: {name} has no native bf16 (it would be emulated and slower)")
+
+
+def precision_for(cfg: Config, device: torch.device, caps: Mapping | None = None) -> Precision:
+    """CUDA: performance.mixed_precision (bf16 where the GPU has it, else fp16 with GradScaler).
+    CPU: performance.cpu_precision, following the CPU's flags under auto."""
+    if device.type == "cpu":
+        return cpu_precision(cfg.performance.cpu_precision, cpu_capabilities() if caps is None else caps)
     if device.type != "cuda" or not cfg.performance.mixed_precision:
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return Precision(None, f"performance.mixed_precision={str(cfg.performance.mixed_precision).lower()}")
+    if torch.cuda.is_bf16_supported():
+        return Precision(torch.bfloat16, "performance.mixed_precision=true; this GPU has bf16")
+    return Precision(torch.float16, "performance.mixed_precision=true; this GPU has no bf16")
 
 
-def precision_label(dtype: torch.dtype | None) -> str:
-    return {None: "Disabled (fp32)", torch.bfloat16: "Enabled (bf16 autocast)",
-            torch.float16: "Enabled (fp16 autocast + GradScaler)"}[dtype]
+def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of training on `device`; None = fp32."""
+    return precision_for(cfg, device).dtype
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """fp32 | bf16 | fp16: what a checkpoint records as the precision it was trained in."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def precision_label(dtype: torch.dtype | None, reason: str = "") -> str:
+    label = {None: "Disabled (fp32)", torch.bfloat16: "Enabled (bf16 autocast)",
+             torch.float16: "Enabled (fp16 autocast + GradScaler)"}[dtype]
+    return f"{label} - {reason}" if reason else label
 
 
 def prepare_model(model: torch.nn.Module, cfg: Config, device: torch.device, info: DistInfo) -> torch.nn.Module:

@@ -32,3 +32,14 @@ def load_resume_checkpoint(cfg: Config, requested: str | None, fingerprint: str)
                         "resuming would mix data sets - start a new run instead")
     ckpt["path"] = str(path)
     return ckpt
+
+
+def precision_note(ckpt: dict, precision: str) -> str | None:
+    """A line when a run resumes in another precision than it was trained in. Allowed: under autocast the weights
+    and the optimizer's moments are fp32 in every precision, so the state carries over; only the bit-for-bit
+    match with an uninterrupted run is lost. None when nothing changes (or the checkpoint does not say)."""
+    before = ckpt.get("precision")
+    if before is None or before == precision:
+        return None
+    return (f"note: {ckpt['path']} was trained in {before}; continuing in {precision} (weights and optimizer "
+            "state are fp32 in both; the run will not repeat an uninterrupted one bit for bit)")

@@ -18,11 +18,12 @@ from training.distributed import DistInfo
 from training.early_stopping import EarlyStopping
 from training.progress import Progress
 from training.recipe import (
-    amp_dtype,
     balanced_sampler,
     build_criterion,
     build_optimizer,
     build_scheduler,
+    precision_for,
+    precision_name,
     prepare_model,
     use_fused_optimizer,
 )
@@ -49,6 +50,7 @@ class Trainer:
     class_names: list = field(default_factory=list)
     class_folders: list = field(default_factory=list)
     amp: torch.dtype | None = None
+    precision_reason: str = ""  # why `amp` was chosen (the banner prints it)
     dist: DistInfo = field(default_factory=DistInfo)
     stopper: EarlyStopping = field(default_factory=EarlyStopping)
     progress: Progress = field(default_factory=Progress)
@@ -68,7 +70,8 @@ class Trainer:
 
     def payload(self, epoch: int, metrics: dict, **extra) -> dict:
         return checkpoint_payload(self.model, self.cfg, self.contract, epoch, metrics,
-                                  class_folders=self.class_folders, mlflow_run_id=self.run_id, **extra)
+                                  class_folders=self.class_folders, mlflow_run_id=self.run_id,
+                                  precision=precision_name(self.amp), **extra)
 
 
 def build_trainer(cfg: Config, split: Split, contract: Contract, device: torch.device, info: DistInfo,
@@ -95,7 +98,8 @@ def build_trainer(cfg: Config, split: Split, contract: Contract, device: torch.d
     wrapped = prepare_model(model, cfg, device, info)
     optimizer = build_optimizer(wrapped, cfg.recipe, use_fused_optimizer(cfg, device))
     steps = math.ceil(len(train_loader) / cfg.performance.gradient_accumulation)
-    dtype = amp_dtype(cfg, device)
+    precision = precision_for(cfg, device)
+    dtype = precision.dtype
     return Trainer(
         cfg=cfg, model=wrapped, optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg, steps),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
@@ -103,7 +107,8 @@ def build_trainer(cfg: Config, split: Split, contract: Contract, device: torch.d
         train_loader=train_loader, val_loader=val_loader,
         train_pre=Preprocessor.from_config(cfg, contract.mean, contract.std, train=True).to(device),
         val_pre=Preprocessor.from_config(cfg, contract.mean, contract.std, train=False).to(device),
-        device=device, generator=generator, class_names=list(split.class_names), amp=dtype, dist=info,
+        device=device, generator=generator, class_names=list(split.class_names), amp=dtype,
+        precision_reason=precision.reason, dist=info,
         stopper=EarlyStopping(cfg.train.monitor, cfg.train.patience, cfg.train.min_delta),
         contract=contract, class_folders=list(split.class_folders))
 
