@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -15,6 +16,34 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 import core  # noqa: E402,F401  (library telemetry off before any test imports MLflow)
+
+# Test files run in parallel (pyproject.toml: -n auto --dist loadfile), one worker per core up to 4.
+MAX_WORKERS = 4
+# Files that take longest start first, so that the others fill the remaining workers around them.
+LONG_FILES = ("test_original_readme.py", "test_experiments.py", "test_serving.py", "test_review.py",
+              "test_pacs.py", "test_registry.py")
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+
+
+def pytest_configure(config) -> None:
+    """In a parallel run each worker gets its share of the cores: torch threads that outnumber the cores spin on
+    barriers and slow every test down (a training step several times slower), and the scripts the tests start
+    as processes inherit the same share through OMP_NUM_THREADS."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        share = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = share
+        import torch
+
+        torch.set_num_threads(int(share))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: order within a file kept
 
 
 def write_overlay(tmp: Path, data_path: Path, **extra) -> Path:
