@@ -25,7 +25,7 @@ except ImportError:  # run as a file
 import numpy as np
 import torch
 
-from core.contract import Contract
+from core.contract import DECODE_RULE, Contract
 from data.cache import usable_cpus
 from data.images import load_gray
 from data.preprocess import Preprocessor
@@ -51,12 +51,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def artifact_key(args) -> str:
+    """What a reused artifact depends on: a file from another torch or decode rule is made again."""
+    return f"{args.model}_{args.img_size}px_torch{torch.__version__}_{DECODE_RULE}"
+
+
 def exported_model(args, out_dir) -> tuple[torch.nn.Module, object, Contract]:
     """A seeded random model and its ONNX export (reused from an earlier run when present)."""
     torch.manual_seed(0)
     model = build_model(args.model, 3).eval()
     contract = Contract(args.model, ("glioma", "meningioma", "pituitary"), args.img_size, (0.2,) * 3, (0.25,) * 3)
-    path = out_dir / f"{args.model}_{args.img_size}px_torch{torch.__version__}.onnx"
+    path = out_dir / f"{artifact_key(args)}.onnx"
     if not path.is_file():
         export_onnx(model, contract, path)
     return model, path, contract

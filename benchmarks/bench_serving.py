@@ -37,7 +37,6 @@ except ImportError:  # run as a file
 
 import numpy as np
 import psutil
-import torch
 
 from data.cache import usable_cpus
 from deploy.predictors import OnnxPredictor
@@ -75,7 +74,7 @@ def registered_store(args, data_dir: Path) -> Path:
     from deploy.export import write_contract_json
     from deploy.registry import ONNX_LINK_TAG, connect, log_flavors, register, registered_names
 
-    store = data_dir / f"serving_{args.model}_{args.img_size}px_torch{torch.__version__}"
+    store = data_dir / f"serving_{bench_inference.artifact_key(args)}"
     if (store / ".complete").is_file():
         return store
     store.mkdir(parents=True, exist_ok=True)
