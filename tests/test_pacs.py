@@ -8,12 +8,14 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -537,3 +539,39 @@ def test_serve_py_runs_the_dicom_receiver_in_one_process_on_a_free_port_and_spoo
                                  "--set", f"pacs.spool_dir={settings.spool_dir}"])
     finally:
         running.release()
+
+
+@requires_orthanc
+def test_dicom_arrivals_follow_the_served_alias_to_a_new_version(orthanc, registered, slices, tmp_path):
+    """The alias moves while the server runs: the next instance is classified, recorded and reported by the new
+    version, and its SR names that version."""
+    source = Path(registered[registered.index("--set") + 1].split("sqlite:///", 1)[1]).parent
+    shutil.copy(source / "registry.db", tmp_path / "registry.db")  # a registry of its own: others keep theirs
+    store = [*registered[:2], "--set", f"monitoring.mlflow.tracking_uri=sqlite:///{tmp_path / 'registry.db'}",
+             "--set", f"monitoring.mlflow.artifact_location={tmp_path / 'mlartifacts'}"]
+    server = ServerProcess([*store, "--model", "brain-cancer-resnet18", "--alias", "staging", "--poll-seconds", "0.5",
+                            "--database", f"sqlite:///{tmp_path / 'audit.db'}",
+                            "--dicom-port", orthanc.receiver_port, "--ae-title", "MRI_AI",
+                            "--pacs-destination", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",
+                            "--set", f"pacs.spool_dir={tmp_path / 'spool'}", "--set", "pacs.retry.initial_s=0.2"],
+                           tmp_path)
+    try:
+        server.wait_ready()
+        assert run_script("register_model", store + ["--model", "resnet18", "--version", "2.0.0", "--alias", "staging",
+                                                     "--force", "--set",
+                                                     f"train.output_dir={source / 'checkpoints'}"]) == 0
+        with server.client() as client:
+            deadline = time.monotonic() + 120
+            while client.get("/v1/model").json().get("version") != "2" and time.monotonic() < deadline:
+                time.sleep(0.5)
+        mr = write_mr(tmp_path / "scan.dcm", slices[:1])
+        status, answer = orthanc.store("mri_ai", orthanc.upload((tmp_path / "scan.dcm").read_bytes()))
+        assert status == 200, answer
+        api = served_predictions(server, mr.StudyInstanceUID, 1)
+        assert [(p["model"], p["version"]) for p in api] == [("brain-cancer-resnet18", "2")]
+        found = wait_for_results(orthanc, mr.StudyInstanceUID, n_captures=1)
+        report = read_report(dcmread(io.BytesIO(orthanc.instance_file(found[SR_MODALITY][0]))))
+        assert [(r["model"], r["version"]) for r in report] == [("brain-cancer-resnet18", "2")]
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log()
