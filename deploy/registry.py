@@ -226,11 +226,12 @@ def load_pytorch_flavor(model_uri: str):
             raise UserError(f"refused to load {model_uri}: {exc.message.splitlines()[0]}") from None
 
 
-def load_predictor(client, mv, workdir: Path, flavor: str = "auto"):
+def load_predictor(client, mv, workdir: Path, flavor: str = "auto", session_config: dict[str, str] | None = None):
     """(predictor, version used, flavor name): ONNX Runtime when an ONNX flavor exists (auto), else PyTorch;
-    the int8 ONNX model only when asked for (flavor "onnx-int8") or named."""
+    the int8 ONNX model only when asked for (flavor "onnx-int8") or named. `session_config`: ONNX Runtime
+    session entries for the ONNX flavors."""
     if flavor == INT8_FLAVOR or (flavor == "auto" and mv.name.endswith(f"-{INT8_FLAVOR}")):
-        return load_int8_predictor(client, mv, workdir)
+        return load_int8_predictor(client, mv, workdir, session_config)
     if mv.name.endswith(f"-{INT8_FLAVOR}"):
         raise UserError(f"{mv.name} is the int8 ONNX model; for the {flavor} flavor use "
                         f"{mv.name.removesuffix('-' + INT8_FLAVOR)}")
@@ -241,7 +242,7 @@ def load_predictor(client, mv, workdir: Path, flavor: str = "auto"):
         from deploy.predictors import OnnxPredictor
 
         folder = download(twin, Path(workdir) / "onnx")
-        return OnnxPredictor(next(folder.rglob("*.onnx"))), twin, "onnx"
+        return OnnxPredictor(next(folder.rglob("*.onnx")), session_config=session_config), twin, "onnx"
     if mv.name.endswith("-onnx"):
         raise UserError(f"{mv.name} is the ONNX flavor; for PyTorch use {mv.name.removesuffix('-onnx')}")
     folder = download(mv, Path(workdir) / "pytorch")
@@ -288,7 +289,7 @@ def int8_twin(client, mv):
     return client.get_model_version(f"{mv.name.removesuffix('-onnx')}-{INT8_FLAVOR}", linked)
 
 
-def load_int8_predictor(client, mv, workdir: Path):
+def load_int8_predictor(client, mv, workdir: Path, session_config: dict[str, str] | None = None):
     """(OnnxPredictor of the int8 file on the CPU provider, the int8 version, "onnx-int8")."""
     from deploy.predictors import OnnxPredictor
 
@@ -297,7 +298,7 @@ def load_int8_predictor(client, mv, workdir: Path):
     files = sorted(folder.rglob("*.onnx"))
     if not files:
         raise UserError(f"{twin.name} v{twin.version} holds no ONNX file")
-    predictor = OnnxPredictor(files[0], providers=["CPUExecutionProvider"])
+    predictor = OnnxPredictor(files[0], providers=["CPUExecutionProvider"], session_config=session_config)
     if predictor.contract.extra.get("precision") != "int8":
         raise UserError(f"{twin.name} v{twin.version} is not an int8 model (its contract says precision "
                         f"{predictor.contract.extra.get('precision', 'fp32')})")

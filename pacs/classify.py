@@ -6,14 +6,13 @@ resize, every frame its own record), from a temporary file that is removed as so
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
 
+from core.fileio import temporary_path
 from data.images import ImageReadError, frame_name, load_frames, split_frame_name
 from data.preprocess_numpy import preprocess_numpy
 from deploy.predictors import Predictor, prediction_record
@@ -23,11 +22,7 @@ from deploy.predictors import Predictor, prediction_record
 def instance_file(ds: Dataset, work_dir: str | Path) -> Iterator[Path]:
     """The data set as a hidden .dcm file in work_dir (a name of our own, never the sender's), removed
     afterwards unless it was moved away meanwhile."""
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=".instance-", suffix=".dcm", dir=work_dir)
-    os.close(fd)
-    path = Path(name)
+    path = temporary_path(Path(work_dir) / "instance.dcm")  # owner-only, hidden: a crash leaves it to recover()
     try:
         try:
             ds.save_as(path, enforce_file_format=True)

@@ -79,7 +79,6 @@ class ServedNode:
 
     def attach(self, service: Service) -> None:
         self.service = service
-        service.extensions["dicom"] = self
         service.model_listeners.append(self.follow)
         if service.model is not None:
             self.follow(service.model)

@@ -16,7 +16,7 @@ from pydicom.errors import InvalidDicomError
 
 from core.config import PacsSection
 from core.errors import UserError
-from data.images import frame_name, is_dicom, split_frame_name
+from data.images import frame_name, is_dicom, read_dicom, split_frame_name
 from pacs.classify import instance_uids
 from pacs.pipeline import make_results
 from pacs.receiver import IMAGE_SOP_CLASSES, strip_identity
@@ -73,7 +73,7 @@ def file_results(path: Path, frames: list[tuple[int | None, dict]], model: Model
     records = [{**r, **uids, "path": frame_name(uids["sop_instance_uid"], f), "frame": f,
                 "refer": bool(r.get("refer", r["confidence"] < settings.refer_below)),
                 "model": model.name, "version": model.version} for f, r in frames]
-    return make_results(ds, path, records, model)
+    return make_results(ds, read_dicom(path), records, model)
 
 
 def queue_results(result_dir: Path, spool: Spool, settings: PacsSection) -> tuple[int, list[str]]:

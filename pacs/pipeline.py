@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from core.config import PacsSection
-from data.images import load_frames, read_dicom
+from data.images import read_dicom, resize_gray
 from deploy.predictors import Predictor
 from pacs.capture import make_capture
 from pacs.classify import classify_instance, instance_file
@@ -30,7 +31,7 @@ LOG = logging.getLogger(__name__)
 
 # refer(record, gray) -> True when a radiologist must look first; gray: the frame as the model saw it (uint8 S x S).
 Refer = Callable[[dict, np.ndarray], bool]
-# heatmaps(grays, class indices) -> one map (any size, 0..1) per frame, e.g. pacs.heatmap.gradcam_heatmaps.
+# heatmaps(grays, class indices) -> one map (any size, 0..1) per frame, e.g. TorchPredictor.cam_maps.
 HeatMaps = Callable[[list[np.ndarray], list[int]], list[np.ndarray]]
 # on_predictions(records, dataset, calling_ae, peer): the server's audit record and worklist entry.
 OnPredictions = Callable[[list[dict], Dataset, str, str], object]
@@ -48,10 +49,10 @@ class ServerHooks:
     on_predictions: OnPredictions | None = None
 
 
-def make_results(ds: Dataset, path: Path, records: list[dict], model: ModelInfo,
+def make_results(ds: Dataset, frames: list[np.ndarray], records: list[dict], model: ModelInfo,
                  heat: list[np.ndarray | None] | None = None) -> list[Dataset]:
-    """The SR of the instance and one secondary capture per frame (records carry their refer flag)."""
-    frames = read_dicom(path)  # the 8-bit slices at their own size, for display
+    """The SR of the instance and one secondary capture per frame (frames: the 8-bit slices at their own size,
+    data.images.read_dicom; records carry their refer flag)."""
     heat = heat or [None] * len(records)
     return [make_report(ds, records, model)] + [make_capture(ds, r, f, h, model)
                                                 for r, f, h in zip(records, frames, heat)]
@@ -116,7 +117,8 @@ class ResultWorker(Worker):
         try:
             ds = dcmread(path)
             model = ModelInfo(records[0]["model"], records[0]["version"])
-            results = make_results(ds, path, records, model, self.heat(path, records))
+            frames = read_dicom(path)  # decoded once: shown in the captures, resized for the heat maps
+            results = make_results(ds, frames, records, model, self.heat(frames, records))
             queued = sum(self.spool.put(result) for result in results)
         except Exception as exc:  # noqa: BLE001 - one instance's failure must not stop the others
             LOG.exception("results of %s could not be made", records[0]["sop_instance_uid"])
@@ -129,11 +131,11 @@ class ResultWorker(Worker):
         if self.on_queued:
             self.on_queued()
 
-    def heat(self, path: Path, records: list[dict]) -> list[np.ndarray | None] | None:
+    def heat(self, frames: list[np.ndarray], records: list[dict]) -> list[np.ndarray | None] | None:
         if self.hooks.heatmaps is None:
             return None
         try:
-            grays = [gray for _, gray in load_frames(path, self.img_size)]
+            grays = [resize_gray(Image.fromarray(frame), self.img_size) for frame in frames]  # as load_frames
             return list(self.hooks.heatmaps(grays, [r["class_index"] for r in records]))
         except Exception:  # noqa: BLE001 - without a heat map the prediction is still burned in
             LOG.exception("heat map failed for %s; the secondary capture shows the prediction alone",

@@ -26,7 +26,7 @@ from pydicom.uid import UID
 
 from core.config import DicomPeer
 from core.errors import UserError
-from core.fileio import atomic_file, write_json_atomic, write_text_atomic
+from core.fileio import atomic_file, private_dir, publish, write_json_atomic, write_text_atomic
 
 
 def destination_key(destination: DicomPeer) -> str:
@@ -48,7 +48,7 @@ class Spool:
         self.incoming_dir, self.pending_dir, self.sent_dir, self.failed_dir = (
             self.dir / n for n in ("incoming", "pending", "sent", "failed"))
         for folder in (self.incoming_dir, self.pending_dir, self.sent_dir, self.failed_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+            private_dir(folder)  # instances and results hold patient pixels
         self._lock = threading.Lock()
         self._lock_fd: int | None = None
 
@@ -89,9 +89,7 @@ class Spool:
     def add_job(self, path: Path, records: list[dict]) -> str:
         """Keep a classified instance (the file at `path`, in incoming/, is moved) until its results are made."""
         name = f"job-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"  # arrival order, never a sender's name
-        with open(path, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(path, self.incoming_dir / f"{name}.dcm")
+        publish(path, self.incoming_dir / f"{name}.dcm")
         write_json_atomic(self.incoming_dir / f"{name}.json", records)  # the commit point
         return name
 
@@ -120,7 +118,7 @@ class Spool:
         with self._lock:
             if self.known(uid):
                 return False
-            with atomic_file(self.pending_dir / f"{uid}.dcm") as fh:
+            with atomic_file(self.pending_dir / f"{uid}.dcm", private=True) as fh:
                 ds.save_as(fh, enforce_file_format=True)
         return True
 

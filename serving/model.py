@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from deploy.predictors import OnnxPredictor
 from deploy.registry import load_predictor
 
 log = logging.getLogger("serving.model")
@@ -132,15 +131,6 @@ def _paths_in(obj) -> set[str]:
     return {v for k, v in obj.items() if k in PATH_KEYS and isinstance(v, str) and "/" in v}
 
 
-def for_serving(predictor):
-    """The same ONNX model with threads that sleep between calls: ONNX Runtime's threads spin for a while after
-    each call by default, taking the cores the decoding threads of the next batch need."""
-    if type(predictor) is not OnnxPredictor:
-        return predictor
-    return OnnxPredictor(predictor.onnx_path, predictor.contract, predictor.session.get_providers(),
-                         session_config={"session.intra_op.allow_spinning": "0"})
-
-
 def warm_up(predictor, max_batch: int) -> None:
     """A few calls at the sizes traffic will use, so that the first patient's answer is not the slow one."""
     c = predictor.contract
@@ -153,8 +143,9 @@ def load_served_model(client, spec: ModelSpec, mv, root: Path, tracking_uri: str
     root.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"v{mv.version}-", dir=root))
     try:
-        predictor, _, flavor = load_predictor(client, mv, workdir, spec.flavor)
-        predictor = for_serving(predictor)
+        # ONNX Runtime's threads spin after each call by default, taking the cores the decoding threads need
+        predictor, _, flavor = load_predictor(client, mv, workdir, spec.flavor,
+                                              {"session.intra_op.allow_spinning": "0"})
         evidence = read_evidence(mv, workdir, tracking_uri)
         warm_up(predictor, max_batch)
     except BaseException:

@@ -77,7 +77,6 @@ class Service:
         self.failure: str | None = "loading"
         self.in_flight = self.decoding = 0
         self.seconds_per_image = 0.05  # running estimate for Retry-After
-        self.loop: asyncio.AbstractEventLoop | None = None
         self._reload_lock: asyncio.Lock | None = None
         self._watcher: asyncio.Task | None = None
         # what extensions offer each other, by name (e.g. "review": the review station, for the DICOM receiver)
@@ -87,7 +86,6 @@ class Service:
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
-        self.loop = asyncio.get_running_loop()  # threads (a DICOM receiver) submit work with run_coroutine_threadsafe
         self._reload_lock = asyncio.Lock()
         self._watcher = asyncio.get_running_loop().create_task(self._keep_current())
 

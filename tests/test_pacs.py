@@ -30,7 +30,6 @@ from core.config import load_config
 from core.errors import UserError
 from data.images import split_frame_name
 from deploy.predictors import OnnxPredictor, TorchPredictor
-from pacs.heatmap import gradcam_heatmaps
 from pacs.node import start_node
 from pacs.pipeline import ServerHooks
 from pacs.receiver import start_receiver
@@ -107,7 +106,7 @@ def arrivals(orthanc: Orthanc, uid: str) -> int:
 def test_a_study_sent_by_orthanc_gets_its_sr_and_captures_back_exactly_once(orthanc, predictors, slices, tmp_path):
     onnx, torch_model = predictors
     predictions, seen = [], []
-    hooks = ServerHooks(heatmaps=gradcam_heatmaps(torch_model),
+    hooks = ServerHooks(heatmaps=torch_model.cam_maps,
                         on_predictions=lambda records, ds, ae, peer: (predictions.extend(records),
                                                                       seen.append((ds, ae, peer))))
     node = start_node(pacs_settings(tmp_path, orthanc.receiver_port, orthanc), onnx, MODEL, hooks)
