@@ -22,7 +22,7 @@ from evaluation.external import ExternalRequest, ExternalResult, validate_extern
 from evaluation.gates import GATES_FAILED_EXIT, format_gates
 from evaluation.plots import comparison_plot, evaluation_figures
 from evaluation.prediction import Scored
-from evaluation.record import open_tracker
+from evaluation.record import log_evaluation_files, open_tracker
 from evaluation.reports import (
     collect_evaluations,
     flat_metrics,
@@ -64,10 +64,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def log_evaluation(tracker, record: dict, validation: dict | None, files: list[Path], args,
-                   per_patient: set[Path]) -> None:
-    """Figures, params and files into the trackers; `per_patient` files (paths, overlays) reach W&B only when
-    monitoring.wandb.log_patient_data allows it."""
+def log_evaluation(tracker, record: dict, validation: dict | None, files: list[Path], args) -> None:
+    """Figures, params and files into the trackers (per-patient files to W&B only when allowed)."""
     tracker.log_params({"checkpoint": record["checkpoint"], "checkpoint_epoch": record["checkpoint_epoch"],
                         "split_manifest": record["split_manifest"], "n_test": record["n_test"],
                         "bootstrap_samples": record["bootstrap_samples"], "device": record["timing"]["device"],
@@ -78,8 +76,7 @@ def log_evaluation(tracker, record: dict, validation: dict | None, files: list[P
                           "artifact_precision": record["artifact"]["precision"]})
     if validation is not None:
         tracker.set_tags({"deployment_ready": validation["deployment_ready"], "gate_basis": validation["basis"]})
-    for path in files:
-        tracker.log_artifact(path, "evaluation", patient_data=path in per_patient)
+    log_evaluation_files(tracker, files, "evaluation")
 
 
 def compare_models(cfg: Config) -> None:
@@ -112,14 +109,12 @@ def main(args) -> int:
         record, validation = ev.record, ev.validation
         files = [*write_evaluation_files(out_dir, ev, classes),
                  *evaluation_figures(out_dir, record, ev.test.y_true, ev.test.y_prob, ev.bins, ev.bins_after)]
-        per_patient = {p for p in files if p.name == "predictions.csv"}  # paths of patients' images
         print("\n" + format_evaluation(record))
         if args.detailed:
             index = explain_gradcam(cfg, CamModel(ev.model, name, ev.pre, device), ev.test, classes, out_dir)
             files.append(index.parent)
-            per_patient.add(index.parent)
             print(f"🔍 Grad-CAM overlays: {index}")
-        log_evaluation(tracker, record, validation, files, args, per_patient)
+        log_evaluation(tracker, record, validation, files, args)
         external = validate_external(cfg, opened, ev.model, ev.pre, device, ExternalRequest(
             args.external, args.class_map, args.medical_validation, args.strict), tracker) if args.external else None
     print(f"\n📁 Outputs in {out_dir}: " + ", ".join(p.name for p in files))

@@ -153,13 +153,9 @@ def deep_to_gray(img: Image.Image, size: int | None = None) -> Image.Image:
     return Image.fromarray(out)
 
 
-def stretch_to_uint8(arr: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:
-    """Linear map of [low, high] (default: the array's min/max) to 0..255, in float32."""
-    return _stretch_inplace(np.array(arr, dtype=np.float32), low, high)
-
-
 def _stretch_inplace(arr: np.ndarray, low: float | None, high: float | None) -> np.ndarray:
-    """stretch_to_uint8 on a float32 array of our own (overwritten: no second full-size copy)."""
+    """Linear map of [low, high] (default: the array's min/max) to 0..255 uint8, on a float32 array of our own
+    (overwritten: no second full-size copy)."""
     lo = float(np.min(arr)) if low is None else float(low)
     hi = float(np.max(arr)) if high is None else float(high)
     if hi <= lo:

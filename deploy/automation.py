@@ -18,6 +18,7 @@ from deploy.policy import PRODUCTION, STAGING, loosened_gates, production_refusa
 from deploy.registry import connect
 from deploy.release import ReleaseRequest, release_checkpoint
 from evaluation.gates import format_gates
+from evaluation.record import log_evaluation_files
 from evaluation.reports import flat_metrics
 from evaluation.scoring import evaluate_checkpoint, write_evaluation_files
 from evaluation.source import open_checkpoint
@@ -80,8 +81,7 @@ def evaluate_best(cfg: Config, device, tracker, log) -> tuple[str | None, dict |
         return f"the evaluation failed ({type(exc).__name__}: {exc})", None
     tracker.log_metrics(flat_metrics(ev.record))
     tracker.set_tags({"deployment_ready": ev.validation["deployment_ready"]})
-    for path in files:
-        tracker.log_artifact(path, "evaluation")
+    log_evaluation_files(tracker, files, "evaluation")
     acc = ev.record["accuracy"]
     log(f"   accuracy {acc['value']:.2%} (95% CI {acc['ci_low']:.2%}-{acc['ci_high']:.2%}) on "
         f"{ev.record['n_test']} test images; files in {ckpt_path.parent}")

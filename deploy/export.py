@@ -19,12 +19,13 @@ from core.contract import INPUT_NAME, OUTPUT_NAME, Contract
 from core.errors import UserError
 from core.fileio import publish, temporary_path, write_text_atomic
 from deploy.predictors import preprocess_path, softmax
+from deploy.registry import INT8_FLAVOR
 from evaluation.source import OpenedCheckpoint, open_checkpoint
 
 if TYPE_CHECKING:
     from core.config import Config
 
-INT8 = "onnx-int8"  # made by deploy/quantize.py from the fp32 ONNX model, with its own gate instead of parity
+INT8 = INT8_FLAVOR  # made by deploy/quantize.py from the fp32 ONNX model, with its own gate instead of parity
 FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "pt2": ("pt2",), INT8: (INT8,),
            "both": ("torchscript", "onnx"), "all": ("onnx", "torchscript", "pt2", INT8)}
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2", INT8: "_int8.onnx"}

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from core.contract import Contract
+from deploy.registry import INT8_FLAVOR
 
 if TYPE_CHECKING:
     from deploy.policy import Evidence
@@ -89,7 +90,7 @@ def build_model_card(ckpt: dict, contract: Contract, evidence: Evidence, release
     lines = [f"# Model card: {names['pytorch']} {semver}", "",
              f"Registered {datetime.now(timezone.utc).isoformat(timespec='seconds')}; flavors: `{names['pytorch']}` "
              f"(PyTorch, torch.export) and `{names['onnx']}` (ONNX)"
-             + (f", `{names['onnx-int8']}` (ONNX int8)" if "onnx-int8" in names else "")
+             + (f", `{names[INT8_FLAVOR]}` (ONNX int8)" if INT8_FLAVOR in names else "")
              + (f"; alias `{alias}`" if alias else "") + ".",
              *(["", description] if description else []), "",
              "## Intended use",

@@ -66,8 +66,6 @@ class Released:
     names: dict[str, str]  # flavor -> registered model name
     versions: dict[str, str]  # flavor -> version number
     tags: dict[str, str]  # of the PyTorch version
-    evidence: Evidence | None
-    new: bool  # False: this semantic version of this checkpoint was registered before
     moves: list[Move] = field(default_factory=list)
 
 
@@ -97,7 +95,7 @@ def release_checkpoint(cfg: Config, req: ReleaseRequest, log=print) -> Released:
     tags[ONNX_LINK_TAG] = versions["onnx"]
     if INT8_FLAVOR in versions:
         tags[INT8_LINK_TAG] = versions[INT8_FLAVOR]
-    released = Released(names, versions, tags, evidence, new=True)
+    released = Released(names, versions, tags)
     if req.alias:
         mv = client.get_model_version(names["pytorch"], versions["pytorch"])
         released.moves = move_alias(client, mv, req.alias, req.how, cfg.registry.promote_on)
@@ -117,7 +115,7 @@ def _already_registered(client, mv, req: ReleaseRequest, sha: str, promote_on: s
     versions = {"pytorch": str(mv.version), "onnx": mv.tags.get(ONNX_LINK_TAG)}
     if int8:
         names[INT8_FLAVOR], versions[INT8_FLAVOR] = f"{mv.name}-{INT8_FLAVOR}", int8
-    released = Released(names, versions, dict(mv.tags), None, new=False)
+    released = Released(names, versions, dict(mv.tags))
     if req.alias:
         released.moves = move_alias(client, mv, req.alias, req.how, promote_on)
     return released

@@ -24,7 +24,7 @@ from data.manifest import Row, fingerprint_rows, list_classes, scan_folders, wri
 from evaluation.gates import check_gates
 from evaluation.plots import evaluation_figures
 from evaluation.prediction import predict
-from evaluation.record import calibration_summary, evaluation_record, score_predictions
+from evaluation.record import calibration_summary, evaluation_record, log_evaluation_files, score_predictions
 from evaluation.reports import flat_metrics, write_json, write_predictions, write_report
 from evaluation.timing import measure_inference
 
@@ -184,7 +184,6 @@ class ExternalRequest:
 class ExternalResult:
     record: dict
     validation: dict | None
-    files: list[Path]
     out_dir: Path
 
 
@@ -215,7 +214,7 @@ def validate_external(cfg: Config, opened, model, pre, device, request: External
         files.append(write_json(out_dir / "medical_validation.json", validation))
     if tracker is not None:
         log_external(tracker, record, validation, files, ext.name)
-    return ExternalResult(record, validation, files, out_dir)
+    return ExternalResult(record, validation, out_dir)
 
 
 def mark_external(record: dict, opened, ext: ExternalSet, manifest: Path, hardware: dict) -> None:
@@ -235,5 +234,4 @@ def log_external(tracker, record: dict, validation: dict | None, files: list[Pat
     if validation is not None:
         tags["external_deployment_ready"] = validation["deployment_ready"]
     tracker.set_tags(tags)
-    for path in files:
-        tracker.log_artifact(path, f"evaluation/external_{name}")
+    log_evaluation_files(tracker, files, f"evaluation/external_{name}")

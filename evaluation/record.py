@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -102,6 +103,17 @@ def evaluation_record(ckpt: dict, ckpt_path, split: Split, scores: dict, calibra
     return {**provenance(ckpt, ckpt_path, split), **scores, "calibration": calibration, "timing": timing,
             "class_imbalance_ratio": float(ratio), "train_class_counts": counts,
             "training_run_id": ckpt.get("mlflow_run_id"), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+# The evaluation files with per-patient content: image paths, and the Grad-CAM overlays of patients' slices.
+PATIENT_FILES = ("predictions.csv", "external_manifest.csv", "gradcam")
+
+
+def log_evaluation_files(tracker, files: list, artifact_path: str) -> None:
+    """Every file into the trackers; those with per-patient content reach W&B only when
+    monitoring.wandb.log_patient_data allows it."""
+    for path in files:
+        tracker.log_artifact(path, artifact_path, patient_data=Path(path).name in PATIENT_FILES)
 
 
 def open_tracker(cfg: Config, model_name: str, stage: str, ckpt: dict):

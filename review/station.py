@@ -19,7 +19,7 @@ from pathlib import Path
 
 from core.config import ReviewSection
 from core.fileio import atomic_file, private_dir
-from data.images import load_frames
+from data.images import frame_name, load_gray
 from deploy.registry import load_predictor
 from review import worklist
 from review.auth import reviewer_count
@@ -175,8 +175,8 @@ class ReviewStation:
     def _draw_heatmap(self, facts: dict, path: Path) -> bytes:
         source = self.files.path(facts["file_ref"])
         predictor = self._torch_predictor(facts["model"], str(facts["version"]))
-        grays = dict(enumerate((g for _, g in load_frames(source, predictor.contract.img_size)), start=1))
-        [cam] = predictor.cam_maps([grays[facts["frame"] or 1]], [facts["class_index"]])
+        one = frame_name(source, facts["frame"]) if facts["frame"] else source  # only the frame it judged
+        [cam] = predictor.cam_maps([load_gray(one, predictor.contract.img_size)], [facts["class_index"]])
         shown = display_frame(source, facts["frame"])
         data = heatmap_png(cam, (shown.shape[1], shown.shape[0]))
         with atomic_file(private_dir(path.parent) / path.name, private=True) as fh:

@@ -175,7 +175,6 @@ def passing_run(tmp_path_factory):
 
 def stop_process_group(proc, timeout: float = 30) -> None:
     """Stop a process started with start_new_session=True and everything it started: SIGTERM, then SIGKILL."""
-    import os
     import signal
     import subprocess
 
@@ -224,7 +223,6 @@ def write_dicom(path, pixels, window: tuple[float, float] | None = None, bits_st
 
 def write_bomb_jpeg(path, side: int = 65000) -> Path:
     """A ~3.5 KB JPEG whose header claims side x side pixels (65000: 4.2 Gpx): a decompression bomb."""
-    import io
     import struct
 
     import numpy as np
