@@ -65,15 +65,17 @@ def main(args) -> int:
     out_dir = Path(args.output_dir or cfg.output_dir / "exported_models")
     print_source(src)
 
-    failed, refused = [], []
+    failed, refused, passed = [], [], set()
     for fmt in FORMATS[args.format]:
         if fmt == INT8:
-            refused += export_int8_step(cfg, src, artifact_path(out_dir, name, fmt), args.calibration_images)
+            fp32 = artifact_path(out_dir, name, "onnx") if "onnx" in passed else None  # --format all: made above
+            refused += export_int8_step(cfg, src, artifact_path(out_dir, name, fmt), args.calibration_images, fp32)
             continue
         if fmt == "torchscript":
             print("⚠️  TorchScript is deprecated upstream; ONNX or .pt2 is the recommended artifact")
         path, result = export_checked(fmt, model, contract, artifact_path(out_dir, name, fmt), src.x)
         if result.passed:
+            passed.add(fmt)
             print(f"✅ {LABELS[fmt]} model saved: {path.name} ({format_size(path.stat().st_size)})")
         else:
             print(f"❌ {LABELS[fmt]} model NOT saved (parity check failed): {path.name}")
@@ -91,13 +93,13 @@ def main(args) -> int:
     return 0
 
 
-def export_int8_step(cfg, src, path: Path, n_calibration: int) -> list[str]:
+def export_int8_step(cfg, src, path: Path, n_calibration: int, fp32_path: Path | None = None) -> list[str]:
     """The int8 file, gate-checked against fp32 on the test split; [] when written, else why it was refused."""
     units = cpu_flags(wanted=INT8_DOT_FLAGS)
     print("🔢 ONNX int8: static quantization in ONNX Runtime (QDQ, per-channel weights); this CPU's int8 units: "
           + (" ".join(units) if units else "none of VNNI, AMX, I8MM (expect a smaller speed-up here)"))
     try:
-        path, _ = export_int8(cfg, src, path, n_calibration)
+        path, _ = export_int8(cfg, src, path, n_calibration, fp32_path=fp32_path)
     except UserError as exc:
         print(f"❌ {exc}")
         return [str(exc)]

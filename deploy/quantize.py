@@ -170,9 +170,10 @@ def write_metadata(onnx_path: Path, contract: Contract) -> None:
 
 
 def export_int8(cfg: Config, src: ExportSource, out_path, n_calibration: int = CALIBRATION_IMAGES,
-                log=print) -> tuple[Path, Int8Verdict]:
-    """Export fp32 ONNX (parity-checked), quantize it, judge it on the test split; the int8 file appears at
-    out_path only when it passes (else UserError saying by how much, and no file)."""
+                log=print, fp32_path: Path | None = None) -> tuple[Path, Int8Verdict]:
+    """Quantize the fp32 ONNX model (`fp32_path`, parity-checked by the caller; else exported and checked here)
+    and judge it on the test split; the int8 file appears at out_path only when it passes (else UserError saying
+    by how much, and no file)."""
     from deploy.export import export_checked, parity_line
 
     if n_calibration < 1:
@@ -180,10 +181,11 @@ def export_int8(cfg: Config, src: ExportSource, out_path, n_calibration: int = C
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".int8-") as tmp:
-        fp32_path, parity = export_checked("onnx", src.model, src.contract, Path(tmp) / "fp32.onnx", src.x)
-        if not parity.passed:
-            raise UserError(f"the fp32 ONNX model the int8 one is made from does not match PyTorch: "
-                            f"{parity_line(parity)}")
+        if fp32_path is None:
+            fp32_path, parity = export_checked("onnx", src.model, src.contract, Path(tmp) / "fp32.onnx", src.x)
+            if not parity.passed:
+                raise UserError(f"the fp32 ONNX model the int8 one is made from does not match PyTorch: "
+                                f"{parity_line(parity)}")
         sample = calibration_sample(src.opened.split.samples("train")[0], n_calibration)
         if not sample:
             raise UserError(f"the training split of {src.opened.split.manifest_path} is empty: no images to "

@@ -126,7 +126,8 @@ def _register_new(cfg: Config, client, req: ReleaseRequest, evidence: Evidence, 
     src = export_source(cfg, req.checkpoint, cfg.model, req.resplit, log=log)
     ckpt = src.opened.ckpt
     with tempfile.TemporaryDirectory() as tmp:
-        int8 = _build_int8(cfg, src, Path(tmp), log) if req.int8 else None  # a refusal registers nothing
+        onnx_path = _export_onnx(cfg, src, Path(tmp), log)
+        int8 = _build_int8(cfg, src, onnx_path, log) if req.int8 else None  # a refusal registers nothing
         release = Release(req.semver, names, req.alias, forced=tags["forced"] == "true", demo=cfg.dataset.demo,
                           description=req.description, int8_gate=int8[1].summary() if int8 else None,
                           training_run=run_link(client, ckpt.get("mlflow_run_id"), cfg.monitoring.mlflow.tracking_uri))
@@ -134,7 +135,7 @@ def _register_new(cfg: Config, client, req: ReleaseRequest, evidence: Evidence, 
         write_text_atomic(card_path, build_model_card(ckpt, src.contract, evidence, release))
         tags.update(data_fingerprint=ckpt.get("data_fingerprint") or "unknown", checkpoint_epoch=ckpt["epoch"],
                     training_run_id=ckpt.get("mlflow_run_id") or "none", demo_data=str(cfg.dataset.demo).lower())
-        uris = log_models(cfg, src, Path(tmp), card_path, tags, log, int8_path=int8[0] if int8 else None)
+        uris = log_models(cfg, src, onnx_path, card_path, tags, log, int8_path=int8[0] if int8 else None)
         description = "\n\n".join(filter(None, [req.description, card_path.read_text()]))
         versions = _register_int8(client, uris[INT8_FLAVOR], names[INT8_FLAVOR], tags, description, int8[1],
                                   log) if int8 else {}
@@ -149,9 +150,19 @@ def _register_new(cfg: Config, client, req: ReleaseRequest, evidence: Evidence, 
     return {**versions, "pytorch": str(torch_mv.version), "onnx": str(onnx_mv.version)}
 
 
-def _build_int8(cfg: Config, src, tmp: Path, log) -> tuple[Path, Int8Verdict]:
+def _export_onnx(cfg: Config, src, tmp: Path, log) -> Path:
+    """The fp32 ONNX file, parity-checked: registered as the ONNX flavor, and what the int8 model is made from."""
+    onnx_path, result = export_checked("onnx", src.model, src.contract, tmp / f"{cfg.model}_model.onnx", src.x)
+    log(f"✅ ONNX export {parity_line(result)}")
+    if not result.passed:
+        raise UserError("the ONNX export does not match PyTorch; not registered")
+    return onnx_path
+
+
+def _build_int8(cfg: Config, src, onnx_path: Path, log) -> tuple[Path, Int8Verdict]:
     """The int8 file and its verdict: the same gate-checked quantization as export_model.py --format onnx-int8."""
-    path, verdict = export_int8(cfg, src, tmp / f"{cfg.model}_model_int8.onnx", log=log)
+    path, verdict = export_int8(cfg, src, onnx_path.with_name(f"{cfg.model}_model_int8.onnx"), log=log,
+                                fp32_path=onnx_path)
     log(f"✅ ONNX int8 model accepted ({verdict.summary()})")
     return path, verdict
 
@@ -166,18 +177,14 @@ def _register_int8(client, uri: str, name: str, tags: dict, description: str, ve
     return {INT8_FLAVOR: str(mv.version)}
 
 
-def log_models(cfg: Config, src, tmp: Path, card_path: Path, tags: dict, log=print,
+def log_models(cfg: Config, src, onnx_path: Path, card_path: Path, tags: dict, log=print,
                int8_path: Path | None = None) -> dict[str, str]:
-    """Export ONNX (parity-checked), log both flavors (and the int8 ONNX model when given), the card and the
-    evidence in one MLflow run, and prove the logged pt2 flavor loads with MLflow's pickle guard on and predicts
-    what the checkpoint predicts."""
+    """Log both flavors (the parity-checked ONNX file at onnx_path; the int8 ONNX model when given), the card
+    and the evidence in one MLflow run, and prove the logged pt2 flavor loads with MLflow's pickle guard on and
+    predicts what the checkpoint predicts."""
     import mlflow
 
-    onnx_path, result = export_checked("onnx", src.model, src.contract, tmp / f"{cfg.model}_model.onnx", src.x)
-    log(f"✅ ONNX export {parity_line(result)}")
-    if not result.passed:
-        raise UserError("the ONNX export does not match PyTorch; not registered")
-    contract_path = write_contract_json(src.contract, tmp)
+    contract_path = write_contract_json(src.contract, onnx_path.parent)
     with RunTracker(cfg, run_name=f"register-{cfg.model}-{tags['semver']}",
                     mlflow_experiment=experiment_name("registry", cfg.model, cfg.monitoring.mlflow.experiment_prefix),
                     wandb_project=None, tags=tags, job_type="register") as tracker:
