@@ -115,7 +115,7 @@ class ServedNode:
             return service.explain_pool.submit(torch_model.cam_maps, grays, classes).result()
         return draw
 
-    def record(self, records: list[dict], ds: Dataset, calling_ae: str, peer: str) -> None:
+    def record(self, records: list[dict], ds: Dataset, calling_ae: str, peer: str, grays: list[np.ndarray]) -> None:
         """The receiver's on_predictions: the audit rows (and, with --review, the case on the worklist), committed
         before the sender gets its answer."""
         service, version = self.service, str(records[0]["version"])
@@ -124,7 +124,7 @@ class ServedNode:
         data = instance_bytes(ds)
         station = service.extensions.get("review")
         if station is not None:
-            station.add_case(records, data, origin)
+            station.add_case(records, data, origin, grays=grays)
         else:
             service.audit.submit(audit_rows(None, origin, [dict(r) for r in records], data, None)).result()
         for r in records:

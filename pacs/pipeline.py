@@ -33,8 +33,9 @@ LOG = logging.getLogger(__name__)
 Refer = Callable[[dict, np.ndarray], bool]
 # heatmaps(grays, class indices) -> one map (any size, 0..1) per frame, e.g. TorchPredictor.cam_maps.
 HeatMaps = Callable[[list[np.ndarray], list[int]], list[np.ndarray]]
-# on_predictions(records, dataset, calling_ae, peer): the server's audit record and worklist entry.
-OnPredictions = Callable[[list[dict], Dataset, str, str], object]
+# on_predictions(records, dataset, calling_ae, peer, grays): the server's audit record and worklist entry; grays:
+# each frame as the model saw it (uint8 S x S), so that nothing decodes the instance again.
+OnPredictions = Callable[[list[dict], Dataset, str, str, list[np.ndarray]], object]
 
 
 def confidence_refer(threshold: float) -> Refer:
@@ -84,7 +85,7 @@ class InstancePipeline:
             for record, gray in zip(records, grays):
                 record.update(refer=bool(self.refer(record, gray)), model=model.name, version=str(model.version))
             if self.hooks.on_predictions:
-                self.hooks.on_predictions(records, ds, calling_ae, peer)
+                self.hooks.on_predictions(records, ds, calling_ae, peer, grays)
             if self.spool is not None:
                 self.spool.add_job(path, records)
         if self.on_queued:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 from core.config import ReviewSection
 from core.fileio import atomic_file, private_dir
 from data.images import frame_name, load_gray
@@ -132,16 +134,20 @@ class ReviewStation:
         return Intake(name, case_id, None, refer)
 
     def _enter(self, case_id: str, origin: CaseOrigin, ref: str, records: list[dict], contract: dict,
-               evaluation: dict | None, audited: list[dict] = ()) -> bool:
-        judged = assess_file(self.rule(contract, evaluation), self.files.path(ref), records, contract["img_size"])
+               evaluation: dict | None, audited: list[dict] = (), grays: list[np.ndarray] | None = None) -> bool:
+        rule = self.rule(contract, evaluation)
+        judged = [rule.assess(r, g) for r, g in zip(records, grays)] if grays is not None else \
+            assess_file(rule, self.files.path(ref), records, contract["img_size"])
         now = datetime.now(timezone.utc)
         write_case(self.engine, case_row(case_id, origin, ref, records, now),
                    item_rows(case_id, records, judged, origin.model["version"], now), audited)
         return any(a.refer for a in judged)
 
-    def add_case(self, records: list[dict], data: bytes, origin: CaseOrigin, dicom: bool = True) -> str:
+    def add_case(self, records: list[dict], data: bytes, origin: CaseOrigin, dicom: bool = True,
+                 grays: list[np.ndarray] | None = None) -> str:
         """Put predictions made elsewhere on the worklist (blocking; any thread): one record per frame of the
-        file `data` (deploy.predictors.prediction_record fields, plus `frame` and the DICOM UIDs). Records with a
+        file `data` (deploy.predictors.prediction_record fields, plus `frame` and the DICOM UIDs), and `grays`, the
+        frames as the model saw them, when the caller has them (else the kept file is read again). Records with a
         `record_id` are already in the audit log; the others are written to it here, in the case's transaction.
         Returns the case id."""
         case_id = new_case_id()
@@ -151,7 +157,7 @@ class ReviewStation:
         audited = audit_rows(case_id, origin, records, data, ref) if any("record_id" not in r for r in records) \
             else []
         try:
-            self._enter(case_id, origin, ref, records, contract, evaluation, audited)
+            self._enter(case_id, origin, ref, records, contract, evaluation, audited, grays)
         except BaseException:
             self.files.path(ref).unlink(missing_ok=True)
             raise

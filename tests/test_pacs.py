@@ -107,7 +107,7 @@ def test_a_study_sent_by_orthanc_gets_its_sr_and_captures_back_exactly_once(orth
     onnx, torch_model = predictors
     predictions, seen = [], []
     hooks = ServerHooks(heatmaps=torch_model.cam_maps,
-                        on_predictions=lambda records, ds, ae, peer: (predictions.extend(records),
+                        on_predictions=lambda records, ds, ae, peer, _: (predictions.extend(records),
                                                                       seen.append((ds, ae, peer))))
     node = start_node(pacs_settings(tmp_path, orthanc.receiver_port, orthanc), onnx, MODEL, hooks)
     try:
