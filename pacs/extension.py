@@ -65,7 +65,6 @@ class ServedNode:
         self.cfg, self.settings = cfg, cfg.pacs
         self.service: Service | None = None
         self.node: PacsNode | None = None
-        self.rule: ReferRule | None = None
         self.identities: dict[str, dict] = {}  # version -> the served identity (model, version, alias, flavor)
 
     def preflight(self) -> None:
@@ -87,13 +86,13 @@ class ServedNode:
         """A version was swapped in: the first one starts the node, the next ones classify the next instances."""
         review = self.cfg.review
         self.identities[model.version] = model.identity()
-        self.rule = ReferRule.for_model(model.predictor.contract.to_dict(), model.evidence.get("evaluation"),
-                                        review.refer_below, review.drift_limit)
+        rule = ReferRule.for_model(model.predictor.contract.to_dict(), model.evidence.get("evaluation"),
+                                   review.refer_below, review.drift_limit)
         info = ModelInfo(model.mv.name, model.version)
         if self.node is not None:
-            self.node.use_model(model.predictor, info, self.heatmaps(model))
+            self.node.use_model(model.predictor, info, self.heatmaps(model), rule)
             return
-        hooks = ServerHooks(refer=self.refer, heatmaps=self.heatmaps(model), on_predictions=self.record)
+        hooks = ServerHooks(refer=rule, heatmaps=self.heatmaps(model), on_predictions=self.record)
         self.node = start_node(self.settings, model.predictor, info, hooks)
         where = f", results to {self.settings.destination}" if self.settings.destination else ", no destination"
         LOG.info("DICOM receiver %s on %s:%d%s", self.settings.ae_title, self.settings.host, self.node.port, where)
@@ -102,9 +101,6 @@ class ServedNode:
         if self.node is not None:
             await asyncio.to_thread(self.node.stop)  # the results not sent yet stay in the spool
             self.node = None
-
-    def refer(self, record: dict, gray: np.ndarray) -> bool:
-        return self.rule(record, gray)
 
     def heatmaps(self, model: ServedModel) -> HeatMaps:
         """Grad-CAM from the version's PyTorch flavor (loaded on first use), one at a time with the API's."""

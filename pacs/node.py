@@ -5,7 +5,7 @@ from dataclasses import dataclass, replace
 
 from core.config import PacsSection
 from deploy.predictors import Predictor
-from pacs.pipeline import HeatMaps, InstancePipeline, ResultWorker, ServerHooks
+from pacs.pipeline import HeatMaps, InstancePipeline, Refer, ResultWorker, ServerHooks
 from pacs.receiver import Receiver, start_receiver
 from pacs.report import ModelInfo
 from pacs.sender import Forwarder
@@ -23,10 +23,11 @@ class PacsNode:
     def port(self) -> int:
         return self.receiver.port
 
-    def use_model(self, predictor: Predictor, model: ModelInfo, heatmaps: HeatMaps | None = None) -> None:
-        """After a model update: the next instances are classified (and heat-mapped) by the new model; results
-        always name the model that classified their instance."""
-        self.pipeline.use_model(predictor, model)
+    def use_model(self, predictor: Predictor, model: ModelInfo, heatmaps: HeatMaps | None = None,
+                  refer: Refer | None = None) -> None:
+        """After a model update: the next instances are classified (and heat-mapped, and judged by `refer` when
+        given) by the new model; results always name the model that classified their instance."""
+        self.pipeline.use_model(predictor, model, refer)
         if self.results is not None:
             self.results.img_size = predictor.contract.img_size
             self.results.hooks = replace(self.results.hooks, heatmaps=heatmaps)

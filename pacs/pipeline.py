@@ -70,20 +70,21 @@ class InstancePipeline:
                  hooks: ServerHooks | None = None, on_queued: Callable[[], object] | None = None):
         self.settings, self.spool, self.on_queued = settings, spool, on_queued
         self.hooks = hooks or ServerHooks()
-        self.refer = self.hooks.refer or confidence_refer(settings.refer_below)
-        self.in_use = (predictor, model)  # swapped as one: a prediction never names another model's version
+        # swapped as one: a prediction never names another model's version, nor is judged by its refer rule
+        self.in_use = (predictor, model, self.hooks.refer or confidence_refer(settings.refer_below))
 
-    def use_model(self, predictor: Predictor, model: ModelInfo) -> None:
-        """Classify the next instances with another model (the one in flight finishes on its own)."""
-        self.in_use = (predictor, model)
+    def use_model(self, predictor: Predictor, model: ModelInfo, refer: Refer | None = None) -> None:
+        """Classify the next instances with another model (the one in flight finishes on its own); `refer`: the
+        new model's refer rule (None: the rule in use)."""
+        self.in_use = (predictor, model, refer or self.in_use[2])
 
     def __call__(self, ds: Dataset, calling_ae: str, peer: str) -> list[dict]:
-        predictor, model = self.in_use
+        predictor, model, refer = self.in_use
         folder = self.spool.incoming_dir if self.spool else Path(self.settings.spool_dir) / "work"
         with instance_file(ds, folder) as path:
             records, grays = classify_instance(predictor, path, ds)
             for record, gray in zip(records, grays):
-                record.update(refer=bool(self.refer(record, gray)), model=model.name, version=str(model.version))
+                record.update(refer=bool(refer(record, gray)), model=model.name, version=str(model.version))
             if self.hooks.on_predictions:
                 self.hooks.on_predictions(records, ds, calling_ae, peer, grays)
             if self.spool is not None:
