@@ -14,8 +14,8 @@ set -u
 out="${1:-gpu_check_out}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-python -c "import torch, pydantic, timm" 2>/dev/null || { echo "install the requirements first: pip install -r requirements.txt"; exit 2; }
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || { echo "no CUDA device visible to torch"; exit 2; }
+python -c "import torch, pydantic, timm" 2>/dev/null || { echo "install the requirements first: pip install -r requirements.txt" >&2; exit 2; }
+python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || { echo "no CUDA device visible to torch" >&2; exit 2; }
 
 step() {  # step NAME SECONDS COMMAND...: run, keep the log, print its exit code and tail
     local name=$1 limit=$2
