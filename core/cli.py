@@ -16,8 +16,9 @@ def add_common_args(parser: argparse.ArgumentParser, model: bool = True, checkpo
                         help="YAML deep-merged over config/config.yaml (e.g. config/optimized_config.yaml)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override one config value (repeatable), e.g. --set train.epochs=3")
-    parser.add_argument("--demo", action="store_true",
-                        help="use the embedded synthetic demo data set (generated on first use; not medical data)")
+    parser.add_argument("--demo", nargs="?", const="jpeg", default=False, choices=("jpeg", "dicom"),
+                        help="use the embedded synthetic demo data set (generated on first use; not medical data); "
+                             "--demo dicom: its variant of MR series as DICOM files")
     parser.add_argument("--resplit", action="store_true",
                         help="make a new split manifest when the data set on disk no longer matches the old one")
     if model:

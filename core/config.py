@@ -1,7 +1,8 @@
 """Typed, validated configuration: YAML base, overlays, --set overrides, explicit flags.
 
 Order of precedence (lowest first): config/config.yaml, --config FILE (deep-merged on top),
-config/demo.yaml when --demo, each --set key.path=value, explicit flags.
+config/demo.yaml when --demo (and config/demo_dicom.yaml after it when --demo dicom), each --set key.path=value,
+explicit flags.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from core.redaction import redact
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "config" / "config.yaml"
 DEMO_CONFIG = PROJECT_ROOT / "config" / "demo.yaml"
+DEMO_OVERLAYS = {"jpeg": [DEMO_CONFIG], "dicom": [DEMO_CONFIG, PROJECT_ROOT / "config" / "demo_dicom.yaml"]}
 
 
 Fraction = Annotated[float, Field(ge=0, le=1)]
@@ -57,9 +59,10 @@ class ModelRecipe(Section):
 
 class DemoSection(Section):
     root: str = "./data/demo"
-    n_per_class: PositiveInt = 400
+    n_per_class: PositiveInt = 400      # images per class; with format dicom: series per class
     size: PositiveInt = 128
     seed: int = 0
+    format: Literal["jpeg", "dicom"] = "jpeg"  # dicom (--demo dicom): MR series of 16-32 slices, a lesion in a run
 
 
 class DatasetSection(Section):
@@ -163,6 +166,7 @@ class PerformanceSection(Section):
 
 
 class GatesSection(Section):
+    level: Literal["slice", "series"] = "slice"  # series: accuracy and sensitivity judged on the series figures
     accuracy: Fraction = 0.85
     sensitivity: Fraction = 0.80
     latency_ms: PositiveFloat = 500.0
@@ -254,6 +258,14 @@ class PacsSection(Section):
         dest = self.destination_peer
         return peers + ([DicomPeer(dest.ae_title, dest.host)] if dest else [])
 
+class SeriesSection(Section):
+    """How slice predictions become one series result (series/rule.py, docs/series.md)."""
+    top_k: PositiveInt = 3                # a class's series score: the mean of its k highest slice probabilities
+    min_slices: PositiveInt = 8           # a series with fewer slices is referred
+    disagree_above: Fraction = 0.8        # another class's score at or above this: the slices disagree, referred
+    unlike_share: Fraction = 0.5          # more than this share of slices unlike the training data: referred
+
+
 class ImagesSection(Section):
     """Bounds on every decoded file (data.images.set_limits): a file over one is refused, by path, and skipped."""
     max_pixels: PositiveInt = 50_000_000  # per image or frame; an MRI slice is well under 1 Mpx
@@ -342,6 +354,7 @@ class Config(Section):
     pacs: PacsSection = PacsSection()
     review: ReviewSection = ReviewSection()
     images: ImagesSection = ImagesSection()
+    series: SeriesSection = SeriesSection()
 
     @field_validator("models")
     @classmethod
@@ -471,15 +484,16 @@ def read_layer(data: dict, source: str) -> dict:
 def load_config(
     path: str | Path | None = None,
     sets: list[str] | None = None,
-    demo: bool = False,
+    demo: bool | str = False,
     overrides: dict[str, Any] | None = None,
 ) -> Config:
-    """Build the resolved Config; `overrides` holds explicit flags as dotted keys (None = not given)."""
+    """Build the resolved Config; `overrides` holds explicit flags as dotted keys (None = not given); `demo`: True
+    or "jpeg" for the demo data set, "dicom" for its DICOM series variant."""
     data = read_yaml(DEFAULT_CONFIG)
     if path is not None and Path(path).resolve() != DEFAULT_CONFIG.resolve():
         data = deep_merge(data, read_layer(read_yaml(path), str(path)))
-    if demo:
-        data = deep_merge(data, read_yaml(DEMO_CONFIG))
+    for overlay in DEMO_OVERLAYS["jpeg" if demo is True else demo] if demo else []:
+        data = deep_merge(data, read_yaml(overlay))
     for assignment in sets or []:
         data = deep_merge(data, read_layer(apply_set({}, assignment), f"--set {assignment}"))
     for key, value in (overrides or {}).items():

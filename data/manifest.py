@@ -176,7 +176,8 @@ def split_settings(cfg: Config) -> dict:
         "ratios": [ds.train_split, ds.val_split, ds.test_split],
         "group_pattern": ds.group_pattern,
         # A regenerated demo set with other settings is another data set, not a changed one.
-        "demo": [cfg.demo.n_per_class, cfg.demo.size, cfg.demo.seed] if ds.demo else None,
+        "demo": ([cfg.demo.n_per_class, cfg.demo.size, cfg.demo.seed]
+                 + ([cfg.demo.format] if cfg.demo.format != "jpeg" else [])) if ds.demo else None,
         # only when off: manifests written before the setting existed keep their names
         **({} if ds.group_dicom_series else {"group_dicom_series": False}),
     }
@@ -193,7 +194,7 @@ def _data_folders(cfg: Config) -> tuple[Path, list[Path]]:
     if ds.demo:
         from data.synthetic import ensure_demo_dataset
 
-        ensure_demo_dataset(cfg.demo.root, cfg.demo.n_per_class, cfg.demo.size, cfg.demo.seed)
+        ensure_demo_dataset(cfg.demo.root, cfg.demo.n_per_class, cfg.demo.size, cfg.demo.seed, cfg.demo.format)
     folders = [Path(ds.path)] + ([Path(ds.test_path)] if ds.test_path else [])
     for f in folders:
         if not f.is_dir():

@@ -12,10 +12,19 @@ pose, contrast, bias field and Rician noise, plus one class-specific lesion:
 glioma (irregular intra-axial mass, necrotic core, edema), meningioma (round homogeneous
 extra-axial mass on the skull or the falx), pituitary (small round midline sellar lesion).
 One image in ten is a hard case with a small, low-contrast lesion.
+
+The DICOM variant (`generate_dicom_dataset`, `--demo dicom`) writes MR series instead: per class folder, one
+folder per series of 16-32 slices (12-bit MR Image Storage files, positions along the slice normal, one study per
+series). The class's lesion lies in a run of 30-60% of the slices; the slices before and after it have none, as in
+a real series, and still carry the series' class. Slices are independent draws of the phantom (the series share
+their class, their lesion run and their hardness), so a figure on them says how the series rule reads a run of
+lesion slices among empty ones, nothing about anatomy across slices.
 """
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -177,8 +186,9 @@ def render_slice(cls: str, rng: np.random.Generator, size: int = 128, hard: bool
     return np.round(img * 255).astype(np.uint8)
 
 
-def _marker_args(n_per_class: int, size: int, seed: int) -> dict:
-    return {"n_per_class": n_per_class, "size": size, "seed": seed, "version": GENERATOR_VERSION}
+def _marker_args(n_per_class: int, size: int, seed: int, fmt: str = "jpeg") -> dict:
+    args = {"n_per_class": n_per_class, "size": size, "seed": seed, "version": GENERATOR_VERSION}
+    return args if fmt == "jpeg" else {**args, "format": fmt, "dicom_version": DICOM_VERSION}
 
 
 def _is_complete(root: Path, args: dict) -> bool:
@@ -224,10 +234,120 @@ def generate_dataset(root: str | Path, n_per_class: int = 60, size: int = 128, s
     return class_root
 
 
-def ensure_demo_dataset(root: str | Path, n_per_class: int = 60, size: int = 128, seed: int = 0) -> Path:
-    """Return the class root of the demo data set, generating it first if it is not complete."""
+def ensure_demo_dataset(root: str | Path, n_per_class: int = 60, size: int = 128, seed: int = 0,
+                        fmt: str = "jpeg") -> Path:
+    """Return the class root of the demo data set (fmt "dicom": its series variant, n_per_class series per class),
+    generating it first if it is not complete."""
     root = Path(root)
-    if _is_complete(root, _marker_args(n_per_class, size, seed)):
+    if _is_complete(root, _marker_args(n_per_class, size, seed, fmt)):
         return root / DEMO_SUBDIR
+    if fmt == "dicom":
+        print(f"Generating synthetic DICOM demo data set in {root} ({n_per_class * len(CLASS_FOLDERS)} series of "
+              f"{SERIES_SLICES[0]}-{SERIES_SLICES[1]} slices)...")
+        return generate_dicom_dataset(root, n_per_class, size, seed)
     print(f"Generating synthetic demo data set in {root} ({n_per_class * len(CLASS_FOLDERS)} images)...")
     return generate_dataset(root, n_per_class, size, seed)
+
+
+# ---- the DICOM variant: MR series ----
+
+DICOM_VERSION = 1
+SERIES_SLICES = (16, 32)          # slices per series, inclusive
+LESION_RUN = (0.3, 0.6)           # share of a series' slices that show the lesion, one contiguous run
+SLICE_MM, FIELD_OF_VIEW_MM = 5.0, 240.0
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+DEMO_MANUFACTURER = "Brain Cancer MRI toolkit (synthetic phantom)"
+
+
+@dataclass(frozen=True)
+class PhantomSeries:
+    """One series' plan: how many slices, which of them show the lesion, whether the lesion is a hard one."""
+    n_slices: int
+    lesion: range
+    hard: bool
+
+
+def plan_series(rng: np.random.Generator) -> PhantomSeries:
+    n = int(rng.integers(SERIES_SLICES[0], SERIES_SLICES[1] + 1))
+    run = max(1, round(n * rng.uniform(*LESION_RUN)))
+    start = int(rng.integers(1, n - run))  # at least one slice without the lesion on each side
+    return PhantomSeries(n, range(start, start + run), bool(rng.random() < HARD_FRACTION))
+
+
+def _uid(*parts) -> str:
+    from pydicom.uid import generate_uid
+
+    return generate_uid(entropy_srcs=["brain-cancer-mri demo", *map(str, parts)])  # the same on every run
+
+
+def phantom_slice_dataset(pixels: np.ndarray, series: dict, k: int, lesion: bool):
+    """One 12-bit MR slice (k: 0-based, along the normal) of the series described by `series` (its UIDs, ids)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    size = pixels.shape[0]
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
+    ds.file_meta.MediaStorageSOPInstanceUID = _uid(series["SeriesInstanceUID"], k)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = MR_IMAGE_STORAGE, ds.file_meta.MediaStorageSOPInstanceUID
+    for key, value in series.items():
+        setattr(ds, key, value)
+    ds.Modality, ds.ImageType, ds.Manufacturer = "MR", ["ORIGINAL", "PRIMARY", "AXIAL"], DEMO_MANUFACTURER
+    ds.InstanceNumber = k + 1
+    spacing = FIELD_OF_VIEW_MM / size
+    ds.ImagePositionPatient = [-FIELD_OF_VIEW_MM / 2, -FIELD_OF_VIEW_MM / 2, k * SLICE_MM]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing, ds.SliceThickness = [spacing, spacing], SLICE_MM
+    ds.ImageComments = f"synthetic phantom, {'lesion' if lesion else 'no lesion'}"
+    ds.Rows = ds.Columns = size
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    return ds
+
+
+def write_phantom_series(out_dir: Path, folder: str, rng: np.random.Generator, ids: tuple, size: int) -> None:
+    """The slices of one phantom series as out_dir/slice_KKK.dcm."""
+    plan = plan_series(rng)
+    series_uid = _uid(*ids, "series")
+    series = {"StudyInstanceUID": _uid(*ids, "study"), "SeriesInstanceUID": series_uid,
+              "FrameOfReferenceUID": _uid(*ids, "frame of reference"), "SeriesNumber": 1,
+              "SeriesDescription": "AX T1 phantom", "PatientID": f"PHANTOM-{'-'.join(map(str, ids))}",
+              "PatientName": "Phantom^Synthetic", "StudyID": "1", "AccessionNumber": ""}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for k in range(plan.n_slices):
+        img, _ = _render(folder, np.random.default_rng([*ids[1:], k]), size, plan.hard, lesion=k in plan.lesion)
+        ds = phantom_slice_dataset(np.round(img * 4095), series, k, k in plan.lesion)
+        with atomic_file(out_dir / f"slice_{k + 1:03d}.dcm", sync=False) as fh:
+            ds.save_as(fh, enforce_file_format=True)
+
+
+def generate_dicom_dataset(root: str | Path, n_per_class: int = 40, size: int = 64, seed: int = 0) -> Path:
+    """Write `n_per_class` phantom MR series per class folder under ``root`` (class root returned), each in its own
+    folder {prefix}_series_NNNN/. Same arguments give byte-identical files; the marker is written last."""
+    root = Path(root)
+    class_root = root / DEMO_SUBDIR
+    args = _marker_args(n_per_class, size, seed, "dicom")
+    if _is_complete(root, args):
+        return class_root
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER_NAME).unlink(missing_ok=True)
+    for class_index, folder in enumerate(CLASS_FOLDERS):
+        wanted = set()
+        for i in range(n_per_class):
+            name = f"{FILE_PREFIXES[folder]}_series_{i + 1:04d}"
+            wanted.add(name)
+            target = class_root / folder / name
+            if target.exists():
+                shutil.rmtree(target)  # a series is written whole: no slice of an earlier plan stays
+            ids = ("dicom", seed, class_index, i)
+            write_phantom_series(target, folder, np.random.default_rng([seed, class_index, i, 1]), ids, size)
+        for stale in (class_root / folder).iterdir():
+            if stale.name not in wanted:
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    sync_all()
+    write_text_atomic(root / MARKER_NAME, json.dumps(args, sort_keys=True))
+    return class_root

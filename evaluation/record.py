@@ -106,7 +106,7 @@ def evaluation_record(ckpt: dict, ckpt_path, split: Split, scores: dict, calibra
 
 
 # The evaluation files with per-patient content: image paths, and the Grad-CAM overlays of patients' slices.
-PATIENT_FILES = ("predictions.csv", "external_manifest.csv", "gradcam")
+PATIENT_FILES = ("predictions.csv", "series_predictions.csv", "external_manifest.csv", "gradcam")
 
 
 def log_evaluation_files(tracker, files: list, artifact_path: str) -> None:

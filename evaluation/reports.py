@@ -71,10 +71,29 @@ def format_evaluation(r: dict) -> str:
               f"Class imbalance: {r['class_imbalance_ratio']:.2f}:1 (largest / smallest class in the training split: "
               + ", ".join(f"{k} {v}" for k, v in r.get("train_class_counts", {}).items()) + ")"]
     lines += [f"Note: {n}" for n in r.get("notes", [])]
+    lines += _series_lines(r.get("series"), r["class_names"], conf)
     if r.get("artifact"):  # evaluate.py --onnx: the figures are the exported file's, not the PyTorch model's
         a = r["artifact"]
         lines.insert(1, f"Scored artifact: {a['path']} ({a['precision']}, {a['runtime']})")
     return "\n".join(lines)
+
+
+def _series_lines(s: dict | None, class_names: list[str], conf: str) -> list[str]:
+    """The series level beside the slice level: the same figures over series read by the series rule."""
+    if not s:
+        return []
+    size = s["slices_per_series"]
+    width = max(12, *(len(c) for c in class_names))
+    lines = ["", f"Series level: {s['n_series']} series ({size['min']}-{size['max']} slices, median "
+                 f"{size['median']:g}) read by the series rule ({s['rule']}); intervals over series",
+             f"Accuracy:          {_ci(s['accuracy'])}",
+             f"Balanced accuracy: {_ci(s['balanced_accuracy'])}",
+             f"Macro F1:          {_ci(s['macro_f1'], pct=False)}",
+             f"{'class':<{width}} {'sensitivity [' + conf + ' CI]':>27} {'specificity [' + conf + ' CI]':>27} "
+             f"{'series':>7}"]
+    for c, row in s["per_class"].items():
+        lines.append(f"{c:<{width}} {_ci(row['sensitivity']):>27} {_ci(row['specificity']):>27} {row['support']:>7d}")
+    return lines + [f"Note (series level): {n}" for n in s.get("notes", [])]
 
 
 def _calibration_lines(cal: dict) -> list[str]:
@@ -141,9 +160,8 @@ def write_report(path, record: dict, validation: dict | None = None) -> Path:
     return Path(path)
 
 
-def flat_metrics(r: dict, prefix: str = "test_") -> dict[str, float]:
-    """Scalar figures for MLflow / W&B (test_accuracy, test_accuracy_ci_low, test_sensitivity_<class>..., the
-    hardware readings hw_cpu_pct_mean ...). An external set's: external_accuracy, ..., external_ece, ..."""
+def classification_figures(r: dict, prefix: str) -> dict[str, float]:
+    """Accuracy, balanced accuracy, macro F1 (with intervals) and the per-class figures, as flat scalars."""
     out = {}
     for key in ("accuracy", "balanced_accuracy", "macro_f1"):
         out.update({f"{prefix}{key}": r[key]["value"], f"{prefix}{key}_ci_low": r[key]["ci_low"],
@@ -157,6 +175,16 @@ def flat_metrics(r: dict, prefix: str = "test_") -> dict[str, float]:
             out[f"{prefix}roc_auc_{c}"] = row["roc_auc"]
     if r["roc_auc_macro"] is not None:
         out[f"{prefix}roc_auc_macro"] = r["roc_auc_macro"]
+    return out
+
+
+def flat_metrics(r: dict, prefix: str = "test_") -> dict[str, float]:
+    """Scalar figures for MLflow / W&B (test_accuracy, test_accuracy_ci_low, test_sensitivity_<class>..., the
+    series level's series_accuracy ... when the test split holds DICOM series, the hardware readings
+    hw_cpu_pct_mean ...). An external set's: external_accuracy, ..., external_ece, ..."""
+    out = classification_figures(r, prefix)
+    if r.get("series"):
+        out.update(classification_figures(r["series"], "series_"))  # series_accuracy, series_sensitivity_<class> ...
     other = "" if prefix == "test_" else prefix  # the test split's keep their first, unprefixed names
     out[f"{other}ece"] = r["calibration"]["ece"]
     if r["calibration"]["ece_after_temperature"] is not None:

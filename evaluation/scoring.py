@@ -17,6 +17,7 @@ from evaluation.gates import check_gates
 from evaluation.prediction import Scored, predict_split
 from evaluation.record import calibration_summary, evaluation_record, monitoring_reference, score_predictions
 from evaluation.reports import write_json, write_predictions, write_report
+from evaluation.series_level import SeriesEvaluation, evaluate_series, write_series_predictions
 from evaluation.timing import measure_inference
 from models.loading import model_from_checkpoint
 
@@ -34,6 +35,7 @@ class TestEvaluation:
     pre: Preprocessor
     bins: dict  # reliability bins, before and after temperature scaling (None without --calibrate)
     bins_after: dict | None
+    series: SeriesEvaluation | None = None  # the test split's DICOM series, read by the series rule
 
 
 def evaluate_checkpoint(cfg: Config, opened: OpenedCheckpoint, device, calibrate: bool = False,
@@ -55,6 +57,9 @@ def evaluate_checkpoint(cfg: Config, opened: OpenedCheckpoint, device, calibrate
     scores = score_predictions(test.y_true, test.y_prob, opened.class_names, cfg.evaluation)
     calibration, bins, bins_after = calibration_summary(test.y_true, test.y_prob, cfg.evaluation.ece_bins, val)
     record = evaluation_record(opened.ckpt, opened.path, opened.split, scores, calibration, timing)
+    series = evaluate_series(cfg, opened.split, "test", test.y_prob, opened.class_names)
+    if series is not None:
+        record["series"] = series.record
     record["hardware"] = hardware.summary()
     if artifact:
         record["artifact"] = artifact
@@ -64,12 +69,16 @@ def evaluate_checkpoint(cfg: Config, opened: OpenedCheckpoint, device, calibrate
     record["monitoring_reference"] = monitoring_reference(test.y_prob, opened.class_names,
                                                           calibration["temperature"], distances)
     return TestEvaluation(record, check_gates(record, cfg.evaluation.gates, strict), test, model, pre, bins,
-                          bins_after)
+                          bins_after, series)
 
 
 def write_evaluation_files(out_dir: Path, ev: TestEvaluation, class_names: list[str]) -> list[Path]:
-    """evaluation_metrics.json, predictions.csv, evaluation_report.txt and medical_validation.json in out_dir."""
+    """evaluation_metrics.json, predictions.csv, evaluation_report.txt and medical_validation.json in out_dir (and
+    series_predictions.csv when the test split holds DICOM series)."""
+    series = [] if ev.series is None else [
+        write_series_predictions(out_dir / "series_predictions.csv", ev.series, ev.test.paths, class_names)]
     return [write_json(out_dir / "evaluation_metrics.json", ev.record),
             write_predictions(out_dir / "predictions.csv", ev.test.paths, ev.test.y_true, ev.test.y_prob, class_names),
+            *series,
             write_report(out_dir / "evaluation_report.txt", ev.record, ev.validation),
             write_json(out_dir / "medical_validation.json", ev.validation)]

@@ -47,7 +47,7 @@ class Plan:
     train.epochs with full=True (--full)."""
     config: str | None = None
     sets: list[str] = field(default_factory=list)
-    demo: bool = False
+    demo: bool | str = False  # True or "jpeg": the demo data set; "dicom": its DICOM series variant
     epochs: int | None = None
     resplit: bool = False
     full: bool = False
@@ -97,7 +97,7 @@ def child_argv(script: str, model: str, plan: Plan, parent_run_id: str | None, f
         argv += ["--resplit"] if plan.resplit and first else []  # one new split, shared by all models
     else:
         argv += ["--medical-validation"]
-    argv += ["--demo"] if plan.demo else []
+    argv += ["--demo", "jpeg" if plan.demo is True else plan.demo] if plan.demo else []
     argv += ["--config", plan.config] if plan.config else []
     for assignment in plan.sets:
         argv += ["--set", assignment]

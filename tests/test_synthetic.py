@@ -127,3 +127,44 @@ def test_hard_cases_have_weaker_lesions(cls):
     easy = np.mean([lesion_signal(False, s) for s in range(8)])
     hard = np.mean([lesion_signal(True, s) for s in range(8)])
     assert 0 < hard < 0.3 * easy
+
+
+def test_dicom_variant_writes_mr_series_with_a_lesion_run(tmp_path):
+    """--demo dicom: per class folder, series of 16-32 MR slices whose lesion lies in one run, with slices
+    without it on both sides; the same arguments give the same bytes."""
+    import pydicom
+
+    from data.images import load_frames
+    from data.synthetic import SERIES_SLICES, generate_dicom_dataset
+
+    root = generate_dicom_dataset(tmp_path / "a", n_per_class=2, size=32, seed=0)
+    again = generate_dicom_dataset(tmp_path / "b", n_per_class=2, size=32, seed=0)
+    folders = sorted(p for p in root.glob("*/*") if p.is_dir())
+    assert len(folders) == 2 * len(CLASS_FOLDERS)
+    series_uids = set()
+    for folder in folders:
+        slices = [pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm"))]
+        assert SERIES_SLICES[0] <= len(slices) <= SERIES_SLICES[1]
+        assert {(s.StudyInstanceUID, s.SeriesInstanceUID, s.Modality) for s in slices} == {
+            (slices[0].StudyInstanceUID, slices[0].SeriesInstanceUID, "MR")}
+        series_uids.add(slices[0].SeriesInstanceUID)
+        lesion = [s.ImageComments.endswith(", lesion") for s in slices]
+        run = [i for i, on in enumerate(lesion) if on]
+        assert run == list(range(run[0], run[-1] + 1)) and not lesion[0] and not lesion[-1]
+        assert [float(s.ImagePositionPatient[2]) for s in slices] == sorted(float(s.ImagePositionPatient[2])
+                                                                            for s in slices)
+        (_, gray), = load_frames(folder / "slice_001.dcm", 32)
+        assert gray.std() > 10
+    assert len(series_uids) == len(folders)
+    files = sorted(p.relative_to(root) for p in root.rglob("*.dcm"))
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*.dcm"))
+    assert all((root / f).read_bytes() == (again / f).read_bytes() for f in files)
+
+
+def test_demo_dicom_selects_the_dicom_variant():
+    from core.config import load_config
+
+    cfg = load_config(None, demo="dicom")
+    assert cfg.demo.format == "dicom" and cfg.dataset.demo
+    assert "demo-dicom" in cfg.dataset.path and "demo-dicom" in cfg.dataset.manifest_dir
+    assert load_config(None, demo=True).demo.format == "jpeg"
