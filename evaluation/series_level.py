@@ -82,12 +82,30 @@ def evaluate_series(cfg: Config, split: Split, name: str, y_prob: np.ndarray,
     sizes = [len(r) for r in grouped.rows]
     record = {"rule": rule.name, "top_k": rule.top_k, "n_series": len(sizes), **scores,
               "slices_per_series": {"min": min(sizes), "median": float(np.median(sizes)), "max": max(sizes)}}
-    record["notes"] = [*scores["notes"], *grouped.notes]
+    correct = int(round(scores["accuracy"]["value"] * len(sizes)))
+    low, high = exact_interval(correct, len(sizes), cfg.evaluation.confidence)
+    level = f"{cfg.evaluation.confidence:.0%}"
+    record["notes"] = [*scores["notes"], *grouped.notes,
+                       f"{correct} of {len(sizes)} series right: exact (Clopper-Pearson) {level} interval of the "
+                       f"accuracy [{low:.2%}, {high:.2%}] (the bootstrap's is narrower on few series)",
+                       "slices of one series are not independent samples: the slice-level intervals are narrower than "
+                       "the evidence"]
     return SeriesEvaluation(record, grouped, results)
 
 
+def exact_interval(successes: int, n: int, confidence: float) -> tuple[float, float]:
+    """The Clopper-Pearson interval of a proportion: honest where a bootstrap of a perfect score is a point."""
+    from scipy.stats import beta
+
+    tail = (1 - confidence) / 2
+    low = 0.0 if successes == 0 else float(beta.ppf(tail, successes, n - successes + 1))
+    high = 1.0 if successes == n else float(beta.ppf(1 - tail, successes + 1, n - successes))
+    return low, high
+
+
 def write_series_predictions(path: Path, ev: SeriesEvaluation, slice_paths: list[str], class_names: list[str]) -> Path:
-    """One row per series: its UIDs, slice count, true and predicted class, probabilities, key slices (paths, ";"-separated)."""
+    """One row per series: its UIDs, slice count, true and predicted class, probabilities, key slices (paths, separated
+    by ";")."""
     with atomic_file(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["study_uid", "series_uid", "n_slices", "true_class", "predicted_class",
