@@ -37,6 +37,12 @@ def _metrics_section(metrics: dict | None) -> list[str]:
     for cls, m in (metrics.get("per_class") or {}).items():
         lines.append(f"| {cls} | {_ci(m.get('sensitivity'))} | {_ci(m.get('specificity'))} | "
                      f"{_ci(m.get('precision'))} | {_ci(m.get('f1'))} | {m.get('support')} |")
+    series = metrics.get("series")
+    if series:
+        per_class = series.get("per_class") or {}
+        lines += ["", f"Series level: {series.get('n_series')} test series read by the series rule "
+                      f"({series.get('rule')}): accuracy {_ci(series.get('accuracy'))}; sensitivity "
+                      + ", ".join(f"{c} {_ci(m.get('sensitivity'))}" for c, m in per_class.items()) + "."]
     cal, timing = metrics.get("calibration") or {}, metrics.get("timing") or {}
     if cal:
         lines += ["", f"Calibration: ECE {_fmt(cal.get('ece'))} ({cal.get('n_bins')} bins); after temperature "

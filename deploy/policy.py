@@ -46,8 +46,9 @@ def loosened_gates(gates) -> list[str]:
 
 
 def gate_thresholds(gates) -> str:
-    return (f"accuracy>={gates.accuracy:g} sensitivity>={gates.sensitivity:g} latency_ms<{gates.latency_ms:g} "
-            f"max_imbalance<{gates.max_imbalance:g}")
+    level = "series " if getattr(gates, "level", "slice") == "series" else ""
+    return (f"{level}accuracy>={gates.accuracy:g} {level}sensitivity>={gates.sensitivity:g} "
+            f"latency_ms<{gates.latency_ms:g} max_imbalance<{gates.max_imbalance:g}")
 
 
 @dataclass
@@ -137,6 +138,8 @@ def version_tags(evidence: Evidence, forced: bool, gates) -> dict[str, str]:
             "gates": gate_thresholds(gates)}
     if evidence.metrics:
         tags["accuracy"] = f"{evidence.metrics['accuracy']['value']:.4f}"
+        if evidence.metrics.get("series"):
+            tags["series_accuracy"] = f"{evidence.metrics['series']['accuracy']['value']:.4f}"
     return tags
 
 

@@ -213,6 +213,15 @@ def test_evaluate_reports_series_beside_slices_and_gates_on_either_level(tmp_pat
     with open(folder / "series_predictions.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == series["n_series"] and all(len(r["key_slices"].split(";")) == 3 for r in rows)
+    # registration judges the same level and records both levels' accuracy
+    from deploy.policy import judge, version_tags
+
+    gates = load_config(overlay, ["evaluation.gates.level=series"]).evaluation.gates
+    evidence = judge(record, gates)
+    assert [g["name"] for g in evidence.validation["gates"]][:2] == ["series_accuracy", "series_sensitivity_glioma"]
+    tags = version_tags(evidence, False, gates)
+    assert tags["series_accuracy"] == f"{series['accuracy']['value']:.4f}" and tags["accuracy"]
+    assert tags["gates"].startswith("series accuracy>=")
 
 
 def test_series_gates_on_image_files_are_a_user_error(trained):
