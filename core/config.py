@@ -317,6 +317,7 @@ class ReviewSection(Section):
     drift_limit: Optional[Annotated[float, Field(ge=0, le=1)]] = None  # None: the model's own (p99 of validation)
     session_hours: PositiveFloat = 12.0   # a login lasts this long
     secure_cookie: Optional[bool] = None  # None: Secure when the page is served over https
+    undo_seconds: PositiveFloat = 10.0    # a reviewer may undo a verdict this long after giving it
     monitor: MonitorLimits = MonitorLimits()
 
 

@@ -252,8 +252,9 @@ class DicomFile:
             raise ImageReadError(f"{self.path}: no decoder installed for {syntax.name} ({syntax}); "
                                  "install the DICOM plugins: pip install -r requirements.txt")
 
-    def frame(self, k: int) -> np.ndarray:
-        """Frame k (1-based) as uint8 (H, W): the file's own window when it has one, else a robust min-max."""
+    def values(self, k: int) -> np.ndarray:
+        """Frame k (1-based) as float32 modality values (H, W): stored values through RescaleSlope/Intercept,
+        colour samples averaged to grey (a viewer windows these itself)."""
         import pydicom
 
         if not 1 <= k <= self.frames:
@@ -271,9 +272,20 @@ class DicomFile:
                 values *= slope
             if intercept:
                 values += intercept
+        return values
+
+    @property
+    def inverted(self) -> bool:
+        """MONOCHROME1: the lowest value is white."""
+        return str(getattr(self.ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1"
+
+    def frame(self, k: int) -> np.ndarray:
+        """Frame k (1-based) as uint8 (H, W): the file's own window when it has one, else a robust min-max."""
+        values = self.values(k)
+        with decoding(self.path):
             out = window_to_uint8(values, self.window)
-        if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-            np.subtract(255, out, out=out)  # MONOCHROME1: the lowest value is white
+        if self.inverted:
+            np.subtract(255, out, out=out)
         return out
 
 

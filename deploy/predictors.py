@@ -144,28 +144,34 @@ class TorchPredictor(Predictor):
             out = self.model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device))
         return out.float().cpu().numpy()
 
+    def _cam_model(self):
+        from data.preprocess import Preprocessor
+        from evaluation.explain import CamModel
+
+        c = self.contract
+        return CamModel(self.model, c.model_name, Preprocessor(c.mean, c.std).to(self.device).eval(), self.device)
+
     def cam_maps(self, grays: list[np.ndarray], classes: list[int]) -> list[np.ndarray]:
         """The Grad-CAM of each 8-bit image (S x S, as the model sees it) for its class: S x S, 0..1."""
         import torch
 
-        from data.preprocess import Preprocessor
-        from evaluation.explain import CamModel, gradcam_maps
+        from evaluation.explain import gradcam_maps
 
-        c = self.contract
-        cam = CamModel(self.model, c.model_name, Preprocessor(c.mean, c.std).to(self.device).eval(), self.device)
-        return list(gradcam_maps(cam, torch.from_numpy(np.stack(grays))[:, None], classes))
+        return list(gradcam_maps(self._cam_model(), torch.from_numpy(np.stack(grays))[:, None], classes))
+
+    def cam_grid(self) -> tuple[int, int]:
+        """The resolution of the feature map behind cam_maps (rows, columns) at the contract's input size."""
+        from evaluation.explain import feature_grid
+
+        return feature_grid(self._cam_model(), self.contract.img_size)
 
     def gradcam(self, paths: list, predicted: list[int], out_dir) -> list[Path]:
         """One overlay PNG per image (Grad-CAM of its predicted class), named after the image."""
         import torch
 
-        from data.preprocess import Preprocessor
-        from evaluation.explain import CamModel, gradcam_gallery
+        from evaluation.explain import gradcam_gallery
 
-        c = self.contract
-        images = [(torch.from_numpy(load_gray(p, c.img_size))[None], -1) for p in paths]
-        pre = Preprocessor(c.mean, c.std).to(self.device).eval()
-        files = gradcam_gallery(CamModel(self.model, c.model_name, pre, self.device), images,
-                                list(range(len(images))), predicted, out_dir)
+        images = [(torch.from_numpy(load_gray(p, self.contract.img_size))[None], -1) for p in paths]
+        files = gradcam_gallery(self._cam_model(), images, list(range(len(images))), predicted, out_dir)
         return [f.replace(f.with_name(f"{i:03d}_{Path(p).stem}_gradcam.png"))
                 for i, (f, p) in enumerate(zip(files, paths))]

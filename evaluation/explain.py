@@ -61,6 +61,21 @@ def cam_target(model: torch.nn.Module, model_name: str):
     raise ValueError(f"no Grad-CAM target layer known for {model_name}")
 
 
+def feature_grid(cam_model: CamModel, size: int) -> tuple[int, int]:
+    """(rows, columns) of the feature map Grad-CAM reads at an S x S input: the map's real resolution (a 2 x 2 grid
+    upsampled to the slice marks a quarter of it, not a lesion)."""
+    model = unwrap(cam_model.model).eval()
+    [layer], reshape = cam_target(model, cam_model.model_name)
+    seen = []
+    hook = layer.register_forward_hook(lambda _m, _i, out: seen.append(reshape(out) if reshape else out))
+    try:
+        with torch.no_grad():
+            model(cam_model.preprocess(torch.zeros(1, 1, size, size, dtype=torch.uint8, device=cam_model.device)))
+    finally:
+        hook.remove()
+    return int(seen[0].shape[-2]), int(seen[0].shape[-1])
+
+
 def select_examples(y_true, y_pred, n_correct: int, seed: int = 0) -> list[int]:
     """Every misclassified index, plus a seeded random sample of n_correct correctly classified ones."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)

@@ -76,6 +76,7 @@ class CaseOrigin:
     client: str | None
     filename: str
     model: dict
+    batch: str | None = None  # the upload it came in: its files without a DICOM series form one series
 
 
 def assess_file(rule: ReferRule, path: Path, records: list[dict], img_size: int) -> list[Assessment]:
@@ -90,7 +91,7 @@ def case_row(case_id: str, origin: CaseOrigin, ref: str | None, records: list[di
     first = records[0]
     return {"id": case_id, "created_at": now, "source": origin.source, "client": origin.client,
             "filename": origin.filename, "file_ref": ref, "frames": len(records),
-            "study_uid": first.get("study_uid") or first.get("study_instance_uid")}
+            "study_uid": first.get("study_uid") or first.get("study_instance_uid"), "batch": origin.batch}
 
 
 def item_rows(case_id: str, records: list[dict], judged: list[Assessment], version: str, now: datetime) -> list[dict]:

@@ -6,7 +6,7 @@ import argparse
 from core.cli import add_common_args, config_from_args
 from review.auth import add_reviewer, read_password
 from review.cases import CaseFiles
-from review.export import GROUP_PATTERN, export_reviews
+from review.export import FINDINGS_DIR, GROUP_PATTERN, export_reviews
 from review.schema import MIGRATIONS
 from serving.audit import make_engine, migrate
 
@@ -68,6 +68,10 @@ def export_main(args) -> int:
     per_class = ", ".join(f"{c} {n}" for c, n in sorted(done.files.items())) or "none"
     print(f"📦 {sum(done.files.values())} reviewed images in {done.out_dir} ({per_class}); "
           f"{done.verdicts} verdicts in {done.out_dir / 'verdicts.csv'}")
+    if done.findings:
+        said = ", ".join(f"{f} {n}" for f, n in sorted(done.findings.items()))
+        print(f"🗂️  {sum(done.findings.values())} images whose verdict is no class ({said}) in "
+              f"{done.out_dir / FINDINGS_DIR} (train.py skips it)")
     if done.missing:
         print(f"⚠️  {len(done.missing)} reviewed case(s) without their kept file (removed from the store?): "
               f"{', '.join(done.missing[:5])}{' ...' if len(done.missing) > 5 else ''}")

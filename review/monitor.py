@@ -17,7 +17,9 @@ from sqlalchemy import Engine, select
 
 from core.config import MonitorLimits
 from review.refer import ReferRule
-from review.schema import items, verdicts
+from review.schema import items, verdicts, withdrawn
+
+NO_CLASS_TRUTH = ("refer_confirmed", "non_diagnostic")  # verdicts that neither agree nor disagree with a class
 
 
 @dataclass
@@ -39,15 +41,18 @@ def recent_items(engine: Engine, window: int) -> list[dict]:
 
 
 def recent_verdicts(engine: Engine, window: int) -> list[bool]:
-    """Whether each of the latest `window` verdicts agreed with the model (a prediction's current verdict only)."""
+    """Whether each of the latest `window` verdicts agreed with the model (a prediction's current verdict only; an
+    undone verdict does not count, and a confirmed referral or a non-diagnostic image says nothing about a class)."""
     with engine.connect() as conn:
-        rows = conn.execute(select(verdicts.c.prediction_id, verdicts.c.agrees)
+        rows = conn.execute(select(verdicts.c.prediction_id, verdicts.c.agrees, verdicts.c.finding)
+                            .where(verdicts.c.id.not_in(select(withdrawn.c.verdict_id)))
                             .order_by(verdicts.c.id.desc()).limit(window * 4)).all()
     seen, out = set(), []
-    for pid, agrees in rows:
+    for pid, agrees, finding in rows:
         if pid not in seen:
             seen.add(pid)
-            out.append(bool(agrees))
+            if finding not in NO_CLASS_TRUTH:
+                out.append(bool(agrees))
     return out[:window]
 
 

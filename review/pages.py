@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import secrets
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from review import auth, worklist
+from review import auth, intake, viewer, worklist
 from review.monitor import panel
 from review.station import ReviewStation
 from serving.app import read_form
@@ -30,6 +31,7 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self';
 SECURITY_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
                     "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY",
                     "Cache-Control": "no-store"}  # patient images and names: never kept by a browser cache
+MAX_FLAGS = 2048  # flagged slices one verdict may carry
 TEMPLATES = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
 
 
@@ -106,8 +108,13 @@ class Pages:
         r.add_api_route(PREFIX + "/upload", self.upload, methods=["POST"])
         r.add_api_route(PREFIX + "/case/{case_id}", self.case, methods=["GET"])
         r.add_api_route(PREFIX + "/case/{case_id}/slice.png", self.slice, methods=["GET"])
+        r.add_api_route(PREFIX + "/case/{case_id}/series.json", self.series, methods=["GET"])
+        r.add_api_route(PREFIX + "/case/{case_id}/pixels", self.pixels, methods=["GET"])
         r.add_api_route(PREFIX + "/case/{case_id}/verdict", self.verdict, methods=["POST"])
+        r.add_api_route(PREFIX + "/verdict/{verdict_id}/undo", self.undo, methods=["POST"])
+        r.add_api_route(PREFIX + "/item/{prediction_id}/{direction}", self.step, methods=["GET"])
         r.add_api_route(PREFIX + "/heatmap/{prediction_id}.png", self.heatmap, methods=["GET"])
+        r.add_api_route(PREFIX + "/heatmap/{prediction_id}.json", self.heatmap_facts, methods=["GET"])
 
     async def static(self, name: str):
         if name not in STATIC:
@@ -143,7 +150,7 @@ class Pages:
         return response
 
     async def worklist(self, request: Request, status: str = "pending", sort: str = "confidence",
-                       order: str = "asc", predicted: str = "", page_no: int = 0):
+                       order: str = "asc", predicted: str = "", page_no: int = 0, saved: int | None = None):
         who = await self.require(request)
         query = worklist.Query(status if status in worklist.STATUSES else "pending",
                                sort if sort in worklist.SORTS else "confidence", order == "desc", predicted or None,
@@ -156,19 +163,32 @@ class Pages:
                                          station.settings.monitor)
         return page("worklist.html", who=who, rows=rows, counts=counts, query=query, statuses=worklist.STATUSES,
                     classes=contract["class_names"], checks=checks, model=identity,
-                    limits=station.settings.monitor, page_size=worklist.PAGE)
+                    limits=station.settings.monitor, page_size=worklist.PAGE, **await self._shared(who, saved),
+                    max_files=station.service.settings.max_files,
+                    max_bytes=int(station.service.settings.max_upload_mb * 2**20))
 
     async def upload(self, request: Request):
         who = await self.require(request)
-        uploads, fields = await read_form(request, self.station.service.settings.max_files)
+        limit = self.station.service.settings.max_files
+        try:
+            uploads, fields = await read_form(request, limit)
+        except StarletteHTTPException as exc:  # the form itself was refused: said as a sentence, never as raw JSON
+            return page("uploaded.html", exc.status_code, who=who, results=[],
+                        problem=intake.form_problem(exc.status_code, str(exc.detail), limit), **await self._shared(who))
         self.check_csrf(who, fields)
         results = await self.station.upload(uploads, who.name, request.client.host if request.client else None)
         made = [r for r in results if r.case_id]
         if made and len(made) == len(results):
             return redirect(f"{PREFIX}/case/{made[0].case_id}")
-        return page("uploaded.html", 422 if not made else 200, who=who, results=results)
+        return page("uploaded.html", 422 if not made else 200, who=who, results=results, problem=None,
+                    **await self._shared(who))
 
-    async def case(self, request: Request, case_id: str, frame: int | None = None):
+    async def _shared(self, who: auth.Reviewer, saved: int | None = None) -> dict:
+        """What every signed-in page shows: the served model's classes and data, and the verdict just saved."""
+        said = await asyncio.to_thread(worklist.saved_verdict, self.station.engine, saved, who.id) if saved else None
+        return {"about": self.station.model_about(), "saved": said, "undo_seconds": self.station.settings.undo_seconds}
+
+    async def case(self, request: Request, case_id: str, frame: int | None = None, saved: int | None = None):
         who = await self.require(request)
         engine = self.station.engine
         case, entries, past = await asyncio.gather(asyncio.to_thread(worklist.case_row, engine, case_id),
@@ -178,9 +198,11 @@ class Pages:
             return page("missing.html", 404, who=who)
         item = next((e for e in entries if (e["frame"] or 1) == (frame or 1)), entries[0])
         identity, _, evaluation = self.station.model_facts()
+        classes = list(item["probabilities"])
         return page("case.html", who=who, case=case, item=item, items=entries, history=past, model=identity,
                     evaluation=evaluation if identity["version"] == item["model_version"] else None,
-                    classes=list(item["probabilities"]))
+                    classes=classes, findings=intake.finding_choices(classes), labels=worklist.LABELS,
+                    **await self._shared(who, saved))
 
     async def slice(self, request: Request, case_id: str, frame: int | None = None):
         await self.require(request)
@@ -188,6 +210,25 @@ class Pages:
         if case is None or not case["file_ref"]:
             raise HTTPException(404, "no such case")
         return png(await asyncio.to_thread(self.station.slice_png, case["file_ref"], frame))
+
+    async def series(self, request: Request, case_id: str):
+        """The viewer's data: the ordered slices of the case's series and the series' reading."""
+        await self.require(request)
+        data = await asyncio.to_thread(viewer.viewer_data, self.station.engine, case_id, self.station.files.path)
+        if data is None:
+            raise HTTPException(404, "no such case")
+        return JSONResponse(data, headers=SECURITY_HEADERS)
+
+    async def pixels(self, request: Request, case_id: str, frame: int | None = None):
+        """One slice's values (float32, little-endian, row-major) for windowing in the viewer; sizes and the
+        file's window in headers."""
+        await self.require(request)
+        case = await asyncio.to_thread(worklist.case_row, self.station.engine, case_id)
+        if case is None or not case["file_ref"]:
+            raise HTTPException(404, "no such case")
+        px = await asyncio.to_thread(viewer.slice_pixels, self.station.files.path(case["file_ref"]), frame)
+        return Response(px.values.tobytes(), media_type="application/octet-stream",
+                        headers={**SECURITY_HEADERS, **px.headers()})
 
     async def heatmap(self, request: Request, prediction_id: str):
         await self.require(request)
@@ -199,19 +240,54 @@ class Pages:
             raise HTTPException(404, "no such prediction")
         return png(data)
 
+    async def heatmap_facts(self, request: Request, prediction_id: str):
+        await self.require(request)
+        try:
+            facts = await self.station.heatmap_facts(prediction_id)
+        except ValueError:
+            facts = None
+        if facts is None:
+            raise HTTPException(404, "no such prediction")
+        return JSONResponse(facts, headers=SECURITY_HEADERS)
+
     async def verdict(self, request: Request, case_id: str):
         who = await self.require(request)
-        fields = await request.form(max_files=0, max_fields=8)
+        fields = await request.form(max_files=0, max_fields=16 + MAX_FLAGS)
         self.check_csrf(who, fields)
-        agrees = fields.get("verdict") == "agree"
-        verdict = worklist.Verdict(str(fields.get("prediction_id", "")), agrees,
-                                   None if agrees else str(fields.get("reviewer_class", "")), fields.get("note"))
+        verdict = intake.verdict_from_form(fields)
+        engine = self.station.engine
+        series = await asyncio.to_thread(viewer.series_judged, engine, case_id, self.station.files.path) \
+            if fields.get("series") == "1" else None  # the viewer's verdict: on the whole series
         try:
-            await asyncio.to_thread(worklist.record_verdict, self.station.engine, verdict, who.id, who.name)
+            vid = await asyncio.to_thread(worklist.record_verdict, engine, verdict, who.id, who.name, series)
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
         following = await asyncio.to_thread(worklist.next_pending, self.station.engine, verdict.prediction_id)
         if following is None:
-            return redirect(PREFIX + "/?status=reviewed")
-        return redirect(f"{PREFIX}/case/{following['case_id']}" + (f"?frame={following['frame']}"
-                                                                     if following["frame"] else ""))
+            return redirect(f"{PREFIX}/?status=reviewed&saved={vid}")
+        return redirect(case_url(following, saved=vid))
+
+    async def undo(self, request: Request, verdict_id: int):
+        who = await self.require(request)
+        self.check_csrf(who, await request.form(max_files=0, max_fields=4))
+        try:
+            back = await asyncio.to_thread(worklist.withdraw, self.station.engine, verdict_id, who.id,
+                                           self.station.settings.undo_seconds)
+        except ValueError as exc:
+            raise HTTPException(409, str(exc)) from None
+        return redirect(case_url(back))
+
+    async def step(self, request: Request, prediction_id: str, direction: str):
+        """Skip to the next pending item, or back to the previous one, in the worklist's default order."""
+        await self.require(request)
+        if direction not in ("skip", "previous"):
+            raise HTTPException(404)
+        there = await asyncio.to_thread(worklist.neighbour, self.station.engine, prediction_id,
+                                        direction == "skip", direction == "skip")
+        return redirect(case_url(there) if there else PREFIX + "/")
+
+
+def case_url(item: dict, **query) -> str:
+    """The case view of one worklist item (its frame), with extra query fields."""
+    fields = {**({"frame": item["frame"]} if item.get("frame") else {}), **query}
+    return f"{PREFIX}/case/{item['case_id']}" + (f"?{urlencode(fields)}" if fields else "")

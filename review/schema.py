@@ -5,7 +5,7 @@ prediction is its current verdict (on sqlite a trigger refuses UPDATE and DELETE
 """
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Column, DateTime, Float, ForeignKey, Integer, String, Table, Text, text
+from sqlalchemy import Boolean, Column, DateTime, Float, ForeignKey, Integer, String, Table, Text, inspect, text
 from sqlalchemy.engine import Connection
 
 from serving.audit import Migration, metadata
@@ -37,6 +37,7 @@ cases = Table(
     Column("file_ref", String(64)),                            # the kept file in review.store_dir
     Column("frames", Integer, nullable=False),
     Column("study_uid", String(64)),
+    Column("batch", String(32), index=True),                   # the upload it came in (its files form a series)
 )
 
 items = Table(  # one per prediction on the worklist (a frame of a case), with what the page showed
@@ -68,9 +69,24 @@ verdicts = Table(
     Column("reviewer_class", String(255), nullable=False),     # the class the reviewer says it is
     Column("note", Text),
     Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+    # None: reviewer_class is one of the model's classes; else what the reader found that is not a class
+    # (review.verdicts.FINDINGS: no tumour / normal, non-diagnostic, other, a confirmed referral)
+    Column("finding", String(32)),
 )
 
-TABLES = (reviewers, sessions, cases, items, verdicts)
+withdrawn = Table(  # a verdict undone by its reviewer within review.undo_seconds: the one before it is current again
+    "review_withdrawn", metadata,
+    Column("verdict_id", Integer, ForeignKey("review_verdicts.id"), primary_key=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+flags = Table(  # the slices a reader flagged while giving a verdict (recorded with it, never changed)
+    "review_flags", metadata,
+    Column("verdict_id", Integer, ForeignKey("review_verdicts.id"), primary_key=True),
+    Column("prediction_id", String(32), ForeignKey("predictions.id"), primary_key=True),
+)
+
+TABLES = (reviewers, sessions, cases, items, verdicts, withdrawn, flags)
 
 
 def _create(conn: Connection) -> None:
@@ -82,4 +98,16 @@ def _create(conn: Connection) -> None:
                               "record a new one'); END"))
 
 
-MIGRATIONS = {"review": (Migration(1, "reviewers, sessions, cases, worklist items, verdicts", _create),)}
+def _reading(conn: Connection) -> None:
+    """Findings that are not a class, undone verdicts, flagged slices and upload batches (on a database made
+    before them)."""
+    if "finding" not in {c["name"] for c in inspect(conn).get_columns("review_verdicts")}:
+        conn.execute(text("ALTER TABLE review_verdicts ADD COLUMN finding VARCHAR(32)"))
+    if "batch" not in {c["name"] for c in inspect(conn).get_columns("review_cases")}:
+        conn.execute(text("ALTER TABLE review_cases ADD COLUMN batch VARCHAR(32)"))
+    metadata.create_all(conn, tables=[withdrawn, flags], checkfirst=True)
+
+
+MIGRATIONS = {"review": (Migration(1, "reviewers, sessions, cases, worklist items, verdicts", _create),),
+              "review_reading": (Migration(1, "verdict findings, undone verdicts, flagged slices, upload batches",
+                                           _reading),)}

@@ -8,6 +8,7 @@ DICOM receiver puts each classified instance on the worklist with `add_case` (fr
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import tempfile
 import threading
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from core.config import ReviewSection
-from core.fileio import atomic_file, private_dir
+from core.fileio import atomic_file, atomic_write, private_dir
 from data.images import frame_name, load_gray
 from deploy.registry import load_predictor
 from review import worklist
@@ -36,8 +37,9 @@ from review.cases import (
     new_case_id,
     write_case,
 )
+from review.intake import NO_TUMOUR, readable
 from review.refer import ReferRule
-from review.render import heatmap_png, slice_png
+from review.render import compare_heatmaps, heat_facts, heatmap_png, slice_png
 from serving.service import NotReady, RequestContext, Service
 from serving.uploads import DecodedFile, Upload, UploadError, display_name, is_dicom_upload
 
@@ -62,6 +64,7 @@ class ReviewStation:
         self._heat_pool = ThreadPoolExecutor(1, "review-heatmap")  # Grad-CAM uses every core: one at a time
         self._torch: dict[tuple[str, str], object] = {}
         self._torch_lock = threading.Lock()
+        self._grids: dict[tuple[str, str], tuple[int, int]] = {}  # (model, version) -> its Grad-CAM resolution
 
     # ---- lifecycle (serving.app.Extension hooks) -------------------------------------------------------
     def attach(self, service: Service) -> None:
@@ -93,6 +96,17 @@ class ReviewStation:
         return model.identity(), model.predictor.contract.to_dict(), (model.evidence.get("evaluation") if same
                                                                       else None)
 
+    def model_about(self) -> dict:
+        """What the page says about the served model on every page: its classes (and whether one means "no
+        tumour"), and whether it was trained on the synthetic demo data (its registry tag, or its model card)."""
+        model = self.service.model if self.service else None
+        if model is None:
+            return {"classes": [], "no_tumour_class": False, "synthetic": False}
+        classes = list(model.predictor.contract.class_names)
+        card = (model.evidence or {}).get("model_card") or ""
+        return {"classes": classes, "no_tumour_class": any(NO_TUMOUR.search(c) for c in classes),
+                "synthetic": model.tags.get("demo_data") == "true" or "SYNTHETIC" in card}
+
     def rule(self, contract: dict, evaluation: dict | None) -> ReferRule:
         return ReferRule.for_model(contract, evaluation, self.settings.refer_below, self.settings.drift_limit)
 
@@ -113,21 +127,22 @@ class ReviewStation:
     async def upload(self, uploads: list[Upload], reviewer: str, address: str | None) -> list[Intake]:
         """Each file becomes a case: predicted (and audited, with the browser's address) by the service, and
         judged by the refer rule."""
-        return list(await asyncio.gather(*(self._upload_one(u, reviewer, address) for u in uploads)))
+        batch = new_case_id()  # the files of one upload: a series of their own unless DICOM says otherwise
+        return list(await asyncio.gather(*(self._upload_one(u, reviewer, address, batch) for u in uploads)))
 
-    async def _upload_one(self, upload: Upload, reviewer: str, address: str | None) -> Intake:
+    async def _upload_one(self, upload: Upload, reviewer: str, address: str | None, batch: str) -> Intake:
         case_id, name = new_case_id(), display_name(upload.filename)
         try:
             answer = await self.service.predict([upload], RequestContext(address, "review", case_id,
                                                                          time.perf_counter()))
         except UploadError as exc:
-            return Intake(name, None, exc.reason)
+            return Intake(name, None, readable(exc.reason, name))
         finally:
             ref = self._kept.pop(case_id, None)
         if answer.status != 200 or ref is None:
-            return Intake(name, None, answer.body.get("detail", "not predicted"))
+            return Intake(name, None, readable(answer.body.get("detail", "not predicted"), name))
         identity = {k: answer.body[k] for k in ("model", "version", "alias", "flavor")}
-        origin = CaseOrigin("review", reviewer, answer.records[0]["file"], identity)
+        origin = CaseOrigin("review", reviewer, answer.records[0]["file"], identity, batch)
         _, _, evaluation = self.model_facts(answer.body["version"])
         refer = await asyncio.to_thread(self._enter, case_id, origin, ref, answer.records, answer.body["contract"],
                                         evaluation)
@@ -185,9 +200,24 @@ class ReviewStation:
         [cam] = predictor.cam_maps([load_gray(one, predictor.contract.img_size)], [facts["class_index"]])
         shown = display_frame(source, facts["frame"])
         data = heatmap_png(cam, (shown.shape[1], shown.shape[0]))
-        with atomic_file(private_dir(path.parent) / path.name, private=True) as fh:
+        about = heat_facts(cam, self._cam_grid(predictor, facts), predictor.contract.img_size, facts)
+        atomic_write(private_dir(path.parent) / f"{path.stem}.json", lambda fh: json.dump(about, fh), "w", private=True)
+        with atomic_file(path, private=True) as fh:  # the picture last: it says the facts are there
             fh.write(data)
         return data
+
+    def _cam_grid(self, predictor, facts: dict) -> tuple[int, int]:
+        key = (facts["model"], str(facts["version"]))
+        if key not in self._grids:
+            self._grids[key] = predictor.cam_grid()
+        return self._grids[key]
+
+    async def heatmap_facts(self, prediction_id: str) -> dict | None:
+        """What the page says about a heat map: the feature map's resolution, and whether maps of other images
+        drawn by the same version barely differ from it (then it says little about this image)."""
+        if await self.heatmap_png(prediction_id) is None:
+            return None
+        return await asyncio.to_thread(compare_heatmaps, self.files.heat_path(prediction_id))
 
     def _torch_predictor(self, name: str, version: str):
         """The PyTorch flavor of the version that made a prediction: the served one's, or loaded from the

@@ -9,11 +9,15 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import Engine, and_, func, insert, select
+from sqlalchemy import Engine, and_, func, insert, literal, select, tuple_
 
-from review.schema import cases, items, verdicts
+from review.schema import cases, flags, items, verdicts, withdrawn
 from serving.audit import predictions
 
+# What a reader may find that is none of the model's classes: stored as a finding, never exported as a class
+FINDINGS = {"no_tumour": "no tumour / normal", "non_diagnostic": "non-diagnostic", "other": "other"}
+REFER_CONFIRMED = "refer_confirmed"  # on a referred case: the reader confirms the referral (no class)
+LABELS = {**FINDINGS, REFER_CONFIRMED: "referral confirmed"}
 STATUSES = ("pending", "reviewed", "disagreements", "referred", "all")
 SORTS = {"confidence": items.c.confidence, "created": items.c.created_at, "class": items.c.predicted_class}
 PAGE = 100
@@ -31,6 +35,7 @@ class Query:
 def _latest():
     """The id of each prediction's latest verdict."""
     return (select(verdicts.c.prediction_id, func.max(verdicts.c.id).label("vid"))
+            .where(verdicts.c.id.not_in(select(withdrawn.c.verdict_id)))
             .group_by(verdicts.c.prediction_id).subquery("latest"))
 
 
@@ -39,7 +44,7 @@ def _item_select():
     current = verdicts.alias("current")
     query = (select(items, cases.c.filename, cases.c.source, cases.c.client, cases.c.frames,
                     predictions.c.model_name, current.c.agrees, current.c.reviewer_class, current.c.reviewer,
-                    current.c.created_at.label("reviewed_at"))
+                    current.c.finding, current.c.created_at.label("reviewed_at"))
              .join(cases, cases.c.id == items.c.case_id)
              .join(predictions, predictions.c.id == items.c.prediction_id)
              .outerjoin(latest, latest.c.prediction_id == items.c.prediction_id)
@@ -70,8 +75,16 @@ def _item(row) -> dict:
     d = dict(row)
     d["probabilities"] = json.loads(d.pop("probabilities_json"))
     d.update(json.loads(d.pop("reasons_json")))
-    d["status"] = "pending" if d["agrees"] is None else ("agreed" if d["agrees"] else "disagreed")
+    d["status"] = status_of(d["agrees"], d["finding"])
     return d
+
+
+def status_of(agrees: bool | None, finding: str | None) -> str:
+    if agrees is None:
+        return "pending"
+    if finding:
+        return "referral confirmed" if finding == REFER_CONFIRMED else "finding"
+    return "agreed" if agrees else "disagreed"
 
 
 def counts(engine: Engine) -> dict[str, int]:
@@ -89,11 +102,16 @@ def counts(engine: Engine) -> dict[str, int]:
 
 def case_items(engine: Engine, case_id: str) -> list[dict]:
     """The case's items (one per frame) with their prediction's audit facts, in frame order."""
+    return items_where(engine, items.c.case_id == case_id)
+
+
+def items_where(engine: Engine, where) -> list[dict]:
+    """The items a condition selects, with their prediction's audit facts and kept file, in case and frame order."""
     query, _ = _item_select()
     query = query.add_columns(predictions.c.output_json, predictions.c.study_uid, predictions.c.series_uid,
-                              predictions.c.sop_instance_uid)
+                              predictions.c.sop_instance_uid, cases.c.file_ref)
     with engine.connect() as conn:
-        rows = conn.execute(query.where(items.c.case_id == case_id).order_by(items.c.frame)).mappings().all()
+        rows = conn.execute(query.where(where).order_by(items.c.case_id, items.c.frame)).mappings().all()
     out = []
     for r in rows:
         item = _item({k: v for k, v in r.items() if k != "output_json"})
@@ -111,38 +129,145 @@ def case_row(engine: Engine, case_id: str) -> dict | None:
 def history(engine: Engine, case_id: str) -> list[dict]:
     """Every verdict given on the case, oldest first (a changed verdict is a later row)."""
     with engine.connect() as conn:
-        rows = conn.execute(select(verdicts, items.c.frame)
+        rows = conn.execute(select(verdicts, items.c.frame, withdrawn.c.created_at.label("withdrawn_at"))
                             .join(items, items.c.prediction_id == verdicts.c.prediction_id)
+                            .outerjoin(withdrawn, withdrawn.c.verdict_id == verdicts.c.id)
                             .where(verdicts.c.case_id == case_id).order_by(verdicts.c.id)).mappings().all()
     return [dict(r) for r in rows]
 
 
 @dataclass(frozen=True)
 class Verdict:
+    """What a reader said about one worklist item: agreement, a class (any of the model's: the predicted one is
+    agreement), or a finding that is no class (FINDINGS, or REFER_CONFIRMED on a referred item); the slices they
+    flagged (prediction ids of the same case, or series) go with it."""
     prediction_id: str
     agrees: bool
-    reviewer_class: str | None  # required when the reviewer disagrees
+    reviewer_class: str | None = None
     note: str | None = None
+    finding: str | None = None
+    flagged: tuple[str, ...] = ()
 
 
-def record_verdict(engine: Engine, verdict: Verdict, reviewer_id: int, reviewer: str) -> int:
-    """A new verdict row on one worklist item (never an update); returns its id. ValueError for an unknown item or
-    a class the model does not have."""
+@dataclass(frozen=True)
+class Reading:
+    """What a verdict judges: one item's reading, or a series' (its class and refer flag) over all its slices."""
+    predicted_class: str
+    classes: tuple[str, ...]
+    refer: bool
+    prediction_ids: tuple[str, ...]
+
+
+def _judged(verdict: Verdict, reading: Reading) -> tuple[bool, str, str | None]:
+    """(agrees, reviewer_class, finding) as stored; ValueError for what the reading does not allow."""
+    if verdict.finding == REFER_CONFIRMED:
+        if not reading.refer:
+            raise ValueError("this case was not referred: agree or name a class")
+        return True, LABELS[REFER_CONFIRMED], REFER_CONFIRMED
+    if verdict.finding:
+        if verdict.finding not in FINDINGS:
+            raise ValueError(f"unknown finding {verdict.finding!r}: choose one of {', '.join(FINDINGS.values())}")
+        return False, FINDINGS[verdict.finding], verdict.finding
+    if verdict.agrees:
+        if reading.refer:
+            raise ValueError("this case was referred: confirm the referral or name the class you see")
+        return True, reading.predicted_class, None
+    if verdict.reviewer_class not in reading.classes:
+        raise ValueError(f"choose one of the classes: {', '.join(reading.classes)}")
+    return verdict.reviewer_class == reading.predicted_class, verdict.reviewer_class, None
+
+
+def record_verdict(engine: Engine, verdict: Verdict, reviewer_id: int, reviewer: str,
+                   series: Reading | None = None) -> int:
+    """New verdict rows (never an update): on one worklist item, or with `series` on each of the series' slices
+    (the series' class is what the model said), with the flagged slices; returns the id of the item's row.
+    ValueError for an unknown item, a class the model does not have or a choice the reading does not allow."""
     with engine.begin() as conn:
-        item = conn.execute(select(items.c.case_id, items.c.predicted_class, items.c.probabilities_json)
-                            .where(items.c.prediction_id == verdict.prediction_id)).first()
+        item = conn.execute(select(items.c.case_id, items.c.predicted_class, items.c.probabilities_json,
+                                   items.c.refer).where(items.c.prediction_id == verdict.prediction_id)).first()
         if item is None:
             raise ValueError("no such case on the worklist")
-        classes = list(json.loads(item.probabilities_json))
-        said = item.predicted_class if verdict.agrees else verdict.reviewer_class
-        if said not in classes or (not verdict.agrees and said == item.predicted_class):
-            others = ", ".join(c for c in classes if c != item.predicted_class)
-            raise ValueError(f"choose one of the other classes: {others}")
-        note = (verdict.note or "").strip()[:2000] or None
-        return conn.execute(insert(verdicts).values(
-            prediction_id=verdict.prediction_id, case_id=item.case_id, reviewer_id=reviewer_id, reviewer=reviewer,
-            agrees=verdict.agrees, predicted_class=item.predicted_class, reviewer_class=said, note=note,
-            created_at=datetime.now(timezone.utc))).inserted_primary_key[0]
+        own = conn.execute(select(items.c.prediction_id).where(items.c.case_id == item.case_id)).scalars().all()
+        reading = series or Reading(item.predicted_class, tuple(json.loads(item.probabilities_json)), item.refer,
+                                    (verdict.prediction_id,))
+        if verdict.prediction_id not in reading.prediction_ids:
+            raise ValueError("the item is not part of the series judged")
+        agrees, said, finding = _judged(verdict, reading)
+        flagged = set(verdict.flagged)
+        if not flagged <= set(reading.prediction_ids if series else own):
+            raise ValueError("a flagged slice is not part of this case")
+        note, now = (verdict.note or "").strip()[:2000] or None, datetime.now(timezone.utc)
+        cases_of = dict(conn.execute(select(items.c.prediction_id, items.c.case_id)
+                                     .where(items.c.prediction_id.in_(reading.prediction_ids))).all())
+        ids = {}
+        for pid in (verdict.prediction_id, *[p for p in reading.prediction_ids if p != verdict.prediction_id]):
+            ids[pid] = conn.execute(insert(verdicts).values(
+                prediction_id=pid, case_id=cases_of[pid], reviewer_id=reviewer_id, reviewer=reviewer, agrees=agrees,
+                predicted_class=reading.predicted_class, reviewer_class=said, note=note, finding=finding,
+                created_at=now)).inserted_primary_key[0]
+        if flagged:
+            conn.execute(insert(flags), [{"verdict_id": ids.get(p, ids[verdict.prediction_id]), "prediction_id": p}
+                                         for p in sorted(flagged)])
+        return ids[verdict.prediction_id]
+
+
+def saved_verdict(engine: Engine, verdict_id: int, reviewer_id: int) -> dict | None:
+    """One of the reviewer's own verdicts, as the page says it was saved (None for another's or an unknown id)."""
+    with engine.connect() as conn:
+        row = conn.execute(select(verdicts, items.c.frame, withdrawn.c.created_at.label("withdrawn_at"))
+                           .join(items, items.c.prediction_id == verdicts.c.prediction_id)
+                           .outerjoin(withdrawn, withdrawn.c.verdict_id == verdicts.c.id)
+                           .where(verdicts.c.id == verdict_id, verdicts.c.reviewer_id == reviewer_id)
+                           ).mappings().first()
+        if row is None:
+            return None
+        given_with = select(verdicts.c.id).where(verdicts.c.reviewer_id == reviewer_id, verdicts.c.id >= verdict_id,
+                                                 verdicts.c.created_at == row["created_at"])
+        slices = conn.execute(select(func.count()).select_from(given_with.subquery())).scalar()
+        flagged = conn.execute(select(func.count()).where(flags.c.verdict_id.in_(given_with))).scalar()
+    return {**dict(row), "status": status_of(row["agrees"], row["finding"]), "flagged": flagged, "slices": slices}
+
+
+def withdraw(engine: Engine, verdict_id: int, reviewer_id: int, within_seconds: float) -> dict:
+    """Undo one of the reviewer's own verdicts within `within_seconds` of giving it: the verdict before it (or
+    none) is current again; the row itself stays, marked withdrawn. ValueError when that is no longer possible."""
+    with engine.begin() as conn:
+        row = conn.execute(select(verdicts.c.created_at, verdicts.c.case_id, verdicts.c.prediction_id, items.c.frame)
+                           .join(items, items.c.prediction_id == verdicts.c.prediction_id)
+                           .where(verdicts.c.id == verdict_id, verdicts.c.reviewer_id == reviewer_id)).first()
+        if row is None:
+            raise ValueError("no such verdict of yours")
+        now = datetime.now(timezone.utc)
+        given = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=timezone.utc)
+        if (now - given).total_seconds() > within_seconds:
+            raise ValueError(f"a verdict can be undone for {within_seconds:g} seconds; give a new one instead")
+        given_with = conn.execute(select(verdicts.c.id).where(
+            verdicts.c.reviewer_id == reviewer_id, verdicts.c.created_at == row.created_at,
+            verdicts.c.id >= verdict_id, verdicts.c.id.not_in(select(withdrawn.c.verdict_id)))).scalars().all()
+        if given_with:  # a series verdict: the rows of its other slices, given at the same moment
+            conn.execute(insert(withdrawn), [{"verdict_id": v, "created_at": now} for v in given_with])
+    return {"case_id": row.case_id, "prediction_id": row.prediction_id, "frame": row.frame}
+
+
+def _order_key():
+    return tuple_(items.c.confidence, items.c.created_at, func.coalesce(items.c.frame, 0), items.c.prediction_id)
+
+
+def neighbour(engine: Engine, prediction_id: str, forward: bool = True, pending_only: bool = True) -> dict | None:
+    """The item after (or before) one in the worklist's default order (least certain first): skip and previous."""
+    query, current = _item_select()
+    with engine.connect() as conn:
+        here = conn.execute(select(items.c.confidence, items.c.created_at, func.coalesce(items.c.frame, 0),
+                                   literal(prediction_id)).where(items.c.prediction_id == prediction_id)).first()
+        if here is None:
+            return None
+        key = _order_key()
+        query = query.where(key > tuple_(*here) if forward else key < tuple_(*here))
+        if pending_only:
+            query = query.where(current.c.id.is_(None))
+        order = [c if forward else c.desc() for c in key.clauses]
+        row = conn.execute(query.order_by(*order).limit(1)).mappings().first()
+    return dict(row) if row else None
 
 
 def next_pending(engine: Engine, after: str | None = None) -> dict | None:

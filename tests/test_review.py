@@ -50,7 +50,18 @@ def registry(trained, tmp_path_factory):
     assert run_script("evaluate", store + ["--model", "resnet18", "--medical-validation", "--calibrate"]) in (0, 3)
     assert run_script("register_model", store + ["--model", "resnet18", "--version", "1.0.0", "--force",
                                                  "--alias", "staging"]) == 0
+    mark_synthetic(tmp / "registry.db")
     return store
+
+
+def mark_synthetic(registry_db: Path) -> None:
+    """The tiny data set is generated phantoms: say so in the registry, as registering a --demo model does."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{registry_db}", f"sqlite:///{registry_db}")
+    for name in (MODEL, MODEL + "-onnx"):
+        for mv in client.search_model_versions(f"name='{name}'"):
+            client.set_model_version_tag(name, mv.version, "demo_data", "true")
 
 
 def serve_cli(args: list, cwd: Path) -> subprocess.CompletedProcess:
@@ -202,7 +213,7 @@ def assert_heat_map_controls(page) -> None:
     page.locator("#heat-opacity").fill("20")
     assert heat.evaluate("e => getComputedStyle(e).opacity") == "0.2"
     page.uncheck("#heat-toggle")
-    assert heat.is_hidden() and page.locator("#slice").is_visible()
+    assert heat.is_hidden() and page.locator("#view").is_visible()  # the viewer's canvas
     page.check("#heat-toggle")
     assert heat.is_visible()
 
@@ -270,6 +281,7 @@ def test_keys_record_verdicts_and_a_changed_verdict_is_a_new_row(station, browse
         log_in(page, station)
         upload(page, {"again.jpg": files["slice.jpg"]})
         case_url = page.url
+        referred = page.locator("#refer").count() == 1
         with page.expect_navigation():
             page.keyboard.press("a")  # agree at once ...
         assert "/review/case/" in page.url and page.url != case_url  # ... and the next case opens
@@ -278,18 +290,171 @@ def test_keys_record_verdicts_and_a_changed_verdict_is_a_new_row(station, browse
         leading = max(shown, key=shown.get)
         other = next(c for c in shown if c != leading)
         page.fill("#note", "lesion at the sella")
-        page.select_option("#reviewer-class", other)
         with page.expect_navigation():
-            page.click("#disagree")
+            page.click(f"#choices button[value='class:{other}']")
         page.goto(case_url)
         assert page.locator("#history tbody tr").count() == 2
         assert other in page.locator("#current-verdict").inner_text()
     history = rows(station.db, "SELECT v.agrees, v.reviewer_class, v.note FROM review_verdicts v JOIN predictions p "
                                "ON p.id = v.prediction_id WHERE p.filename = 'again.jpg' ORDER BY v.id")
-    assert history == [(1, leading, None), (0, other, "lesion at the sella")]
+    first = (1, "referral confirmed", None) if referred else (1, leading, None)  # A on a referred case confirms it
+    assert history == [first, (0, other, "lesion at the sella")]
     with pytest.raises(sqlite3.DatabaseError, match="never changed"):
         with contextlib.closing(sqlite3.connect(station.db)) as conn:
             conn.execute("UPDATE review_verdicts SET agrees = 1")
+
+
+def saved_verdicts(db: Path, filename: str) -> list[tuple]:
+    return rows(db, "SELECT v.agrees, v.reviewer_class, v.finding FROM review_verdicts v JOIN predictions p ON "
+                    "p.id = v.prediction_id WHERE p.filename = ? ORDER BY v.id", (filename,))
+
+
+def exported(station, out: Path) -> dict[str, dict]:
+    """export-reviews into `out`; verdicts.csv's current rows by the name they were uploaded as."""
+    done = serve_cli(["export-reviews", out, "--database", f"sqlite:///{station.db}", "--store-dir", station.store],
+                     out.parent)
+    assert done.returncode == 0, done.stderr
+    with open(out / "verdicts.csv", newline="") as fh:
+        return {r["uploaded_as"]: r for r in csv.DictReader(fh) if r["current"] == "True"}
+
+
+def test_the_page_says_what_the_model_is(station, browser):
+    with browsing(browser, station) as page:
+        log_in(page, station)
+        assert page.locator("#support").inner_text() == "Decision support, not for primary diagnosis"
+        assert page.locator("#synthetic").is_visible() and "SYNTHETIC" in page.locator("#synthetic").inner_text()
+        said = page.locator("#model-classes").inner_text()
+        assert "3 classes: glioma, meningioma, pituitary" in said and 'no "no tumour" class' in said
+
+
+def test_findings_that_are_no_class_are_kept_apart_and_the_predicted_number_is_answered(station, browser, files,
+                                                                                       tmp_path):
+    with browsing(browser, station) as page:
+        log_in(page, station)
+        upload(page, {"normal.jpg": files["slice.jpg"]})
+        assert page.locator("#choices button").all_inner_texts() == [
+            "1 glioma", "2 meningioma", "3 pituitary", "4 no tumour / normal", "5 non-diagnostic", "6 other"]
+        with page.expect_navigation():
+            page.keyboard.press("d")
+            page.keyboard.press("4")
+        assert page.locator("#saved-what").inner_text() == "no tumour / normal"  # what was saved, said
+        page.goto(station.url + "/review/")
+        upload(page, {"same.jpg": files["slice.jpg"]})
+        shown = bars(page)
+        leading = max(shown, key=shown.get)
+        with page.expect_navigation():
+            page.keyboard.press("d")
+            page.keyboard.press(str(list(shown).index(leading) + 1))  # the predicted class's own number
+        assert page.locator("#saved-what").inner_text() == f"agree, {leading}"
+    assert saved_verdicts(station.db, "normal.jpg") == [(0, "no tumour / normal", "no_tumour")]
+    assert saved_verdicts(station.db, "same.jpg") == [(1, leading, None)]
+    out = tmp_path / "reviewed"
+    current = exported(station, out)
+    assert current["normal.jpg"]["file"].startswith(".findings/no_tumour/")  # never in a tumour class folder
+    assert current["normal.jpg"]["finding"] == "no_tumour" and (out / current["normal.jpg"]["file"]).is_file()
+    assert current["same.jpg"]["file"].startswith(f"{leading}/")
+    from data.manifest import list_classes
+
+    assert set(list_classes(out)) <= {"glioma", "meningioma", "pituitary"}  # what train.py would read
+
+
+def test_a_referred_case_is_confirmed_or_named_never_agreed_with(station, browser, files, tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((48, 48), 255, np.uint8)).save(buf, format="PNG")  # unlike any training slice
+    with browsing(browser, station) as page:
+        log_in(page, station)
+        upload(page, {"white.png": buf.getvalue()})
+        assert page.locator("#refer").is_visible()
+        assert page.locator("#agree").inner_text().endswith("Confirm the referral (no class)")
+        pid = page.locator("input[name=prediction_id]").get_attribute("value")
+        with page.expect_navigation():
+            page.keyboard.press("a")
+        assert page.locator("#saved-what").inner_text() == "referral confirmed"
+    client, csrf = session(station.url)
+    with contextlib.closing(client):
+        case_id = rows(station.db, "SELECT case_id FROM review_items WHERE prediction_id = ?", (pid,))[0][0]
+        refused = client.post(f"/review/case/{case_id}/verdict", data={"csrf": csrf, "prediction_id": pid,
+                                                                        "verdict": "agree"})
+        assert refused.status_code == 422 and "referred" in refused.text
+    assert saved_verdicts(station.db, "white.png") == [(1, "referral confirmed", "refer_confirmed")]
+    current = exported(station, tmp_path / "reviewed")
+    assert current["white.png"]["file"].startswith(".findings/refer_confirmed/")  # never exported as a class
+
+
+def test_a_verdict_can_be_undone_for_a_few_seconds_and_skip_and_previous_move_along(station, browser, files):
+    from sqlalchemy import create_engine
+
+    from review.worklist import withdraw
+
+    with browsing(browser, station) as page:
+        log_in(page, station)
+        upload(page, {"undo-me.jpg": files["slice.jpg"]})
+        first = page.url
+        with page.expect_navigation():
+            page.keyboard.press("a")
+        assert page.locator("#saved").is_visible() and page.locator("#undo").is_enabled()
+        with page.expect_navigation():
+            page.keyboard.press("u")
+        assert page.url.split("?")[0] == first  # back on the case, pending again
+        assert page.locator("#current-verdict").count() == 0
+        assert page.locator("#history tbody tr.withdrawn").count() == 1
+        page.goto(station.url + "/review/")  # pending, least certain first
+        links = page.locator("#worklist tbody tr td:first-child a")
+        second = links.nth(1).get_attribute("href")
+        with page.expect_navigation():
+            links.first.click()
+        here = page.url
+        with page.expect_navigation():
+            page.keyboard.press("s")  # skip: the next pending case in the worklist's order
+        assert page.url == station.url + second
+        with page.expect_navigation():
+            page.keyboard.press("p")  # previous: the case read before
+        assert page.url == here
+    [(vid, undone)] = rows(station.db, "SELECT v.id, w.verdict_id FROM review_verdicts v JOIN predictions p ON "
+                                       "p.id = v.prediction_id LEFT JOIN review_withdrawn w ON w.verdict_id = v.id "
+                                       "WHERE p.filename = 'undo-me.jpg'")
+    assert undone == vid  # the row stays, marked withdrawn
+    engine = create_engine(f"sqlite:///{station.db}")
+    try:
+        with pytest.raises(ValueError, match="can be undone for 0 seconds"):
+            withdraw(engine, rows(station.db, "SELECT MIN(id) FROM review_verdicts")[0][0], 1, 0)
+    finally:
+        engine.dispose()
+
+
+def test_upload_problems_are_sentences_on_the_page(station, browser, files):
+    with browsing(browser, station) as page:
+        log_in(page, station)
+        drop(page, {"notes.jpg": b"hello, not an image", "fine.jpg": files["slice.jpg"]})
+        said = page.locator("ul.intake").inner_text()
+        assert "notes.jpg could not be read as an image; the page takes JPEG, PNG, BMP, TIFF or DICOM files." in said
+        assert said.count("notes.jpg") == 1 and "Error" not in said and "{" not in said
+        page.goto(station.url + "/review/")
+        many = {f"{k}.jpg": files["slice.jpg"] for k in range(17)}  # serving.max_files is 16
+        page.set_input_files("#files", [{"name": n, "mimeType": "image/jpeg", "buffer": b} for n, b in many.items()])
+        assert page.locator("#upload-problem").inner_text().startswith(
+            "Too many files at once: 17 were chosen, the page takes at most 16 per upload.")
+        assert page.url == station.url + "/review/"  # nothing was sent
+    client, csrf = session(station.url)
+    with contextlib.closing(client):
+        refused = client.post("/review/upload", data={"csrf": csrf},
+                              files=[("files", (n, b)) for n, b in many.items()])
+        assert refused.headers["content-type"].startswith("text/html") and "{" not in refused.text
+        assert "Too many files at once: the page takes at most 16 files per upload." in refused.text
+
+
+def test_the_heat_map_has_a_colour_scale_and_says_its_resolution(station, browser, files):
+    with browsing(browser, station) as page:
+        log_in(page, station)
+        upload(page, {"heat.jpg": files["slice.jpg"]})
+        assert page.locator("#heat-scale .ramp").is_visible()
+        assert page.locator("#heatmap").evaluate("e => getComputedStyle(e).opacity") == "0.35"
+        wait_loaded(page, "heatmap")
+        page.wait_for_function("() => document.getElementById('heat-facts').textContent.includes('cells for a')")
+        said = page.locator("#heat-facts").inner_text()
+    rows_, cols, size = map(int, re.search(r"(\d+)×(\d+) cells for a (\d+) px input", said).groups())
+    assert (rows_, cols, size) == (1, 1, 32)  # resnet18 at the tiny model's 32 px: one cell, no localisation
+    assert "too coarse to localise a lesion" in said
 
 
 def test_an_upload_named_like_markup_is_shown_as_text_and_runs_nothing(station, browser, files):
@@ -327,7 +492,7 @@ def test_the_worklist_filters_sorts_and_monitors(station, browser, files, artifa
         with page.expect_navigation():
             page.click("nav.tabs a:has-text('disagreements')")
         disagreed = listed(page)
-        assert disagreed and all(r["Status"].startswith("disagreed: ") for r in disagreed)
+        assert disagreed and all(r["Status"].startswith(("disagreed: ", "finding: ")) for r in disagreed)
         assert page.locator("nav.tabs a.current .count").inner_text() == str(len(disagreed))
         page.goto(station.url + "/review/?status=referred")
         assert all("referred" in r["class"].split() and r["Refer"] == "refer" for r in listed(page))
@@ -518,11 +683,10 @@ def test_export_reviews_is_a_training_set_train_py_reads(station, tiny_data, tmp
         cases = rows(station.db, "SELECT p.id, p.filename, p.predicted_class, p.case_id FROM predictions p JOIN "
                                  "review_items i ON i.prediction_id = p.id")
         by_name = {p.name: truth[p.parent.name] for p in images}
-        for pid, name, predicted, case_id in cases:
+        for pid, name, _, case_id in cases:
             if name in by_name:
                 said = by_name[name]
-                data = {"csrf": csrf, "prediction_id": pid, "verdict": "agree" if said == predicted else "disagree",
-                        "reviewer_class": said}
+                data = {"csrf": csrf, "prediction_id": pid, "verdict": f"class:{said}"}  # referred or not
                 assert client.post(f"/review/case/{case_id}/verdict", data=data).status_code == 303
     out = tmp_path / "reviewed"
     done = serve_cli(["export-reviews", out, "--database", f"sqlite:///{station.db}", "--store-dir", station.store],
@@ -543,7 +707,8 @@ def test_export_reviews_is_a_training_set_train_py_reads(station, tiny_data, tmp
     assert run_script("train", ["--config", overlay, "--model", "resnet18", "--set",
                                 "dataset.group_pattern=^([^_]+)_"]) == 0
     manifest = json.loads(next((tmp_path / "splits").glob("*.json")).read_text())
-    assert sum(manifest["sizes"].values()) == len(written) - 1 and manifest["class_folders"] == sorted(truth.values())
+    classed = [w for w in written if not w.startswith(".findings/") and w != "verdicts.csv"]
+    assert sum(manifest["sizes"].values()) == len(classed) and manifest["class_folders"] == sorted(truth.values())
 
 
 # ---- the monitoring panel's judgement ------------------------------------------------------------------------
