@@ -23,7 +23,7 @@ import numpy as np
 
 from core.cli import add_common_args, config_from_args, run
 from core.errors import UserError
-from data.images import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, ImageReadError
+from data.images import ImageReadError, image_files
 from deploy.policy import serving_warning
 from deploy.predictors import prediction_record
 from deploy.registry import INT8_FLAVOR, connect, load_predictor, registered_name, resolve_version
@@ -46,18 +46,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the report")
     p.add_argument("--gradcam", default=None, metavar="OUT_DIR", help="write Grad-CAM overlays here (PyTorch flavor)")
     return p
-
-
-def expand_inputs(items: list[str]) -> list[Path]:
-    """Folders become their image files (sorted); files are kept as given, even with odd suffixes."""
-    paths = []
-    for item in map(Path, items):
-        if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith(".")
-                            and p.suffix.lower() in IMAGE_EXTENSIONS + DICOM_EXTENSIONS)
-        else:
-            paths.append(item)
-    return paths
 
 
 def print_predictions(predictor, path: Path) -> list[dict]:
@@ -105,7 +93,7 @@ def main(args) -> int:
     if args.stage:
         alias = args.stage.lower()
         print(f"note: MLflow stages are deprecated; using the alias @{alias}", file=sys.stderr)
-    paths = expand_inputs(args.image)
+    paths = image_files(args.image)
     if not paths:
         raise UserError(f"no image files in {' '.join(args.image)}")
     client = connect(cfg.monitoring.mlflow)

@@ -184,6 +184,19 @@ def split_frame_name(name: str | Path) -> tuple[Path, int | None]:
     return Path(text), None
 
 
+def image_files(items) -> list[Path]:
+    """Folders become their image and DICOM files (sorted, hidden files left out); files are kept as given, even
+    with odd suffixes (the decoder judges them)."""
+    paths = []
+    for item in map(Path, items):
+        if item.is_dir():
+            paths += sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith(".")
+                            and p.suffix.lower() in IMAGE_EXTENSIONS + DICOM_EXTENSIONS)
+        else:
+            paths.append(item)
+    return paths
+
+
 def is_dicom(path: str | Path) -> bool:
     return Path(path).suffix.lower() in DICOM_EXTENSIONS
 

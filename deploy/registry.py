@@ -226,12 +226,16 @@ def load_pytorch_flavor(model_uri: str):
             raise UserError(f"refused to load {model_uri}: {exc.message.splitlines()[0]}") from None
 
 
-def load_predictor(client, mv, workdir: Path, flavor: str = "auto", session_config: dict[str, str] | None = None):
-    """(predictor, version used, flavor name): ONNX Runtime when an ONNX flavor exists (auto), else PyTorch;
-    the int8 ONNX model only when asked for (flavor "onnx-int8") or named. `session_config`: ONNX Runtime
-    session entries for the ONNX flavors."""
+def onnx_artifact(client, mv, workdir: Path, flavor: str = "auto"):
+    """(the version's ONNX file, downloaded; the version it belongs to; "onnx" or "onnx-int8"), or None when the
+    flavor asked for is PyTorch or the version has no ONNX flavor (auto). The int8 file only when asked for
+    (flavor "onnx-int8") or named."""
     if flavor == INT8_FLAVOR or (flavor == "auto" and mv.name.endswith(f"-{INT8_FLAVOR}")):
-        return load_int8_predictor(client, mv, workdir, session_config)
+        twin = int8_twin(client, mv)
+        files = sorted(download(twin, Path(workdir) / INT8_FLAVOR).rglob("*.onnx"))
+        if not files:
+            raise UserError(f"{twin.name} v{twin.version} holds no ONNX file")
+        return files[0], twin, INT8_FLAVOR
     if mv.name.endswith(f"-{INT8_FLAVOR}"):
         raise UserError(f"{mv.name} is the int8 ONNX model; for the {flavor} flavor use "
                         f"{mv.name.removesuffix('-' + INT8_FLAVOR)}")
@@ -239,12 +243,20 @@ def load_predictor(client, mv, workdir: Path, flavor: str = "auto", session_conf
     if flavor == "onnx" and twin is None:
         raise UserError(f"{mv.name} v{mv.version} has no ONNX flavor registered")
     if twin is not None:
-        from deploy.predictors import OnnxPredictor
-
-        folder = download(twin, Path(workdir) / "onnx")
-        return OnnxPredictor(next(folder.rglob("*.onnx")), session_config=session_config), twin, "onnx"
+        return next(download(twin, Path(workdir) / "onnx").rglob("*.onnx")), twin, "onnx"
     if mv.name.endswith("-onnx"):
         raise UserError(f"{mv.name} is the ONNX flavor; for PyTorch use {mv.name.removesuffix('-onnx')}")
+    return None
+
+
+def load_predictor(client, mv, workdir: Path, flavor: str = "auto", session_config: dict[str, str] | None = None):
+    """(predictor, version used, flavor name): ONNX Runtime when an ONNX flavor exists (auto), else PyTorch;
+    the int8 ONNX model only when asked for (flavor "onnx-int8") or named. `session_config`: ONNX Runtime
+    session entries for the ONNX flavors."""
+    found = onnx_artifact(client, mv, workdir, flavor)
+    if found is not None:
+        path, used, name = found
+        return onnx_predictor(path, name, f"{used.name} v{used.version}", session_config), used, name
     folder = download(mv, Path(workdir) / "pytorch")
     checkpoints = sorted(folder.rglob("*.pth"))
     if not checkpoints:
@@ -253,6 +265,20 @@ def load_predictor(client, mv, workdir: Path, flavor: str = "auto", session_conf
     from deploy.predictors import TorchPredictor
 
     return TorchPredictor(checkpoints[0]), mv, "pytorch"
+
+
+def onnx_predictor(path: Path, flavor: str, what: str, session_config: dict[str, str] | None = None,
+                   threads: int | None = None):
+    """An OnnxPredictor on a registered ONNX file (`what`: its name and version, for messages); the int8 file on
+    the CPU provider (its QDQ kernels are CPU kernels), and refused unless its contract says int8."""
+    from deploy.predictors import OnnxPredictor
+
+    providers = ["CPUExecutionProvider"] if flavor == INT8_FLAVOR else None
+    predictor = OnnxPredictor(path, providers=providers, threads=threads, session_config=session_config)
+    if flavor == INT8_FLAVOR and predictor.contract.extra.get("precision") != "int8":
+        raise UserError(f"{what} is not an int8 model (its contract says precision "
+                        f"{predictor.contract.extra.get('precision', 'fp32')})")
+    return predictor
 
 
 # ---- the int8 ONNX model: a third registered model, brain-cancer-{model}-onnx-int8 ----------------------
@@ -287,19 +313,3 @@ def int8_twin(client, mv):
     if not linked:
         raise UserError(f"{mv.name} v{mv.version} has no int8 model registered (python register_model.py ... --int8)")
     return client.get_model_version(f"{mv.name.removesuffix('-onnx')}-{INT8_FLAVOR}", linked)
-
-
-def load_int8_predictor(client, mv, workdir: Path, session_config: dict[str, str] | None = None):
-    """(OnnxPredictor of the int8 file on the CPU provider, the int8 version, "onnx-int8")."""
-    from deploy.predictors import OnnxPredictor
-
-    twin = int8_twin(client, mv)
-    folder = download(twin, Path(workdir) / INT8_FLAVOR)
-    files = sorted(folder.rglob("*.onnx"))
-    if not files:
-        raise UserError(f"{twin.name} v{twin.version} holds no ONNX file")
-    predictor = OnnxPredictor(files[0], providers=["CPUExecutionProvider"], session_config=session_config)
-    if predictor.contract.extra.get("precision") != "int8":
-        raise UserError(f"{twin.name} v{twin.version} is not an int8 model (its contract says precision "
-                        f"{predictor.contract.extra.get('precision', 'fp32')})")
-    return predictor, twin, INT8_FLAVOR

@@ -1,7 +1,7 @@
 """The review station's tables, in the audit database beside serving's `predictions` (component "review").
 
 A verdict is a row that is never changed: a reviewer who changes their mind adds a row, and the latest row of a
-prediction is its current verdict (on sqlite a trigger refuses UPDATE and DELETE on the table).
+prediction is its current verdict (on sqlite and PostgreSQL a trigger refuses UPDATE and DELETE on the table).
 """
 from __future__ import annotations
 
@@ -108,6 +108,17 @@ def _reading(conn: Connection) -> None:
     metadata.create_all(conn, tables=[withdrawn, flags], checkfirst=True)
 
 
-MIGRATIONS = {"review": (Migration(1, "reviewers, sessions, cases, worklist items, verdicts", _create),),
+def _freeze_verdicts_on_postgresql(conn: Connection) -> None:
+    """PostgreSQL refuses UPDATE and DELETE on verdicts as sqlite's triggers do (v1 made those)."""
+    if conn.dialect.name != "postgresql":
+        return
+    conn.execute(text("CREATE OR REPLACE FUNCTION review_verdicts_never_change() RETURNS trigger LANGUAGE plpgsql "
+                      "AS $$ BEGIN RAISE EXCEPTION 'verdicts are never changed: record a new one'; END $$"))
+    conn.execute(text("CREATE TRIGGER review_verdicts_no_change BEFORE UPDATE OR DELETE ON review_verdicts "
+                      "FOR EACH ROW EXECUTE FUNCTION review_verdicts_never_change()"))
+
+
+MIGRATIONS = {"review": (Migration(1, "reviewers, sessions, cases, worklist items, verdicts", _create),
+                         Migration(2, "verdicts never change on PostgreSQL too", _freeze_verdicts_on_postgresql)),
               "review_reading": (Migration(1, "verdict findings, undone verdicts, flagged slices, upload batches",
                                            _reading),)}

@@ -160,6 +160,11 @@ FILTERS = {"study_uid": predictions.c.study_uid, "series_uid": predictions.c.ser
            "sop_instance_uid": predictions.c.sop_instance_uid, "case_id": predictions.c.case_id}
 
 
+def as_utc(stamp: datetime) -> datetime:
+    """A stored time in UTC: sqlite gives back the UTC time it was given without its offset, PostgreSQL with it."""
+    return stamp.replace(tzinfo=timezone.utc) if stamp.tzinfo is None else stamp.astimezone(timezone.utc)
+
+
 def find_predictions(engine: Engine, filters: dict[str, str], limit: int = 1000) -> list[dict]:
     """The recorded predictions matching every filter (FILTERS keys), oldest first, as the API answers them:
     the row's facts and the record's probabilities (and refer flag, when the source set one)."""
@@ -173,7 +178,7 @@ def find_predictions(engine: Engine, filters: dict[str, str], limit: int = 1000)
     for row in rows:
         record = json.loads(row["output_json"])
         out.append({"record_id": row["id"], "request_id": row["request_id"],
-                    "created_at": row["created_at"].isoformat(),
+                    "created_at": as_utc(row["created_at"]).isoformat(),
                     "source": row["source"], "client": row["client"], "case_id": row["case_id"],
                     "study_uid": row["study_uid"], "series_uid": row["series_uid"],
                     "sop_instance_uid": row["sop_instance_uid"], "frame": row["frame"], "filename": row["filename"],

@@ -15,7 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 # Bottom to top.
-LAYERS = ("core", "data", "series", "models", "evaluation", "training", "deploy", "serving", "review", "pacs", "ops")
+LAYERS = ("core", "data", "series", "models", "evaluation", "training", "deploy", "serving", "review", "pacs",
+          "archive", "ops")
 ABOVE_ALL = ("benchmarks", "tests")  # may import any package; no package imports them
 SCRIPTS = {p.stem for p in ROOT.glob("*.py")}
 

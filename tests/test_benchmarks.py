@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import bench_data, bench_inference, bench_precision, bench_serving, bench_training
 
 
@@ -62,3 +64,13 @@ def test_precision_smoke(tmp_path, capsys):
         low, value, high = run["val_acc"][1], run["val_acc"][0], run["val_acc"][2]
         assert low <= value <= high and run["peak_rss_mb"] > 0 and run["wall_s"] > 0
     assert results["runs"]["fp32"]["val_inside_reference_ci"]  # the reference lies inside its own interval
+
+
+def test_archive_smoke(tmp_path, capsys):
+    pytest.importorskip("ray", reason="Ray is optional: pip install -r requirements-scale.txt")
+    from benchmarks import bench_archive
+
+    results = run_smoke(bench_archive, tmp_path, capsys)
+    assert results["loop"]["per_s"]["median"] > 0 and results["ray"]["per_s_past_startup"]["median"] > 0
+    assert results["ray"]["runs"][0]["rows"] == 48 and results["ray"]["startup_s"]["median"] > 0
+    assert results["ratios"]["ray_past_startup/loop"] > 0

@@ -1,0 +1,62 @@
+"""The model stage (a Ray actor each): one ONNX Runtime session per actor, built once from the registered ONNX file
+and the contract inside it; each batch of decoded slices becomes output rows with the class, every probability and
+the refer flag. Error rows pass through with their error."""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from archive.table import OUTPUT
+from data.preprocess_numpy import preprocess_numpy
+from deploy.predictors import prediction_record
+from deploy.registry import onnx_predictor
+from review.refer import ReferRule
+
+# ONNX Runtime's threads spin after each call by default, taking the cores the decoding tasks need
+SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
+
+
+@dataclass(frozen=True)
+class ScoringModel:
+    """What an actor needs besides the ONNX file: the rows' model columns, the refer rule, its session's threads."""
+    identity: dict  # model_name, model_version, flavor, run_id
+    rule: ReferRule
+    threads: int = 1
+
+
+class Scorer:
+    """Called with a DECODED batch, returns OUTPUT rows."""
+
+    def __init__(self, model: ScoringModel, onnx_bytes: bytes):
+        what = f"{model.identity['model_name']} v{model.identity['model_version']}"
+        with tempfile.TemporaryDirectory() as tmp:  # the session reads the file once, at creation
+            path = Path(tmp) / "model.onnx"
+            path.write_bytes(onnx_bytes)
+            self.predictor = onnx_predictor(path, model.identity["flavor"], what, SESSION_CONFIG, model.threads)
+        self.model = model
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        ok = [r for r in rows if r["error"] is None]
+        c = self.predictor.contract
+        grays = [np.frombuffer(r["pixels"], dtype=np.uint8).reshape(c.img_size, c.img_size) for r in ok]
+        probs = (self.predictor.predict_array(np.concatenate([preprocess_numpy(g, c.mean, c.std) for g in grays]))
+                 if ok else [])
+        stamp = {**self.model.identity, "kind": "image", "scored_at": datetime.now(timezone.utc)}
+        out = [self.judged(r, g, p) | stamp for r, g, p in zip(ok, grays, probs)]
+        out += [{k: r[k] for k in OUTPUT.names if k in r} | stamp for r in rows if r["error"] is not None]
+        return pa.Table.from_pylist(out, schema=OUTPUT)
+
+    def judged(self, row: dict, gray: np.ndarray, probs: np.ndarray) -> dict:
+        record = prediction_record(row["path"], probs, self.predictor.class_names)
+        verdict = self.model.rule.assess(record, gray)
+        return {k: row[k] for k in OUTPUT.names if k in row} | {
+            "predicted_class": record["predicted_class"], "class_index": record["class_index"],
+            "confidence": record["confidence"], "probabilities": json.dumps(record["probabilities"]),
+            "refer": verdict.refer, "refer_reasons": "; ".join(verdict.reasons) or None}
