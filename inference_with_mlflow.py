@@ -25,7 +25,6 @@ from core.cli import add_common_args, config_from_args, run
 from core.errors import UserError
 from data.images import ImageReadError, image_files
 from deploy.policy import serving_warning
-from deploy.predictors import prediction_record
 from deploy.registry import INT8_FLAVOR, connect, load_predictor, registered_name, resolve_version
 
 
@@ -56,8 +55,8 @@ def print_predictions(predictor, path: Path) -> list[dict]:
     print(f"✅ Image preprocessed successfully (shape: {tuple(items[0][1].shape)}"
           + (f", {len(items)} frames)" if len(items) > 1 else ")"))
     print("🔮 Making prediction...")
-    probs = predictor.predict_array(np.concatenate([x for _, x in items]))
-    records = [prediction_record(name, p, predictor.class_names) for (name, _), p in zip(items, probs)]
+    out = predictor.infer(np.concatenate([x for _, x in items]))
+    records = [predictor.record(name, out, i) for i, (name, _) in enumerate(items)]
     for record in records:
         print_record(record, several=len(records) > 1)
     return records

@@ -19,6 +19,7 @@ from core.tracking import RunTracker, experiment_name, wandb_project
 from data.manifest import prepare_split
 from data.normalization import intensity_reference, resolve_normalization
 from deploy.automation import release_after_training
+from evaluation.answer_checks import attach_answer_checks
 from models.zoo import build_model
 from training.banner import banner_lines
 from training.distributed import DistInfo, init_distributed, main_first, shutdown
@@ -112,10 +113,10 @@ def train_on(cfg: Config, args, info: DistInfo, device, split, stats: tuple) -> 
             if source == "precomputed":  # computed/imagenet statistics are in the params above
                 tracker.log_artifact(cfg.dataset.stats_path, "normalization")
         outcome = fit(t, tracker, stop)
-        return finish(cfg, t, tracker, outcome, main_rank)
+        return finish(cfg, t, tracker, outcome, main_rank, split)
 
 
-def finish(cfg: Config, t, tracker, outcome: str, main_rank: bool) -> int:
+def finish(cfg: Config, t, tracker, outcome: str, main_rank: bool, split) -> int:
     out = cfg.output_dir
     if outcome == "interrupted":
         tracker.close("KILLED")
@@ -127,6 +128,8 @@ def finish(cfg: Config, t, tracker, outcome: str, main_rank: bool) -> int:
         print(t.stopper.summary())
         tracker.log_metrics({f"best_{cfg.train.monitor}": t.stopper.best, "best_epoch": t.stopper.best_epoch})
         if (out / "best_model.pth").is_file():
+            # fitted on the best weights, before anything reads them: OOD limit and conformal thresholds
+            attach_answer_checks(cfg, out / "best_model.pth", split, t.device)
             tracker.log_artifact(out / "best_model.pth", "checkpoints")
         print(f"Checkpoints in {out} ({'early stop' if outcome == 'early_stop' else 'all epochs done'})")
         release_after_training(cfg, t.device, tracker)  # registry.auto_register / auto_promote; never fails the run

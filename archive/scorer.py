@@ -14,7 +14,6 @@ import pyarrow as pa
 
 from archive.table import OUTPUT
 from data.preprocess_numpy import preprocess_numpy
-from deploy.predictors import prediction_record
 from deploy.registry import onnx_predictor
 from review.refer import ReferRule
 
@@ -46,15 +45,15 @@ class Scorer:
         ok = [r for r in rows if r["error"] is None]
         c = self.predictor.contract
         grays = [np.frombuffer(r["pixels"], dtype=np.uint8).reshape(c.img_size, c.img_size) for r in ok]
-        probs = (self.predictor.predict_array(np.concatenate([preprocess_numpy(g, c.mean, c.std) for g in grays]))
-                 if ok else [])
+        answers = self.predictor.infer(np.concatenate([preprocess_numpy(g, c.mean, c.std) for g in grays])) if ok \
+            else None
         stamp = {**self.model.identity, "kind": "image", "scored_at": datetime.now(timezone.utc)}
-        out = [self.judged(r, g, p) | stamp for r, g, p in zip(ok, grays, probs)]
+        out = [self.judged(r, g, self.predictor.record(r["path"], answers, i)) | stamp
+               for i, (r, g) in enumerate(zip(ok, grays))]
         out += [{k: r[k] for k in OUTPUT.names if k in r} | stamp for r in rows if r["error"] is not None]
         return pa.Table.from_pylist(out, schema=OUTPUT)
 
-    def judged(self, row: dict, gray: np.ndarray, probs: np.ndarray) -> dict:
-        record = prediction_record(row["path"], probs, self.predictor.class_names)
+    def judged(self, row: dict, gray: np.ndarray, record: dict) -> dict:
         verdict = self.model.rule.assess(record, gray)
         return {k: row[k] for k in OUTPUT.names if k in row} | {
             "predicted_class": record["predicted_class"], "class_index": record["class_index"],

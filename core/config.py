@@ -266,6 +266,16 @@ class SeriesSection(Section):
     unlike_share: Fraction = 0.5          # more than this share of slices unlike the training data: referred
 
 
+class OodSection(Section):
+    """The feature-space out-of-distribution check fitted after training (evaluation/answer_checks.py, docs/ood.md)."""
+    percentile: Annotated[float, Field(gt=50, le=100)] = 95.0  # limit: this percentile of the validation distances
+
+
+class ConformalSection(Section):
+    """Split-conformal prediction sets calibrated on the validation split (core/conformal.py, docs/ood.md)."""
+    alpha: Annotated[float, Field(gt=0, lt=0.5)] = 0.05  # sets miss the true class on at most this share
+
+
 class ImagesSection(Section):
     """Bounds on every decoded file (data.images.set_limits): a file over one is refused, by path, and skipped."""
     max_pixels: PositiveInt = 50_000_000  # per image or frame; an MRI slice is well under 1 Mpx
@@ -356,6 +366,8 @@ class Config(Section):
     review: ReviewSection = ReviewSection()
     images: ImagesSection = ImagesSection()
     series: SeriesSection = SeriesSection()
+    ood: OodSection = OodSection()
+    conformal: ConformalSection = ConformalSection()
 
     @field_validator("models")
     @classmethod

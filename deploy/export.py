@@ -17,6 +17,7 @@ import torch
 
 from core.contract import INPUT_NAME, OUTPUT_NAME, Contract
 from core.errors import UserError
+from core.feature_ood import OOD_OUTPUT
 from core.fileio import publish, temporary_path, write_text_atomic
 from deploy.predictors import preprocess_path, softmax
 from deploy.registry import INT8_FLAVOR
@@ -34,6 +35,9 @@ LABELS = {"onnx": "ONNX", "torchscript": "TorchScript", "pt2": "torch.export (.p
 # (differences ~1e-6 here); 1e-4 is below the 0.01 % a printed confidence can show, while a wrong
 # graph, missing normalization or a baked-in batch size moves probabilities by far more.
 PROB_TOLERANCE = 1e-4
+# Parity tolerance on the feature-space distance, relative: float32 sums over hundreds of features reorder too
+# (~1e-6 here); a missing whitening or a wrong class mean moves it by tens of percent.
+OOD_TOLERANCE = 1e-3
 CONTRACT_FILE = "contract.json"  # its name inside the TorchScript / .pt2 archives
 
 
@@ -44,10 +48,27 @@ class ParityResult:
     max_abs_logit: float
     max_abs_prob: float
     same_argmax: bool
+    max_rel_ood: float | None = None  # the feature-space distance (None: the model has no such output)
 
     @property
     def passed(self) -> bool:
-        return self.max_abs_prob <= PROB_TOLERANCE and self.same_argmax
+        ood_ok = self.max_rel_ood is None or self.max_rel_ood <= OOD_TOLERANCE
+        return self.max_abs_prob <= PROB_TOLERANCE and self.same_argmax and ood_ok
+
+
+def split_outputs(out) -> tuple[np.ndarray, np.ndarray | None]:
+    """(logits, distances or None) of a model or artifact that returns logits alone or (logits, ood_distance)."""
+    if isinstance(out, (tuple, list)):
+        logits, distance = (t.detach().numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in out)
+        return logits, distance.reshape(-1)
+    return (out.detach().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)), None
+
+
+def output_names(model: torch.nn.Module) -> list[str]:
+    """The artifact's outputs: logits, and the feature-space distance when the model computes it."""
+    from models.features import ScoredModel
+
+    return [OUTPUT_NAME, OOD_OUTPUT] if isinstance(model, ScoredModel) else [OUTPUT_NAME]
 
 
 def example_input(img_size: int, batch: int = 2) -> torch.Tensor:
@@ -66,7 +87,7 @@ def export_onnx(model: torch.nn.Module, contract: Contract, out_path) -> Path:
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     program = torch.onnx.export(model.eval(), (example_input(contract.img_size),), None, dynamo=True,
-                                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                input_names=[INPUT_NAME], output_names=output_names(model),
                                 dynamic_shapes=({0: batch_dim()},), external_data=False,
                                 verbose=False)
     program.model.metadata_props.update(contract.to_onnx_metadata())
@@ -112,18 +133,18 @@ def write_contract_json(contract: Contract, out_dir) -> Path:
     return path
 
 
-def load_runner(fmt: str, path) -> Callable[[np.ndarray], np.ndarray]:
-    """The exported artifact as a function: float32 (N, 3, S, S) -> logits (N, C)."""
+def load_runner(fmt: str, path) -> Callable[[np.ndarray], tuple]:
+    """The exported artifact as a function: float32 (N, 3, S, S) -> (logits (N, C), distances (N,) or None)."""
     if fmt == "onnx":
         from deploy.predictors import OnnxPredictor
 
-        return OnnxPredictor(path, providers=["CPUExecutionProvider"]).logits
+        return OnnxPredictor(path, providers=["CPUExecutionProvider"]).outputs
     module = torch.jit.load(str(path), map_location="cpu") if fmt == "torchscript" else \
         torch.export.load(str(path)).module()
 
-    def run(x: np.ndarray) -> np.ndarray:
+    def run(x: np.ndarray) -> tuple:
         with torch.no_grad():
-            return module(torch.from_numpy(x)).numpy()
+            return split_outputs(module(torch.from_numpy(x)))
     return run
 
 
@@ -137,12 +158,19 @@ def parity_inputs(paths: list, contract: Contract, n: int = 8) -> np.ndarray:
 def check_parity(fmt: str, model: torch.nn.Module, runner, x: np.ndarray) -> ParityResult:
     """Artifact vs PyTorch on the whole batch and on one image alone (proves the batch is dynamic)."""
     with torch.no_grad():
-        ref = model.eval()(torch.from_numpy(x)).numpy()
-    got = np.concatenate([runner(x), runner(x[:1])], axis=0)
+        out = model.eval()(torch.from_numpy(x))
+    ref, ref_ood = split_outputs(out)
+    (whole, whole_ood), (one, one_ood) = split_outputs(runner(x)), split_outputs(runner(x[:1]))
+    got = np.concatenate([whole, one], axis=0)
     ref = np.concatenate([ref, ref[:1]], axis=0)
     p_ref, p_got = softmax(ref.astype(np.float64)), softmax(got.astype(np.float64))
+    rel_ood = None
+    if ref_ood is not None:
+        got_ood = np.concatenate([whole_ood, one_ood]) if whole_ood is not None else np.full(len(ref), np.inf)
+        ref_ood = np.concatenate([ref_ood, ref_ood[:1]]).astype(np.float64)
+        rel_ood = float((np.abs(got_ood - ref_ood) / np.maximum(np.abs(ref_ood), 1e-6)).max())
     return ParityResult(fmt, len(x), float(np.abs(got - ref).max()), float(np.abs(p_got - p_ref).max()),
-                        bool((p_got.argmax(1) == p_ref.argmax(1)).all()))
+                        bool((p_got.argmax(1) == p_ref.argmax(1)).all()), rel_ood)
 
 
 def format_size(n_bytes: int) -> str:
@@ -168,7 +196,9 @@ def export_checked(fmt: str, model: torch.nn.Module, contract: Contract, path,
 def parity_line(result: ParityResult) -> str:
     return (f"parity vs PyTorch on {result.n_images} images (+ batch of 1): max |Δlogit| {result.max_abs_logit:.2e}, "
             f"max |Δprob| {result.max_abs_prob:.2e} (tolerance {PROB_TOLERANCE:.0e}), "
-            f"same predicted class: {'yes' if result.same_argmax else 'NO'}")
+            f"same predicted class: {'yes' if result.same_argmax else 'NO'}"
+            + ("" if result.max_rel_ood is None else
+               f", max relative Δ{OOD_OUTPUT} {result.max_rel_ood:.2e} (tolerance {OOD_TOLERANCE:.0e})"))
 
 
 @dataclass
@@ -185,10 +215,10 @@ class ExportSource:
 
 def export_source(cfg: Config, checkpoint, model_flag: str | None, resplit: bool = False, n_images: int = 8,
                   log=print) -> ExportSource:
-    from models.loading import model_from_checkpoint
+    from models.loading import answering_model
 
     opened = open_checkpoint(cfg, checkpoint, model_flag, resplit, same_split=False, log=log)
     x = parity_inputs(opened.split.samples("test")[0], opened.contract, n_images)
     log(f"🔍 Parity inputs: {len(x)} test images of {opened.split.manifest_path}, preprocessed with the "
         "checkpoint's contract")
-    return ExportSource(opened, model_from_checkpoint(opened.ckpt, "cpu"), x)
+    return ExportSource(opened, answering_model(opened.ckpt, "cpu"), x)

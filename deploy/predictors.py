@@ -6,11 +6,14 @@ with weights_only=True) and adds Grad-CAM, which needs the real module. torch is
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from core.conformal import CONFORMAL_KEY, prediction_set
 from core.contract import Contract
+from core.feature_ood import FEATURE_OOD_KEY, OOD_OUTPUT, feature_limit
 from data.images import load_frames, load_gray
 from data.preprocess_numpy import preprocess_numpy
 
@@ -56,9 +59,35 @@ def prediction_record(path, probs: np.ndarray, class_names: list[str]) -> dict:
     }
 
 
+def answer_checks(probs: np.ndarray, distance: float | None, contract: Contract) -> dict:
+    """The record's fields that say whether to trust the answer: the feature-space distance and whether it is past
+    the model's limit (out of distribution), and the conformal prediction set; None where the model has no such
+    check (trained before they existed)."""
+    limit = feature_limit(contract.extra.get(FEATURE_OOD_KEY))
+    spec = contract.extra.get(CONFORMAL_KEY)
+    return {"ood_distance": None if distance is None else round(float(distance), 4),
+            "ood_limit": limit,
+            "out_of_distribution": None if distance is None or limit is None else bool(distance > limit),
+            "prediction_set": None if spec is None else prediction_set(probs, spec, list(contract.class_names))}
+
+
+@dataclass
+class Outputs:
+    """A batch's answers: softmax probabilities (N, C) and feature-space distances (N,) or None. Sliced as one
+    (the serving micro-batcher hands each request its rows)."""
+    probs: np.ndarray
+    ood: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.probs)
+
+    def __getitem__(self, rows: slice) -> Outputs:
+        return Outputs(self.probs[rows], None if self.ood is None else self.ood[rows])
+
+
 class Predictor:
-    """What every predictor shares: the contract's preprocessing and the output record.
-    Subclasses set `self.contract` and implement `logits`."""
+    """What every predictor shares: the contract's preprocessing, the one inference call (`infer`) and the output
+    record. Subclasses set `self.contract` and implement `logits` (and `outputs` when they give the distance)."""
 
     contract: Contract
 
@@ -74,13 +103,29 @@ class Predictor:
         """Raw model outputs (N, C) for preprocessed inputs (N, 3, S, S)."""
         raise NotImplementedError
 
+    def outputs(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits (N, C), feature-space distances (N,) or None) for preprocessed inputs (N, 3, S, S)."""
+        return self.logits(x), None
+
+    def infer(self, x: np.ndarray) -> Outputs:
+        """The one inference call every entry point makes: probabilities and distances of a preprocessed batch."""
+        logits, distance = self.outputs(x)
+        probs = softmax(np.asarray(logits, dtype=np.float64)).astype(np.float32)
+        return Outputs(probs, None if distance is None else np.asarray(distance, dtype=np.float64).reshape(-1))
+
     def predict_array(self, x: np.ndarray) -> np.ndarray:
         """Softmax probabilities (N, C) for preprocessed inputs (N, 3, S, S)."""
-        return softmax(np.asarray(self.logits(x), dtype=np.float64)).astype(np.float32)
+        return self.infer(x).probs
+
+    def record(self, name, out: Outputs, row: int) -> dict:
+        """The output record of one row of a batch: the prediction and its checks."""
+        distance = None if out.ood is None else out.ood[row]
+        return {**prediction_record(name, out.probs[row], self.class_names),
+                **answer_checks(out.probs[row], distance, self.contract)}
 
     def predict_path(self, path) -> dict:
         """One record: an image, or one frame named path#frame=K."""
-        return prediction_record(path, self.predict_array(self.preprocess(path))[0], self.class_names)
+        return self.record(path, self.infer(self.preprocess(path)), 0)
 
     def preprocess_file(self, path) -> list[tuple[str, np.ndarray]]:
         """(record name, (1, 3, S, S)) for every image in a file: one, or one per frame of a multi-frame DICOM."""
@@ -90,8 +135,8 @@ class Predictor:
     def predict_file(self, path) -> list[dict]:
         """One record per image in the file (a multi-frame DICOM gives one per frame, path#frame=K)."""
         items = self.preprocess_file(path)
-        probs = self.predict_array(np.concatenate([x for _, x in items]))
-        return [prediction_record(name, p, self.class_names) for (name, _), p in zip(items, probs)]
+        out = self.infer(np.concatenate([x for _, x in items]))
+        return [self.record(name, out, i) for i, (name, _) in enumerate(items)]
 
 
 class OnnxPredictor(Predictor):
@@ -117,10 +162,19 @@ class OnnxPredictor(Predictor):
         self.contract = contract
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
+        names = [o.name for o in self.session.get_outputs()]
+        self.ood_name = OOD_OUTPUT if OOD_OUTPUT in names else None  # files exported before it lack it
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         return self.session.run([self.output_name], {self.input_name: x})[0]
+
+    def outputs(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.ood_name is None:
+            return self.logits(x), None
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        logits, distance = self.session.run([self.output_name, self.ood_name], {self.input_name: x})
+        return logits, distance
 
 
 class TorchPredictor(Predictor):
@@ -130,19 +184,28 @@ class TorchPredictor(Predictor):
         import torch
 
         from core.checkpoint import load_checkpoint
+        from models.features import FEATURE_OOD_STATE, scored_model
         from models.loading import model_from_checkpoint
 
         ckpt = load_checkpoint(checkpoint_path)  # weights_only=True: nothing is unpickled
         self.contract = contract or Contract.from_checkpoint(ckpt)
         self.device = torch.device(device)
-        self.model = model_from_checkpoint(ckpt, self.device)
+        self.model = model_from_checkpoint(ckpt, self.device)  # the plain module: Grad-CAM hooks into it
+        state = ckpt.get(FEATURE_OOD_STATE)
+        self.scored = None if state is None else scored_model(self.model, state)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
+        return self.outputs(x)[0]
+
+    def outputs(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
 
         with torch.no_grad():
-            out = self.model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device))
-        return out.float().cpu().numpy()
+            x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+            if self.scored is None:
+                return self.model(x).float().cpu().numpy(), None
+            logits, distance = self.scored(x)
+        return logits.float().cpu().numpy(), distance.float().cpu().numpy()
 
     def _cam_model(self):
         from data.preprocess import Preprocessor

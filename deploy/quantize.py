@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from core.contract import INPUT_NAME, Contract
+from core.contract import INPUT_NAME, OUTPUT_NAME, Contract
 from core.errors import UserError
+from core.feature_ood import FEATURE_OOD_KEY, OOD_OUTPUT, feature_limit
 from core.fileio import publish
 from data.images import ImageReadError
 from data.preprocess import Preprocessor
@@ -79,10 +80,33 @@ def quantize_file(fp32_path: Path, out_path: Path, reader) -> Path:
         quant_pre_process(str(fp32_path), str(prepared))
         quantize_static(str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=distance_nodes(prepared))
     finally:
         prepared.unlink(missing_ok=True)
     return out_path
+
+
+def distance_nodes(onnx_path: Path) -> list[str]:
+    """The nodes that compute only the feature-space distance (past the features the classifier shares): kept in
+    float, since a per-tensor uint8 range over a squared distance would swamp the small ones that matter."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    outputs = [o.name for o in graph.output]
+    if OOD_OUTPUT not in outputs:
+        return []
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def ancestors(name: str) -> set[str]:
+        seen, todo = set(), [name]
+        while todo:
+            node = producer.get(todo.pop())
+            if node is not None and node.name not in seen:
+                seen.add(node.name)
+                todo.extend(node.input)
+        return seen
+
+    return sorted(ancestors(OOD_OUTPUT) - ancestors(OUTPUT_NAME))
 
 
 # ---- the gate ------------------------------------------------------------------------------------
@@ -96,6 +120,8 @@ class Int8Verdict:
     int8_accuracy: float
     confidence: float
     min_agreement: float = INT8_MIN_AGREEMENT
+    ood_rel_error: float | None = None  # median relative difference of the feature-space distance from fp32's
+    ood_flag_agreement: float | None = None  # share of test images both call in or out of distribution alike
 
     @property
     def passed(self) -> bool:
@@ -117,14 +143,26 @@ class Int8Verdict:
 
     def summary(self) -> str:
         low, high = self.ci
+        ood = "" if self.ood_rel_error is None else (
+            f"; feature distance: median relative difference {self.ood_rel_error:.2%}, the same out-of-distribution "
+            f"call on {self.ood_flag_agreement:.2%}")
         return (f"int8 vs fp32 on {self.n_test} test images: top-1 agreement {self.agreement:.2%} (needs "
                 f"{self.min_agreement:.0%}); accuracy int8 {self.int8_accuracy:.2%}, fp32 {self.fp32_accuracy:.2%} "
-                f"({self.confidence:.0%} CI {low:.2%}-{high:.2%})")
+                f"({self.confidence:.0%} CI {low:.2%}-{high:.2%})" + ood)
 
     def to_dict(self) -> dict:
         return {"n_test": self.n_test, "agreement": self.agreement, "min_agreement": self.min_agreement,
                 "int8_accuracy": self.int8_accuracy, "fp32_accuracy": self.fp32_accuracy,
-                "fp32_ci": list(self.ci), "confidence": self.confidence}
+                "fp32_ci": list(self.ci), "confidence": self.confidence,
+                "ood_rel_error": self.ood_rel_error, "ood_flag_agreement": self.ood_flag_agreement}
+
+    def compare_distances(self, fp32: np.ndarray | None, int8: np.ndarray | None, limit: float | None) -> None:
+        """The int8 file's feature-space distances against fp32's on the same test images (reported, not gated:
+        the distance is computed in float in both files, only the features it starts from are int8)."""
+        if fp32 is None or int8 is None or limit is None:
+            return
+        self.ood_rel_error = float(np.median(np.abs(int8 - fp32) / np.maximum(np.abs(fp32), 1e-6)))
+        self.ood_flag_agreement = float(((int8 > limit) == (fp32 > limit)).mean())
 
 
 def judge_int8(y_true, fp32_pred, int8_pred, n_classes: int, ev) -> Int8Verdict:
@@ -138,12 +176,13 @@ def judge_int8(y_true, fp32_pred, int8_pred, n_classes: int, ev) -> Int8Verdict:
                        min_agreement=INT8_MIN_AGREEMENT)
 
 
-def score_test_split(cfg: Config, src: ExportSource, onnx_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(true labels, predicted classes) of an ONNX file on the test split, through evaluate.py's own loop."""
+def score_test_split(cfg: Config, src: ExportSource, onnx_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(true labels, predicted classes, feature-space distances or None) of an ONNX file on the test split, through
+    evaluate.py's own loop."""
     c = src.contract
     pre = Preprocessor(c.mean, c.std)
     scored = predict_split(cfg, src.opened.split, "test", open_onnx(onnx_path), pre, c.img_size, torch.device("cpu"))
-    return scored.y_true, scored.y_prob.argmax(axis=1)
+    return scored.y_true, scored.y_prob.argmax(axis=1), scored.ood
 
 
 # ---- the export ----------------------------------------------------------------------------------
@@ -193,9 +232,10 @@ def export_int8(cfg: Config, src: ExportSource, out_path, n_calibration: int = C
         log(f"🔧 Calibrating int8 ranges on {len(sample)} training images")
         reader = calibration_reader(sample, src.contract)
         int8_path = quantize_file(fp32_path, Path(tmp) / "int8.onnx", reader)
-        y, fp32_pred = score_test_split(cfg, src, fp32_path)
-        _, int8_pred = score_test_split(cfg, src, int8_path)
+        y, fp32_pred, fp32_ood = score_test_split(cfg, src, fp32_path)
+        _, int8_pred, int8_ood = score_test_split(cfg, src, int8_path)
         verdict = judge_int8(y, fp32_pred, int8_pred, len(src.contract.class_names), cfg.evaluation)
+        verdict.compare_distances(fp32_ood, int8_ood, feature_limit(src.contract.extra.get(FEATURE_OOD_KEY)))
         log(f"   {verdict.summary()}")
         if not verdict.passed:
             stale = " (the earlier int8 file there, made from another model, was removed)" if out_path.exists() else ""

@@ -93,6 +93,17 @@ def find_release(client, name: str, semver: str):
     return found[0] if found else None
 
 
+def named_outputs(outputs: tuple) -> dict:
+    """A model's outputs by the names the contract gives them (logits, then the feature-space distance)."""
+    import numpy as np
+
+    from core.contract import OUTPUT_NAME
+    from core.feature_ood import OOD_OUTPUT
+
+    return {name: np.asarray(o.detach() if hasattr(o, "detach") else o)
+            for name, o in zip((OUTPUT_NAME, OOD_OUTPUT), outputs)}
+
+
 def log_flavors(model, onnx_path: Path, example, extra_files: list[Path]) -> dict[str, str]:
     """Log both flavors into the active MLflow run, with signature and a real input example; their URIs."""
     import mlflow
@@ -104,7 +115,8 @@ def log_flavors(model, onnx_path: Path, example, extra_files: list[Path]) -> dic
     from deploy.predictors import default_providers
 
     with torch.no_grad():
-        signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+        out = model(torch.from_numpy(example))
+    signature = infer_signature(example, named_outputs(out if isinstance(out, tuple) else (out,)))
     extras = [str(p) for p in extra_files]
     if len(example) < 2:  # a batch of 1 would make torch.export fix the batch size
         example = example.repeat(2, axis=0)
@@ -297,7 +309,8 @@ def log_int8_flavor(int8_path: Path, example, extra_files: list[Path]) -> str:
 
     from deploy.predictors import OnnxPredictor
 
-    signature = infer_signature(example, OnnxPredictor(int8_path, providers=["CPUExecutionProvider"]).logits(example))
+    outputs = OnnxPredictor(int8_path, providers=["CPUExecutionProvider"]).outputs(example)
+    signature = infer_signature(example, named_outputs(tuple(o for o in outputs if o is not None)))
     info = mlflow.onnx.log_model(onnx_model=onnx.load(str(int8_path)), name="onnx_int8_model", signature=signature,
                                  input_example=example, extra_files=[str(p) for p in extra_files],
                                  save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"],

@@ -201,7 +201,7 @@ def log_models(cfg: Config, src, onnx_path: Path, card_path: Path, tags: dict, l
                     mlflow.log_artifact(str(src.opened.path.parent / name), "evaluation")
     log(f"📝 Best PyTorch and ONNX models logged to MLflow (run {tracker.mlflow_run_id})")
     module = load_pytorch_flavor(uris["pytorch"])
-    pt2 = check_parity("pt2", src.model, lambda x: module(torch.from_numpy(x)).detach().numpy(), src.x)
+    pt2 = check_parity("pt2", src.model, lambda x: module(torch.from_numpy(x)), src.x)
     log(f"✅ Logged pt2 flavor, loaded with MLflow's pickle guard on: {parity_line(pt2)}")
     if not pt2.passed:
         raise UserError("the logged PyTorch flavor does not match the checkpoint; not registered")

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 
 class OnnxModule(torch.nn.Module):
-    """Logits from an ONNX Runtime session (CPU) for a float batch (N, 3, S, S) on any device."""
+    """Logits from an ONNX Runtime session (CPU) for a float batch (N, 3, S, S) on any device; (logits,
+    ood_distance) when the file has the feature-space distance output, as the PyTorch model it came from."""
 
     def __init__(self, predictor: OnnxPredictor):
         super().__init__()
@@ -27,9 +28,12 @@ class OnnxModule(torch.nn.Module):
     def contract(self):
         return self.predictor.contract
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.predictor.logits(x.detach().float().cpu().numpy())
-        return torch.from_numpy(np.asarray(logits, dtype=np.float32)).to(x.device)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        logits, distance = self.predictor.outputs(x.detach().float().cpu().numpy())
+        logits = torch.from_numpy(np.asarray(logits, dtype=np.float32)).to(x.device)
+        if distance is None:
+            return logits
+        return logits, torch.from_numpy(np.asarray(distance, dtype=np.float32)).to(x.device)
 
 
 def open_onnx(path: str | Path, threads: int | None = None) -> OnnxModule:

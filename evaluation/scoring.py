@@ -19,6 +19,7 @@ from evaluation.record import calibration_summary, evaluation_record, monitoring
 from evaluation.reports import write_json, write_predictions, write_report
 from evaluation.series_level import SeriesEvaluation, evaluate_series, write_series_predictions
 from evaluation.timing import measure_inference
+from models.features import FEATURE_OOD_STATE, scored_model
 from models.loading import model_from_checkpoint
 
 if TYPE_CHECKING:
@@ -44,15 +45,19 @@ def evaluate_checkpoint(cfg: Config, opened: OpenedCheckpoint, device, calibrate
     """Score the checkpoint on the test split with its own preprocessing (not the config's) and judge the gates;
     `model` (an exported file behind nn.Module's call, described by `artifact`) replaces the checkpoint's model."""
     contract = opened.contract
-    model = model if model is not None else model_from_checkpoint(opened.ckpt, device)
+    answering = model
+    if model is None:  # the plain module for Grad-CAM; it answers with its feature-space distance when fitted
+        model = model_from_checkpoint(opened.ckpt, device)
+        state = opened.ckpt.get(FEATURE_OOD_STATE)
+        answering = model if state is None else scored_model(model, state)
     pre = Preprocessor(contract.mean, contract.std).to(device)
     with HardwareSampler() as hardware:  # CPU, RAM and GPU readings while the evaluation runs
-        test = predict_split(cfg, opened.split, "test", model, pre, contract.img_size, device)
+        test = predict_split(cfg, opened.split, "test", answering, pre, contract.img_size, device)
         val = None
         if calibrate:
-            scored_val = predict_split(cfg, opened.split, "val", model, pre, contract.img_size, device)
+            scored_val = predict_split(cfg, opened.split, "val", answering, pre, contract.img_size, device)
             val = (scored_val.y_true, scored_val.y_prob)
-        timing = measure_inference(model, pre, test.dataset, cfg.recipe.batch_size, device,
+        timing = measure_inference(answering, pre, test.dataset, cfg.recipe.batch_size, device,
                                    cfg.evaluation.timing_warmup, cfg.evaluation.timing_runs)
     scores = score_predictions(test.y_true, test.y_prob, opened.class_names, cfg.evaluation)
     calibration, bins, bins_after = calibration_summary(test.y_true, test.y_prob, cfg.evaluation.ece_bins, val)

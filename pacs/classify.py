@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from core.fileio import temporary_path
 from data.images import ImageReadError, frame_name, load_frames, split_frame_name
 from data.preprocess_numpy import preprocess_numpy
-from deploy.predictors import Predictor, prediction_record
+from deploy.predictors import Predictor
 
 
 @contextlib.contextmanager
@@ -47,11 +47,11 @@ def classify_instance(predictor: Predictor, path: Path, ds: Dataset) -> tuple[li
         items = load_frames(path, c.img_size)
     except ImageReadError as exc:
         raise ImageReadError(str(exc).replace(f"{path}: ", "").replace(str(path), "instance")) from None
-    probs = predictor.predict_array(np.concatenate([preprocess_numpy(gray, c.mean, c.std) for _, gray in items]))
+    out = predictor.infer(np.concatenate([preprocess_numpy(gray, c.mean, c.std) for _, gray in items]))
     uids = instance_uids(ds)
     records = []
-    for (name, _), p in zip(items, probs):
+    for row, (name, _) in enumerate(items):
         frame = split_frame_name(name)[1]
-        record = prediction_record(frame_name(uids["sop_instance_uid"], frame), p, predictor.class_names)
+        record = predictor.record(frame_name(uids["sop_instance_uid"], frame), out, row)
         records.append({**record, **uids, "frame": frame})
     return records, [gray for _, gray in items]

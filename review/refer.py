@@ -1,10 +1,12 @@
 """The refer rule: when the page says "refer" instead of pushing a class.
 
-Either the top probability is under `review.refer_below` (the calibrated one when the registered version's
-evaluation fitted a temperature, as the page shows it), or the slice is unlike the training data: its intensity
-histogram lies farther from the training split's than `review.drift_limit` (default: the model's own limit,
-the 99th percentile of its validation slices' distances, stored with the model at training time). A model
-trained without that reference says so, and is never guessed at.
+The prediction record's own checks (deploy.predictors.answer_checks, the same in every entry point) refer a slice
+whose penultimate-layer features lie past the model's out-of-distribution limit, and one whose conformal
+prediction set holds more than one class. Besides, either the top probability is under `review.refer_below` (the
+calibrated one when the registered version's evaluation fitted a temperature, as the page shows it), or the slice
+is unlike the training data: its intensity histogram lies farther from the training split's than
+`review.drift_limit` (default: the model's own limit, the 99th percentile of its validation slices' distances,
+stored with the model at training time). A model trained without that reference says so, and is never guessed at.
 
 `ReferRule` is also the DICOM receiver's `refer(record, gray) -> bool` (pacs.pipeline.Refer).
 """
@@ -55,6 +57,18 @@ def temperature_of(evaluation: dict | None) -> float | None:
     return float(value) if value else None
 
 
+def record_reasons(record: dict) -> list[str]:
+    """The reasons a prediction record's own checks give (out of distribution, more than one class in the set)."""
+    reasons = []
+    if record.get("out_of_distribution"):
+        reasons.append(f"out of distribution: the image's features lie at distance {record['ood_distance']:.1f} from "
+                       f"the training data, past the limit {record['ood_limit']:.1f}")
+    plausible = record.get("prediction_set") or []
+    if len(plausible) > 1:
+        reasons.append(f"more than one class is plausible: {' or '.join(plausible)} (the conformal prediction set)")
+    return reasons
+
+
 @dataclass(frozen=True)
 class ReferRule:
     threshold: float
@@ -76,6 +90,7 @@ class ReferRule:
         out = Assessment(shown, self.temperature, False)
         if out.confidence < self.threshold:
             out.reasons.append(f"top probability {out.confidence:.0%} is under the {self.threshold:.0%} threshold")
+        out.reasons += record_reasons(record)
         if self.reference is None:
             out.note = NO_REFERENCE
         elif gray is not None:

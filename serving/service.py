@@ -25,7 +25,7 @@ import numpy as np
 
 from data.cache import usable_cpus
 from data.images import frame_name
-from deploy.predictors import prediction_record
+from deploy.predictors import Outputs
 from deploy.registry import connect, resolve_version
 from serving.audit import AuditLog, AuditUnavailable
 from serving.batcher import MicroBatcher
@@ -126,7 +126,7 @@ class Service:
             return new.identity(), True
 
     def _install(self, new: ServedModel) -> None:
-        new.batcher = MicroBatcher(new.predictor.predict_array, self.model_pool, self.settings.max_batch,
+        new.batcher = MicroBatcher(new.predictor.infer, self.model_pool, self.settings.max_batch,
                                    self.settings.max_wait_ms / 1000, lambda: self.decoding, self._on_batch)
         old, self.model, self.failure = self.model, new, None
         self.metrics.set_model(new.identity(), old.identity() if old else None)
@@ -232,14 +232,14 @@ class Service:
         body = {**head, "contract": model.contract(), "predictions": records, "errors": problems}
         return Answer(200, body, records)
 
-    def _records(self, good: list[DecodedFile], probs: np.ndarray, model: ServedModel, ctx: RequestContext,
+    def _records(self, good: list[DecodedFile], probs: Outputs, model: ServedModel, ctx: RequestContext,
                  request_id: str, started: float) -> tuple[list[dict], list[dict]]:
         """The answer's records and the audit rows, one per image."""
         now, latency_ms = datetime.now(timezone.utc), (time.perf_counter() - started) * 1000
         ident, records, rows, offset = model.identity(), [], [], 0
         for d in good:
             for frame in d.frames:
-                base = prediction_record(d.filename, probs[offset], model.predictor.class_names)
+                base = model.predictor.record(d.filename, probs, offset)
                 record = {"record_id": uuid.uuid4().hex, "file": base.pop("path"), "frame": frame,
                           "sha256": d.sha256, **base}
                 records.append(record)

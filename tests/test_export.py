@@ -95,7 +95,8 @@ def test_a_failing_export_leaves_no_artifact(trained, tmp_path, monkeypatch, fau
     def faulty(model, contract, path):
         other = copy.deepcopy(model).eval()
         with torch.no_grad():
-            other.fc.bias += torch.tensor([5.0, 0.0, 0.0])  # another model under the same name: parity must fail
+            # another model under the same name (the exported model is the ScoredModel): parity must fail
+            other.classifier.bias += torch.tensor([5.0, 0.0, 0.0])
         export_onnx(other, contract, path)
         if fault == "crash":
             raise RuntimeError("exporter died half-way")

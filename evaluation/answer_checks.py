@@ -1,0 +1,103 @@
+"""The two checks fitted on a trained model before anyone is answered with it, stored in its checkpoint:
+
+- the feature-space out-of-distribution score (models.features.ScoredModel): class means and a shared covariance
+  of the penultimate-layer features of the training split, Ledoit-Wolf shrunk (a few hundred images against 512 or
+  more features leave the plain covariance singular); its limit is a percentile of the validation split's
+  distances (config ood.percentile), so that share of in-distribution images is the documented false-alarm rate;
+- the split-conformal thresholds (core.conformal) on the validation split's probabilities at config
+  conformal.alpha.
+
+train.py runs it on best_model.pth when training ends; evaluate.py --fit-checks runs it on an older checkpoint.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from core.checkpoint import load_checkpoint, save_checkpoint
+from core.conformal import CONFORMAL_KEY, fit_conformal
+from core.errors import UserError
+from core.feature_ood import FEATURE_OOD_KEY, OOD_OUTPUT, QUANTILES
+from data.dataset import build_dataset, make_loader
+from data.preprocess import Preprocessor
+from models.features import FEATURE_OOD_STATE, split_classifier
+from models.loading import model_from_checkpoint
+
+if TYPE_CHECKING:
+    from core.config import Config
+    from data.manifest import Split
+
+METHOD = ("Mahalanobis distance of the penultimate-layer features to the nearest class mean, shared covariance "
+          "of the training split (Ledoit-Wolf shrinkage)")
+
+
+@torch.no_grad()
+def split_features(cfg: Config, split: Split, name: str, model: torch.nn.Module, pre, img_size: int,
+                   device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features (N, D), true labels, softmax probabilities) of one split, without augmentation."""
+    dataset = build_dataset(cfg, split, name, img_size)
+    if len(dataset) == 0:
+        raise UserError(f"the {name} split of {split.manifest_path} is empty: the answer checks need it")
+    body, classifier = split_classifier(model)
+    feats, labels, probs = [], [], []
+    for images, targets in make_loader(dataset, cfg, cfg.recipe.batch_size, device=device):
+        f = body(pre(images.to(device))).float()
+        feats.append(f.cpu())
+        probs.append(torch.softmax(classifier(f), dim=1).cpu())
+        labels.append(targets)
+    return torch.cat(feats).double().numpy(), torch.cat(labels).numpy(), torch.cat(probs).numpy()
+
+
+def mahalanobis_fit(features: np.ndarray, labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """(whitened class means (C, D), whitening W with W W^T = precision (D, D), shrinkage) of the features."""
+    from sklearn.covariance import LedoitWolf
+
+    missing = [k for k in range(n_classes) if not (labels == k).any()]
+    if missing:
+        raise UserError(f"classes {missing} have no training images: no class mean to measure distances from")
+    means = np.stack([features[labels == k].mean(axis=0) for k in range(n_classes)])
+    lw = LedoitWolf(assume_centered=True).fit(features - means[labels])
+    precision = (lw.precision_ + lw.precision_.T) / 2
+    whitening = np.linalg.cholesky(precision)
+    return means @ whitening, whitening, float(lw.shrinkage_)
+
+
+def mahalanobis(features: np.ndarray, centers: np.ndarray, whitening: np.ndarray) -> np.ndarray:
+    """The distance of each feature vector to its nearest class mean (the same sum ScoredModel computes)."""
+    z = features @ whitening
+    return np.sqrt(((z[:, None, :] - centers[None]) ** 2).sum(-1).min(axis=1))
+
+
+def fit_answer_checks(cfg: Config, ckpt: dict, split: Split, device) -> dict:
+    """The checkpoint's new keys: the OOD buffers (tensors) and the contract extras of both checks."""
+    model = model_from_checkpoint(ckpt, device)
+    pre = Preprocessor(ckpt["mean"], ckpt["std"]).to(device).eval()
+    size, names = ckpt["img_size"], list(ckpt["class_names"])
+    train_f, train_y, _ = split_features(cfg, split, "train", model, pre, size, device)
+    val_f, val_y, val_p = split_features(cfg, split, "val", model, pre, size, device)
+    centers, whitening, shrinkage = mahalanobis_fit(train_f, train_y, len(names))
+    val_d = mahalanobis(val_f, centers, whitening)
+    percentile = cfg.ood.percentile
+    ood = {"method": METHOD, "output": OOD_OUTPUT, "feature_dim": int(train_f.shape[1]),
+           "n_train": int(len(train_y)), "shrinkage": round(shrinkage, 6), "percentile": percentile,
+           "limit": round(float(np.percentile(val_d, percentile)), 6),
+           "validation_distances": {"n": int(len(val_d)),
+                                    **{k: round(float(np.percentile(val_d, q)), 6) for k, q in QUANTILES.items()}}}
+    extra = {**(ckpt.get("contract_extra") or {}), FEATURE_OOD_KEY: ood,
+             CONFORMAL_KEY: fit_conformal(val_y, val_p, names, cfg.conformal.alpha)}
+    state = {"centers": torch.from_numpy(centers).float(), "whitening": torch.from_numpy(whitening).float()}
+    return {FEATURE_OOD_STATE: state, "contract_extra": extra}
+
+
+def attach_answer_checks(cfg: Config, ckpt_path, split: Split, device, log=print) -> dict:
+    """Fit both checks for the checkpoint at ckpt_path and rewrite it (atomically) with them; its new extras."""
+    ckpt = load_checkpoint(ckpt_path)
+    ckpt.update(fit_answer_checks(cfg, ckpt, split, device))
+    save_checkpoint(ckpt, ckpt_path)
+    ood, conf = ckpt["contract_extra"][FEATURE_OOD_KEY], ckpt["contract_extra"][CONFORMAL_KEY]
+    log(f"🛡️  Out-of-distribution limit: feature distance {ood['limit']:.3f} (the validation split's "
+        f"{ood['percentile']:g}th percentile); conformal sets at {conf['coverage_target']:.0%} coverage "
+        f"({'per class' if conf['class_conditional'] else 'one threshold for all classes'})")
+    return ckpt["contract_extra"]

@@ -1,0 +1,181 @@
+"""Knowing when not to answer: the feature-space out-of-distribution score and the conformal prediction sets, fitted
+when training ends, stored with the model, computed the same way by the checkpoint, the ONNX file and the int8 file,
+and carried by every prediction record."""
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_script, write_overlay
+from core.checkpoint import load_checkpoint
+from core.conformal import CONFORMAL_KEY, conformal_quantile, fit_conformal, prediction_set, set_members
+from core.contract import Contract
+from core.feature_ood import FEATURE_OOD_KEY, OOD_OUTPUT
+from data.synthetic import generate_dataset
+from models.features import FEATURE_OOD_STATE, ScoredModel, split_classifier
+from models.zoo import build_model
+
+
+# ---- the feature cut ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "medical_cnn"])
+def test_features_then_classifier_is_the_whole_model(name):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=3, pretrained=False, img_size=32).eval()
+    body, classifier = split_classifier(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = body(x)
+        assert features.ndim == 2 and features.shape[1] == classifier.in_features
+        torch.testing.assert_close(classifier(features), model(x))
+
+
+def test_scored_model_distance_is_the_mahalanobis_distance():
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=3, pretrained=False).eval()
+    body, _ = split_classifier(model)
+    d = body(torch.randn(1, 3, 32, 32)).shape[1]
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(3, d))
+    a = rng.normal(size=(d, d))
+    precision = a @ a.T / d + np.eye(d)
+    w = np.linalg.cholesky(precision)
+    scored = ScoredModel(model, torch.from_numpy(means @ w), torch.from_numpy(w)).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        logits, dist = scored(x)
+        f = body(x).double().numpy()
+    want = np.sqrt(np.min([np.einsum("nd,de,ne->n", f - m, precision, f - m) for m in means], axis=0))
+    np.testing.assert_allclose(dist.numpy(), want, rtol=1e-4)
+    torch.testing.assert_close(logits, model(x))
+
+
+# ---- conformal sets -------------------------------------------------------------------------------
+def test_conformal_quantile_is_the_finite_sample_rank():
+    scores = np.arange(1, 20) / 20  # 19 scores: rank ceil(20 * 0.95) = 19, the largest
+    assert conformal_quantile(scores, 0.05) == pytest.approx(0.95)
+    assert conformal_quantile(scores[:10], 0.05) == 1.0  # too few scores: every class
+
+
+def dirichlet_probs(rng, n, k=3, sharp=2.0):
+    y = rng.integers(0, k, n)
+    alpha = np.ones((n, k))
+    alpha[np.arange(n), y] += sharp
+    return y, np.array([rng.dirichlet(a) for a in alpha])
+
+
+def test_conformal_sets_cover_the_true_class_at_the_target_rate():
+    rng = np.random.default_rng(0)
+    names = ["a", "b", "c"]
+    y_cal, p_cal = dirichlet_probs(rng, 600)
+    spec = fit_conformal(y_cal, p_cal, names, alpha=0.1)
+    assert spec["class_conditional"] and spec["coverage_target"] == 0.9
+    y, p = dirichlet_probs(rng, 4000)
+    member = set_members(p, spec, names)
+    coverage = member[np.arange(len(y)), y].mean()
+    assert 0.88 <= coverage <= 0.93  # >= 0.9 in expectation; within sampling noise of 4000 images
+    per_class = [member[y == k, k].mean() for k in range(3)]
+    assert min(per_class) >= 0.86
+    assert 1 < member.sum(1).mean() < 3  # informative: not every class every time
+
+
+def test_conformal_falls_back_to_one_threshold_when_a_class_is_rare():
+    rng = np.random.default_rng(1)
+    y, p = dirichlet_probs(rng, 100)
+    y[y == 2] = 0
+    y[:5] = 2  # five calibration images of class c: too few for its own 95% quantile
+    spec = fit_conformal(y, p, ["a", "b", "c"], alpha=0.05)
+    assert not spec["class_conditional"]
+    assert len(set(spec["thresholds"].values())) == 1
+    assert spec["calibration"]["per_class"]["c"] == 5
+
+
+def test_prediction_set_is_never_empty_and_ordered():
+    spec = {"thresholds": {"a": 0.2, "b": 0.2, "c": 0.2}}
+    assert prediction_set([0.5, 0.3, 0.2], spec, ["a", "b", "c"]) == ["a"]
+    assert prediction_set([0.1, 0.85, 0.05], {"thresholds": {"a": 0.95, "b": 0.0, "c": 0.0}},
+                          ["a", "b", "c"]) == ["b", "a"]
+
+
+# ---- fitted when training ends, carried by every flavor -------------------------------------------
+def permuted(gray: np.ndarray, rng) -> np.ndarray:
+    """The same pixels, in random places: exactly the phantom's grey-level histogram, none of its shapes."""
+    return rng.permutation(gray.ravel()).reshape(gray.shape)
+
+
+def stripes_like(gray: np.ndarray) -> np.ndarray:
+    """The phantom's grey levels sorted into vertical bands: same histogram, a texture no brain has."""
+    return np.sort(gray.ravel()).reshape(gray.shape[1], gray.shape[0]).T.copy()
+
+
+def write_far_images(src_dir: Path, out_dir: Path, n: int = 12) -> list[Path]:
+    rng = np.random.default_rng(3)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, path in enumerate(sorted(src_dir.rglob("*.jpg"))[:n]):
+        gray = np.asarray(Image.open(path).convert("L"))
+        for kind, img in (("permuted", permuted(gray, rng)), ("stripes", stripes_like(gray))):
+            written.append(out_dir / f"{kind}_{i:02d}.png")
+            Image.fromarray(img).save(written[-1])
+    return written
+
+
+@pytest.fixture(scope="module")
+def phantom_run(tmp_path_factory):
+    """resnet18 trained for two epochs at 32 px on the quick start's phantoms (20 per class)."""
+    tmp = tmp_path_factory.mktemp("ood run")
+    data = generate_dataset(tmp / "phantoms", n_per_class=20, size=64, seed=5)
+    cfg = write_overlay(tmp, data, **{"train.epochs": 2, "registry.auto_register": False})
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert run_script("train", ["--config", cfg, "--model", "resnet18"]) == 0
+    return cfg, tmp, data, tmp / "checkpoints" / "resnet18_outputs" / "best_model.pth"
+
+
+def ckpt_split_rows(ckpt: dict) -> list[str]:
+    import csv
+
+    with open(ckpt["split_manifest"], newline="") as fh:
+        return [row["split"] for row in csv.DictReader(fh)]
+
+
+def test_training_stores_both_checks_with_the_model(phantom_run):
+    _, _, _, ckpt_path = phantom_run
+    ckpt = load_checkpoint(ckpt_path)
+    state = ckpt[FEATURE_OOD_STATE]
+    assert state["whitening"].shape == (512, 512) and state["centers"].shape == (3, 512)
+    contract = Contract.from_checkpoint(ckpt)
+    ood = contract.extra[FEATURE_OOD_KEY]
+    assert ood["percentile"] == 95 and ood["limit"] == ood["validation_distances"]["p95"] > 0
+    assert ood["n_train"] == sum(1 for r in ckpt_split_rows(ckpt) if r == "train")
+    conformal = contract.extra[CONFORMAL_KEY]
+    assert conformal["coverage_target"] == 0.95 and set(conformal["thresholds"]) == set(contract.class_names)
+
+
+def test_every_flavor_computes_the_same_distance_and_refers_far_images(phantom_run, tmp_path):
+    import onnx
+
+    from deploy.export import OOD_TOLERANCE, export_onnx
+    from deploy.predictors import OnnxPredictor, TorchPredictor
+    from models.loading import answering_model
+
+    _, _, data, ckpt_path = phantom_run
+    ckpt = load_checkpoint(ckpt_path)
+    contract = Contract.from_checkpoint(ckpt)
+    onnx_path = export_onnx(answering_model(ckpt), contract, tmp_path / "m.onnx")
+    assert [o.name for o in onnx.load(str(onnx_path)).graph.output] == ["logits", OOD_OUTPUT]
+    torch_p, onnx_p = TorchPredictor(ckpt_path), OnnxPredictor(onnx_path, providers=["CPUExecutionProvider"])
+    phantoms = sorted(data.rglob("*.jpg"))[::6]
+    far = write_far_images(data, tmp_path / "far")
+    for path in phantoms + far[:4]:
+        a, b = torch_p.predict_path(path), onnx_p.predict_path(path)
+        assert a["predicted_class"] == b["predicted_class"] and a["prediction_set"] == b["prediction_set"]
+        assert abs(a["ood_distance"] - b["ood_distance"]) <= OOD_TOLERANCE * a["ood_distance"] + 1e-3
+    far_records = [onnx_p.predict_path(p) for p in far]
+    assert all(r["ood_limit"] == contract.extra[FEATURE_OOD_KEY]["limit"] for r in far_records)
+    flagged = [r["out_of_distribution"] for r in far_records]
+    assert np.mean(flagged) >= 0.9, [(Path(r["path"]).name, r["ood_distance"]) for r in far_records]
