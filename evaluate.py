@@ -4,19 +4,26 @@
     python evaluate.py --model resnet18 --detailed --medical-validation --compare [--strict] [--calibrate]
     python evaluate.py --model resnet18 --external /data/other_site [--class-map map.yaml]   # external validation
     python evaluate.py --model resnet18 --onnx checkpoints/resnet18_outputs/exported_models/resnet18_model_int8.onnx
+    python evaluate.py --model resnet18 --ood-self-check --ood /data/other_modality   # the OOD detector's AUROC
 
 Exit codes: 0 success (and gates passed with --medical-validation), 3 gates failed, 2 user error.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from core.cli import add_common_args, run
 from core.device import select_device
 from core.errors import UserError
+from data.images import ImageReadError, image_files, load_gray
 from deploy.scoring import open_exported
+from evaluation.answer_checks import attach_answer_checks
+from evaluation.answer_report import SELF_CHECK, distances_of, ood_set_report, self_check_sets
 from evaluation.explain import CamModel
 from evaluation.external import ExternalRequest, ExternalResult, validate_external
 from evaluation.gates import GATES_FAILED_EXIT, format_gates
@@ -61,7 +68,57 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", default=None, metavar="PATH",
                    help="score this ONNX file exported from the checkpoint (fp32 or int8) in ONNX Runtime instead of "
                         "the PyTorch model; outputs in {checkpoint folder}/evaluation_{file name}/")
+    p.add_argument("--ood", action="append", default=None, metavar="DIR",
+                   help="a folder of images the model should refuse (another modality, site or sequence): the "
+                        "out-of-distribution detector's AUROC against the test split and the share it refers "
+                        "(repeatable)")
+    p.add_argument("--ood-self-check", action="store_true",
+                   help="the same figures on far sets made from the test split (permuted pixels, stripes, inverted, "
+                        "noise, blank)")
+    p.add_argument("--fit-checks", action="store_true",
+                   help="fit the out-of-distribution limit and the conformal sets into the checkpoint first (a "
+                        "checkpoint trained before they existed)")
     return p
+
+
+def ood_sets(args, ev, cfg: Config, img_size: int) -> dict[str, tuple]:
+    """The sets the detector is judged on: {name: (8-bit images (N, S, S), what they are)}."""
+    sets = {}
+    if args.ood_self_check:
+        grays = np.stack([ev.test.dataset.read(i) for i in range(len(ev.test.dataset))])
+        made = self_check_sets(grays, cfg.evaluation.bootstrap_seed)
+        sets.update({f"self-check {k}": (v, SELF_CHECK[k]) for k, v in made.items()})
+    for folder in args.ood or []:
+        sets[Path(folder).name] = (read_folder(folder, img_size), f"images of {folder}")
+    return sets
+
+
+def read_folder(folder: str, size: int) -> np.ndarray:
+    """Every readable image of a folder at the model's size; an unreadable one is reported by path and skipped."""
+    paths = image_files([folder]) if Path(folder).is_dir() else []
+    grays = []
+    for path in paths:
+        try:
+            grays.append(load_gray(path, size))
+        except ImageReadError as exc:
+            print(f"   skipped: {exc}", file=sys.stderr)
+    if not grays:
+        raise UserError(f"--ood {folder}: no readable images")
+    return np.stack(grays)
+
+
+def judge_ood_sets(args, ev, cfg: Config, device, img_size: int) -> None:
+    """The detector against each set, into the evaluation record (before its files are written)."""
+    if not (args.ood or args.ood_self_check):
+        return
+    if ev.test.ood is None:
+        raise UserError("this model gives no feature-space distance (trained before the check, or an ONNX file "
+                        "exported before it): python evaluate.py --fit-checks, then export again")
+    checks = ev.record["answer_checks"]
+    limit = (checks["ood"] or {}).get("limit")
+    for name, (grays, description) in ood_sets(args, ev, cfg, img_size).items():
+        distances = distances_of(ev.answering, ev.pre, grays, device, cfg.recipe.batch_size)
+        checks["ood_sets"][name] = ood_set_report(ev.test.ood, distances, limit, cfg.evaluation, description)
 
 
 def log_evaluation(tracker, record: dict, validation: dict | None, files: list[Path], args) -> None:
@@ -95,6 +152,10 @@ def main(args) -> int:
     check_onnx_args(args)
     device = select_device("cpu" if args.onnx else args.device)  # ONNX Runtime scores on the CPU
     cfg, opened = open_for_scoring(args)
+    if args.fit_checks:
+        attach_answer_checks(cfg, opened.path, opened.split, device)
+        args.checkpoint = str(opened.path)
+        cfg, opened = open_for_scoring(args)
     ckpt, out_dir = opened.ckpt, opened.path.parent
     name, classes = opened.model_name, opened.class_names
     model, artifact = open_exported(args.onnx, opened) if args.onnx else (None, None)
@@ -106,6 +167,7 @@ def main(args) -> int:
     with open_tracker(cfg, name, "evaluation", ckpt) as tracker:
         # every gate figure is computed anyway: the verdict is recorded with or without --medical-validation
         ev = evaluate_checkpoint(cfg, opened, device, args.calibrate, args.strict, model, artifact)
+        judge_ood_sets(args, ev, cfg, device, opened.contract.img_size)
         record, validation = ev.record, ev.validation
         files = [*write_evaluation_files(out_dir, ev, classes),
                  *evaluation_figures(out_dir, record, ev.test.y_true, ev.test.y_prob, ev.bins, ev.bins_after)]

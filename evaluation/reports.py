@@ -37,6 +37,8 @@ def write_predictions(path, rel_paths: list[str], y_true, y_prob, class_names: l
 
 
 def _ci(d: dict, pct: bool = True) -> str:
+    if d["value"] is None:
+        return "n/a (no images)"
     f = (lambda v: f"{v:.2%}") if pct else (lambda v: f"{v:.4f}")
     return f"{f(d['value'])} [{f(d['ci_low'])}, {f(d['ci_high'])}]"
 
@@ -72,6 +74,7 @@ def format_evaluation(r: dict) -> str:
               + ", ".join(f"{k} {v}" for k, v in r.get("train_class_counts", {}).items()) + ")"]
     lines += [f"Note: {n}" for n in r.get("notes", [])]
     lines += _series_lines(r.get("series"), r["class_names"], conf)
+    lines += answer_check_lines(r.get("answer_checks"), conf)
     if r.get("artifact"):  # evaluate.py --onnx: the figures are the exported file's, not the PyTorch model's
         a = r["artifact"]
         lines.insert(1, f"Scored artifact: {a['path']} ({a['precision']}, {a['runtime']})")
@@ -94,6 +97,37 @@ def _series_lines(s: dict | None, class_names: list[str], conf: str) -> list[str
     for c, row in s["per_class"].items():
         lines.append(f"{c:<{width}} {_ci(row['sensitivity']):>27} {_ci(row['specificity']):>27} {row['support']:>7d}")
     return lines + [f"Note (series level): {n}" for n in s.get("notes", [])]
+
+
+REASON_WORDS = {"low_confidence": "top probability under {refer_below:.0%}",
+                "prediction_set_over_one": "more than one class in the prediction set",
+                "out_of_distribution": "out of distribution (feature distance past the limit)",
+                "unlike_training_intensity": "unlike the training data (intensity)"}
+
+
+def answer_check_lines(a: dict | None, conf: str) -> list[str]:
+    """When the model refers instead of answering, how well its conformal sets cover, how its OOD detector does."""
+    if not a:
+        return []
+    ref = a["refer"]
+    lines = ["", f"Refer rule on the test split (intervals: {conf} exact): referred {_ci(ref['rate'])}; accuracy of "
+                 f"what was not referred {_ci(ref['accuracy_not_referred'])}"]
+    lines += [f"  {REASON_WORDS[k].format(refer_below=ref['refer_below'])}: {_ci(v)}"
+              for k, v in ref["reasons"].items()]
+    c = a.get("conformal")
+    if c:
+        lines += [f"Conformal prediction sets (target coverage {c['coverage_target']:.0%}, "
+                  f"{'per class' if c['class_conditional'] else 'one threshold'}): coverage {_ci(c['coverage'])}, "
+                  f"mean set size {_ci(c['mean_set_size'], pct=False)}, more than one class "
+                  f"{_ci(c['more_than_one_class'])}"]
+    if a.get("ood"):
+        lines.append(f"Out-of-distribution limit: feature distance {a['ood']['limit']:.3f} (the validation split's "
+                     f"{a['ood']['percentile']:g}th percentile)")
+    for name, s in a.get("ood_sets", {}).items():
+        referred = f", referred {_ci(s['referred'])}" if "referred" in s else ""
+        lines.append(f"  OOD set {name} ({s['n']} images; {s['description']}): AUROC {_ci(s['auroc'], pct=False)}"
+                     + referred)
+    return lines + [f"Note: {n}" for n in a.get("notes", [])]
 
 
 def _calibration_lines(cal: dict) -> list[str]:
@@ -195,6 +229,24 @@ def flat_metrics(r: dict, prefix: str = "test_") -> dict[str, float]:
                 f"{other}class_imbalance_ratio": r["class_imbalance_ratio"]})
     if r.get("hardware"):
         out.update(hardware_summary_metrics(r["hardware"], prefix=f"{other}hw_"))
+    out.update(answer_check_metrics(r.get("answer_checks"), other))
+    return out
+
+
+def answer_check_metrics(a: dict | None, prefix: str) -> dict[str, float]:
+    """refer_rate, accuracy_not_referred, conformal_coverage, mean_set_size, ood_auroc_<set> (with intervals)."""
+    if not a:
+        return {}
+    figures = {"refer_rate": a["refer"]["rate"], "accuracy_not_referred": a["refer"]["accuracy_not_referred"]}
+    if a.get("conformal"):
+        figures.update(conformal_coverage=a["conformal"]["coverage"], mean_set_size=a["conformal"]["mean_set_size"])
+    for name, s in a.get("ood_sets", {}).items():
+        figures["ood_auroc_" + "".join(ch if ch.isalnum() else "_" for ch in name)] = s["auroc"]
+    out = {}
+    for key, d in figures.items():
+        if d["value"] is not None:  # a share of nothing (every image referred) is not a figure
+            out.update({f"{prefix}{key}": d["value"], f"{prefix}{key}_ci_low": d["ci_low"],
+                        f"{prefix}{key}_ci_high": d["ci_high"]})
     return out
 
 

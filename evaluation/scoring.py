@@ -8,11 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
+from core.conformal import CONFORMAL_KEY
+from core.feature_ood import FEATURE_OOD_KEY, feature_limit
 from core.hardware import HardwareSampler
-from data.intensity import REFERENCE_KEY, distance_to
+from data.intensity import REFERENCE_KEY, distance_to, reference_limit
 from data.preprocess import Preprocessor
+from evaluation.answer_report import conformal_report, refer_reasons, refer_report
 from evaluation.gates import check_gates
 from evaluation.prediction import Scored, predict_split
 from evaluation.record import calibration_summary, evaluation_record, monitoring_reference, score_predictions
@@ -37,6 +41,7 @@ class TestEvaluation:
     bins: dict  # reliability bins, before and after temperature scaling (None without --calibrate)
     bins_after: dict | None
     series: SeriesEvaluation | None = None  # the test split's DICOM series, read by the series rule
+    answering: torch.nn.Module | None = None  # what answered: (logits, ood_distance) when the model has the check
 
 
 def evaluate_checkpoint(cfg: Config, opened: OpenedCheckpoint, device, calibrate: bool = False,
@@ -73,8 +78,29 @@ def evaluate_checkpoint(cfg: Config, opened: OpenedCheckpoint, device, calibrate
                                                  for i in range(len(test.dataset))]
     record["monitoring_reference"] = monitoring_reference(test.y_prob, opened.class_names,
                                                           calibration["temperature"], distances)
+    record["answer_checks"] = answer_checks_record(cfg, contract, test, distances)
     return TestEvaluation(record, check_gates(record, cfg.evaluation.gates, strict), test, model, pre, bins,
-                          bins_after, series)
+                          bins_after, series, answering)
+
+
+def answer_checks_record(cfg: Config, contract, test: Scored, intensity: list[float] | None) -> dict:
+    """The conformal sets' coverage and size and the refer rule's rate and reasons on the test split."""
+    names = list(contract.class_names)
+    spec = contract.extra.get(CONFORMAL_KEY)
+    ood_spec = contract.extra.get(FEATURE_OOD_KEY)
+    reasons = refer_reasons(test.y_prob, spec, names, test.ood, feature_limit(ood_spec),
+                            None if intensity is None else np.asarray(intensity),
+                            reference_limit(contract.extra.get(REFERENCE_KEY), cfg.review.drift_limit),
+                            cfg.review.refer_below)
+    out = {"refer": refer_report(test.y_true, test.y_prob, reasons, cfg.review.refer_below, cfg.evaluation),
+           "conformal": None if spec is None else conformal_report(test.y_true, test.y_prob, spec, names,
+                                                                   cfg.evaluation),
+           "ood": None if ood_spec is None else {k: ood_spec[k] for k in ("method", "percentile", "limit")},
+           "ood_sets": {}}
+    if ood_spec is None:
+        out["notes"] = ["this model was trained without the feature-space out-of-distribution check "
+                        "(retrain, or python evaluate.py --fit-checks)"]
+    return out
 
 
 def write_evaluation_files(out_dir: Path, ev: TestEvaluation, class_names: list[str]) -> list[Path]:

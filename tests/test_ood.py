@@ -179,3 +179,45 @@ def test_every_flavor_computes_the_same_distance_and_refers_far_images(phantom_r
     assert all(r["ood_limit"] == contract.extra[FEATURE_OOD_KEY]["limit"] for r in far_records)
     flagged = [r["out_of_distribution"] for r in far_records]
     assert np.mean(flagged) >= 0.9, [(Path(r["path"]).name, r["ood_distance"]) for r in far_records]
+
+
+def test_evaluate_reports_coverage_refer_rate_and_the_detectors_auroc(phantom_run, tmp_path, capsys):
+    import json
+
+    cfg, tmp, data, ckpt_path = phantom_run
+    far = tmp_path / "other domain"
+    write_far_images(data, far)
+    (far / "broken.png").write_bytes(b"not an image")  # reported by path, skipped
+    assert run_script("evaluate", ["--config", cfg, "--model", "resnet18", "--ood-self-check", "--ood", far]) == 0
+    out, err = capsys.readouterr()
+    assert "broken.png" in err
+    record = json.loads((ckpt_path.parent / "evaluation_metrics.json").read_text())
+    checks = record["answer_checks"]
+    cov = checks["conformal"]["coverage"]
+    assert cov["ci_low"] <= 0.95 <= cov["ci_high"]  # the target lies inside the test split's interval
+    assert 1 <= checks["conformal"]["mean_set_size"]["value"] <= 3
+    assert set(checks["refer"]["reasons"]) == {"low_confidence", "prediction_set_over_one", "out_of_distribution",
+                                               "unlike_training_intensity"}
+    sets = checks["ood_sets"]
+    assert set(sets) == {"other domain", *(f"self-check {k}" for k in
+                                           ("permuted", "stripes", "inverted", "noise", "blank"))}
+    assert sets["other domain"]["n"] == 24  # the broken file left out
+    for name in ("other domain", "self-check permuted", "self-check noise"):  # 9 test slices: a wide interval
+        assert sets[name]["auroc"]["value"] >= 0.8 and sets[name]["referred"]["value"] >= 0.9, (name, sets[name])
+    report = (ckpt_path.parent / "evaluation_report.txt").read_text()
+    assert "Conformal prediction sets (target coverage 95%" in report and "OOD set other domain" in report
+    assert "accuracy of what was not referred" in out
+
+
+def test_an_ood_folder_without_images_is_one_line(phantom_run, tmp_path, capsys):
+    cfg, _, _, _ = phantom_run
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    import evaluate
+    from core.cli import run
+    with pytest.raises(SystemExit) as exit_info:
+        run(evaluate.main, evaluate.get_args_parser(), ["--config", str(cfg), "--model", "resnet18", "--ood",
+                                                        str(empty)])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("no readable images") and "Traceback" not in "\n".join(err)
