@@ -72,10 +72,11 @@ def calibration_summary(y_true, y_prob, n_bins: int, val: tuple | None = None) -
 
 
 def monitoring_reference(y_prob, class_names: list[str], temperature: float | None,
-                         distances: list[float] | None) -> dict:
+                         distances: list[float] | None, checks: dict | None = None) -> dict:
     """What a server's monitoring compares its recent predictions with, from the test split: the share of each
     predicted class, every top probability (after the temperature too, when one was fitted) and every slice's
-    intensity distance from the training split (data.intensity; None for a model without the reference)."""
+    intensity distance from the training split (data.intensity; None for a model without the reference); `checks`:
+    every slice's feature distance and conformal set size (evaluation.scoring.check_figures)."""
     y_prob = np.asarray(y_prob, dtype=np.float64)
     counts = np.bincount(y_prob.argmax(axis=1), minlength=len(class_names))
     calibrated = None
@@ -84,7 +85,8 @@ def monitoring_reference(y_prob, class_names: list[str], temperature: float | No
     return {"n": int(len(y_prob)), "predicted_share": {c: float(n / max(len(y_prob), 1)) for c, n in
                                                        zip(class_names, counts)},
             "confidence": [round(float(v), 6) for v in y_prob.max(axis=1)], "confidence_calibrated": calibrated,
-            "intensity_distance": None if distances is None else [round(float(d), 6) for d in distances]}
+            "intensity_distance": None if distances is None else [round(float(d), 6) for d in distances],
+            **(checks or {})}
 
 
 def provenance(ckpt: dict, ckpt_path, split: Split) -> dict:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from core.conformal import CONFORMAL_KEY
+from core.conformal import CONFORMAL_KEY, set_members
 from core.feature_ood import FEATURE_OOD_KEY, feature_limit
 from core.hardware import HardwareSampler
 from data.intensity import REFERENCE_KEY, distance_to, reference_limit
@@ -77,10 +77,20 @@ def evaluate_checkpoint(cfg: Config, opened: OpenedCheckpoint, device, calibrate
     distances = None if reference is None else [distance_to(reference, test.dataset.read(i))
                                                  for i in range(len(test.dataset))]
     record["monitoring_reference"] = monitoring_reference(test.y_prob, opened.class_names,
-                                                          calibration["temperature"], distances)
+                                                          calibration["temperature"], distances,
+                                                          check_figures(contract, test))
     record["answer_checks"] = answer_checks_record(cfg, contract, test, distances)
     return TestEvaluation(record, check_gates(record, cfg.evaluation.gates, strict), test, model, pre, bins,
                           bins_after, series, answering)
+
+
+def check_figures(contract, test: Scored) -> dict:
+    """Every test slice's feature distance (and the limit) and conformal set size, for the monitoring panel."""
+    spec = contract.extra.get(CONFORMAL_KEY)
+    sizes = None if spec is None else set_members(test.y_prob, spec, list(contract.class_names)).sum(axis=1)
+    return {"ood_distance": None if test.ood is None else [round(float(d), 4) for d in test.ood],
+            "ood_limit": feature_limit(contract.extra.get(FEATURE_OOD_KEY)),
+            "set_size": None if sizes is None else [int(s) for s in sizes]}
 
 
 def answer_checks_record(cfg: Config, contract, test: Scored, intensity: list[float] | None) -> dict:

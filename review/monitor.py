@@ -2,10 +2,10 @@
 registered version (evaluation_metrics.json: accuracy with its interval, and `monitoring_reference`, the test
 split's predicted classes, top probabilities and intensity distances).
 
-Four figures, each with its limit in `review.monitor`: the predicted-class shares, the mean top probability,
-the refer rate (the same rule on the test split's figures) and the reviewers' agreement rate (against the test
-accuracy). A figure is judged only once `min_samples` recent ones exist, and a reference the version lacks is
-said to be missing, never made up.
+Five figures, each with its limit in `review.monitor`: the predicted-class shares, the mean top probability,
+the refer rate (the same rule on the test split's figures), the out-of-distribution rate (feature distance past the
+model's limit) and the reviewers' agreement rate (against the test accuracy). A figure is judged only once
+`min_samples` recent ones exist, and a reference the version lacks is said to be missing, never made up.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 from sqlalchemy import Engine, select
 
 from core.config import MonitorLimits
-from review.refer import ReferRule
+from review.refer import OOD_REASON, ReferRule
 from review.schema import items, verdicts, withdrawn
 
 NO_CLASS_TRUTH = ("refer_confirmed", "non_diagnostic")  # verdicts that neither agree nor disagree with a class
@@ -35,7 +35,7 @@ class Check:
 def recent_items(engine: Engine, window: int) -> list[dict]:
     with engine.connect() as conn:
         rows = conn.execute(select(items.c.predicted_class, items.c.confidence, items.c.refer, items.c.created_at,
-                                   items.c.probabilities_json)
+                                   items.c.probabilities_json, items.c.reasons_json)
                             .order_by(items.c.created_at.desc()).limit(window)).mappings().all()
     return [dict(r) for r in rows]
 
@@ -115,9 +115,34 @@ def refer_check(recent: list[dict], ref: dict | None, rule: ReferRule, limits: M
     low = np.asarray(conf) < rule.threshold
     dist = (ref or {}).get("intensity_distance")
     far = np.asarray(dist) > rule.limit if dist and rule.limit is not None else np.zeros_like(low)
-    ref_rate = float(np.mean(low | far))
+    ref_rate = float(np.mean(low | far | _reference_checks(ref, len(low))))
     basis = "" if dist and rule.limit is not None else " (top probability only: no intensity figures)"
     return Check("Refer rate", f"{rate:.0%}" if n else "none yet", f"{ref_rate:.0%}{basis}", n,
+                 _judge(n, limits, rate - ref_rate, limits.refer_rate_rise),
+                 _points(rate - ref_rate, "higher", "lower", limits.refer_rate_rise) if n else "")
+
+
+def _reference_checks(ref: dict | None, n: int) -> np.ndarray:
+    """Which test slices the record's own checks refer (out of distribution, more than one class in the set)."""
+    ref = ref or {}
+    out = np.zeros(n, dtype=bool)
+    if ref.get("ood_distance") and ref.get("ood_limit") is not None:
+        out |= np.asarray(ref["ood_distance"]) > ref["ood_limit"]
+    if ref.get("set_size"):
+        out |= np.asarray(ref["set_size"]) > 1
+    return out
+
+
+def ood_check(recent: list[dict], ref: dict | None, limits: MonitorLimits) -> Check:
+    """The share of recent slices referred as out of distribution, against the test split's."""
+    n = len(recent)
+    rate = sum(any(r.startswith(OOD_REASON) for r in json.loads(x["reasons_json"] or "{}").get("reasons", []))
+               for x in recent) / n if n else 0.0
+    said = f"{rate:.0%}" if n else "none yet"
+    if not (ref or {}).get("ood_distance") or ref.get("ood_limit") is None:
+        return Check("Out of distribution", said, "not recorded", n, "no reference")
+    ref_rate = float(np.mean(np.asarray(ref["ood_distance"]) > ref["ood_limit"]))
+    return Check("Out of distribution", said, f"{ref_rate:.0%}", n,
                  _judge(n, limits, rate - ref_rate, limits.refer_rate_rise),
                  _points(rate - ref_rate, "higher", "lower", limits.refer_rate_rise) if n else "")
 
@@ -148,4 +173,5 @@ def panel(engine: Engine, evaluation: dict | None, rule: ReferRule, limits: Moni
     return [class_check(recent, predicted_share(evaluation), limits),
             confidence_check(recent, _reference_confidences(ref, rule), limits),
             refer_check(recent, ref, rule, limits),
+            ood_check(recent, ref, limits),
             agreement_check(recent_verdicts(engine, limits.window), evaluation, limits)]

@@ -57,11 +57,14 @@ def temperature_of(evaluation: dict | None) -> float | None:
     return float(value) if value else None
 
 
+OOD_REASON = "out of distribution"  # how a reason from the feature-space check begins (the monitoring panel counts it)
+
+
 def record_reasons(record: dict) -> list[str]:
     """The reasons a prediction record's own checks give (out of distribution, more than one class in the set)."""
     reasons = []
     if record.get("out_of_distribution"):
-        reasons.append(f"out of distribution: the image's features lie at distance {record['ood_distance']:.1f} from "
+        reasons.append(f"{OOD_REASON}: the image's features lie at distance {record['ood_distance']:.1f} from "
                        f"the training data, past the limit {record['ood_limit']:.1f}")
     plausible = record.get("prediction_set") or []
     if len(plausible) > 1:

@@ -221,3 +221,29 @@ def test_an_ood_folder_without_images_is_one_line(phantom_run, tmp_path, capsys)
     assert exit_info.value.code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("no readable images") and "Traceback" not in "\n".join(err)
+
+
+def test_the_monitoring_panel_counts_out_of_distribution_slices_against_the_test_split():
+    import json
+
+    from core.config import MonitorLimits
+    from review.monitor import ood_check, refer_check
+    from review.refer import ReferRule, record_reasons
+
+    limits = MonitorLimits(min_samples=10)
+    ref = {"confidence": [0.9] * 100, "intensity_distance": [0.05] * 100, "ood_distance": [10.0] * 95 + [40.0] * 5,
+           "ood_limit": 30.0, "set_size": [2] * 10 + [1] * 90}
+    far = {"ood_distance": 55.0, "ood_limit": 30.0, "out_of_distribution": True, "prediction_set": ["glioma"]}
+    near = {"ood_distance": 12.0, "ood_limit": 30.0, "out_of_distribution": False, "prediction_set": ["glioma"]}
+
+    def recent(record, n):
+        reasons = json.dumps({"reasons": record_reasons(record), "note": None})
+        return [{"predicted_class": "glioma", "confidence": 0.9, "refer": bool(record_reasons(record)),
+                 "probabilities_json": "{}", "reasons_json": reasons}] * n
+
+    drifted = ood_check(recent(far, 8) + recent(near, 12), ref, limits)
+    assert drifted.status == "warn" and drifted.recent == "40%" and drifted.reference == "5%"
+    assert ood_check(recent(near, 20), ref, limits).status == "ok"
+    assert ood_check(recent(near, 20), {"confidence": [0.9]}, limits).status == "no reference"
+    # the refer rate's reference counts the test slices the record's checks refer: 5 far + 10 with two classes
+    assert refer_check(recent(near, 20), ref, ReferRule(threshold=0.6, limit=0.2), limits).reference == "15%"

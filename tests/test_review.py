@@ -511,7 +511,7 @@ def test_the_worklist_filters_sorts_and_monitors(station, browser, files, artifa
 
         page.goto(station.url + "/review/?status=all")
         checks = page.locator("#monitor tr.check")
-        assert checks.count() == 4
+        assert checks.count() == 5
         text = page.locator("#monitor").inner_text()
         assert "test accuracy" in text and "not recorded" not in text  # the references of the evaluated version
         assert set(checks.locator("td.status").all_inner_texts()) <= {"ok", "warn", "too few"}
