@@ -101,7 +101,7 @@ def good_files(tiny_data, tmp_path_factory) -> dict[str, bytes]:
 
 
 def cli_predictions(registry, files: dict[str, bytes], folder: Path, version: str) -> dict:
-    """{(file name, frame): probabilities} from inference_with_mlflow.py --json on the same bytes."""
+    """{(file name, frame): record} from inference_with_mlflow.py --json on the same bytes."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         (folder / name).write_bytes(data)
@@ -112,8 +112,7 @@ def cli_predictions(registry, files: dict[str, bytes], folder: Path, version: st
     assert code == 0
     doc = json.loads(out.getvalue())
     assert str(doc["version"]) == version
-    return {(split_frame_name(p["path"])[0].name, split_frame_name(p["path"])[1]): p["probabilities"]
-            for p in doc["predictions"]}
+    return {(split_frame_name(p["path"])[0].name, split_frame_name(p["path"])[1]): p for p in doc["predictions"]}
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +141,12 @@ def server(registry, tmp_path_factory):
 
 def assert_matches(record: dict, expected: dict, version: str) -> None:
     want = expected[version][(record["file"], record["frame"])]
-    worst = max(abs(record["probabilities"][k] - want[k]) for k in want)
+    worst = max(abs(record["probabilities"][k] - v) for k, v in want["probabilities"].items())
     assert worst <= TOL, f"{record['file']} frame {record['frame']}: differs from the CLI by {worst:.2e}"
+    # the answer checks too: the same flags, sets and distance as the command line's
+    assert (record["out_of_distribution"], record["prediction_set"], record["ood_limit"]) == (
+        want["out_of_distribution"], want["prediction_set"], want["ood_limit"]) and want["prediction_set"]
+    assert abs(record["ood_distance"] - want["ood_distance"]) <= 1e-3 * want["ood_distance"] + 1e-3
 
 
 def audit_rows(db: Path, sql: str, args=()) -> list:
@@ -215,10 +218,10 @@ def test_explain_returns_the_grad_cam_of_the_predicted_class(server, good_files,
     assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
     assert Image.open(io.BytesIO(r.content)).size[0] > 0
     want = expected["1"][("windowed.dcm", None)]
-    assert r.headers["x-predicted-class"] == max(want, key=want.get) and r.headers["x-model-version"] == "1"
+    assert r.headers["x-predicted-class"] == want["predicted_class"] and r.headers["x-model-version"] == "1"
     assert frame.status_code == 200
     want = expected["1"][("cine.dcm", 2)]
-    assert frame.headers["x-predicted-class"] == max(want, key=want.get)
+    assert frame.headers["x-predicted-class"] == want["predicted_class"]
     assert missing.status_code == 422 and "no frame 9" in missing.json()["detail"]
     rows = audit_rows(server.workdir / "a.db", "SELECT frame FROM predictions WHERE id = ?",
                       (frame.headers["x-record-id"],))
