@@ -69,6 +69,12 @@ def print_record(record: dict, several: bool) -> None:
     print("📋 All Class Probabilities:")
     for name, p in record["probabilities"].items():
         print(f"  {name}: {p:.2%}")
+    if record.get("prediction_set") is not None:
+        print(f"🎯 Prediction set (conformal): {' or '.join(record['prediction_set'])}")
+    if record.get("out_of_distribution") is not None:
+        verdict = "YES, refer: unlike the training data" if record["out_of_distribution"] else "no"
+        print(f"🧭 Out of distribution: {verdict} (feature distance {record['ood_distance']:.1f}, limit "
+              f"{record['ood_limit']:.1f})")
     print()
 
 

@@ -26,6 +26,7 @@ from pacs.classify import classify_instance, instance_file
 from pacs.report import ModelInfo, make_report
 from pacs.spool import Spool
 from pacs.worker import Worker
+from review.refer import record_reasons
 
 LOG = logging.getLogger(__name__)
 
@@ -39,8 +40,9 @@ OnPredictions = Callable[[list[dict], Dataset, str, str, list[np.ndarray]], obje
 
 
 def confidence_refer(threshold: float) -> Refer:
-    """The plain rule: refer when the top probability is below `threshold`."""
-    return lambda record, gray: record["confidence"] < threshold
+    """The plain rule: refer when the top probability is below `threshold`, or when the record's own checks say so
+    (out of distribution, more than one class in the conformal set)."""
+    return lambda record, gray: record["confidence"] < threshold or bool(record_reasons(record))
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The classification as a DICOM Comprehensive SR (TID 1500 measurement report, built with highdicom).
 
 One SR per classified instance, one measurement group (TID 1501) per frame: the source image and frame, the
-predicted class as the group's finding (DCM 121071), the refer flag as a coded evaluation, every class
+predicted class as the group's finding (DCM 121071), the refer flag, the out-of-distribution flag and each class of
+the conformal prediction set as coded evaluations, every class
 probability as a number, and the model name and version as its algorithm identification (TID 4019). Class,
 probability and refer codes use the private coding scheme 99BCMRI. `read_report` reads the document back.
 """
@@ -20,6 +21,8 @@ DISCLAIMER = "AI result, not for primary diagnosis"
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
 REFER = hd.sr.CodedConcept("refer", SCHEME, "Refer to a radiologist")
+OOD = hd.sr.CodedConcept("ood", SCHEME, "Out of distribution (image features unlike the training data)")
+IN_SET = hd.sr.CodedConcept("set", SCHEME, "In the conformal prediction set")
 YES, NO = codes.SCT.Yes, codes.SCT.No
 
 
@@ -70,6 +73,10 @@ def frame_group(record: dict, model: ModelInfo) -> hd.sr.MeasurementsAndQualitat
     probabilities = [hd.sr.Measurement(name=probability_code(name), value=float(p), unit=codes.UCUM.NoUnits)
                      for name, p in record["probabilities"].items()]
     evaluations = [hd.sr.QualitativeEvaluation(REFER, YES if record["refer"] else NO)]
+    if record.get("out_of_distribution") is not None:
+        evaluations.append(hd.sr.QualitativeEvaluation(OOD, YES if record["out_of_distribution"] else NO))
+    evaluations += [hd.sr.QualitativeEvaluation(IN_SET, class_code(name)) for name in record.get("prediction_set")
+                    or []]
     tracking = hd.sr.TrackingIdentifier(uid=result_uid(record["sop_instance_uid"], frame, "group"),
                                         identifier=f"frame {frame}" if frame else "image")
     return hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -114,12 +121,15 @@ def read_report(sr: Dataset) -> list[dict]:
     for group in doc.content.get_image_measurement_groups():
         source = group.source_images[0]
         frames = source.referenced_frame_numbers
-        evaluations = {e.name.value: e.value for e in group.get_qualitative_evaluations()}
+        found = group.get_qualitative_evaluations()
+        evaluations = {e.name.value: e.value for e in found}
         out.append({
             "sop_instance_uid": source.referenced_sop_instance_uid,
             "frame": int(frames[0]) if frames else None,
             "predicted_class": group.finding_type.meaning,
             "refer": evaluations[REFER.value].value == YES.value,
+            "out_of_distribution": None if OOD.value not in evaluations else evaluations[OOD.value].value == YES.value,
+            "prediction_set": [e.value.value for e in found if e.name.value == IN_SET.value] or None,
             "probabilities": {m.name.value.removeprefix("p:"): float(m.value) for m in group.get_measurements()},
             "model": _text(group, codes.DCM.AlgorithmName),
             "version": _text(group, codes.DCM.AlgorithmVersion),

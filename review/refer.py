@@ -64,8 +64,8 @@ def record_reasons(record: dict) -> list[str]:
     """The reasons a prediction record's own checks give (out of distribution, more than one class in the set)."""
     reasons = []
     if record.get("out_of_distribution"):
-        reasons.append(f"{OOD_REASON}: the image's features lie at distance {record['ood_distance']:.1f} from "
-                       f"the training data, past the limit {record['ood_limit']:.1f}")
+        reasons.append(f"{OOD_REASON}: unlike the images the model learned from (feature distance "
+                       f"{record['ood_distance']:.1f}, limit {record['ood_limit']:.1f})")
     plausible = record.get("prediction_set") or []
     if len(plausible) > 1:
         reasons.append(f"more than one class is plausible: {' or '.join(plausible)} (the conformal prediction set)")

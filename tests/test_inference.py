@@ -55,7 +55,8 @@ def test_onnx_and_pytorch_flavors_agree_and_report_format(registered, images, ca
     report = capsys.readouterr().out
     for line in ("🧠 Brain Cancer MRI Inference with MLflow", "✅ Successfully loaded model: brain-cancer-resnet18",
                  "📸 Loading and preprocessing image:", " PREDICTION RESULTS", " Predicted Class: ", "📈 Confidence: ",
-                 "🔢 Class Index: ", "📋 All Class Probabilities:"):
+                 "🔢 Class Index: ", "📋 All Class Probabilities:", "🎯 Prediction set (conformal): ",
+                 "🧭 Out of distribution: "):
         assert line in report
     onnx_run = run_script("inference_with_mlflow", argv + ["--json"])
     onnx_doc = json.loads(capsys.readouterr().out)
@@ -64,6 +65,9 @@ def test_onnx_and_pytorch_flavors_agree_and_report_format(registered, images, ca
     assert torch_doc["flavor"] == "pytorch"
     a, b = onnx_doc["predictions"][0]["probabilities"], torch_doc["predictions"][0]["probabilities"]
     assert max(abs(a[k] - b[k]) for k in a) < 1e-4
+    a, b = onnx_doc["predictions"][0], torch_doc["predictions"][0]  # the answer checks agree too
+    assert (a["prediction_set"], a["out_of_distribution"]) == (b["prediction_set"], b["out_of_distribution"])
+    assert abs(a["ood_distance"] - b["ood_distance"]) <= 1e-3 * b["ood_distance"] + 1e-3
 
 
 def test_stage_maps_to_alias_and_gradcam_writes_overlays(registered, images, tmp_path, capsys):

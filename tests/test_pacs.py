@@ -36,6 +36,7 @@ from pacs.receiver import start_receiver
 from pacs.report import DISCLAIMER, ModelInfo, make_report, read_report
 from pacs.sender import Forwarder
 from pacs.spool import Spool, destination_key
+from review.refer import record_reasons
 from tests.orthanc_server import Orthanc, free_port, requires_orthanc
 from tests.server_process import ServerProcess
 
@@ -124,7 +125,7 @@ def test_a_study_sent_by_orthanc_gets_its_sr_and_captures_back_exactly_once(orth
                 mr.StudyInstanceUID, mr.SeriesInstanceUID, mr.SOPInstanceUID)
             assert got["predicted_class"] == want["predicted_class"]
             assert max(abs(got["probabilities"][k] - v) for k, v in want["probabilities"].items()) < 1e-6
-            assert got["refer"] == (got["confidence"] < 0.6) and got["version"] == "1"
+            assert got["refer"] == (got["confidence"] < 0.6 or bool(record_reasons(got))) and got["version"] == "1"
         ds, calling_ae, peer = seen[0]
         assert (calling_ae, peer) == ("ORTHANC", "127.0.0.1")
         assert str(ds.PatientName) == "" and not ds.get("PatientBirthDate") and ds.PatientID == "TEST0001"
@@ -411,6 +412,9 @@ def test_send_to_pacs_returns_inference_results_into_their_study_once(orthanc, r
         assert frame_report["predicted_class"] == prediction["predicted_class"]
         assert (frame_report["model"], frame_report["version"]) == (doc["model"], str(doc["version"]))
         assert max(abs(frame_report["probabilities"][k] - p) for k, p in prediction["probabilities"].items()) < 1e-6
+        # the answer checks the command line gives are the SR's
+        assert (frame_report["out_of_distribution"], frame_report["prediction_set"]) == (
+            prediction["out_of_distribution"], prediction["prediction_set"])
     assert not got
     assert all(arrivals(orthanc, sr.SOPInstanceUID) == 1 for sr in reports)
 
