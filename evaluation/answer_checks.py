@@ -1,8 +1,8 @@
 """The two checks fitted on a trained model before anyone is answered with it, stored in its checkpoint:
 
 - the feature-space out-of-distribution score (models.features.ScoredModel): class means and a shared covariance
-  of the penultimate-layer features of the training split, Ledoit-Wolf shrunk (a few hundred images against 512 or
-  more features leave the plain covariance singular); its limit is a percentile of the validation split's
+  of the features (models.features.FeatureModel) of the training split, Ledoit-Wolf shrunk (a few hundred images
+  against 768 or more features leave the plain covariance singular); its limit is a percentile of the validation split's
   distances (config ood.percentile), so that share of in-distribution images is the documented false-alarm rate;
 - the split-conformal thresholds (core.conformal) on the validation split's probabilities at config
   conformal.alpha.
@@ -22,30 +22,29 @@ from core.errors import UserError
 from core.feature_ood import FEATURE_OOD_KEY, OOD_OUTPUT, QUANTILES
 from data.dataset import build_dataset, make_loader
 from data.preprocess import Preprocessor
-from models.features import FEATURE_OOD_STATE, split_classifier
+from models.features import FEATURE_OOD_STATE, MIDDLE_LAYERS, FeatureModel
 from models.loading import model_from_checkpoint
 
 if TYPE_CHECKING:
     from core.config import Config
     from data.manifest import Split
 
-METHOD = ("Mahalanobis distance of the penultimate-layer features to the nearest class mean, shared covariance "
-          "of the training split (Ledoit-Wolf shrinkage)")
+METHOD = ("Mahalanobis distance of the features (a middle stage averaged over space, and the classifier's input) "
+          "to the nearest class mean, shared covariance of the training split (Ledoit-Wolf shrinkage)")
 
 
 @torch.no_grad()
-def split_features(cfg: Config, split: Split, name: str, model: torch.nn.Module, pre, img_size: int,
+def split_features(cfg: Config, split: Split, name: str, model: FeatureModel, pre, img_size: int,
                    device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features (N, D), true labels, softmax probabilities) of one split, without augmentation."""
     dataset = build_dataset(cfg, split, name, img_size)
     if len(dataset) == 0:
         raise UserError(f"the {name} split of {split.manifest_path} is empty: the answer checks need it")
-    body, classifier = split_classifier(model)
     feats, labels, probs = [], [], []
     for images, targets in make_loader(dataset, cfg, cfg.recipe.batch_size, device=device):
-        f = body(pre(images.to(device))).float()
+        logits, f = model(pre(images.to(device)))
         feats.append(f.cpu())
-        probs.append(torch.softmax(classifier(f), dim=1).cpu())
+        probs.append(torch.softmax(logits.float(), dim=1).cpu())
         labels.append(targets)
     return torch.cat(feats).double().numpy(), torch.cat(labels).numpy(), torch.cat(probs).numpy()
 
@@ -72,7 +71,8 @@ def mahalanobis(features: np.ndarray, centers: np.ndarray, whitening: np.ndarray
 
 def fit_answer_checks(cfg: Config, ckpt: dict, split: Split, device) -> dict:
     """The checkpoint's new keys: the OOD buffers (tensors) and the contract extras of both checks."""
-    model = model_from_checkpoint(ckpt, device)
+    middle = MIDDLE_LAYERS.get(ckpt["model_name"])
+    model = FeatureModel(model_from_checkpoint(ckpt, device), middle).to(device).eval()
     pre = Preprocessor(ckpt["mean"], ckpt["std"]).to(device).eval()
     size, names = ckpt["img_size"], list(ckpt["class_names"])
     train_f, train_y, _ = split_features(cfg, split, "train", model, pre, size, device)
@@ -80,14 +80,17 @@ def fit_answer_checks(cfg: Config, ckpt: dict, split: Split, device) -> dict:
     centers, whitening, shrinkage = mahalanobis_fit(train_f, train_y, len(names))
     val_d = mahalanobis(val_f, centers, whitening)
     percentile = cfg.ood.percentile
-    ood = {"method": METHOD, "output": OOD_OUTPUT, "feature_dim": int(train_f.shape[1]),
+    ood = {"method": METHOD, "output": OOD_OUTPUT,
+           "layers": ([f"{middle[0]} (averaged over space)"] if middle else []) + ["the classifier's input"],
+           "feature_dim": int(train_f.shape[1]),
            "n_train": int(len(train_y)), "shrinkage": round(shrinkage, 6), "percentile": percentile,
            "limit": round(float(np.percentile(val_d, percentile)), 6),
            "validation_distances": {"n": int(len(val_d)),
                                     **{k: round(float(np.percentile(val_d, q)), 6) for k, q in QUANTILES.items()}}}
     extra = {**(ckpt.get("contract_extra") or {}), FEATURE_OOD_KEY: ood,
              CONFORMAL_KEY: fit_conformal(val_y, val_p, names, cfg.conformal.alpha)}
-    state = {"centers": torch.from_numpy(centers).float(), "whitening": torch.from_numpy(whitening).float()}
+    state = {"centers": torch.from_numpy(centers).float(), "whitening": torch.from_numpy(whitening).float(),
+             **({"middle": list(middle)} if middle else {})}
     return {FEATURE_OOD_STATE: state, "contract_extra": extra}
 
 

@@ -18,7 +18,7 @@ from core.conformal import CONFORMAL_KEY, conformal_quantile, fit_conformal, pre
 from core.contract import Contract
 from core.feature_ood import FEATURE_OOD_KEY, OOD_OUTPUT
 from data.synthetic import generate_dataset
-from models.features import FEATURE_OOD_STATE, ScoredModel, split_classifier
+from models.features import FEATURE_OOD_STATE, MIDDLE_LAYERS, FeatureModel, ScoredModel, split_classifier
 from models.zoo import build_model
 
 
@@ -33,6 +33,11 @@ def test_features_then_classifier_is_the_whole_model(name):
         features = body(x)
         assert features.ndim == 2 and features.shape[1] == classifier.in_features
         torch.testing.assert_close(classifier(features), model(x))
+        # with the middle stage beside it: the same logits, one pass, the middle stage's channels first
+        logits, both = FeatureModel(model, MIDDLE_LAYERS[name])(x)
+        torch.testing.assert_close(logits, model(x))
+        torch.testing.assert_close(both[:, -classifier.in_features:], features)
+        assert both.shape[1] > classifier.in_features
 
 
 def test_scored_model_distance_is_the_mahalanobis_distance():
@@ -45,7 +50,7 @@ def test_scored_model_distance_is_the_mahalanobis_distance():
     a = rng.normal(size=(d, d))
     precision = a @ a.T / d + np.eye(d)
     w = np.linalg.cholesky(precision)
-    scored = ScoredModel(model, torch.from_numpy(means @ w), torch.from_numpy(w)).eval()
+    scored = ScoredModel(model, None, torch.from_numpy(means @ w), torch.from_numpy(w)).eval()
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         logits, dist = scored(x)
@@ -147,7 +152,8 @@ def test_training_stores_both_checks_with_the_model(phantom_run):
     _, _, _, ckpt_path = phantom_run
     ckpt = load_checkpoint(ckpt_path)
     state = ckpt[FEATURE_OOD_STATE]
-    assert state["whitening"].shape == (512, 512) and state["centers"].shape == (3, 512)
+    assert state["middle"] == ["layer3", "nchw"]  # 256 channels of layer3 beside the classifier's 512 inputs
+    assert state["whitening"].shape == (768, 768) and state["centers"].shape == (3, 768)
     contract = Contract.from_checkpoint(ckpt)
     ood = contract.extra[FEATURE_OOD_KEY]
     assert ood["percentile"] == 95 and ood["limit"] == ood["validation_distances"]["p95"] > 0
