@@ -1,5 +1,5 @@
-"""How far an image's penultimate-layer features lie from the training data, and the limit past which the model's
-answer is withheld as out of distribution.
+"""How far an image's features (models.features.FeatureModel) lie from the training data, and the limit past which
+the model's answer is withheld as out of distribution.
 
 The distance is computed inside the model (models.features.ScoredModel, the ONNX graph's second output
 `ood_distance`): the Mahalanobis distance to the nearest class mean under the training split's shared covariance.

@@ -1,10 +1,10 @@
 """The refer rule: when the page says "refer" instead of pushing a class.
 
 The prediction record's own checks (deploy.predictors.answer_checks, the same in every entry point) refer a slice
-whose penultimate-layer features lie past the model's out-of-distribution limit, and one whose conformal
-prediction set holds more than one class. Besides, either the top probability is under `review.refer_below` (the
-calibrated one when the registered version's evaluation fitted a temperature, as the page shows it), or the slice
-is unlike the training data: its intensity histogram lies farther from the training split's than
+whose features (a middle stage and the classifier's input) lie past the model's out-of-distribution limit, and one
+whose conformal prediction set holds more than one class. Besides, either the top probability is under
+`review.refer_below` (the calibrated one when the registered version's evaluation fitted a temperature, as the page
+shows it), or the slice is unlike the training data: its intensity histogram lies farther from the training split's than
 `review.drift_limit` (default: the model's own limit, the 99th percentile of its validation slices' distances,
 stored with the model at training time). A model trained without that reference says so, and is never guessed at.
 
