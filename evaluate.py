@@ -153,7 +153,7 @@ def main(args) -> int:
     device = select_device("cpu" if args.onnx else args.device)  # ONNX Runtime scores on the CPU
     cfg, opened = open_for_scoring(args)
     if args.fit_checks:
-        attach_answer_checks(cfg, opened.path, opened.split, device)
+        attach_answer_checks(cfg, opened.path, opened.split, device, required=True)
         args.checkpoint = str(opened.path)
         cfg, opened = open_for_scoring(args)
     ckpt, out_dir = opened.ckpt, opened.path.parent

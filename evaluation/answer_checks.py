@@ -59,7 +59,10 @@ def mahalanobis_fit(features: np.ndarray, labels: np.ndarray, n_classes: int) ->
     means = np.stack([features[labels == k].mean(axis=0) for k in range(n_classes)])
     lw = LedoitWolf(assume_centered=True).fit(features - means[labels])
     precision = (lw.precision_ + lw.precision_.T) / 2
-    whitening = np.linalg.cholesky(precision)
+    try:
+        whitening = np.linalg.cholesky(precision)
+    except np.linalg.LinAlgError:  # degenerate features (e.g. a handful of identical images)
+        raise UserError("the training features have no usable covariance (too few or identical images)") from None
     return means @ whitening, whitening, float(lw.shrinkage_)
 
 
@@ -94,10 +97,18 @@ def fit_answer_checks(cfg: Config, ckpt: dict, split: Split, device) -> dict:
     return {FEATURE_OOD_STATE: state, "contract_extra": extra}
 
 
-def attach_answer_checks(cfg: Config, ckpt_path, split: Split, device, log=print) -> dict:
-    """Fit both checks for the checkpoint at ckpt_path and rewrite it (atomically) with them; its new extras."""
+def attach_answer_checks(cfg: Config, ckpt_path, split: Split, device, log=print, required: bool = False) -> dict:
+    """Fit both checks for the checkpoint at ckpt_path and rewrite it (atomically) with them; its new extras. A
+    split they cannot be fitted on (no validation images, a class without training images) leaves the checkpoint as
+    it was and says why, unless `required` (then UserError): training has still succeeded."""
     ckpt = load_checkpoint(ckpt_path)
-    ckpt.update(fit_answer_checks(cfg, ckpt, split, device))
+    try:
+        ckpt.update(fit_answer_checks(cfg, ckpt, split, device))
+    except UserError as exc:
+        if required:
+            raise
+        log(f"⚠️  No out-of-distribution check or conformal sets for this model: {exc}")
+        return ckpt.get("contract_extra") or {}
     save_checkpoint(ckpt, ckpt_path)
     ood, conf = ckpt["contract_extra"][FEATURE_OOD_KEY], ckpt["contract_extra"][CONFORMAL_KEY]
     log(f"🛡️  Out-of-distribution limit: feature distance {ood['limit']:.3f} (the validation split's "

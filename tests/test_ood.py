@@ -253,3 +253,4 @@ def test_the_monitoring_panel_counts_out_of_distribution_slices_against_the_test
     assert ood_check(recent(near, 20), {"confidence": [0.9]}, limits).status == "no reference"
     # the refer rate's reference counts the test slices the record's checks refer: 5 far + 10 with two classes
     assert refer_check(recent(near, 20), ref, ReferRule(threshold=0.6, limit=0.2), limits).reference == "15%"
+
