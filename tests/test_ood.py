@@ -254,3 +254,22 @@ def test_the_monitoring_panel_counts_out_of_distribution_slices_against_the_test
     # the refer rate's reference counts the test slices the record's checks refer: 5 far + 10 with two classes
     assert refer_check(recent(near, 20), ref, ReferRule(threshold=0.6, limit=0.2), limits).reference == "15%"
 
+
+
+def test_the_refer_rule_says_each_check_in_words():
+    from review.refer import ReferRule
+
+    rule = ReferRule(threshold=0.6)
+    base = {"probabilities": {"glioma": 0.9, "meningioma": 0.06, "pituitary": 0.04}}
+    far = rule.assess({**base, "ood_distance": 61.73, "ood_limit": 47.03, "out_of_distribution": True,
+                       "prediction_set": ["glioma"]}, None)
+    assert far.refer and far.reasons == ["out of distribution: unlike the images the model learned from (feature "
+                                         "distance 61.7, limit 47.0)"]
+    unsure = rule.assess({**base, "ood_distance": 12.0, "ood_limit": 47.03, "out_of_distribution": False,
+                          "prediction_set": ["glioma", "meningioma"]}, None)
+    assert unsure.refer and unsure.reasons == ["more than one class is plausible: glioma or meningioma (the conformal "
+                                               "prediction set)"]
+    fine = rule.assess({**base, "ood_distance": 12.0, "ood_limit": 47.03, "out_of_distribution": False,
+                        "prediction_set": ["glioma"]}, None)
+    older = rule.assess(base, None)  # a model trained before the checks: judged on what it has
+    assert not fine.refer and not older.refer
