@@ -84,11 +84,8 @@ def load_for_inference(mv, twin) -> None:
     x = np.random.default_rng(0).standard_normal((2, *shape[1:])).astype(np.float32)
     module = load_pytorch_flavor(f"models:/{mv.name}/{mv.version}")
     with torch.no_grad():
-        out = module(torch.from_numpy(x))
-    # a model with the out-of-distribution check answers (logits, ood_distance)
-    torch_logits = (out[0] if isinstance(out, tuple) else out).numpy()
-    extra = f", ood_distance {tuple(out[1].shape)}" if isinstance(out, tuple) else ""
-    print(f"   PyTorch pt2 flavor, loaded with MLflow's pickle guard on: logits {torch_logits.shape}{extra}")
+        torch_logits = module(torch.from_numpy(x)).numpy()
+    print(f"   PyTorch pt2 flavor, loaded with MLflow's pickle guard on: logits {torch_logits.shape}")
     if twin is not None:
         onnx_logits = mlflow.pyfunc.load_model(f"models:/{twin.name}/{twin.version}").predict(x)
         onnx_logits = np.asarray(onnx_logits["logits"] if isinstance(onnx_logits, dict) else onnx_logits)

@@ -203,10 +203,12 @@ def parity_line(result: ParityResult) -> str:
 
 @dataclass
 class ExportSource:
-    """A checkpoint ready to export: the opened checkpoint, its model on CPU, real inputs for the parity checks."""
+    """A checkpoint ready to export: the opened checkpoint, its model on CPU (answering (logits, ood_distance) when
+    the checkpoint has the check), real inputs for the parity checks, and the model's logits alone (`plain`)."""
     opened: OpenedCheckpoint
     model: torch.nn.Module
     x: np.ndarray
+    plain: torch.nn.Module | None = None  # None: `model` gives logits alone already
 
     @property
     def contract(self) -> Contract:
@@ -215,10 +217,13 @@ class ExportSource:
 
 def export_source(cfg: Config, checkpoint, model_flag: str | None, resplit: bool = False, n_images: int = 8,
                   log=print) -> ExportSource:
-    from models.loading import answering_model
+    from models.features import FEATURE_OOD_STATE, scored_model
+    from models.loading import model_from_checkpoint
 
     opened = open_checkpoint(cfg, checkpoint, model_flag, resplit, same_split=False, log=log)
     x = parity_inputs(opened.split.samples("test")[0], opened.contract, n_images)
     log(f"🔍 Parity inputs: {len(x)} test images of {opened.split.manifest_path}, preprocessed with the "
         "checkpoint's contract")
-    return ExportSource(opened, answering_model(opened.ckpt, "cpu"), x)
+    plain = model_from_checkpoint(opened.ckpt, "cpu")
+    state = opened.ckpt.get(FEATURE_OOD_STATE)
+    return ExportSource(opened, plain if state is None else scored_model(plain, state), x, plain)

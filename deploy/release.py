@@ -192,7 +192,10 @@ def log_models(cfg: Config, src, onnx_path: Path, card_path: Path, tags: dict, l
             raise UserError(f"cannot open the MLflow store {cfg.monitoring.mlflow.tracking_uri} "
                             "(monitoring.mlflow.enabled must be true to register)")
         with mlflow.start_run(run_id=tracker.mlflow_run_id):
-            uris = log_flavors(src.model, onnx_path, src.x[:2], [src.opened.path, contract_path, card_path])
+            # the PyTorch flavor answers logits alone, as mlflow.pyfunc expects; the checkpoint among its files has
+            # the out-of-distribution check (TorchPredictor), the ONNX flavor has it in its graph
+            uris = log_flavors(src.plain or src.model, onnx_path, src.x[:2],
+                               [src.opened.path, contract_path, card_path])
             if int8_path is not None:
                 uris[INT8_FLAVOR] = log_int8_flavor(int8_path, src.x[:2], [contract_path, card_path])
             mlflow.log_artifact(str(card_path))
@@ -201,7 +204,7 @@ def log_models(cfg: Config, src, onnx_path: Path, card_path: Path, tags: dict, l
                     mlflow.log_artifact(str(src.opened.path.parent / name), "evaluation")
     log(f"📝 Best PyTorch and ONNX models logged to MLflow (run {tracker.mlflow_run_id})")
     module = load_pytorch_flavor(uris["pytorch"])
-    pt2 = check_parity("pt2", src.model, lambda x: module(torch.from_numpy(x)), src.x)
+    pt2 = check_parity("pt2", src.plain or src.model, lambda x: module(torch.from_numpy(x)), src.x)
     log(f"✅ Logged pt2 flavor, loaded with MLflow's pickle guard on: {parity_line(pt2)}")
     if not pt2.passed:
         raise UserError("the logged PyTorch flavor does not match the checkpoint; not registered")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from models.features import FEATURE_OOD_STATE, scored_model
 from models.zoo import build_model
 
 
@@ -19,10 +18,3 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
 
-
-def answering_model(ckpt: dict, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The model every stage answers with: x -> (logits, ood_distance) when the checkpoint holds the fitted
-    out-of-distribution buffers (models.features.ScoredModel), else x -> logits (a checkpoint trained before)."""
-    model = model_from_checkpoint(ckpt, device)
-    state = ckpt.get(FEATURE_OOD_STATE)
-    return model if state is None else scored_model(model, state)

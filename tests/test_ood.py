@@ -167,12 +167,14 @@ def test_every_flavor_computes_the_same_distance_and_refers_far_images(phantom_r
 
     from deploy.export import OOD_TOLERANCE, export_onnx
     from deploy.predictors import OnnxPredictor, TorchPredictor
-    from models.loading import answering_model
+    from models.features import scored_model
+    from models.loading import model_from_checkpoint
 
     _, _, data, ckpt_path = phantom_run
     ckpt = load_checkpoint(ckpt_path)
     contract = Contract.from_checkpoint(ckpt)
-    onnx_path = export_onnx(answering_model(ckpt), contract, tmp_path / "m.onnx")
+    scored = scored_model(model_from_checkpoint(ckpt), ckpt[FEATURE_OOD_STATE])
+    onnx_path = export_onnx(scored, contract, tmp_path / "m.onnx")
     assert [o.name for o in onnx.load(str(onnx_path)).graph.output] == ["logits", OOD_OUTPUT]
     torch_p, onnx_p = TorchPredictor(ckpt_path), OnnxPredictor(onnx_path, providers=["CPUExecutionProvider"])
     phantoms = sorted(data.rglob("*.jpg"))[::6]
