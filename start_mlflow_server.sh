@@ -115,13 +115,13 @@ if ! is_loopback "$HOST"; then
   echo "   anyone who can reach it can read, change and delete runs and registered models." >&2
 fi
 
-# The project's virtual environment first, then whatever mlflow is on PATH.
-if [[ -x "$ROOT/.venv/bin/mlflow" ]]; then
-  MLFLOW="$ROOT/.venv/bin/mlflow"
-elif command -v mlflow >/dev/null 2>&1; then
+# The mlflow on PATH (an activated environment is the one the user chose), else the project's .venv.
+if command -v mlflow >/dev/null 2>&1; then
   MLFLOW="$(command -v mlflow)"
+elif [[ -x "$ROOT/.venv/bin/mlflow" ]]; then
+  MLFLOW="$ROOT/.venv/bin/mlflow"
 else
-  refuse "mlflow not found (pip install -r requirements.txt)"
+  refuse "mlflow not found (pip install -r requirements.txt, or activate the environment that has it)"
 fi
 
 SECURITY=()

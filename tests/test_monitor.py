@@ -182,7 +182,7 @@ def test_real_machine_without_gpu(tmp_path):
     if hardware.read_gpus():
         pytest.skip("this machine has an NVIDIA GPU")
     out = tmp_path / "x.json"
-    res = subprocess.run([sys.executable, "monitor_gpu.py", "--once", "--save", str(out)], cwd=ROOT,
+    res = subprocess.run([sys.executable, str(ROOT / "monitor_gpu.py"), "--once", "--save", str(out)], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "💻 SYSTEM:" in res.stdout and "No NVIDIA GPU found (NVML unavailable: " in res.stdout

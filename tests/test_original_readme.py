@@ -42,7 +42,8 @@ from pathlib import Path
 import pytest
 
 from core.errors import UserError
-from tests.conftest import ROOT, run_script, stop_process_group
+from tests import cleanup
+from tests.conftest import ROOT, run_script, stop_process_group, tool_env
 from tests.original_readme import OPENING, fenced_blocks, original_config_yaml
 
 # The quick start trains the real demo model: more than the default per-test limit on a busy 2-core machine.
@@ -309,7 +310,8 @@ def ws(tmp_path_factory):
     config = root / "path/to/your/config.yaml"
     config.parent.mkdir(parents=True)
     config.write_text(original_config_yaml())
-    return Workspace(root)
+    yield Workspace(root)
+    cleanup.remove_large_files(root)  # eight models' weights, exports and registry copies: 6 GB until the run ends
 
 
 def run_line(argv: list[str], ws: Workspace, capsys) -> tuple[int, str]:
@@ -349,8 +351,8 @@ def run_server(ws: Workspace) -> tuple[int, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, MLFLOW_BACKEND_STORE_URI=f"sqlite:///{ws.root / 'mlflow.db'}",
-               MLFLOW_ARTIFACTS_DESTINATION=str(ws.root / "mlartifacts"), MLFLOW_PORT=str(port))
+    env = tool_env(MLFLOW_BACKEND_STORE_URI=f"sqlite:///{ws.root / 'mlflow.db'}",
+                   MLFLOW_ARTIFACTS_DESTINATION=str(ws.root / "mlartifacts"), MLFLOW_PORT=str(port))
     log = ws.root / "server.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen([str(ROOT / "start_mlflow_server.sh")], env=env, stdout=fh, stderr=subprocess.STDOUT,

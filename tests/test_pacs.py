@@ -448,9 +448,9 @@ def test_pacs_settings_that_cannot_work_are_refused_in_one_line(assignment, key)
 def test_send_to_pacs_says_what_is_missing(tmp_path):
     with pytest.raises(UserError, match="together"):
         run_script("send_to_pacs", [tmp_path, "--host", "127.0.0.1"])
-    done = subprocess.run([sys.executable, "send_to_pacs.py", str(tmp_path), "--host", "127.0.0.1", "--port", "4242",
-                           "--ae-title", "ORTHANC", "--set", f"pacs.spool_dir={tmp_path / 'spool'}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, str(ROOT / "send_to_pacs.py"), str(tmp_path), "--host", "127.0.0.1",
+                           "--port", "4242", "--ae-title", "ORTHANC", "--set", f"pacs.spool_dir={tmp_path / 'spool'}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.startswith("error: ") and "predictions.json" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
 

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, run_script, write_overlay
+from conftest import ROOT, run_script, tool_env, write_overlay
 from core.checkpoint import load_checkpoint
 from core.config import load_config
 from core.fileio import atomic_file, write_text_atomic
@@ -151,8 +151,8 @@ def free_port() -> int:
 def mlflow_server(tmp_path):
     """A real MLflow server (start_mlflow_server.sh) on a free loopback port; its address."""
     port = free_port()
-    env = dict(os.environ, MLFLOW_BACKEND_STORE_URI=f"sqlite:///{tmp_path / 'server.db'}",
-               MLFLOW_ARTIFACTS_DESTINATION=str(tmp_path / "server-artifacts"))
+    env = tool_env(MLFLOW_BACKEND_STORE_URI=f"sqlite:///{tmp_path / 'server.db'}",
+                   MLFLOW_ARTIFACTS_DESTINATION=str(tmp_path / "server-artifacts"))
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen([str(ROOT / "start_mlflow_server.sh"), "--port", str(port)], env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
