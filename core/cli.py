@@ -31,6 +31,21 @@ def add_common_args(parser: argparse.ArgumentParser, model: bool = True, checkpo
     return parser
 
 
+def same_data_flags(args: argparse.Namespace) -> str:
+    """The flags a printed next command needs to find what this one used (--demo, --config, --set), shell-quoted,
+    with a leading space: a hint that is copied and run works."""
+    import shlex
+
+    words = []
+    if getattr(args, "demo", False):
+        words += ["--demo"] if args.demo in (True, "jpeg") else ["--demo", args.demo]
+    if getattr(args, "config", None):
+        words += ["--config", args.config]
+    for assignment in getattr(args, "sets", None) or []:
+        words += ["--set", assignment]
+    return "".join(" " + shlex.quote(str(w)) for w in words)
+
+
 def config_from_args(args: argparse.Namespace, **overrides):
     """Resolve the config from the common flags; `overrides` are explicit flags as dotted keys."""
     from core.config import load_config

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 from core.errors import UserError
+from deploy.model_card import ALIASES_NOW, with_aliases
 from deploy.policy import PRODUCTION, check_production, is_production, production_refusal
 from deploy.registry import INT8_FLAVOR, INT8_LINK_TAG, ONNX_LINK_TAG
 
@@ -89,7 +90,20 @@ def move_alias(client, mv, alias: str, how: str, promote_on: str = "point", roll
         twin = (mv.tags or {}).get(tag)
         if twin:
             moves.append(_move_one(client, f"{mv.name}-{suffix}", twin, alias, how, status, rollback))
+    for move in moves:  # the model cards in the versions' descriptions say where the aliases are now
+        for version in filter(None, (move.version, move.previous)):
+            refresh_card(client, move.name, version)
     return moves
+
+
+def refresh_card(client, name: str, version: str) -> str | None:
+    """Bring the aliases line of a version's model card (its description) up to date; the new description."""
+    mv = client.get_model_version(name, version)
+    if not mv.description or ALIASES_NOW not in mv.description:
+        return None
+    description = with_aliases(mv.description, mv.aliases or [])
+    client.update_model_version(name, version, description=description)
+    return description
 
 
 def rollback_alias(client, name: str, alias: str, how: str, promote_on: str = "point") -> list[Move]:

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING
 
 from core.checkpoint import default_checkpoint
 from core.errors import UserError
+from core.fileio import write_text_atomic
 from deploy.aliases import describe, move_alias
+from deploy.model_card import with_aliases
 from deploy.policy import PRODUCTION, STAGING, loosened_gates, production_refusal
 from deploy.registry import connect
 from deploy.release import ReleaseRequest, release_checkpoint
@@ -43,8 +45,9 @@ def skip_reason(cfg: Config) -> str | None:
     return None
 
 
-def release_after_training(cfg: Config, device, tracker, log=print) -> str:
-    """Evaluate, register @staging, promote to @production when allowed; returns the outcome (a run tag too)."""
+def release_after_training(cfg: Config, device, tracker, log=print, again: str = "") -> str:
+    """Evaluate, register @staging, promote to @production when allowed; returns the outcome (a run tag too).
+    `again`: the command-line flags the printed next commands need to find the same data and stores."""
     model = cfg.model
     reason = skip_reason(cfg)
     if reason is None:
@@ -54,12 +57,12 @@ def release_after_training(cfg: Config, device, tracker, log=print) -> str:
             reason = f"the model fails the gates ({failed})"
     if reason is not None:
         log(f"ℹ️  Not registered: {reason}.")
-        log(f"   Next: python evaluate.py --model {model} --medical-validation, then python register_model.py "
-            f"--model {model} --version X.Y.Z once the gates pass")
+        log(f"   Next: python evaluate.py --model {model}{again} --medical-validation, then python register_model.py "
+            f"--model {model}{again} --version X.Y.Z once the gates pass")
         tracker.set_tags({"registry.auto_register": f"skipped: {reason}"[:250]})
         return "skipped"
     try:
-        outcome = register_and_promote(cfg, tracker, log)
+        outcome = register_and_promote(cfg, tracker, log, again)
     except UserError as exc:  # a store that cannot be reached, a parity failure: training itself succeeded
         log(f"⚠️  Not registered: {exc}")
         tracker.set_tags({"registry.auto_register": f"failed: {exc}"[:250]})
@@ -89,7 +92,7 @@ def evaluate_best(cfg: Config, device, tracker, log) -> tuple[str | None, dict |
     return None, ev.validation
 
 
-def register_and_promote(cfg: Config, tracker, log) -> str:
+def register_and_promote(cfg: Config, tracker, log, again: str = "") -> str:
     run_id = tracker.mlflow_run_id or "none"
     request = ReleaseRequest(f"0.0.0-auto.{time.strftime('%Y%m%dT%H%M%S')}", STAGING,
                              f"Registered automatically after training run {run_id}",
@@ -105,12 +108,15 @@ def register_and_promote(cfg: Config, tracker, log) -> str:
         client = connect(cfg.monitoring.mlflow)
         moves = move_alias(client, client.get_model_version(name, version), PRODUCTION, HOW, cfg.registry.promote_on)
         log(describe(moves))
+        card = default_checkpoint(cfg).parent / "model_card.md"  # the card beside the checkpoint follows too
+        if card.is_file():
+            write_text_atomic(card, with_aliases(card.read_text(), client.get_model_version(name, version).aliases))
         tags["registry.alias"] = PRODUCTION
-        log(f"🔮 Next: python inference_with_mlflow.py --model {name} --image PATH   (serves @production)")
+        log(f"🔮 Next: python inference_with_mlflow.py --model {name} --image PATH{again}   (serves @production)")
     else:
         log(f"ℹ️  Not promoted to Production: {refusal}.")
-        log(f"🔮 Next: python inference_with_mlflow.py --model {name} --stage Staging --image PATH; promote with "
-            f"python deploy_model.py promote --model {cfg.model} --version {version} --alias production")
+        log(f"🔮 Next: python inference_with_mlflow.py --model {name} --stage Staging --image PATH{again}; promote "
+            f"with python deploy_model.py promote --model {cfg.model}{again} --version {version} --alias production")
         tags["registry.auto_promote"] = f"skipped: {refusal}"[:250]
     tracker.set_tags(tags)
     return "promoted" if refusal is None else "registered"

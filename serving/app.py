@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from starlette.datastructures import UploadFile
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
@@ -99,7 +100,8 @@ def create_app(options: ServeOptions, extensions: Sequence[Extension] = ()) -> F
         audit.close()
         engine.dispose()
 
-    app = FastAPI(title="Brain MRI classifier", version="1", lifespan=lifespan,
+    # /docs and /redoc with Swagger UI and ReDoc from the installed package, not a CDN: they work in an air-gapped site
+    app = FastAPIOffline(title="Brain MRI classifier", version="1", lifespan=lifespan,
                   description="Predictions of a registered brain MRI slice classifier; every prediction is "
                               "recorded in an audit log. Decision support only, not a diagnosis.")
     app.state.service = service

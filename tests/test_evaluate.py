@@ -2,6 +2,7 @@
 MLflow."""
 import csv
 import json
+import shlex
 
 import numpy as np
 import pytest
@@ -128,6 +129,27 @@ def test_gates_pass_when_thresholds_allow_and_strict_says_so(trained, capsys):
     assert v["deployment_ready"] and v["strict"] and v["basis"] == "lower bound of the 95% confidence interval"
     r = json.loads((best.parent / "evaluation_metrics.json").read_text())
     assert r["calibration"]["temperature"] > 0 and r["calibration"]["ece_after_temperature"] is not None
+
+
+def test_a_model_of_synthetic_data_gets_no_praise_and_the_next_step_parses_as_copied(capsys):
+    """The demo's phantoms are not medical data: passing gates there say the pipeline works, nothing more; and the
+    printed next command carries the flags that found this data and store (--demo, --config, --set), quoted."""
+    import evaluate
+    import register_model
+
+    store = "monitoring.mlflow.tracking_uri=sqlite:////tmp/my runs/mlflow.db"
+    args = evaluate.get_args_parser().parse_args(["--model", "resnet18", "--demo", "--set", store])
+    passed = {"deployment_ready": True, "gates": []}
+    assert evaluate.verdict(passed, "resnet18", args, synthetic=True) == 0
+    out = capsys.readouterr().out
+    assert "synthetic demo phantoms" in out and "says nothing about real MRI" in out
+    assert "excellent" not in out and "🏆" not in out
+    (hint,) = [ln for ln in out.splitlines() if ln.startswith("📝 Next: python register_model.py")]
+    command = shlex.split(hint.removeprefix("📝 Next: ").partition(" (a new semantic version)")[0])
+    copied = register_model.get_args_parser().parse_args(command[2:])
+    assert (copied.model, copied.demo, copied.sets, copied.version) == ("resnet18", "jpeg", [store], "1.0.0")
+    assert evaluate.verdict(passed, "resnet18", args, synthetic=False) == 0
+    assert "Every quality gate passed on this data set's test split" in capsys.readouterr().out
 
 
 def test_tracker_down_costs_a_warning_only(tmp_path, tiny_data, trained, capsys):

@@ -191,6 +191,17 @@ def test_real_machine_without_gpu(tmp_path):
     assert record["system"]["cpu_count"] >= 1 and record["system"]["ram_available_gb"] > 0
 
 
+def test_without_a_gpu_the_refreshing_dashboard_shows_once_and_exits_0(tmp_path):
+    """`monitor_gpu.py -i 3` on a machine without a GPU: the system part once, why, exit 0 (not until Ctrl-C)."""
+    hardware._nvml_init.cache_clear()
+    if hardware.read_gpus():
+        pytest.skip("this machine has an NVIDIA GPU")
+    res = subprocess.run([sys.executable, str(ROOT / "monitor_gpu.py"), "-i", "3", "--no-processes"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("💻 SYSTEM:") == 1 and "No NVIDIA GPU to watch" in res.stdout
+
+
 def test_hardware_sampler_summarizes_cpu_ram_and_gpus_while_work_runs(fake_nvml):
     """evaluate.py's readings: a background thread reads while the block runs; the summary feeds the report/MLflow."""
     from core.hardware import HardwareSampler, hardware_summary_metrics

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import random
+import re
 import shutil
 import socket
 import sqlite3
@@ -324,8 +325,16 @@ def test_token_guards_every_endpoint_but_the_health_checks(server, registry, goo
         assert wrong.status_code == 401 and wrong.headers["www-authenticate"].startswith("Bearer")
         assert anon.get("/healthz").status_code == 200 and anon.get("/readyz").status_code == 200
         assert "access-control-allow-origin" not in anon.get("/healthz", headers={"Origin": "http://x"}).headers
+        assert anon.get("/static-offline-docs/swagger-ui-bundle.js").status_code == 401  # its assets: as /docs
     with server.client() as c:
-        assert c.get("/docs").status_code == 200
+        docs = c.get("/docs")
+        assert docs.status_code == 200
+        # offline: every script and style sheet of the page is served by this server, none from a CDN
+        assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', docs.text)
+        assert len(assets) == 2 and all(a.startswith("/") for a in assets), assets
+        for asset in assets:
+            got = c.get(asset)
+            assert got.status_code == 200 and len(got.content) > 10_000, asset
         assert c.post("/admin/reload").json() == {"model": MODEL, "version": "1", "alias": "staging", "changed": False}
     args = [*store_args(registry), "--host", "0.0.0.0"]
     with pytest.raises(UserError, match="--token-file"):
