@@ -281,6 +281,8 @@ def comparison_plot(experiments: list[Experiment], path: Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from evaluation.plots import legend_above
+
     names = [e.model for e in experiments]
     x = np.arange(len(names))
     fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(5 + 1.8 * len(names), 4.5))
@@ -293,13 +295,12 @@ def comparison_plot(experiments: list[Experiment], path: Path) -> Path:
             ax.text(xi, 0.02, "FAILED", ha="center", color="tab:red", rotation=90)
     ax.set_xticks(x, names, rotation=20, ha="right")
     ax.set_ylim(0, 1.05)
-    ax.set_title("Quality per model")
-    ax.legend(loc="upper right", fontsize=8)
+    legend_above(ax, "Quality per model")
     ax.grid(axis="y", alpha=0.3)
     ax_t.bar(x, [e.train_seconds for e in experiments], 0.5, color="tab:gray")
     ax_t.set_xticks(x, names, rotation=20, ha="right")
     ax_t.set_ylabel("seconds")
-    ax_t.set_title("Training time")
+    ax_t.set_title("Training time", pad=20)  # level with the quality title above its legend
     ax_t.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     with atomic_file(path) as fh:

@@ -186,3 +186,43 @@ def test_test_script_writes_confusion_matrix_and_logs_the_test_run(trained, caps
     exp = client.get_experiment_by_name("brain-cancer-mri-test-resnet18")
     run = client.search_runs([exp.experiment_id], max_results=1)[0]
     assert "test_accuracy" in run.data.metrics and "test_macro_f1" in run.data.metrics
+
+
+def drawn_figures(monkeypatch, draw) -> list:
+    """The figures `draw()` makes, kept open for inspection (the plot functions close them after saving)."""
+    import matplotlib.pyplot as plt
+
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)
+    draw()
+    return kept
+
+
+def test_plot_legends_never_cover_a_bar(monkeypatch, tmp_path):
+    """A good model's bars reach the top of the axes, where the legends used to sit: every legend is now outside
+    every bar (error bars included), in the evaluation's per-class and comparison plots and the experiments'."""
+    from evaluation.plots import comparison_plot, per_class_plot
+    from ops.experiments import Experiment
+    from ops.experiments import comparison_plot as experiments_plot
+
+    high = {"value": 0.98, "ci_low": 0.95, "ci_high": 1.0}
+    per_class = {c: {"precision": 0.99, "sensitivity": high, "specificity": high, "f1": 0.98}
+                 for c in ("glioma", "meningioma", "pituitary")}
+    rows = [{"model": m, "accuracy": 0.98, "accuracy_ci_low": 0.95, "accuracy_ci_high": 1.0, "macro_f1": 0.97,
+             "latency_ms": 12.0} for m in ("resnet18", "efficientnet_b0")]
+    runs = [Experiment(m, "SUCCESS", 60.0, best_val_acc=0.99, test_acc=0.98, macro_f1=0.98)
+            for m in ("resnet18", "efficientnet_b0", "swin_t")]
+    figures = drawn_figures(monkeypatch, lambda: (per_class_plot(per_class, tmp_path / "a.png"),
+                                                  comparison_plot(rows, tmp_path / "b.png"),
+                                                  experiments_plot(runs, tmp_path / "c.png")))
+    assert len(figures) == 3
+    for fig in figures:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            if ax.get_legend() is None:
+                continue
+            legend = ax.get_legend().get_window_extent(renderer)
+            marks = [p.get_window_extent(renderer) for p in ax.patches]
+            marks += [line.get_window_extent(renderer) for line in ax.lines]  # error bars and their caps
+            assert marks and not any(legend.overlaps(m) for m in marks), ax.get_title()

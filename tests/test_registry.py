@@ -83,6 +83,9 @@ def test_training_registers_and_promotes_a_model_that_passes_the_gates(passing_r
     assert str(mv.version) == "1" and str(client.get_model_version_by_alias(NAME, "staging").version) == "1"
     best = tmp / "checkpoints" / "resnet18_outputs" / "best_model.pth"
     assert mv.tags["checkpoint_sha256"] == sha256_file(best)
+    # the model card, beside the checkpoint and in the registry, says where the version is now: promoted
+    for card in ((best.parent / "model_card.md").read_text(), mv.description):
+        assert "Aliases now: `production`, `staging` (as of " in card
     assert mv.tags["auto_registered"] == "true" and mv.tags["registered_by"].startswith("train.py")
     assert mv.tags["medical_validation"] == "passed" and mv.tags["forced"] == "false"
     assert "set by train.py" in mv.tags["alias.production.history"]
