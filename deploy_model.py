@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
-from core.cli import add_common_args, config_from_args, run
+from core.cli import add_common_args, config_from_args, run, same_data_flags
 from core.errors import UserError
 from deploy.aliases import deployment_lines, describe, get_version, move_alias, rollback_alias
 from deploy.registry import connect, registered_name, validate_alias
@@ -73,7 +73,8 @@ def main(args) -> int:
     print(describe(moves))
     if args.serve_url:
         notify_server(args.serve_url, token)
-    print(f"🔮 Predict: python inference_with_mlflow.py --model {name} --alias {alias} --image PATH")
+    print(f"🔮 Predict: python inference_with_mlflow.py --model {name} --alias {alias} --image PATH"
+          f"{same_data_flags(args)}")
     return 0
 
 
