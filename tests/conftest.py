@@ -56,6 +56,11 @@ def share_cores(config) -> None:
         torch.set_num_threads(int(share))
 
 
+def run_basetemp(config) -> Path | None:
+    """The run's pytest temp folder, if it made one (pytest keeps it private: read, never created here)."""
+    return getattr(getattr(config, "_tmp_path_factory", None), "_basetemp", None)
+
+
 @pytest.hookimpl(trylast=True)  # after the xdist workers have stopped and pytest has removed a passing run's temp
 def pytest_sessionfinish(session, exitstatus) -> None:
     """The run fails if a process it started is still running (each is stopped, with its process group), or if it
@@ -66,7 +71,7 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     problems = [f"process left running (stopped now): {p}" for p in cleanup.sweep()]
     problems += [f"the checkout was changed: {c}" for c in cleanup.checkout_changes(config.stash[CHECKOUT],
                                                                                     cleanup.checkout_state(ROOT))]
-    basetemp = getattr(config._tmp_path_factory, "_basetemp", None)
+    basetemp = run_basetemp(config)
     if basetemp is not None and basetemp.is_dir():
         cleanup.remove_large_files(basetemp)
     config.stash[PROBLEMS] = problems
@@ -79,7 +84,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         return
     for line in config.stash.get(PROBLEMS, []):
         terminalreporter.write_line(f"ERROR {line}", red=True, bold=True)
-    basetemp = getattr(config._tmp_path_factory, "_basetemp", None)
+    basetemp = run_basetemp(config)
     if basetemp is not None:
         left = cleanup.folder_size(basetemp) if basetemp.is_dir() else 0
         terminalreporter.write_line(f"temp space this run leaves: {left / 1e6:.0f} MB in {basetemp} (a passing run "
