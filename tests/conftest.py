@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:
 import core  # noqa: E402,F401  (library telemetry off before any test imports MLflow)
 from tests import cleanup  # noqa: E402
 
-SUBREAPER, CHECKOUT, PROBLEMS = pytest.StashKey[bool](), pytest.StashKey[dict](), pytest.StashKey[list]()
+CHECKOUT, PROBLEMS = pytest.StashKey[dict](), pytest.StashKey[list]()
 
 # Test files run in parallel (pyproject.toml: -n auto --dist loadfile), one worker per core up to 4.
 MAX_WORKERS = 4
@@ -38,7 +38,7 @@ def is_controller(config) -> bool:
 
 def pytest_configure(config) -> None:
     if is_controller(config):  # before any worker starts: every process of the run is then found at its end
-        config.stash[SUBREAPER] = cleanup.become_subreaper()
+        cleanup.become_subreaper()
         config.stash[CHECKOUT] = cleanup.checkout_state(ROOT)
     share_cores(config)
 
