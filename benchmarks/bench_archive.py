@@ -36,7 +36,7 @@ from archive.scorer import Scorer, ScoringModel
 from archive.table import read_output
 from data.cache import usable_cpus
 from data.images import ImageLimits
-from review.refer import ReferRule
+from deploy.refer import ReferRule
 
 
 def get_args_parser() -> argparse.ArgumentParser:

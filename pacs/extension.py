@@ -20,12 +20,12 @@ from pydicom.dataset import Dataset
 
 from core.config import Config
 from core.errors import UserError
+from deploy.refer import ReferRule
 from pacs.node import PacsNode, start_node
 from pacs.pipeline import HeatMaps, ServerHooks
 from pacs.report import ModelInfo
 from pacs.spool import Spool
 from review.cases import CaseOrigin, audit_rows
-from review.refer import ReferRule
 from serving.app import Extension
 from serving.model import ServedModel
 from serving.options import ServeOptions

@@ -21,7 +21,7 @@ from sqlalchemy import Engine, insert
 
 from core.fileio import atomic_file, private_dir
 from data.images import load_frames
-from review.refer import Assessment, ReferRule
+from deploy.refer import Assessment, ReferRule
 from review.schema import cases, items
 from serving.audit import predictions
 
@@ -84,7 +84,7 @@ def assess_file(rule: ReferRule, path: Path, records: list[dict], img_size: int)
     toolkit's loader: the same pixels the model was given)."""
     grays = [gray for _, gray in load_frames(path, img_size)]
     by_frame = dict(enumerate(grays, start=1))
-    return [rule.assess(r, by_frame.get(r.get("frame") or 1)) for r in records]
+    return [rule.assess(r["probabilities"], by_frame.get(r.get("frame") or 1)) for r in records]
 
 
 def case_row(case_id: str, origin: CaseOrigin, ref: str | None, records: list[dict], now: datetime) -> dict:
@@ -98,7 +98,7 @@ def item_rows(case_id: str, records: list[dict], judged: list[Assessment], versi
     return [{"prediction_id": r["record_id"], "case_id": case_id, "frame": r.get("frame"), "created_at": now,
              "predicted_class": r["predicted_class"], "probabilities_json": json.dumps(a.probabilities),
              "temperature": a.temperature, "confidence": a.confidence, "refer": a.refer,
-             "reasons_json": json.dumps({"reasons": a.reasons, "note": a.note}),
+             "reasons_json": json.dumps(a.explained()),
              "drift_distance": a.distance, "drift_limit": a.limit, "model_version": str(version)}
             for r, a in zip(records, judged)]
 

@@ -23,6 +23,7 @@ import numpy as np
 from core.config import ReviewSection
 from core.fileio import atomic_file, atomic_write, private_dir
 from data.images import frame_name, load_gray
+from deploy.refer import ReferRule
 from deploy.registry import load_predictor
 from review import worklist
 from review.auth import reviewer_count
@@ -38,7 +39,6 @@ from review.cases import (
     write_case,
 )
 from review.intake import NO_TUMOUR, readable
-from review.refer import ReferRule
 from review.render import compare_heatmaps, heat_facts, heatmap_png, slice_png
 from serving.service import NotReady, RequestContext, Service
 from serving.uploads import DecodedFile, Upload, UploadError, display_name, is_dicom_upload
@@ -111,7 +111,7 @@ class ReviewStation:
         return ReferRule.for_model(contract, evaluation, self.settings.refer_below, self.settings.drift_limit)
 
     def current_rule(self) -> ReferRule:
-        """The refer rule of the version served now (the DICOM receiver's `refer(record, gray)`)."""
+        """The refer rule of the version served now (the page's, the DICOM receiver's and the worklist's)."""
         _, contract, evaluation = self.model_facts()
         return self.rule(contract, evaluation)
 
@@ -151,7 +151,7 @@ class ReviewStation:
     def _enter(self, case_id: str, origin: CaseOrigin, ref: str, records: list[dict], contract: dict,
                evaluation: dict | None, audited: list[dict] = (), grays: list[np.ndarray] | None = None) -> bool:
         rule = self.rule(contract, evaluation)
-        judged = [rule.assess(r, g) for r, g in zip(records, grays)] if grays is not None else \
+        judged = [rule.assess(r["probabilities"], g) for r, g in zip(records, grays)] if grays is not None else \
             assess_file(rule, self.files.path(ref), records, contract["img_size"])
         now = datetime.now(timezone.utc)
         write_case(self.engine, case_row(case_id, origin, ref, records, now),

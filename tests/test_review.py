@@ -582,8 +582,8 @@ def test_the_refer_rule_flags_low_confidence_and_slices_unlike_the_training_data
 
     from core.contract import Contract
     from data.intensity import REFERENCE_KEY, distance_to
+    from deploy.refer import NO_REFERENCE, ReferRule, calibrated
     from evaluation.calibration import apply_temperature, logits_from_probs
-    from review.refer import NO_REFERENCE, ReferRule, calibrated
 
     contract = Contract.from_checkpoint(torch.load(trained[2], weights_only=True))
     reference = contract.extra[REFERENCE_KEY]
@@ -592,21 +592,25 @@ def test_the_refer_rule_flags_low_confidence_and_slices_unlike_the_training_data
     assert 0 <= spread["p50"] <= spread["p99"] <= spread["max"] <= 1
     rule = ReferRule.for_model(contract.to_dict(), None, threshold=0.6)
     assert rule.limit == spread["p99"]  # the model's own limit unless one is configured
-    confident = {"probabilities": {"glioma": 0.9, "meningioma": 0.05, "pituitary": 0.05}}
-    unsure = {"probabilities": {"glioma": 0.4, "meningioma": 0.35, "pituitary": 0.25}}
+    confident = {"glioma": 0.9, "meningioma": 0.05, "pituitary": 0.05}
+    unsure = {"glioma": 0.4, "meningioma": 0.35, "pituitary": 0.25}
     counts = np.asarray(reference["histogram"], dtype=np.float64)
     typical = np.repeat(np.arange(256, dtype=np.uint8), np.round(counts / counts.sum() * 128 * 128).astype(int))
     typical = np.resize(typical, (128, 128))  # a slice with the training split's own intensities
     white = np.full((32, 32), 255, np.uint8)
     assert distance_to(reference, typical) < 0.05 < distance_to(reference, white)
-    assert not rule(confident, typical) and rule(unsure, typical) and rule(confident, white)
+    def refer(probabilities, gray):
+        return rule.assess(probabilities, gray).refer
+
+    assert not refer(confident, typical) and refer(unsure, typical) and refer(confident, white)
     judged = rule.assess(confident, white)
-    assert judged.reasons == [f"unlike the training data: intensity distance {judged.distance:.3f} is above the "
-                              f"limit {judged.limit:.3f}"]
+    assert [r.code for r in judged.reasons] == ["unlike_training"]
+    assert [r.text for r in judged.reasons] == [f"unlike the training data: intensity distance {judged.distance:.3f} "
+                                                f"is above the limit {judged.limit:.3f}"]
     old = ReferRule.for_model({k: v for k, v in contract.to_dict().items() if k != REFERENCE_KEY}, None, 0.6)
     unknown = old.assess(confident, white)
     assert not unknown.refer and unknown.note == NO_REFERENCE and unknown.distance is None  # said, never guessed
-    p = unsure["probabilities"]
+    p = unsure
     want = apply_temperature(logits_from_probs(np.array([list(p.values())])), 1.7)[0]
     assert np.allclose(list(calibrated(p, 1.7).values()), want, atol=1e-9)
 
@@ -643,8 +647,8 @@ def test_a_prediction_made_elsewhere_joins_the_worklist(registry, files, tmp_pat
             r.update(frame=k, study_instance_uid="1.2.3.4", sop_instance_uid="1.2.3.4.5")
         origin = CaseOrigin("dicom", "SCANNER", "1.2.3.4.5", service.model.identity())
         case_id = station.add_case(records, (tmp_path / "cine.dcm").read_bytes(), origin)
-        refer = station.current_rule()  # the receiver's refer(record, gray) -> bool
-        assert isinstance(refer(records[0], np.zeros((32, 32), np.uint8)), bool)
+        refer = station.current_rule()  # the rule the page and the DICOM receiver share
+        assert isinstance(refer.assess(records[0]["probabilities"], np.zeros((32, 32), np.uint8)).refer, bool)
         audit = rows(db, "SELECT source, client, case_id, frame, study_uid FROM predictions ORDER BY frame")
         assert audit == [("dicom", "SCANNER", case_id, 1, "1.2.3.4"), ("dicom", "SCANNER", case_id, 2, "1.2.3.4")]
         client, _ = session(f"http://127.0.0.1:{port}")
@@ -715,8 +719,8 @@ def test_export_reviews_is_a_training_set_train_py_reads(station, tiny_data, tmp
 
 def test_the_monitoring_checks_warn_past_their_limits_and_only_with_enough_samples():
     from core.config import MonitorLimits
+    from deploy.refer import ReferRule
     from review.monitor import agreement_check, class_check, confidence_check, predicted_share, refer_check
-    from review.refer import ReferRule
 
     limits = MonitorLimits(min_samples=10)
     probs = json.dumps({"glioma": 0.5, "meningioma": 0.3, "pituitary": 0.2})
