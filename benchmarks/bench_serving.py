@@ -38,7 +38,7 @@ except ImportError:  # run as a file
 import numpy as np
 import psutil
 
-from data.cache import usable_cpus
+from core.hardware import usable_cpus
 from deploy.predictors import OnnxPredictor
 from tests.server_process import ServerProcess, free_port
 

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from core.errors import UserError
 from core.fileio import private_dir, publish, temporary_path, write_json_atomic
+from core.hardware import usable_cpus
 from core.signals import default_sigterm, sigterm_raises
 from data.images import ImageLimits, ImageReadError, current_limits, load_gray, set_limits
 
@@ -48,13 +49,6 @@ CACHE_VERSION = 4
 # at reduced scale) holds the GIL and caps threads, so a split big enough to pay for starting processes
 # gets processes (600-7000 images on 2 cores: 1.6-1.7x vs 1.4-1.6x; and at many cores the cap bites hard).
 PROCESS_MIN_IMAGES = 500
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def rows_hash(names: list[str]) -> str:

@@ -11,22 +11,24 @@ the SR. The node runs in one process: with --workers > 1 the server refuses to s
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import logging
 import socket
+import uuid
+from datetime import datetime, timezone
 
 import numpy as np
 from pydicom.dataset import Dataset
 
 from core.config import Config
 from core.errors import UserError
-from deploy.refer import ReferRule
 from pacs.node import PacsNode, start_node
 from pacs.pipeline import HeatMaps, ServerHooks
 from pacs.report import ModelInfo
 from pacs.spool import Spool
-from review.cases import CaseOrigin, audit_rows
 from serving.app import Extension
+from serving.audit import Received, Stamp, prediction_entry
 from serving.model import ServedModel
 from serving.options import ServeOptions
 from serving.service import Service
@@ -84,10 +86,8 @@ class ServedNode:
 
     def follow(self, model: ServedModel) -> None:
         """A version was swapped in: the first one starts the node, the next ones classify the next instances."""
-        review = self.cfg.review
         self.identities[model.version] = model.identity()
-        rule = ReferRule.for_model(model.predictor.contract.to_dict(), model.evidence.get("evaluation"),
-                                   review.refer_below, review.drift_limit)
+        rule = self.service.refer_rule(model)
         info = ModelInfo(model.mv.name, model.version)
         if self.node is not None:
             self.node.use_model(model.predictor, info, self.heatmaps(model), rule)
@@ -114,14 +114,17 @@ class ServedNode:
     def record(self, records: list[dict], ds: Dataset, calling_ae: str, peer: str, grays: list[np.ndarray]) -> None:
         """The receiver's on_predictions: the audit rows (and, with --review, the case on the worklist), committed
         before the sender gets its answer."""
-        service, version = self.service, str(records[0]["version"])
-        identity = self.identities.get(version) or {"model": records[0]["model"], "version": version}
-        origin = CaseOrigin("dicom", f"{calling_ae}@{peer}", records[0]["sop_instance_uid"], identity)
-        data = instance_bytes(ds)
+        service, first, data = self.service, records[0], instance_bytes(ds)
+        uids = {"study_uid": first["study_instance_uid"], "series_uid": first["series_instance_uid"],
+                "sop_instance_uid": first["sop_instance_uid"]}
+        sha256 = hashlib.sha256(data).hexdigest()
+        received = Received("dicom", f"{calling_ae}@{peer}", first["sop_instance_uid"], sha256, uids)
+        stamp = Stamp(uuid.uuid4().hex, datetime.now(timezone.utc), 0.0, self.identities[str(first["version"])])
         station = service.extensions.get("review")
         if station is not None:
-            station.add_case(records, data, origin, grays=grays)
+            station.add_case(data, received, stamp, records, grays)
         else:
-            service.audit.submit(audit_rows(None, origin, [dict(r) for r in records], data, None)).result()
+            service.audit.submit([prediction_entry(stamp, received, r, r["frame"], r["refer"])[1]
+                                  for r in records]).result()
         for r in records:
             service.metrics.predictions.labels(r["predicted_class"]).inc()

@@ -43,6 +43,7 @@ class ServedModel:
     users: int = 0      # requests holding this version
     retired: bool = False  # a newer version is current: released when users drops to 0
     batcher: object = None  # serving.batcher.MicroBatcher, attached by the service
+    rule: object = None     # deploy.refer.ReferRule of this version, attached by the service
     _torch: object = field(default=None, repr=False)
     _torch_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

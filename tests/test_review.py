@@ -615,18 +615,28 @@ def test_the_refer_rule_flags_low_confidence_and_slices_unlike_the_training_data
     assert np.allclose(list(calibrated(p, 1.7).values()), want, atol=1e-9)
 
 
-# ---- a prediction made elsewhere (the DICOM receiver) joins the worklist ------------------------------------
+# ---- one image through the three doors: the API, the review page, the DICOM receiver -------------------------
 
-def test_a_prediction_made_elsewhere_joins_the_worklist(registry, files, tmp_path):
+DOOR_FACTS = ("record_id", "file", "sha256")  # what differs by door in a record: its id, the name it came by, its bytes
+
+
+def test_the_three_doors_record_one_image_alike_and_a_dicom_arrival_joins_the_worklist(registry, files, tmp_path):
+    """The same two-frame DICOM through POST /v1/predict, the review page's upload and a C-STORE: each audit row
+    says the same prediction in the same columns (one function builds them all), and differs only in who sent it
+    and how; the instance the DICOM receiver took is a case on the worklist, judged as its audit row says."""
     import uvicorn
+    from pydicom import dcmread
+    from pynetdicom import AE
+    from pynetdicom.sop_class import MRImageStorage
 
     import serve
-    from review.cases import CaseOrigin
     from serving.app import create_app
 
     db = tmp_path / "audit.db"
     args = serve.get_args_parser().parse_args([*map(str, registry), "--model", MODEL, "--alias", "staging",
                                                "--review", "--database", f"sqlite:///{db}", "--poll-seconds", "0",
+                                               "--dicom-port", str(free_port()), "--dicom-allow", "SCANNER@127.0.0.1",
+                                               "--set", f"pacs.spool_dir={tmp_path / 'spool'}",
                                                "--set", f"review.store_dir={tmp_path / 'store'}"])
     app = create_app(serve.options_from_args(args))
     port = free_port()
@@ -635,28 +645,62 @@ def test_a_prediction_made_elsewhere_joins_the_worklist(registry, files, tmp_pat
     thread.start()
     try:
         wait_for(lambda: server.started and app.state.service.model is not None)
-        service = app.state.service
-        station = service.extensions["review"]
         (tmp_path / "alice.pw").write_text(PASSWORD)
         assert serve_cli(["add-reviewer", "alice", "--password-file", tmp_path / "alice.pw", "--database",
                           f"sqlite:///{db}"], tmp_path).returncode == 0
         frames = np.stack([np.asarray(Image.open(io.BytesIO(files["slice.jpg"])).convert("L"))] * 2)
-        write_dicom(tmp_path / "cine.dcm", frames.astype(np.uint16) * 16, StudyInstanceUID="1.2.3.4")
-        records = service.model.predictor.predict_file(tmp_path / "cine.dcm")
-        for k, r in enumerate(records, start=1):
-            r.update(frame=k, study_instance_uid="1.2.3.4", sop_instance_uid="1.2.3.4.5")
-        origin = CaseOrigin("dicom", "SCANNER", "1.2.3.4.5", service.model.identity())
-        case_id = station.add_case(records, (tmp_path / "cine.dcm").read_bytes(), origin)
-        refer = station.current_rule()  # the rule the page and the DICOM receiver share
-        assert isinstance(refer.assess(records[0]["probabilities"], np.zeros((32, 32), np.uint8)).refer, bool)
-        audit = rows(db, "SELECT source, client, case_id, frame, study_uid FROM predictions ORDER BY frame")
-        assert audit == [("dicom", "SCANNER", case_id, 1, "1.2.3.4"), ("dicom", "SCANNER", case_id, 2, "1.2.3.4")]
-        client, _ = session(f"http://127.0.0.1:{port}")
+        frames[1] = 255 - frames[1]  # two frames the model tells apart
+        mr = write_dicom(tmp_path / "cine.dcm", frames.astype(np.uint16) * 16, DICOM_WINDOW)
+        data = (tmp_path / "cine.dcm").read_bytes()
+
+        client, csrf = session(f"http://127.0.0.1:{port}")
         with contextlib.closing(client):
-            listed = client.get("/review/?status=all").text
-            assert listed.count(f"/review/case/{case_id}?frame=") == 2
+            assert client.post("/v1/predict", files=[("files", ("cine.dcm", data))]).status_code == 200
+            assert client.post("/review/upload", data={"csrf": csrf},
+                               files=[("files", ("cine.dcm", data))]).status_code == 303  # to the case
+            ae = AE(ae_title="SCANNER")
+            ae.add_requested_context(MRImageStorage)
+            assoc = ae.associate("127.0.0.1", app.state.service.cfg.pacs.port, ae_title="MRI_AI")
+            assert assoc.is_established
+            assert assoc.send_c_store(dcmread(tmp_path / "cine.dcm")).Status == 0
+            assoc.release()
+
+            columns = ("source", "client", "case_id", "study_uid", "series_uid", "sop_instance_uid", "frame",
+                       "filename", "model_name", "model_version", "model_alias", "flavor", "predicted_class",
+                       "confidence", "output_json", "id")
+            found = [dict(zip(columns, r)) for r in rows(db, f"SELECT {', '.join(columns)} FROM predictions "
+                                                             "ORDER BY source, frame")]
+            by_door = {door: [r for r in found if r["source"] == door] for door in ("api", "review", "dicom")}
+            assert [len(v) for v in by_door.values()] == [2, 2, 2]
+
+            def said(row: dict) -> dict:
+                """What a row says of the prediction, apart from the door's own facts."""
+                record = json.loads(row["output_json"])
+                assert record["record_id"] == row["id"] and record["frame"] == row["frame"]
+                kept = {k: v for k, v in row.items() if k not in ("source", "client", "case_id", "filename", "id",
+                                                                  "output_json")}
+                return {**kept, **{k: v for k, v in record.items() if k not in DOOR_FACTS}}
+
+            api, review, dicom = ([said(r) for r in by_door[d]] for d in ("api", "review", "dicom"))
+            assert api == review and review[0].keys() == dicom[0].keys()
+            for a, d in zip(api, dicom):
+                assert {k: v for k, v in a.items() if k not in ("confidence", "probabilities")} == \
+                    {k: v for k, v in d.items() if k not in ("confidence", "probabilities")}
+                assert abs(a["confidence"] - d["confidence"]) < 1e-6
+            assert [r["frame"] for r in api] == [1, 2] and {r["sop_instance_uid"] for r in api} == {mr.SOPInstanceUID}
+            assert isinstance(api[0]["refer"], bool) and api[0]["flavor"] == "onnx"
+            assert [(r["client"], r["filename"]) for r in by_door["dicom"]] == [
+                ("SCANNER@127.0.0.1", mr.SOPInstanceUID)] * 2
+
+            # The DICOM arrival is a case on the worklist, one item per frame, flagged as its audit row says.
+            case_id = by_door["dicom"][0]["case_id"]
+            items = rows(db, "SELECT i.frame, i.refer, i.prediction_id FROM review_items i WHERE i.case_id = ? "
+                             "ORDER BY i.frame", (case_id,))
+            assert [(f, bool(refer), pid) for f, refer, pid in items] == [
+                (r["frame"], json.loads(r["output_json"])["refer"], r["id"]) for r in by_door["dicom"]]
+            assert client.get("/review/?status=all").text.count(f"/review/case/{case_id}?frame=") == 2
             case = client.get(f"/review/case/{case_id}?frame=2")
-            assert case.status_code == 200 and "from SCANNER" in case.text
+            assert case.status_code == 200 and "from SCANNER@127.0.0.1" in case.text
             assert client.get(f"/review/case/{case_id}/slice.png?frame=2").headers["content-type"] == "image/png"
     finally:
         server.should_exit = True
