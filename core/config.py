@@ -388,6 +388,11 @@ class Config(Section):
         """Plain values, credentials stripped from any URI: what is logged, checkpointed and saved."""
         return redact(self.model_dump(mode="json"))
 
+    def to_values(self) -> dict:
+        """Plain values as they are used, credentials kept: what a process of this run is handed to work with
+        (a server's worker), never what is logged or stored (that is `to_dict`)."""
+        return self.model_dump(mode="json")
+
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)

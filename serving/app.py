@@ -22,6 +22,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from core.errors import UserError
+from data.images import configure_limits
 from serving.audit import FILTERS, AuditLog, AuditUnavailable, Migration, find_predictions, make_engine, migrate
 from serving.guard import Guard, GuardPolicy, read_token
 from serving.metrics import Metrics, MetricsMiddleware
@@ -80,6 +81,7 @@ def app_from_environment() -> FastAPI:
 
 def create_app(options: ServeOptions, extensions: Sequence[Extension] = ()) -> FastAPI:
     extensions = [*load_extensions(options), *extensions]
+    configure_limits(options.cfg)  # a worker process never loaded the config: its uploads get the images: limits too
     settings = options.cfg.serving
     engine = make_engine(settings.database_url, settings.audit_fsync)
     migrate(engine, {k: v for ext in extensions for k, v in ext.migrations.items()})

@@ -14,7 +14,7 @@ ENV_VAR = "BRAIN_MRI_SERVE_OPTIONS"
 
 @dataclass
 class ServeOptions:
-    config: dict                 # the resolved Config (Config.to_dict())
+    config: dict                 # the resolved Config as it is used (Config.to_values(): credentials kept)
     model: str                   # registered model name, e.g. brain-cancer-resnet18
     alias: str | None = "production"
     version: str | None = None
