@@ -1,12 +1,11 @@
-"""serve.py --dicom-port: the DICOM node inside the HTTP server, as a serving.app.Extension
-("pacs.extension:dicom_extension").
+"""serve.py --dicom-port: the DICOM node inside the HTTP server, as a serving.app.Extension.
 
 The node starts when the server's first model version is loaded and follows every version swapped in after it
 (`node.use_model`): it classifies with the served model (the API's own ONNX session), draws Grad-CAM with the
 same version's PyTorch flavor, records every frame in the server's audit database (source "dicom") and, with
---review, puts every instance on the worklist as a case, all before the C-STORE is answered. Its refer flag is
-the review station's rule (review.refer_below, review.drift_limit), the one the page shows, and it goes into
-the SR. The node runs in one process: with --workers > 1 the server refuses to start.
+--review, puts every instance on the worklist as a case (the `worklist` hook serve.py hands it), all before the
+C-STORE is answered. Its refer flag is the service's rule (review.refer_below, review.drift_limit), the one the
+page shows, and it goes into the SR. The node runs in one process: with --workers > 1 the server refuses to start.
 """
 from __future__ import annotations
 
@@ -16,6 +15,7 @@ import io
 import logging
 import socket
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 import numpy as np
@@ -30,15 +30,16 @@ from pacs.spool import Spool
 from serving.app import Extension
 from serving.audit import Received, Stamp, prediction_entry
 from serving.model import ServedModel
-from serving.options import ServeOptions
 from serving.service import Service
 
-SPEC = "pacs.extension:dicom_extension"
 LOG = logging.getLogger(__name__)
+# worklist(instance bytes, received, stamp, predictions, grays) -> case id: the review station's add_case
+Worklist = Callable[[bytes, Received, Stamp, list[dict], list[np.ndarray]], str]
 
 
-def dicom_extension(options: ServeOptions) -> Extension:
-    served = ServedNode(options.cfg)
+def dicom_extension(cfg: Config, worklist: Worklist | None = None) -> Extension:
+    """The node of one server process; `worklist`: where each instance goes as a case (None: audit rows only)."""
+    served = ServedNode(cfg, worklist)
     return Extension("dicom", on_startup=served.attach, on_shutdown=served.close, preflight=served.preflight)
 
 
@@ -63,8 +64,8 @@ def instance_bytes(ds: Dataset) -> bytes:
 class ServedNode:
     """The DICOM node of one server process, fed by the service's model swaps."""
 
-    def __init__(self, cfg: Config):
-        self.cfg, self.settings = cfg, cfg.pacs
+    def __init__(self, cfg: Config, worklist: Worklist | None = None):
+        self.cfg, self.settings, self.worklist = cfg, cfg.pacs, worklist
         self.service: Service | None = None
         self.node: PacsNode | None = None
         self.identities: dict[str, dict] = {}  # version -> the served identity (model, version, alias, flavor)
@@ -120,9 +121,8 @@ class ServedNode:
         sha256 = hashlib.sha256(data).hexdigest()
         received = Received("dicom", f"{calling_ae}@{peer}", first["sop_instance_uid"], sha256, uids)
         stamp = Stamp(uuid.uuid4().hex, datetime.now(timezone.utc), 0.0, self.identities[str(first["version"])])
-        station = service.extensions.get("review")
-        if station is not None:
-            station.add_case(data, received, stamp, records, grays)
+        if self.worklist is not None:
+            self.worklist(data, received, stamp, records, grays)
         else:
             service.audit.submit([prediction_entry(stamp, received, r, r["frame"], r["refer"])[1]
                                   for r in records]).result()

@@ -1,8 +1,8 @@
 """The review station inside one server process: cases in (page uploads, predictions made elsewhere), the refer
 rule of the served version, and the pictures of the case view.
 
-Other components reach it through the service: `service.extensions["review"]` is this process's station. The
-DICOM receiver puts each classified instance on the worklist with `add_case` (from any thread); its refer flag
+The DICOM receiver is handed `add_case` when serve.py builds the extensions, and puts each classified instance on
+the worklist with it (from any thread); its refer flag
 comes from the same rule (serving.service.Service.refer_rule), so the flag in its report and on the page is the
 same.
 """
@@ -70,7 +70,6 @@ class ReviewStation:
     def attach(self, service: Service) -> None:
         private_dir(self.files.root)
         self.service = service
-        service.extensions["review"] = self
         where, n = f"http://{service.settings.host}:{service.settings.port}/", reviewer_count(self.engine)
         if n:
             log.info("review page at %s (%d reviewer(s) may log in)", where, n)

@@ -19,7 +19,7 @@ class ServeOptions:
     alias: str | None = "production"
     version: str | None = None
     flavor: str = "auto"
-    # "package.module:factory" strings; factory(options) -> serving.app.Extension (review page, DICOM receiver)
+    # which extensions the processes build ("review", "dicom"): serve.py's build_extensions wires them in code
     extensions: list[str] = field(default_factory=list)
     extras: dict = field(default_factory=dict)  # options the extensions read
 

@@ -81,8 +81,6 @@ class Service:
         self.seconds_per_image = 0.05  # running estimate for Retry-After
         self._reload_lock: asyncio.Lock | None = None
         self._watcher: asyncio.Task | None = None
-        # what extensions offer each other, by name (e.g. "review": the review station, for the DICOM receiver)
-        self.extensions: dict[str, object] = {}
         # called on the event loop with each version swapped in (the first included), e.g. by the DICOM receiver
         self.model_listeners: list[Callable[[ServedModel], object]] = []
 

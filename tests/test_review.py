@@ -638,7 +638,8 @@ def test_the_three_doors_record_one_image_alike_and_a_dicom_arrival_joins_the_wo
                                                "--dicom-port", str(free_port()), "--dicom-allow", "SCANNER@127.0.0.1",
                                                "--set", f"pacs.spool_dir={tmp_path / 'spool'}",
                                                "--set", f"review.store_dir={tmp_path / 'store'}"])
-    app = create_app(serve.options_from_args(args))
+    options = serve.options_from_args(args)
+    app = create_app(options, serve.build_extensions(options))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
