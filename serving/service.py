@@ -237,7 +237,8 @@ class Service:
             probs = await model.batcher.submit(np.concatenate([d.x for d in good]))
             answer = self._judge(good, probs, model, ctx, request_id, started)
             await self._commit(answer.rows)
-        answer.body = {**head, "contract": model.contract(), "predictions": answer.records, "errors": problems}
+        # the contract (with its 256-bin intensity histogram) is GET /v1/model's: the answer names the version
+        answer.body = {**head, "predictions": answer.records, "errors": problems}
         return answer
 
     def _judge(self, good: list[DecodedFile], probs: np.ndarray, model: ServedModel, ctx: RequestContext,
