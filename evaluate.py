@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from core.cli import add_common_args, run
 from core.device import select_device
 from core.errors import UserError
-from deploy.scoring import open_exported
+from deploy.onnx_module import open_exported
 from evaluation.explain import CamModel
 from evaluation.external import ExternalRequest, ExternalResult, validate_external
 from evaluation.gates import GATES_FAILED_EXIT, format_gates

@@ -104,7 +104,7 @@ def temperature_of(evaluation: dict | None) -> float | None:
     return float(value) if value else None
 
 
-def confidence_check(threshold: float) -> ReferCheck:
+def threshold_check(threshold: float) -> ReferCheck:
     def check(seen: Seen) -> Finding:
         if seen.confidence < threshold:
             return Finding(Reason("low_confidence", f"top probability {seen.confidence:.0%} is under the "
@@ -147,7 +147,7 @@ class ReferRule:
         return cls(threshold, temperature_of(evaluation), reference, reference_limit(reference, drift_limit), extra)
 
     def checks(self) -> tuple[ReferCheck, ...]:
-        return (confidence_check(self.threshold), intensity_check(self.reference, self.limit), *self.extra)
+        return (threshold_check(self.threshold), intensity_check(self.reference, self.limit), *self.extra)
 
     def assess(self, probabilities: dict[str, float], gray: np.ndarray | None) -> Assessment:
         """Judge one prediction's probabilities and the slice as the model saw it (uint8 S x S, or None)."""

@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from core.config import Config
-from serving.model import ModelSpec
+from serving.model import ServedSpec
 
 ENV_VAR = "BRAIN_MRI_SERVE_OPTIONS"
 
@@ -28,8 +28,8 @@ class ServeOptions:
         return Config.model_validate(self.config)
 
     @property
-    def spec(self) -> ModelSpec:
-        return ModelSpec(self.model, None if self.version else self.alias, self.version, self.flavor)
+    def spec(self) -> ServedSpec:
+        return ServedSpec(self.model, None if self.version else self.alias, self.version, self.flavor)
 
     def to_env(self) -> None:
         os.environ[ENV_VAR] = json.dumps(asdict(self))

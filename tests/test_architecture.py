@@ -139,3 +139,20 @@ def test_the_check_sees_an_import_loop_and_a_forbidden_import(tmp_path, monkeypa
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert import_loops(module_imports(tmp_path)) == [["data.cache", "data.manifest"]]
     assert upward_imports("pacs") == ["pacs/node.py imports review"]
+
+
+def classes_by_name(root: Path) -> dict[str, list[str]]:
+    """{class name: the modules that define a class of that name}, over every package."""
+    found: dict[str, list[str]] = {}
+    for package in sorted(packages_on_disk() - set(ABOVE_ALL)):
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.parse(path.read_text(), str(path)).body:
+                if isinstance(node, ast.ClassDef):
+                    found.setdefault(node.name, []).append(str(path.relative_to(root)))
+    return found
+
+
+def test_no_two_classes_share_a_name():
+    """One name, one thing: two classes named alike (a DicomFile that decodes, a DicomFile that counts frames)
+    are read as one."""
+    assert {name: where for name, where in classes_by_name(ROOT).items() if len(where) > 1} == {}
