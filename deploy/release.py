@@ -35,6 +35,7 @@ from deploy.registry import (
     ONNX_LINK_TAG,
     connect,
     find_release,
+    flavor_name,
     int8_registered_name,
     load_pytorch_flavor,
     log_flavors,
@@ -111,10 +112,10 @@ def _already_registered(client, mv, req: ReleaseRequest, sha: str, promote_on: s
         raise UserError(f"{mv.name} v{mv.version} is version {req.semver} of this checkpoint, registered without "
                         "its int8 model; choose a new --version to register it with --int8")
     log(f"ℹ️  {mv.name} v{mv.version} is already version {req.semver} of this checkpoint: nothing new registered")
-    names = {"pytorch": mv.name, "onnx": f"{mv.name}-onnx"}
+    names = {flavor: flavor_name(mv.name, flavor) for flavor in ("pytorch", "onnx")}
     versions = {"pytorch": str(mv.version), "onnx": mv.tags.get(ONNX_LINK_TAG)}
     if int8:
-        names[INT8_FLAVOR], versions[INT8_FLAVOR] = f"{mv.name}-{INT8_FLAVOR}", int8
+        names[INT8_FLAVOR], versions[INT8_FLAVOR] = flavor_name(mv.name, INT8_FLAVOR), int8
     released = Released(names, versions, dict(mv.tags))
     if req.alias:
         released.moves = move_alias(client, mv, req.alias, req.how, promote_on)
