@@ -115,7 +115,7 @@ def main(args) -> int:
             files.append(index.parent)
             print(f"🔍 Grad-CAM overlays: {index}")
         log_evaluation(tracker, record, validation, files, args)
-        external = validate_external(cfg, opened, ev.model, ev.pre, device, ExternalRequest(
+        external = validate_external(cfg, opened, ev.model, device, ExternalRequest(
             args.external, args.class_map, args.medical_validation, args.strict), tracker) if args.external else None
     print(f"\n📁 Outputs in {out_dir}: " + ", ".join(p.name for p in files))
     if artifact:

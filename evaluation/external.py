@@ -185,8 +185,7 @@ class ExternalResult:
     out_dir: Path
 
 
-def validate_external(cfg: Config, opened, model, pre, device, request: ExternalRequest,
-                      tracker=None) -> ExternalResult:
+def validate_external(cfg: Config, opened, model, device, request: ExternalRequest, tracker=None) -> ExternalResult:
     """Score the external set as the test split is scored (evaluation.scoring.score_set) and write the internal
     evaluation's files, marked external, into {checkpoint folder}/external_{name}/, the gate verdict included; log
     them (metrics prefixed external_) to the evaluation's run."""
@@ -195,7 +194,7 @@ def validate_external(cfg: Config, opened, model, pre, device, request: External
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = write_external_manifest(ext, out_dir)
     dataset = external_dataset(cfg, ext, opened.contract.img_size)
-    s = score_set(cfg, opened, model, pre, dataset, device, EXTERNAL)
+    s = score_set(cfg, opened, model, dataset, device, EXTERNAL)
     record = s.record
     mark_external(record, opened, ext, manifest)
     validation = check_gates(record, cfg.evaluation.gates, request.strict)

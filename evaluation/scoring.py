@@ -44,6 +44,7 @@ class TestEvaluation:
 @dataclass
 class SetScores:
     record: dict  # evaluation_metrics.json, with the hardware readings of the run
+    pre: Preprocessor  # the checkpoint's own preprocessing, on the device
     y_true: np.ndarray
     y_prob: np.ndarray
     loss: float
@@ -51,10 +52,13 @@ class SetScores:
     bins_after: dict | None  # after temperature scaling (a validation set was given)
 
 
-def score_set(cfg: Config, opened: OpenedCheckpoint, model, pre, dataset: GrayImageDataset, device, name: str,
+def score_set(cfg: Config, opened: OpenedCheckpoint, model, dataset: GrayImageDataset, device, name: str,
               calibrate_on: GrayImageDataset | None = None) -> SetScores:
-    """One set scored: its predictions and timing (with the hardware readings), the figures with their intervals,
-    calibration (a temperature fitted on `calibrate_on` when given) and the evaluation record."""
+    """One set scored with the checkpoint's own preprocessing (not the config's): its predictions and timing (with
+    the hardware readings), the figures with their intervals, calibration (a temperature fitted on `calibrate_on`
+    when given) and the evaluation record."""
+    pre = Preprocessor(opened.contract.mean, opened.contract.std).to(device)
+
     def scored(data: GrayImageDataset, label: str):
         return predict(model, make_loader(data, cfg, cfg.recipe.batch_size, device=device), pre, device,
                        desc=f"Evaluating ({label})")
@@ -68,7 +72,7 @@ def score_set(cfg: Config, opened: OpenedCheckpoint, model, pre, dataset: GrayIm
     calibration, bins, bins_after = calibration_summary(y, prob, cfg.evaluation.ece_bins, val)
     record = evaluation_record(opened.ckpt, opened.path, opened.split, scores, calibration, timing)
     record["hardware"] = hardware.summary()
-    return SetScores(record, y, prob, loss, bins, bins_after)
+    return SetScores(record, pre, y, prob, loss, bins, bins_after)
 
 
 def evaluate_checkpoint(cfg: Config, opened: OpenedCheckpoint, device, calibrate: bool = False,
@@ -78,10 +82,9 @@ def evaluate_checkpoint(cfg: Config, opened: OpenedCheckpoint, device, calibrate
     `model` (an exported file behind nn.Module's call, described by `artifact`) replaces the checkpoint's model."""
     contract = opened.contract
     model = model if model is not None else model_from_checkpoint(opened.ckpt, device)
-    pre = Preprocessor(contract.mean, contract.std).to(device)
     dataset = split_dataset(cfg, opened.split, "test", contract.img_size)
     val = split_dataset(cfg, opened.split, "val", contract.img_size) if calibrate else None
-    s = score_set(cfg, opened, model, pre, dataset, device, "test", val)
+    s = score_set(cfg, opened, model, dataset, device, "test", val)
     test = Scored("test", dataset, [r.path for r in opened.split.rows_for("test")], s.y_true, s.y_prob, s.loss)
     record = s.record
     series = evaluate_series(cfg, opened.split, "test", test.y_prob, opened.class_names)
@@ -94,7 +97,7 @@ def evaluate_checkpoint(cfg: Config, opened: OpenedCheckpoint, device, calibrate
                                                  for i in range(len(test.dataset))]
     record["monitoring_reference"] = monitoring_reference(test.y_prob, opened.class_names,
                                                           record["calibration"]["temperature"], distances)
-    return TestEvaluation(record, check_gates(record, cfg.evaluation.gates, strict), test, model, pre, s.bins,
+    return TestEvaluation(record, check_gates(record, cfg.evaluation.gates, strict), test, model, s.pre, s.bins,
                           s.bins_after, series)
 
 

@@ -156,3 +156,24 @@ def test_no_two_classes_share_a_name():
     """One name, one thing: two classes named alike (a DicomFile that decodes, a DicomFile that counts frames)
     are read as one."""
     assert {name: where for name, where in classes_by_name(ROOT).items() if len(where) > 1} == {}
+
+
+def many_parameters(root: Path, limit: int = 8) -> list[str]:
+    """Functions with `limit` or more parameters (self and cls aside), in every package, script and benchmark."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        if parts[0] in ("tests", ".venv") or parts[0].startswith("."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs) if x.arg not in ("self", "cls")]
+                if len(names) >= limit:
+                    found.append(f"{path.relative_to(root)}: {node.name} takes {len(names)}")
+    return found
+
+
+def test_no_function_takes_eight_or_more_parameters():
+    """ARCHITECTURE.md's rule: such a function takes the objects it needs instead."""
+    assert many_parameters(ROOT) == []
