@@ -164,3 +164,13 @@ def test_test_script_writes_confusion_matrix_and_logs_the_test_run(trained, caps
     exp = client.get_experiment_by_name("brain-cancer-mri-test-resnet18")
     run = client.search_runs([exp.experiment_id], max_results=1)[0]
     assert "test_accuracy" in run.data.metrics and "test_macro_f1" in run.data.metrics
+
+
+def test_the_gradcam_page_shows_a_file_name_as_text(tmp_path):
+    from evaluation.explain import write_gradcam_index
+
+    hostile = "<img src=x onerror=alert(1)>.jpg"
+    page = write_gradcam_index([{"file": "gradcam_000.png", "path": hostile, "true": "glioma", "predicted": "glioma",
+                                 "confidence": 0.873}], tmp_path, "resnet18").read_text()
+    assert "&lt;img src=x onerror=alert(1)&gt;.jpg" in page and "onerror=alert(1)>" not in page
+    assert page.count("<img") == 1 and "87.3%" in page and "MISCLASSIFIED" not in page
