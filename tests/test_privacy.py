@@ -236,3 +236,14 @@ def test_the_command_line_reaches_wandb_without_its_credentials(tmp_path, wandb_
     written += b"".join(p.read_bytes() for p in (tmp_path / "runs").rglob("*.log"))
     assert b"tracking_uri=http://***@mlflow.example/" in written  # the command line is there, redacted
     assert SECRET.encode() not in written
+
+
+def test_ray_usage_statistics_are_off_when_ray_is_used_and_importing_sets_nothing():
+    pytest.importorskip("ray", reason="Ray is optional: pip install -r requirements-scale.txt")
+    code = ("import os; before = dict(os.environ); import archive.engine\n"
+            "assert dict(os.environ) == before, 'importing changed the environment'\n"
+            "archive.engine.import_ray(); print(os.environ['RAY_USAGE_STATS_ENABLED'])")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_USAGE_STATS_ENABLED"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "0", done.stderr
