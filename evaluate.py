@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from core.cli import add_common_args, run, same_data_flags
 from core.device import select_device
 from core.errors import UserError
-from deploy.scoring import open_exported
+from deploy.onnx_module import open_exported
 from evaluation.explain import CamModel
 from evaluation.external import ExternalRequest, ExternalResult, validate_external
 from evaluation.gates import GATES_FAILED_EXIT, format_gates
@@ -120,7 +120,7 @@ def main(args) -> int:
             files.append(index.parent)
             print(f"🔍 Grad-CAM overlays: {index}")
         log_evaluation(tracker, record, validation, files, args)
-        external = validate_external(cfg, opened, ev.model, ev.pre, device, ExternalRequest(
+        external = validate_external(cfg, opened, ev.model, device, ExternalRequest(
             args.external, args.class_map, args.medical_validation, args.strict), tracker) if args.external else None
     print(f"\n📁 Outputs in {out_dir}: " + ", ".join(p.name for p in files))
     if artifact:
@@ -128,7 +128,7 @@ def main(args) -> int:
               f"(python evaluate.py --model {name}{same_data_flags(args)})")
     code = verdict(validation, name, args, synthetic=cfg.dataset.demo)
     if external is not None:
-        code = external_verdict(record, external) or code
+        code = external_verdict(record, external, args.medical_validation) or code
     if args.compare:
         compare_models(cfg)
     return code
@@ -149,15 +149,23 @@ def explain_gradcam(cfg: Config, cam: CamModel, test: Scored, classes: list[str]
                             seed=cfg.evaluation.bootstrap_seed)
 
 
-def external_verdict(record: dict, external: ExternalResult) -> int:
-    """The external set's report and gates, then internal and external side by side."""
+def external_verdict(record: dict, external: ExternalResult, medical_validation: bool) -> int:
+    """The external set's report, internal and external side by side, and the external gates (exit code 3 for
+    failed gates only with --medical-validation, as for the test split)."""
     print("\n" + format_evaluation(external.record))
     print("\n" + format_side_by_side(record, external.record))
     print(f"📁 External outputs in {external.out_dir}")
-    if external.validation is None:
+    validation = external.validation
+    if not medical_validation:
+        print(f"\nExternal quality gates: {gate_summary(validation)} (verdict in medical_validation.json)")
         return 0
-    print("\nExternal " + format_gates(external.validation))
-    return 0 if external.validation["deployment_ready"] else GATES_FAILED_EXIT
+    print("\nExternal " + format_gates(validation))
+    return 0 if validation["deployment_ready"] else GATES_FAILED_EXIT
+
+
+def gate_summary(validation: dict) -> str:
+    failed = [g["name"] for g in validation["gates"] if not g["passed"]]
+    return "all passed" if validation["deployment_ready"] else "failed: " + ", ".join(failed)
 
 
 def verdict(validation: dict, model: str, args, synthetic: bool) -> int:
@@ -167,8 +175,7 @@ def verdict(validation: dict, model: str, args, synthetic: bool) -> int:
     if medical_validation:
         print("\n" + format_gates(validation))
     else:
-        failed = [g["name"] for g in validation["gates"] if not g["passed"]]
-        print(f"\nQuality gates (evaluation.gates): {'all passed' if ready else 'failed: ' + ', '.join(failed)} "
+        print(f"\nQuality gates (evaluation.gates): {gate_summary(validation)} "
               "(every gate: --medical-validation; verdict in medical_validation.json)")
     if ready:
         print(SYNTHETIC_PASS if synthetic else "✅ Every quality gate passed on this data set's test split.")

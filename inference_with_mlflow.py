@@ -52,12 +52,12 @@ def print_predictions(predictor, path: Path) -> list[dict]:
     """The original README's report for each image in a file (one per frame of a multi-frame DICOM);
     raises ImageReadError for an unreadable file."""
     print(f"📸 Loading and preprocessing image: {path}")
-    items = predictor.preprocess_file(path)
-    print(f"✅ Image preprocessed successfully (shape: {tuple(items[0][1].shape)}"
-          + (f", {len(items)} frames)" if len(items) > 1 else ")"))
+    inputs = predictor.decode(path)
+    print(f"✅ Image preprocessed successfully (shape: {tuple(inputs[0].x.shape)}"
+          + (f", {len(inputs)} frames)" if len(inputs) > 1 else ")"))
     print("🔮 Making prediction...")
-    probs = predictor.predict_array(np.concatenate([x for _, x in items]))
-    records = [prediction_record(name, p, predictor.class_names) for (name, _), p in zip(items, probs)]
+    probs = predictor.predict_array(np.concatenate([i.x for i in inputs]))
+    records = [prediction_record(i.name, p, predictor.class_names) for i, p in zip(inputs, probs)]
     for record in records:
         print_record(record, several=len(records) > 1)
     return records

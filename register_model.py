@@ -40,11 +40,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args) -> int:
-    if args.checkpoint and not args.model:  # --checkpoint alone names its model
-        args.model = load_checkpoint(args.checkpoint)["model_name"]
+    loaded = None
+    if args.checkpoint and not args.model:  # --checkpoint alone names its model (read once, for the release too)
+        loaded = load_checkpoint(args.checkpoint)
+        args.model = loaded["model_name"]
     cfg = config_from_args(args)
     request = ReleaseRequest(validate_semver(args.version), validate_alias(args.alias), args.description,
-                             parse_tags(args.tags), args.force, args.checkpoint, args.resplit, int8=args.int8)
+                             parse_tags(args.tags), args.force, args.checkpoint, args.resplit, int8=args.int8,
+                             loaded=loaded)
     released = release_checkpoint(cfg, request)
     if released.moves:
         print(describe(released.moves))

@@ -24,9 +24,11 @@ from collections.abc import Callable
 from core.cli import add_common_args, config_from_args, run
 from core.errors import UserError
 from deploy.registry import PRODUCTION, validate_alias
-from pacs.extension import SPEC as DICOM_EXTENSION
+from pacs.extension import dicom_extension
 from review import commands as review_commands
-from review.extension import SPEC as REVIEW_EXTENSION
+from review.extension import review_extension
+from review.station import ReviewStation
+from serving.app import Extension, app_from_environment
 from serving.options import ServeOptions
 from serving.runner import run_server
 
@@ -102,12 +104,27 @@ def options_from_args(args) -> ServeOptions:
     if not cfg.pacs.enabled and any(v is not None for v in dicom.values()):
         raise UserError("DICOM flags without the receiver: give --dicom-port PORT (or set pacs.enabled: true)")
     alias = None if args.version is not None else validate_alias(args.alias) or PRODUCTION
-    extensions = ([REVIEW_EXTENSION] if args.review else []) + ([DICOM_EXTENSION] if cfg.pacs.enabled else [])
-    return ServeOptions(cfg.to_dict(), args.registered_model, alias, args.version, args.flavor, extensions)
+    extensions = (["review"] if args.review else []) + (["dicom"] if cfg.pacs.enabled else [])
+    return ServeOptions(cfg.to_values(), args.registered_model, alias, args.version, args.flavor, extensions)
+
+
+def build_extensions(options: ServeOptions) -> list[Extension]:
+    """The review page and the DICOM node of one server process, wired here: the node puts its instances on this
+    process's worklist."""
+    station = ReviewStation(options.cfg.review) if "review" in options.extensions else None
+    built = [review_extension(station)] if station else []
+    if "dicom" in options.extensions:
+        built.append(dicom_extension(options.cfg, station.add_case if station else None))
+    return built
+
+
+def worker_app():
+    """uvicorn's factory in every server process (--workers N): the app and its extensions."""
+    return app_from_environment(build_extensions)
 
 
 def main(args) -> int:
-    run_server(options_from_args(args))
+    run_server(options_from_args(args), build_extensions, "serve:worker_app")
     return 0
 
 

@@ -18,8 +18,8 @@ from archive.table import ArchiveOutput
 from core.errors import UserError
 from data.images import current_limits
 from deploy.predictors import read_contract
+from deploy.refer import ReferRule
 from deploy.registry import onnx_artifact
-from review.refer import ReferRule
 from serving.model import read_evidence
 
 

@@ -15,8 +15,8 @@ import pyarrow as pa
 from archive.table import OUTPUT
 from data.preprocess_numpy import preprocess_numpy
 from deploy.predictors import prediction_record
+from deploy.refer import ReferRule
 from deploy.registry import onnx_predictor
-from review.refer import ReferRule
 
 # ONNX Runtime's threads spin after each call by default, taking the cores the decoding tasks need
 SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
@@ -55,8 +55,8 @@ class Scorer:
 
     def judged(self, row: dict, gray: np.ndarray, probs: np.ndarray) -> dict:
         record = prediction_record(row["path"], probs, self.predictor.class_names)
-        verdict = self.model.rule.assess(record, gray)
+        verdict = self.model.rule.assess(record["probabilities"], gray)
         return {k: row[k] for k in OUTPUT.names if k in row} | {
             "predicted_class": record["predicted_class"], "class_index": record["class_index"],
             "confidence": record["confidence"], "probabilities": json.dumps(record["probabilities"]),
-            "refer": verdict.refer, "refer_reasons": "; ".join(verdict.reasons) or None}
+            "refer": verdict.refer, "refer_reasons": "; ".join(r.text for r in verdict.reasons) or None}

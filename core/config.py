@@ -388,6 +388,11 @@ class Config(Section):
         """Plain values, credentials stripped from any URI: what is logged, checkpointed and saved."""
         return redact(self.model_dump(mode="json"))
 
+    def to_values(self) -> dict:
+        """Plain values as they are used, credentials kept: what a process of this run is handed to work with
+        (a server's worker), never what is logged or stored (that is `to_dict`)."""
+        return self.model_dump(mode="json")
+
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
@@ -474,11 +479,13 @@ def notice(message: str) -> None:
         print(f"note: {message}", file=sys.stderr, flush=True)
 
 
-def read_layer(data: dict, source: str) -> dict:
-    """One config layer (a file, a --set) with keys in the original project's format translated."""
-    translated, notices = translate_original(data, source)
+def read_layer(data: dict, source: str, unusable: dict[str, str]) -> dict:
+    """One config layer (a file, a --set) with keys in the original project's format translated; the models
+    entries that cannot be translated go into `unusable` (model -> why)."""
+    translated, notices, refused = translate_original(data, source)
     for message in notices:
         notice(message)
+    unusable.update(refused)
     return translated
 
 
@@ -490,13 +497,13 @@ def load_config(
 ) -> Config:
     """Build the resolved Config; `overrides` holds explicit flags as dotted keys (None = not given); `demo`: True
     or "jpeg" for the demo data set, "dicom" for its DICOM series variant."""
-    data = read_yaml(DEFAULT_CONFIG)
+    data, unusable = read_yaml(DEFAULT_CONFIG), {}
     if path is not None and Path(path).resolve() != DEFAULT_CONFIG.resolve():
-        data = deep_merge(data, read_layer(read_yaml(path), str(path)))
+        data = deep_merge(data, read_layer(read_yaml(path), str(path), unusable))
     for overlay in DEMO_OVERLAYS["jpeg" if demo is True else demo] if demo else []:
         data = deep_merge(data, read_yaml(overlay))
     for assignment in sets or []:
-        data = deep_merge(data, read_layer(apply_set({}, assignment), f"--set {assignment}"))
+        data = deep_merge(data, read_layer(apply_set({}, assignment), f"--set {assignment}", unusable))
     for key, value in (overrides or {}).items():
         if value is not None:  # "{model}" in a key means the model selected so far (flags win over --set)
             set_path(data, key.format(model=data.get("model")).split("."), value)
@@ -504,6 +511,10 @@ def load_config(
         cfg = Config.model_validate(data)
     except ValidationError as exc:
         raise UserError(_one_line(exc)) from None
+    if cfg.model in unusable:
+        raise UserError(unusable[cfg.model])
+    for why in unusable.values():  # an entry the run does not select never refuses the file
+        notice(f"{why}; the entry is ignored (this run trains {cfg.model})")
     _LOADED[:] = [cfg]
     for apply in _ON_LOAD:
         apply(cfg)

@@ -13,7 +13,7 @@ from data.images import ImageReadError, frame_name, read_dicom
 
 
 @dataclass(frozen=True)
-class DicomFile:
+class DicomRecords:
     frames: int
     series_uid: str | None
 
@@ -37,7 +37,7 @@ def read_dicom_header(path: Path):
         raise ImageReadError(f"{path}: not a readable DICOM file ({exc})") from None
 
 
-def inspect_dicom(path: str | Path, decode: bool = True) -> DicomFile:
+def inspect_dicom(path: str | Path, decode: bool = True) -> DicomRecords:
     """Frames and series of one DICOM file; decode=True also decodes every frame (a corrupt one raises
     ImageReadError, as a corrupt JPEG does when the data set is scanned)."""
     path = Path(path)
@@ -49,4 +49,4 @@ def inspect_dicom(path: str | Path, decode: bool = True) -> DicomFile:
     if decode:
         frames = len(read_dicom(path))
     series = str(getattr(header, "SeriesInstanceUID", "") or "").strip() or None
-    return DicomFile(frames, series)
+    return DicomRecords(frames, series)

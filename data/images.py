@@ -346,14 +346,20 @@ def load_gray(path: str | Path, size: int) -> np.ndarray:
     return resize_gray(Image.fromarray(DicomFile(path).frame(frame)), size)
 
 
+def read_frames(path: str | Path, size: int, frames: list[int] | None = None) -> list[tuple[int | None, np.ndarray]]:
+    """Every image in a file as (frame, uint8 (size, size)): (None, image) for an image or a single-frame DICOM,
+    (K, frame K) for each frame of a multi-frame DICOM (1-based); `frames`: only those, the file read once.
+    Raises ImageReadError."""
+    path = Path(path)
+    if not is_dicom(path):
+        return [(None, load_gray(path, size))]
+    dicom = DicomFile(path)
+    if dicom.frames == 1 and not frames:
+        return [(None, resize_gray(Image.fromarray(dicom.frame(1)), size))]
+    return [(k, resize_gray(Image.fromarray(dicom.frame(k)), size)) for k in frames or range(1, dicom.frames + 1)]
+
+
 def load_frames(path: str | Path, size: int) -> list[tuple[str, np.ndarray]]:
     """Every image in a file as (record name, uint8 (size, size)): one for an image, one per frame of a
     multi-frame DICOM (named path#frame=K). Raises ImageReadError."""
-    path = Path(path)
-    if not is_dicom(path):
-        return [(str(path), load_gray(path, size))]
-    dicom = DicomFile(path)
-    if dicom.frames == 1:
-        return [(str(path), resize_gray(Image.fromarray(dicom.frame(1)), size))]
-    return [(frame_name(path, k), resize_gray(Image.fromarray(dicom.frame(k)), size))
-            for k in range(1, dicom.frames + 1)]
+    return [(frame_name(path, k), gray) for k, gray in read_frames(path, size)]

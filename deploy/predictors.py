@@ -6,12 +6,13 @@ with weights_only=True) and adds Grad-CAM, which needs the real module. torch is
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from core.contract import Contract
-from data.images import load_frames, load_gray
+from data.images import frame_name, load_gray, read_frames
 from data.preprocess_numpy import preprocess_numpy
 
 # Tried in this order; an execution provider that ONNX Runtime lacks here is skipped.
@@ -56,6 +57,21 @@ def prediction_record(path, probs: np.ndarray, class_names: list[str]) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class ModelInput:
+    """One image as the model is given it: the file it came from, its frame (1-based; None for a single image),
+    the 8-bit slice at the model's size (what the refer rule's intensity check reads) and the preprocessed input."""
+    source: str
+    frame: int | None
+    gray: np.ndarray  # uint8 (S, S)
+    x: np.ndarray     # float32 (1, 3, S, S)
+
+    @property
+    def name(self) -> str:
+        """The record name: the file, or file#frame=K for one frame of several."""
+        return frame_name(self.source, self.frame)
+
+
 class Predictor:
     """What every predictor shares: the contract's preprocessing and the output record.
     Subclasses set `self.contract` and implement `logits`."""
@@ -82,16 +98,18 @@ class Predictor:
         """One record: an image, or one frame named path#frame=K."""
         return prediction_record(path, self.predict_array(self.preprocess(path))[0], self.class_names)
 
-    def preprocess_file(self, path) -> list[tuple[str, np.ndarray]]:
-        """(record name, (1, 3, S, S)) for every image in a file: one, or one per frame of a multi-frame DICOM."""
+    def decode(self, path) -> list[ModelInput]:
+        """Every image in a file as the model is given it: one, or one per frame of a multi-frame DICOM; raises
+        data.images.ImageReadError."""
         c = self.contract
-        return [(name, preprocess_numpy(gray, c.mean, c.std)) for name, gray in load_frames(path, c.img_size)]
+        return [ModelInput(str(path), frame, gray, preprocess_numpy(gray, c.mean, c.std))
+                for frame, gray in read_frames(path, c.img_size)]
 
     def predict_file(self, path) -> list[dict]:
         """One record per image in the file (a multi-frame DICOM gives one per frame, path#frame=K)."""
-        items = self.preprocess_file(path)
-        probs = self.predict_array(np.concatenate([x for _, x in items]))
-        return [prediction_record(name, p, self.class_names) for (name, _), p in zip(items, probs)]
+        inputs = self.decode(path)
+        probs = self.predict_array(np.concatenate([i.x for i in inputs]))
+        return [prediction_record(i.name, p, self.class_names) for i, p in zip(inputs, probs)]
 
 
 class OnnxPredictor(Predictor):

@@ -24,8 +24,8 @@ from core.errors import UserError
 from core.fileio import publish
 from data.images import ImageReadError
 from data.preprocess import Preprocessor
+from deploy.onnx_module import open_onnx
 from deploy.predictors import preprocess_path
-from deploy.scoring import open_onnx
 from evaluation.prediction import predict_split
 from evaluation.uncertainty import bootstrap_intervals
 

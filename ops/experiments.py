@@ -270,10 +270,10 @@ def write_summary(experiments: list[Experiment], out_dir: Path, meta: dict) -> l
         writer.writeheader()
         writer.writerows(rows)
     write_json_atomic(json_path, dict(meta, experiments=rows))
-    return [csv_path, json_path, comparison_plot(experiments, out_dir / "experiments_comparison.png")]
+    return [csv_path, json_path, experiments_plot(experiments, out_dir / "experiments_comparison.png")]
 
 
-def comparison_plot(experiments: list[Experiment], path: Path) -> Path:
+def experiments_plot(experiments: list[Experiment], path: Path) -> Path:
     """Validation/test accuracy and macro F1 per model beside the training time; failed models marked."""
     import matplotlib
 

@@ -4,7 +4,8 @@ a persistent spool and a C-STORE sender that returns them to the PACS.
 
 The node itself (`pacs.node.start_node`, or `pacs.receiver.start_receiver` with its own `on_instance`) takes
 what it needs from a server (audit record, worklist, refer rule) as callables; `pacs.extension` is the one
-module that wires it into serve.py (`--dicom-port`): the served model, the audit database, the review station.
+module that wires it into serve.py (`--dicom-port`): the served model, the audit database, the worklist.
 
-May import: core, data, models, evaluation, deploy, serving, review (serving and review: pacs.extension only).
+May import: core, data, models, evaluation, deploy, serving (serving: pacs.extension only); never review (the
+worklist is reached through the service, so the node runs without the review page).
 """

@@ -5,7 +5,8 @@ from dataclasses import dataclass, replace
 
 from core.config import PacsSection
 from deploy.predictors import Predictor
-from pacs.pipeline import HeatMaps, InstancePipeline, Refer, ResultWorker, ServerHooks
+from deploy.refer import ReferRule
+from pacs.pipeline import HeatMaps, InstancePipeline, ResultWorker, ServerHooks
 from pacs.receiver import Receiver, start_receiver
 from pacs.report import ModelInfo
 from pacs.sender import Forwarder
@@ -24,7 +25,7 @@ class PacsNode:
         return self.receiver.port
 
     def use_model(self, predictor: Predictor, model: ModelInfo, heatmaps: HeatMaps | None = None,
-                  refer: Refer | None = None) -> None:
+                  refer: ReferRule | None = None) -> None:
         """After a model update: the next instances are classified (and heat-mapped, and judged by `refer` when
         given) by the new model; results always name the model that classified their instance."""
         self.pipeline.use_model(predictor, model, refer)

@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from core.config import PacsSection
 from data.images import read_dicom, resize_gray
 from deploy.predictors import Predictor
+from deploy.refer import ReferRule
 from pacs.capture import make_capture
 from pacs.classify import classify_instance, instance_file
 from pacs.report import ModelInfo, make_report
@@ -29,8 +30,6 @@ from pacs.worker import Worker
 
 LOG = logging.getLogger(__name__)
 
-# refer(record, gray) -> True when a radiologist must look first; gray: the frame as the model saw it (uint8 S x S).
-Refer = Callable[[dict, np.ndarray], bool]
 # heatmaps(grays, class indices) -> one map (any size, 0..1) per frame, e.g. TorchPredictor.cam_maps.
 HeatMaps = Callable[[list[np.ndarray], list[int]], list[np.ndarray]]
 # on_predictions(records, dataset, calling_ae, peer, grays): the server's audit record and worklist entry; grays:
@@ -38,14 +37,9 @@ HeatMaps = Callable[[list[np.ndarray], list[int]], list[np.ndarray]]
 OnPredictions = Callable[[list[dict], Dataset, str, str, list[np.ndarray]], object]
 
 
-def confidence_refer(threshold: float) -> Refer:
-    """The plain rule: refer when the top probability is below `threshold`."""
-    return lambda record, gray: record["confidence"] < threshold
-
-
 @dataclass
 class ServerHooks:
-    refer: Refer | None = None  # None: confidence_refer(pacs.refer_below)
+    refer: ReferRule | None = None  # None: the top probability alone, against pacs.refer_below
     heatmaps: HeatMaps | None = None  # None: the prediction alone is burned into the secondary capture
     on_predictions: OnPredictions | None = None
 
@@ -71,9 +65,9 @@ class InstancePipeline:
         self.settings, self.spool, self.on_queued = settings, spool, on_queued
         self.hooks = hooks or ServerHooks()
         # swapped as one: a prediction never names another model's version, nor is judged by its refer rule
-        self.in_use = (predictor, model, self.hooks.refer or confidence_refer(settings.refer_below))
+        self.in_use = (predictor, model, self.hooks.refer or ReferRule(settings.refer_below))
 
-    def use_model(self, predictor: Predictor, model: ModelInfo, refer: Refer | None = None) -> None:
+    def use_model(self, predictor: Predictor, model: ModelInfo, refer: ReferRule | None = None) -> None:
         """Classify the next instances with another model (the one in flight finishes on its own); `refer`: the
         new model's refer rule (None: the rule in use)."""
         self.in_use = (predictor, model, refer or self.in_use[2])
@@ -84,7 +78,8 @@ class InstancePipeline:
         with instance_file(ds, folder) as path:
             records, grays = classify_instance(predictor, path, ds)
             for record, gray in zip(records, grays):
-                record.update(refer=bool(refer(record, gray)), model=model.name, version=str(model.version))
+                judged = refer.assess(record["probabilities"], gray)
+                record.update(refer=judged.refer, model=model.name, version=str(model.version))
             if self.hooks.on_predictions:
                 self.hooks.on_predictions(records, ds, calling_ae, peer, grays)
             if self.spool is not None:

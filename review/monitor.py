@@ -16,7 +16,7 @@ import numpy as np
 from sqlalchemy import Engine, select
 
 from core.config import MonitorLimits
-from review.refer import ReferRule
+from deploy.refer import ReferRule
 from review.schema import items, verdicts, withdrawn
 
 NO_CLASS_TRUTH = ("refer_confirmed", "non_diagnostic")  # verdicts that neither agree nor disagree with a class

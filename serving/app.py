@@ -2,12 +2,13 @@
 receiver plug in (an Extension: a router, startup/shutdown hooks, database migrations, a pixel store).
 
     create_app(options, [Extension(...)])   # in-process
-    app_from_environment()                  # uvicorn's factory in each worker process (serve.py --workers N)
+    app_from_environment(build)             # uvicorn's factory in each worker process (serve.py --workers N)
+
+The extensions are built in code by the caller (serve.py's build_extensions), never looked up by name.
 """
 from __future__ import annotations
 
 import asyncio
-import importlib
 import inspect
 import logging
 import time
@@ -23,6 +24,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from core.errors import UserError
+from data.images import configure_limits
 from serving.audit import FILTERS, AuditLog, AuditUnavailable, Migration, find_predictions, make_engine, migrate
 from serving.guard import Guard, GuardPolicy, read_token
 from serving.metrics import Metrics, MetricsMiddleware
@@ -60,33 +62,34 @@ async def _call(hook, service: Service) -> None:
             await result
 
 
-def load_extensions(options: ServeOptions) -> list[Extension]:
-    """The extensions named in the options as "package.module:factory"; factory(options) -> Extension."""
-    found = []
-    for spec in options.extensions:
-        module, _, attr = spec.partition(":")
-        found.append(getattr(importlib.import_module(module), attr)(options))
-    return found
+# The extensions of one server process, built from its options (serve.py's build_extensions).
+ExtensionBuilder = Callable[[ServeOptions], Sequence[Extension]]
 
 
-def app_from_environment() -> FastAPI:
-    """uvicorn factory: each worker process builds its app from the options serve.py put in the environment."""
+def app_from_environment(build: ExtensionBuilder | None = None) -> FastAPI:
+    """uvicorn factory: each worker process builds its app (and, with `build`, its extensions) from the options
+    serve.py put in the environment."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # pydicom logs each failed decoder with a traceback; the upload's 4xx already says why, in one line
     import pydicom.config  # its import sets the level: quieten it afterwards
 
     pydicom.config.logger.setLevel(logging.CRITICAL)
-    return create_app(ServeOptions.from_env())
+    options = ServeOptions.from_env()
+    return create_app(options, build(options) if build else ())
 
 
 def create_app(options: ServeOptions, extensions: Sequence[Extension] = ()) -> FastAPI:
-    extensions = [*load_extensions(options), *extensions]
+    extensions = list(extensions)
+    stores = [ext for ext in extensions if ext.pixel_store]
+    if len(stores) > 1:  # which one keeps an upload would be a matter of order: refused, not guessed
+        raise UserError(f"extensions {', '.join(ext.name for ext in stores)} each keep uploaded files: a server "
+                        "has one pixel store")
+    configure_limits(options.cfg)  # a worker process never loaded the config: its uploads get the images: limits too
     settings = options.cfg.serving
     engine = make_engine(settings.database_url, settings.audit_fsync)
     migrate(engine, {k: v for ext in extensions for k, v in ext.migrations.items()})
-    stores = [ext.pixel_store for ext in extensions if ext.pixel_store]
     metrics, audit = Metrics(), AuditLog(engine)
-    service = Service(options, audit, metrics, stores[0] if stores else None)
+    service = Service(options, audit, metrics, stores[0].pixel_store if stores else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -17,8 +17,9 @@ import logging
 import os
 import queue
 import threading
+import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -77,6 +78,52 @@ predictions = Table(
     Column("latency_ms", Float, nullable=False),
     Column("pixels_ref", String(512)),                        # where a storage hook kept the upload (default none)
 )
+
+
+@dataclass(frozen=True)
+class Received:
+    """One file as a door of the server received it."""
+    source: str                 # api | review | dicom
+    client: str | None          # the sender's address (a DICOM peer: AE title@address)
+    filename: str               # the upload's own name (a DICOM instance: its SOP Instance UID); never a path
+    sha256: str                 # of the bytes received
+    uids: dict = field(default_factory=dict)  # study_uid, series_uid, sop_instance_uid, those the file has
+    case_id: str | None = None  # the review page's case
+    pixels_ref: str | None = None  # where a storage hook kept the file
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """What the predictions of one request share: its id, its time, how long it took, the model that answered
+    (serving.model.ServedModel.identity())."""
+    request_id: str
+    created_at: datetime
+    latency_ms: float
+    model: dict
+
+
+ANSWERED = ("predicted_class", "class_index", "confidence", "probabilities")  # of deploy.predictors.prediction_record
+
+
+def prediction_entry(stamp: Stamp, received: Received, prediction: dict, frame: int | None,
+                     refer: bool | None) -> tuple[dict, dict]:
+    """(the answer's record, the audit row) of one image, whichever door it came in by: the one place the
+    `predictions` columns are filled. `prediction`: deploy.predictors.prediction_record's fields; `frame`: 1-based,
+    None for a single image; `refer`: the refer rule's flag (deploy.refer)."""
+    record = {"record_id": uuid.uuid4().hex, "file": received.filename, "frame": frame, "sha256": received.sha256,
+              **{k: prediction[k] for k in ANSWERED}, "refer": refer}
+    model, uids = stamp.model, received.uids
+    row = {"id": record["record_id"], "request_id": stamp.request_id, "created_at": stamp.created_at,
+           "source": received.source, "client": received.client, "case_id": received.case_id,
+           "study_uid": uids.get("study_uid"), "series_uid": uids.get("series_uid"),
+           "sop_instance_uid": uids.get("sop_instance_uid"), "frame": frame, "filename": received.filename,
+           "input_sha256": received.sha256, "model_name": model["model"], "model_version": str(model["version"]),
+           "model_alias": model.get("alias"), "flavor": model["flavor"], "predicted_class": record["predicted_class"],
+           "confidence": float(record["confidence"]),
+           "output_json": json.dumps({**record, "medical_validation": model.get("medical_validation"),
+                                      "forced": model.get("forced")}),
+           "latency_ms": stamp.latency_ms, "pixels_ref": received.pixels_ref}
+    return record, row
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ PATH_KEYS = ("checkpoint", "split_manifest", "stats_path", "path")
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ServedSpec:
     """Which registered model to serve: an alias (default production) or a pinned version, and the flavor."""
     name: str
     alias: str | None = "production"
@@ -35,7 +35,7 @@ class ModelSpec:
 
 @dataclass
 class ServedModel:
-    spec: ModelSpec
+    spec: ServedSpec
     mv: object  # the registry's ModelVersion
     predictor: object  # deploy.predictors.Predictor
     flavor: str
@@ -44,6 +44,7 @@ class ServedModel:
     users: int = 0      # requests holding this version
     retired: bool = False  # a newer version is current: released when users drops to 0
     batcher: object = None  # serving.batcher.MicroBatcher, attached by the service
+    rule: object = None     # deploy.refer.ReferRule of this version, attached by the service
     _torch: object = field(default=None, repr=False)
     _torch_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -139,7 +140,7 @@ def warm_up(predictor, max_batch: int) -> None:
         predictor.predict_array(np.zeros((n, 3, c.img_size, c.img_size), dtype=np.float32))
 
 
-def load_served_model(client, spec: ModelSpec, mv, root: Path, tracking_uri: str, max_batch: int) -> ServedModel:
+def load_served_model(client, spec: ServedSpec, mv, root: Path, tracking_uri: str, max_batch: int) -> ServedModel:
     """Download, load, read the evidence and warm up one resolved version (blocking: run it off the loop)."""
     root.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"v{mv.version}-", dir=root))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import shutil
 import tempfile
@@ -17,17 +16,18 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from data.cache import usable_cpus
+from core.hardware import usable_cpus
 from data.images import frame_name
 from deploy.predictors import prediction_record
+from deploy.refer import Assessment, ReferRule
 from deploy.registry import connect, resolve_version
-from serving.audit import AuditLog, AuditUnavailable
+from serving.audit import AuditLog, AuditUnavailable, Received, Stamp, prediction_entry
 from serving.batcher import MicroBatcher
 from serving.guard import Admission
 from serving.metrics import Metrics
@@ -52,6 +52,8 @@ class Answer:
     status: int
     body: dict
     records: list[dict]
+    judged: list[Assessment] = field(default_factory=list)  # the refer rule's verdict on each record
+    rows: list[dict] = field(default_factory=list)          # the audit rows committed for them
 
 
 class NotReady(Exception):
@@ -79,8 +81,6 @@ class Service:
         self.seconds_per_image = 0.05  # running estimate for Retry-After
         self._reload_lock: asyncio.Lock | None = None
         self._watcher: asyncio.Task | None = None
-        # what extensions offer each other, by name (e.g. "review": the review station, for the DICOM receiver)
-        self.extensions: dict[str, object] = {}
         # called on the event loop with each version swapped in (the first included), e.g. by the DICOM receiver
         self.model_listeners: list[Callable[[ServedModel], object]] = []
 
@@ -125,7 +125,15 @@ class Service:
             self._install(new)
             return new.identity(), True
 
+    def refer_rule(self, model: ServedModel) -> ReferRule:
+        """The refer rule of one version (review.refer_below, review.drift_limit, the version's own temperature and
+        intensity reference): every door judges its predictions with it."""
+        review = self.cfg.review
+        return ReferRule.for_model(model.predictor.contract.to_dict(), model.evidence.get("evaluation"),
+                                   review.refer_below, review.drift_limit)
+
     def _install(self, new: ServedModel) -> None:
+        new.rule = self.refer_rule(new)
         new.batcher = MicroBatcher(new.predictor.predict_array, self.model_pool, self.settings.max_batch,
                                    self.settings.max_wait_ms / 1000, lambda: self.decoding, self._on_batch)
         old, self.model, self.failure = self.model, new, None
@@ -227,34 +235,29 @@ class Service:
             if not good:
                 return Answer(errors[0].status, {**head, "detail": errors[0].reason, "errors": problems}, [])
             probs = await model.batcher.submit(np.concatenate([d.x for d in good]))
-            records, rows = self._records(good, probs, model, ctx, request_id, started)
-            await self._commit(rows)
-        body = {**head, "contract": model.contract(), "predictions": records, "errors": problems}
-        return Answer(200, body, records)
+            answer = self._judge(good, probs, model, ctx, request_id, started)
+            await self._commit(answer.rows)
+        # the contract (with its 256-bin intensity histogram) is GET /v1/model's: the answer names the version
+        answer.body = {**head, "predictions": answer.records, "errors": problems}
+        return answer
 
-    def _records(self, good: list[DecodedFile], probs: np.ndarray, model: ServedModel, ctx: RequestContext,
-                 request_id: str, started: float) -> tuple[list[dict], list[dict]]:
-        """The answer's records and the audit rows, one per image."""
-        now, latency_ms = datetime.now(timezone.utc), (time.perf_counter() - started) * 1000
-        ident, records, rows, offset = model.identity(), [], [], 0
-        for d in good:
-            for frame in d.frames:
-                base = prediction_record(d.filename, probs[offset], model.predictor.class_names)
-                record = {"record_id": uuid.uuid4().hex, "file": base.pop("path"), "frame": frame,
-                          "sha256": d.sha256, **base}
-                records.append(record)
-                self.metrics.predictions.labels(record["predicted_class"]).inc()
-                rows.append({"id": record["record_id"], "request_id": request_id, "created_at": now,
-                             "source": ctx.source, "client": ctx.client, "case_id": ctx.case_id, **d.dicom,
-                             "frame": frame, "filename": d.filename, "input_sha256": d.sha256,
-                             "model_name": ident["model"], "model_version": ident["version"],
-                             "model_alias": ident["alias"], "flavor": ident["flavor"],
-                             "predicted_class": record["predicted_class"], "confidence": record["confidence"],
-                             "output_json": json.dumps({**record, "medical_validation": ident["medical_validation"],
-                                                        "forced": ident["forced"]}),
-                             "latency_ms": latency_ms, "pixels_ref": d.pixels_ref})
-                offset += 1
-        return records, rows
+    def _judge(self, good: list[DecodedFile], probs: np.ndarray, model: ServedModel, ctx: RequestContext,
+               request_id: str, started: float) -> Answer:
+        """The answer's records, the refer rule's verdicts and the audit rows, one per image."""
+        stamp = Stamp(request_id, datetime.now(timezone.utc), (time.perf_counter() - started) * 1000,
+                      model.identity())
+        answer = Answer(200, {}, [])
+        inputs = [(d, i) for d in good for i in d.inputs]
+        for (d, i), p in zip(inputs, probs):
+            prediction = prediction_record(d.filename, p, model.predictor.class_names)
+            judged = model.rule.assess(prediction["probabilities"], i.gray)
+            received = Received(ctx.source, ctx.client, d.filename, d.sha256, d.dicom, ctx.case_id, d.pixels_ref)
+            record, row = prediction_entry(stamp, received, prediction, i.frame, judged.refer)
+            answer.records.append(record)
+            answer.judged.append(judged)
+            answer.rows.append(row)
+            self.metrics.predictions.labels(record["predicted_class"]).inc()
+        return answer
 
     async def _commit(self, rows: list[dict]) -> None:
         try:
@@ -274,13 +277,14 @@ class Service:
                 raise errors[0]
             d = good[0]
             try:
-                if frame not in (d.frames if d.frames != [None] else [1]):
-                    raise UploadError(422, "bad_frame", f"{d.filename}: has {len(d.frames)} frame(s), no frame {frame}")
-                k = d.frames.index(frame) if d.frames != [None] else 0
-                d.x, d.frames = d.x[k:k + 1], d.frames[k:k + 1]
+                frames = [i.frame or 1 for i in d.inputs]
+                if frame not in frames:
+                    raise UploadError(422, "bad_frame", f"{d.filename}: has {len(frames)} frame(s), no frame {frame}")
+                d.inputs = [d.inputs[frames.index(frame)]]
                 probs = await model.batcher.submit(d.x)
-                records, rows = self._records([d], probs, model, ctx, request_id, started)
-                await self._commit(rows)
+                answer = self._judge([d], probs, model, ctx, request_id, started)
+                await self._commit(answer.rows)
+                records = answer.records
                 png = await asyncio.get_running_loop().run_in_executor(
                     self.explain_pool, self._gradcam, model, d, records[0]["class_index"])
             finally:
@@ -289,7 +293,7 @@ class Service:
 
     def _gradcam(self, model: ServedModel, d: DecodedFile, class_index: int) -> bytes:
         torch_predictor = model.torch_predictor(self.client)
-        name = frame_name(d.path, d.frames[0])
+        name = frame_name(d.path, d.inputs[0].frame)
         with tempfile.TemporaryDirectory(dir=self.root) as out:
             [png] = torch_predictor.gradcam([name], [class_index], Path(out))
             return png.read_bytes()

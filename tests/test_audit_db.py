@@ -146,9 +146,6 @@ def test_an_archive_run_is_one_record(engine):
 
 # ---- serve.py on PostgreSQL -------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="serve.py still hands its processes the config with the database URL's credentials "
-                          "redacted (***), so a URL with a password cannot connect; remove this mark with the fix")
 def test_two_workers_write_one_postgresql_with_credentials_in_the_url_and_kill_9_loses_nothing(
         registered, tiny_data, postgres, tmp_path):
     url = postgres.new_database()

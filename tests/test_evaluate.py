@@ -202,8 +202,7 @@ def test_plot_legends_never_cover_a_bar(monkeypatch, tmp_path):
     """A good model's bars reach the top of the axes, where the legends used to sit: every legend is now outside
     every bar (error bars included), in the evaluation's per-class and comparison plots and the experiments'."""
     from evaluation.plots import comparison_plot, per_class_plot
-    from ops.experiments import Experiment
-    from ops.experiments import comparison_plot as experiments_plot
+    from ops.experiments import Experiment, experiments_plot
 
     high = {"value": 0.98, "ci_low": 0.95, "ci_high": 1.0}
     per_class = {c: {"precision": 0.99, "sensitivity": high, "specificity": high, "f1": 0.98}
@@ -226,3 +225,13 @@ def test_plot_legends_never_cover_a_bar(monkeypatch, tmp_path):
             marks = [p.get_window_extent(renderer) for p in ax.patches]
             marks += [line.get_window_extent(renderer) for line in ax.lines]  # error bars and their caps
             assert marks and not any(legend.overlaps(m) for m in marks), ax.get_title()
+
+
+def test_the_gradcam_page_shows_a_file_name_as_text(tmp_path):
+    from evaluation.explain import write_gradcam_index
+
+    hostile = "<img src=x onerror=alert(1)>.jpg"
+    page = write_gradcam_index([{"file": "gradcam_000.png", "path": hostile, "true": "glioma", "predicted": "glioma",
+                                 "confidence": 0.873}], tmp_path, "resnet18").read_text()
+    assert "&lt;img src=x onerror=alert(1)&gt;.jpg" in page and "onerror=alert(1)>" not in page
+    assert page.count("<img") == 1 and "87.3%" in page and "MISCLASSIFIED" not in page

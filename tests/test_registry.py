@@ -137,6 +137,27 @@ def test_another_checkpoint_cannot_borrow_evidence_or_a_version(released_again, 
         run_script("register_model", elsewhere + ["--version", "1.0.0"])
 
 
+def test_register_model_reads_the_checkpoint_once(released_again, passing_run, monkeypatch):
+    """--checkpoint alone names the model from the checkpoint, and the release uses that read, not a second."""
+    import evaluation.source
+    import register_model
+
+    argv, _, client = released_again
+    reads = []
+
+    def counted(path, *args, **kwargs):
+        reads.append(path)
+        return load_checkpoint(path, *args, **kwargs)
+
+    monkeypatch.setattr(register_model, "load_checkpoint", counted)
+    monkeypatch.setattr(evaluation.source, "load_checkpoint", counted)
+    best = passing_run[1] / "checkpoints" / "resnet18_outputs" / "best_model.pth"
+    without_model = [a for a in argv if a not in ("--model", "resnet18")]
+    assert run_script("register_model", without_model + ["--checkpoint", best, "--version", "3.0.0"]) == 0
+    assert len(reads) == 1
+    assert client.search_model_versions(f"name='{NAME}' and tags.semver='3.0.0'")
+
+
 class ReloadEndpoint(BaseHTTPRequestHandler):
     """The serving endpoint's reload, as a real HTTP server on 127.0.0.1: answers the known token only."""
     seen: list = []
