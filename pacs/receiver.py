@@ -9,6 +9,7 @@ A failure in one instance costs that instance a failure status, never the receiv
 """
 from __future__ import annotations
 
+import io
 import ipaddress
 import logging
 import socket
@@ -33,7 +34,7 @@ from pynetdicom.sop_class import (
 
 from core.config import DicomPeer, PacsSection
 from core.errors import UserError
-from data.images import ImageReadError, current_limits
+from data.images import ImageReadError, current_limits, inflated_size
 
 LOG = logging.getLogger(__name__)
 
@@ -221,11 +222,17 @@ class Receiver:
         LOG.info("C-STORE %s from %s@%s: status 0x%04X", event.request.AffectedSOPInstanceUID, calling, peer, code)
         return status
 
+    def _inflates_too_far(self, event) -> bool:
+        """A deflated data set is measured in bounded pieces before pynetdicom inflates it whole."""
+        if not UID(str(event.context.transfer_syntax)).is_deflated:
+            return False
+        return inflated_size(io.BytesIO(event.request.DataSet.getvalue()), self.max_bytes) > self.max_bytes
+
     def _check_and_handle(self, event, calling: str, peer: str):
         sop_class = str(event.request.AffectedSOPClassUID)
         if sop_class not in IMAGE_SOP_CLASSES:
             return failure(SOP_CLASS_NOT_SUPPORTED, "only MR and secondary capture images are taken")
-        if len(event.request.DataSet.getvalue()) > self.max_bytes:
+        if len(event.request.DataSet.getvalue()) > self.max_bytes or self._inflates_too_far(event):
             return failure(OUT_OF_RESOURCES, f"instance over {self.settings.max_instance_mb:g} MB")
         try:
             ds = event.dataset
