@@ -26,6 +26,9 @@ from PIL import Image
 from core.config import on_load
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+# The only decoders Pillow may use, whatever a file is named: its other plugins (WebP, TGA, PCX, JPEG 2000, EPS
+# through Ghostscript ...) are attack surface no MRI slice needs.
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF")  # JPEG includes its multi-picture (MPO) form
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 # The one resampling filter; antialiased so that 512 px -> 64 px keeps small lesions visible.
 RESAMPLE = Image.Resampling.BILINEAR
@@ -261,7 +264,11 @@ def open_image(path: str | Path, size: int | None = None) -> Image.Image:
         return Image.fromarray(dicom.frame(1))
     with decoding(path):
         check_file(path)
-        with Image.open(path) as img:
+        try:
+            opened = Image.open(path, formats=IMAGE_FORMATS)
+        except Image.UnidentifiedImageError:
+            raise ImageReadError(f"{path}: not a JPEG, PNG, BMP or TIFF image (the formats read)") from None
+        with opened as img:
             check_pixels(path, *img.size)  # the header only: nothing is decoded yet
             if size is not None and img.format == "JPEG":
                 img.draft("L", (size, size))  # a no-op for JPEGs it cannot apply to (e.g. CMYK mode stays)

@@ -20,7 +20,7 @@ from PIL import Image
 from sqlalchemy import Engine, insert
 
 from core.fileio import atomic_file, private_dir
-from data.images import load_frames
+from data.images import IMAGE_FORMATS, load_frames
 from review.refer import Assessment, ReferRule
 from review.schema import cases, items
 from serving.audit import predictions
@@ -39,7 +39,7 @@ def file_suffix(data: bytes, dicom: bool) -> str:
     if dicom:
         return ".dcm"
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
             return SUFFIXES.get(img.format, ".img")
     except Exception:  # the decoder proper said what is wrong; kept as it came
         return ".img"

@@ -3,8 +3,11 @@ DICOM receiver (pynetdicom) on a loopback port, the scripts on real files. Each 
 """
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 from pydicom import dcmread
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE
@@ -12,6 +15,7 @@ from pynetdicom.sop_class import MRImageStorage
 
 from conftest import write_dicom
 from core.config import load_config
+from data.images import ImageReadError, load_gray
 from pacs.receiver import start_receiver
 from tests.server_process import ServerProcess
 
@@ -91,3 +95,34 @@ def test_a_deflate_bomb_upload_is_refused_with_a_reason(server, tmp_path):
         assert answer.status_code == 422 and "inflates past" in answer.json()["detail"]
         assert "bomb.dcm" in answer.json()["detail"] and str(server.workdir) not in answer.text
         assert client.post("/v1/predict", files={"files": ("good.dcm", good)}).status_code == 200
+
+
+# ---- 5. only the documented image formats are decoded -------------------------------------------------------
+
+FOREIGN_FORMATS = ("WEBP", "TGA", "ICO", "PCX", "SGI", "PPM", "GIF", "IM", "JPEG2000")
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+
+
+def foreign_image(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray((slice_pixels() // 16).astype(np.uint8)).convert("RGB").save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_only_jpeg_png_bmp_and_tiff_are_decoded_whatever_the_name(tmp_path):
+    for fmt in (*FOREIGN_FORMATS, "EPS"):
+        path = tmp_path / fmt / "scan.jpg"  # named like a JPEG
+        path.parent.mkdir()
+        path.write_bytes(EPS if fmt == "EPS" else foreign_image(fmt))
+        with pytest.raises(ImageReadError, match="not a JPEG, PNG, BMP or TIFF image"):
+            load_gray(path, 32)
+    for fmt in ("JPEG", "PNG", "BMP", "TIFF"):
+        path = tmp_path / f"scan.{fmt.lower()}"
+        path.write_bytes(foreign_image(fmt))
+        assert load_gray(path, 32).shape == (32, 32)
+
+
+def test_a_webp_named_jpg_gets_a_4xx_from_the_server(server):
+    with server.client() as client:
+        answer = client.post("/v1/predict", files={"files": ("scan.jpg", foreign_image("WEBP"))})
+    assert answer.status_code == 422 and "not a JPEG, PNG, BMP or TIFF image" in answer.json()["detail"]
