@@ -51,7 +51,10 @@ def run_server(options: ServeOptions) -> None:
     try:
         uvicorn.run("serving.app:app_from_environment", factory=True, host=s.host, port=s.port, workers=s.workers,
                     http="serving.http:HeaderTimeoutProtocol", ws="none", lifespan="on", server_header=False,
-                    timeout_keep_alive=5, timeout_graceful_shutdown=30, log_level="info")
+                    timeout_keep_alive=5, timeout_graceful_shutdown=30, log_level="info",
+                    # uvicorn believes X-Forwarded-For from 127.0.0.1 by default: any local client could forge
+                    # the audit trail's client address
+                    proxy_headers=bool(s.trusted_proxies), forwarded_allow_ips=",".join(s.trusted_proxies) or None)
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -3,7 +3,9 @@ DICOM receiver (pynetdicom) on a loopback port, the scripts on real files. Each 
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import sqlite3
 
 import numpy as np
 import pytest
@@ -63,6 +65,11 @@ def receiver(tmp_path):
         yield handle
     finally:
         handle.stop()
+
+
+def audit_rows(db, sql: str) -> list:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return conn.execute(sql).fetchall()
 
 
 def associate(port: int, syntaxes=None, calling: str = "ORTHANC"):
@@ -126,3 +133,17 @@ def test_a_webp_named_jpg_gets_a_4xx_from_the_server(server):
     with server.client() as client:
         answer = client.post("/v1/predict", files={"files": ("scan.jpg", foreign_image("WEBP"))})
     assert answer.status_code == 422 and "not a JPEG, PNG, BMP or TIFF image" in answer.json()["detail"]
+
+
+# ---- 9. the audit trail's client address ----------------------------------------------------------------------
+
+def test_a_forged_x_forwarded_for_does_not_reach_the_audit_trail(server, tmp_path):
+    forged = "203.0.113.66"
+    jpeg = io.BytesIO()
+    Image.fromarray((slice_pixels() // 16).astype(np.uint8)).save(jpeg, format="JPEG")
+    with server.client() as client:
+        answer = client.post("/v1/predict", files={"files": ("xff.jpg", jpeg.getvalue())},
+                             headers={"X-Forwarded-For": forged, "Forwarded": f"for={forged}"})
+    assert answer.status_code == 200
+    rows = audit_rows(server.workdir / "audit.db", "SELECT client FROM predictions WHERE filename = 'xff.jpg'")
+    assert rows == [("127.0.0.1",)]
