@@ -15,6 +15,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Engine, delete, func, insert, select, update
 
+from core.cli import warn_if_readable
 from core.errors import UserError
 from review.schema import reviewers, sessions
 
@@ -53,6 +54,7 @@ def read_password(path: str | None) -> str:
             password = open(path, encoding="utf-8").read().rstrip("\r\n")
         except OSError as exc:
             raise UserError(f"cannot read the password file {path}: {exc.strerror}") from None
+        warn_if_readable(path, "the password file")
         where = f"the password in {path}"
     if len(password) < MIN_PASSWORD:
         raise UserError(f"{where} has {len(password)} characters; at least {MIN_PASSWORD} please")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from starlette.exceptions import HTTPException
 
+from core.cli import warn_if_readable
 from core.errors import UserError
 
 PUBLIC_PATHS = ("/healthz", "/readyz")
@@ -140,6 +141,7 @@ def read_token(path: str | None) -> str | None:
         token = Path(path).read_text().strip()
     except OSError as exc:
         raise UserError(f"cannot read the token file {path}: {exc.strerror}") from None
+    warn_if_readable(path, "the token file")
     if len(token) < 16 or any(c.isspace() for c in token):
         raise UserError(f"the token in {path} must be one word of at least 16 characters "
                         "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))' > token)")

@@ -3,9 +3,13 @@ DICOM receiver (pynetdicom) on a loopback port, the scripts on real files. Each 
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import importlib
 import io
 import sqlite3
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,10 +19,12 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage
 
-from conftest import write_dicom
+from conftest import ROOT, write_dicom
 from core.config import load_config
 from data.images import ImageReadError, load_gray
 from pacs.receiver import start_receiver
+from review.auth import read_password
+from serving.guard import read_token
 from tests.server_process import ServerProcess
 
 MODEL = "brain-cancer-resnet18"
@@ -147,3 +153,50 @@ def test_a_forged_x_forwarded_for_does_not_reach_the_audit_trail(server, tmp_pat
     assert answer.status_code == 200
     rows = audit_rows(server.workdir / "audit.db", "SELECT client FROM predictions WHERE filename = 'xff.jpg'")
     assert rows == [("127.0.0.1",)]
+
+
+# ---- 13. secrets on the command line and in readable files -------------------------------------------------
+
+SCRIPTS = sorted(p.stem for p in ROOT.glob("*.py") if "def get_args_parser" in p.read_text())
+
+
+def parsers(parser: argparse.ArgumentParser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from parsers(sub)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_no_script_takes_an_abbreviated_option(script):
+    for parser in parsers(importlib.import_module(script).get_args_parser()):
+        with pytest.raises(SystemExit):  # --conf for --config: a prefix is never an option
+            parser.parse_args(["--conf", "x.yaml"])
+
+
+def test_a_password_or_token_on_the_command_line_is_refused_without_echoing_it(tmp_path):
+    secret = "s3cret-Carol-2026"
+    for argv in (["add-reviewer", "carol", "--password", secret, "--database", f"sqlite:///{tmp_path / 'a.db'}"],
+                 ["--model", MODEL, "--token", secret]):
+        result = subprocess.run([sys.executable, str(ROOT / "serve.py"), *argv], capture_output=True, text=True,
+                                timeout=120, cwd=tmp_path)
+        assert result.returncode == 2 and "not taken on the command line" in result.stderr
+        assert secret not in result.stdout + result.stderr
+    assert not (tmp_path / "a.db").exists()  # nothing was done with it
+
+
+def test_secret_files_readable_by_others_are_warned_about(tmp_path, capsys):
+    token, password = tmp_path / "token", tmp_path / "password"
+    token.write_text("a-token-of-32-characters-0123456\n")
+    password.write_text("a long password\n")
+    for path in (token, password):
+        path.chmod(0o644)
+    assert read_token(str(token)) and read_password(str(password))
+    err = capsys.readouterr().err
+    assert f"the token file {token} is readable by others (mode 644)" in err
+    assert f"the password file {password} is readable by others" in err
+    for path in (token, password):
+        path.chmod(0o600)
+    assert read_token(str(token)) and read_password(str(password))
+    assert capsys.readouterr().err == ""
