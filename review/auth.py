@@ -54,10 +54,11 @@ def read_password(path: str | None) -> str:
             password = open(path, encoding="utf-8").read().rstrip("\r\n")
         except OSError as exc:
             raise UserError(f"cannot read the password file {path}: {exc.strerror}") from None
-        warn_if_readable(path, "the password file")
         where = f"the password in {path}"
     if len(password) < MIN_PASSWORD:
         raise UserError(f"{where} has {len(password)} characters; at least {MIN_PASSWORD} please")
+    if path is not None:
+        warn_if_readable(path, "the password file")
     return password
 
 
