@@ -12,11 +12,12 @@ import secrets
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from data.images import ImageReadError
 from review import auth, intake, viewer, worklist
 from review.monitor import panel
 from review.station import ReviewStation
@@ -32,6 +33,8 @@ SECURITY_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "n
                     "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY",
                     "Cache-Control": "no-store"}  # patient images and names: never kept by a browser cache
 MAX_FLAGS = 2048  # flagged slices one verdict may carry
+MAX_PAGE = 1_000_000  # worklist pages: beyond this an offset overflows the database's integer (a 500 before)
+MAX_FRAME = 1_000_000  # frames asked of a slice: more than any file holds (images.max_frames)
 TEMPLATES = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
 
 
@@ -150,7 +153,8 @@ class Pages:
         return response
 
     async def worklist(self, request: Request, status: str = "pending", sort: str = "confidence",
-                       order: str = "asc", predicted: str = "", page_no: int = 0, saved: int | None = None):
+                       order: str = "asc", predicted: str = "", page_no: int = Query(0, ge=0, le=MAX_PAGE),
+                       saved: int | None = None):
         who = await self.require(request)
         query = worklist.Query(status if status in worklist.STATUSES else "pending",
                                sort if sort in worklist.SORTS else "confidence", order == "desc", predicted or None,
@@ -204,12 +208,15 @@ class Pages:
                     classes=classes, findings=intake.finding_choices(classes), labels=worklist.LABELS,
                     **await self._shared(who, saved))
 
-    async def slice(self, request: Request, case_id: str, frame: int | None = None):
+    async def slice(self, request: Request, case_id: str, frame: int | None = Query(None, ge=1, le=MAX_FRAME)):
         await self.require(request)
         case = await asyncio.to_thread(worklist.case_row, self.station.engine, case_id)
         if case is None or not case["file_ref"]:
             raise HTTPException(404, "no such case")
-        return png(await asyncio.to_thread(self.station.slice_png, case["file_ref"], frame))
+        try:
+            return png(await asyncio.to_thread(self.station.slice_png, case["file_ref"], frame))
+        except ImageReadError:  # a frame the file does not have
+            raise HTTPException(404, "no such frame") from None
 
     async def series(self, request: Request, case_id: str):
         """The viewer's data: the ordered slices of the case's series and the series' reading."""
@@ -219,14 +226,17 @@ class Pages:
             raise HTTPException(404, "no such case")
         return JSONResponse(data, headers=SECURITY_HEADERS)
 
-    async def pixels(self, request: Request, case_id: str, frame: int | None = None):
+    async def pixels(self, request: Request, case_id: str, frame: int | None = Query(None, ge=1, le=MAX_FRAME)):
         """One slice's values (float32, little-endian, row-major) for windowing in the viewer; sizes and the
         file's window in headers."""
         await self.require(request)
         case = await asyncio.to_thread(worklist.case_row, self.station.engine, case_id)
         if case is None or not case["file_ref"]:
             raise HTTPException(404, "no such case")
-        px = await asyncio.to_thread(viewer.slice_pixels, self.station.files.path(case["file_ref"]), frame)
+        try:
+            px = await asyncio.to_thread(viewer.slice_pixels, self.station.files.path(case["file_ref"]), frame)
+        except ImageReadError:
+            raise HTTPException(404, "no such frame") from None
         return Response(px.values.tobytes(), media_type="application/octet-stream",
                         headers={**SECURITY_HEADERS, **px.headers()})
 

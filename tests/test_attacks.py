@@ -7,10 +7,12 @@ import argparse
 import contextlib
 import importlib
 import io
+import re
 import sqlite3
 import subprocess
 import sys
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -28,6 +30,7 @@ from serving.guard import read_token
 from tests.server_process import ServerProcess
 
 MODEL = "brain-cancer-resnet18"
+PASSWORD = "correct horse battery"
 BOMB_MB = 64  # inflated size of the bomb's zeros; it deflates to ~64 KB, far under every cap below
 
 
@@ -48,11 +51,17 @@ def write_deflated(path, bomb_mb: int = 0):
 
 @pytest.fixture(scope="module")
 def server(registered, tmp_path_factory):
-    """serve.py without a token, on loopback, with a 1 MB body cap."""
+    """serve.py --review without a token, on loopback, with a 1 MB body cap; reviewer alice."""
     tmp = tmp_path_factory.mktemp("attacked server")
-    srv = ServerProcess([*registered, "--model", MODEL, "--alias", "staging", "--database",
-                         f"sqlite:///{tmp / 'audit.db'}", "--poll-seconds", "0", "--set", "serving.max_upload_mb=1",
-                         "--set", "serving.request_timeout_s=5"], tmp)
+    db = f"sqlite:///{tmp / 'audit.db'}"
+    (tmp / "alice.pw").write_text(PASSWORD + "\n")
+    (tmp / "alice.pw").chmod(0o600)
+    added = subprocess.run([sys.executable, str(ROOT / "serve.py"), "add-reviewer", "alice", "--password-file",
+                            str(tmp / "alice.pw"), "--database", db], capture_output=True, text=True, cwd=tmp)
+    assert added.returncode == 0, added.stderr
+    srv = ServerProcess([*registered, "--model", MODEL, "--alias", "staging", "--review", "--database", db,
+                         "--poll-seconds", "0", "--set", "serving.max_upload_mb=1", "--set",
+                         f"review.store_dir={tmp / 'store'}", "--set", "serving.request_timeout_s=5"], tmp)
     try:
         yield srv.wait_ready()
     finally:
@@ -200,3 +209,31 @@ def test_secret_files_readable_by_others_are_warned_about(tmp_path, capsys):
         path.chmod(0o600)
     assert read_token(str(token)) and read_password(str(password))
     assert capsys.readouterr().err == ""
+
+
+# ---- 14. out-of-range numbers in page addresses --------------------------------------------------------------
+
+def review_session(url: str) -> tuple[httpx.Client, str]:
+    """A client logged in as alice, and the page's CSRF token."""
+    client = httpx.Client(base_url=url, timeout=120)
+    csrf = re.search(r'name="csrf" value="([^"]+)"', client.get("/review/login").text).group(1)
+    assert client.post("/review/login", data={"csrf": csrf, "name": "alice", "password": PASSWORD,
+                                              "next": "/review/"}).status_code == 303
+    return client, re.search(r'name="csrf" value="([^"]+)"', client.get("/review/").text).group(1)
+
+
+def test_huge_page_numbers_and_negative_frames_are_4xx_not_tracebacks(server, tmp_path):
+    client, csrf = review_session(server.url)
+    with contextlib.closing(client):
+        dicom = write_deflated(tmp_path / "case.dcm").read_bytes()
+        made = client.post("/review/upload", data={"csrf": csrf}, files={"files": ("case.dcm", dicom)})
+        assert made.status_code == 303, made.text
+        case = made.headers["location"].rsplit("/", 1)[-1]
+        assert client.get(f"/review/case/{case}/slice.png").status_code == 200
+        for address in ("/review/?page_no=99999999999999999999", "/review/?page_no=-1",
+                        f"/review/case/{case}/slice.png?frame=-1", f"/review/case/{case}/slice.png?frame=7",
+                        f"/review/case/{case}/pixels?frame=0", f"/review/case/{case}/pixels?frame=7"):
+            answer = client.get(address)
+            assert 400 <= answer.status_code < 500, (address, answer.status_code)
+            assert "Traceback" not in answer.text
+    assert "Traceback" not in server.log()
