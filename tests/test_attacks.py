@@ -237,3 +237,31 @@ def test_huge_page_numbers_and_negative_frames_are_4xx_not_tracebacks(server, tm
             assert 400 <= answer.status_code < 500, (address, answer.status_code)
             assert "Traceback" not in answer.text
     assert "Traceback" not in server.log()
+
+
+# ---- 15. dependency floors -----------------------------------------------------------------------------------
+
+KNOWN_VULNERABLE = {  # the last release with the hole: the floor in requirements.txt must exclude it
+    "torch": "2.5.1",             # torch.load(weights_only=True) bypass, CVE-2025-32434
+    "pillow": "10.2.0",           # libwebp CVE-2023-4863 (<10.0.1), ImageCms CVE-2024-28219 (<10.3)
+    "starlette": "0.49.0",        # multipart and Range-header denial of service (<0.40, <0.47.2, <0.49.1)
+    "python-multipart": "0.0.17",  # CVE-2024-53981
+    "h11": "0.15.0",              # request smuggling, CVE-2025-43859
+}
+
+
+def test_requirements_exclude_releases_with_known_holes_and_the_environment_meets_them():
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        text = line.split("#")[0].strip()
+        if text and not text.startswith("-"):
+            requirement = Requirement(text)
+            pins[requirement.name.lower()] = requirement.specifier
+    for name, last_bad in KNOWN_VULNERABLE.items():
+        assert name in pins, f"{name} is not pinned in requirements.txt"
+        assert not pins[name].contains(last_bad, prereleases=True), f"{name} {last_bad} is still admitted"
+        assert pins[name].contains(version(name).split("+")[0], prereleases=True), f"installed {name} is below"
