@@ -112,13 +112,21 @@ def create_app(options: ServeOptions, extensions: Sequence[Extension] = ()) -> F
                          settings.request_timeout_s,
                          PREDICTION_PATHS + tuple(p for ext in extensions for p in ext.admitted_prefixes),
                          tuple(p for ext in extensions for p in ext.exempt_prefixes),
-                         tuple(p for ext in extensions for p in ext.exempt_paths))
+                         tuple(p for ext in extensions for p in ext.exempt_paths),
+                         host_policy(settings), tuple(settings.cors_origins))
     app.add_middleware(Guard, policy=policy, admission=service.admission())
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization"])
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: refusals are counted too
     return app
+
+
+def host_policy(settings) -> tuple[str, ...] | None:
+    """The Host names served besides loopback ones: checked without a token (a browser on this machine is the
+    caller to fear) or when the site names them; None: any Host (a token server reached by its address)."""
+    names = tuple(h.lower() for h in settings.allowed_hosts)
+    return names if names or not settings.token_file else None
 
 
 def add_error_handlers(app: FastAPI, service: Service) -> None:

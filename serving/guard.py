@@ -1,6 +1,8 @@
 """What every request passes before any work is done for it: the token, the queue, the body's size and deadline.
 
 A pure ASGI middleware, so a refused request costs no body read and no form parsing:
+- the Host header (loopback names and serving.allowed_hosts; checked without a token, or when hosts are named)
+  and, on requests that change state, the Origin: a page elsewhere cannot reach the API through DNS rebinding;
 - the bearer token (when the server has one) on every path except the health checks and the paths an
   extension authenticates itself (a login page);
 - admission: requests that run the model count against `queue_size`; beyond it, 503 with Retry-After;
@@ -18,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from starlette.exceptions import HTTPException
 
@@ -25,6 +28,7 @@ from core.cli import warn_if_readable
 from core.errors import UserError
 
 PUBLIC_PATHS = ("/healthz", "/readyz")
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 @dataclass
@@ -35,6 +39,8 @@ class GuardPolicy:
     admitted_prefixes: tuple[str, ...]     # paths that run the model: they take a place in the queue
     exempt_prefixes: tuple[str, ...] = ()  # paths with their own authentication
     exempt_paths: tuple[str, ...] = ()     # the same, matched exactly
+    allowed_hosts: tuple[str, ...] | None = None  # Host names served besides loopback ones (None: any Host)
+    allowed_origins: tuple[str, ...] = ()  # cross-origin callers allowed to change state (serving.cors_origins)
 
 
 def bearer_ok(headers: dict[bytes, bytes], token: str) -> bool:
@@ -61,6 +67,10 @@ class Guard:
             return await self.app(scope, receive, send)
         path, p = scope["path"], self.policy
         headers = dict(scope["headers"])
+        refusal = self._wrong_host_or_origin(scope["method"], headers)
+        if refusal:
+            self.admission.count_error("forbidden_origin")
+            return await send_json(send, refusal[0], {"detail": refusal[1]})
         exempt = (path in PUBLIC_PATHS or path in p.exempt_paths or path.startswith(p.exempt_prefixes)
                   or scope["method"] == "OPTIONS")
         if p.token and not exempt and not bearer_ok(headers, p.token):
@@ -83,6 +93,22 @@ class Guard:
             await self.app(scope, receive, send)
         finally:
             self.admission.leave()
+
+    def _wrong_host_or_origin(self, method: str, headers: dict[bytes, bytes]) -> tuple[int, str] | None:
+        """A Host the server is not known by (DNS rebinding: evil.example resolved to 127.0.0.1), or a state-changing
+        request from another site's page (its Origin), as (status, reason); None when both are fine."""
+        p = self.policy
+        if p.allowed_hosts is None:
+            return None
+        host = headers.get(b"host", b"").decode("latin-1")
+        if not host_allowed(host, p.allowed_hosts):
+            return 400, "unknown Host header; add the name to serving.allowed_hosts"
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        if origin and method not in SAFE_METHODS and origin not in p.allowed_origins:
+            netloc = urlsplit(origin).netloc
+            if origin == "null" or not host_allowed(netloc, p.allowed_hosts):
+                return 403, "cross-origin request refused (Origin is not this server)"
+        return None
 
     def _bounded(self, receive):
         """receive() with the body's size cap and its deadline (raised as HTTP errors the app answers)."""
@@ -107,6 +133,12 @@ class Guard:
             return message
 
         return bounded_receive
+
+
+def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+    """A Host header (name[:port]) naming a loopback address, or listed in `allowed` (name or name:port)."""
+    name = urlsplit(f"//{host}").hostname or ""
+    return bool(name) and (is_loopback(name) or name in allowed or host.lower() in allowed)
 
 
 def under(path: str, prefixes: tuple[str, ...]) -> bool:

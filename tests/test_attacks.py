@@ -265,3 +265,22 @@ def test_requirements_exclude_releases_with_known_holes_and_the_environment_meet
         assert name in pins, f"{name} is not pinned in requirements.txt"
         assert not pins[name].contains(last_bad, prereleases=True), f"{name} {last_bad} is still admitted"
         assert pins[name].contains(version(name).split("+")[0], prereleases=True), f"installed {name} is below"
+
+
+# ---- 7. DNS rebinding and cross-site posts to the token-less loopback server -------------------------------
+
+def test_a_rebound_host_name_and_a_cross_site_post_are_refused(server, tmp_path):
+    jpeg = io.BytesIO()
+    Image.fromarray((slice_pixels() // 16).astype(np.uint8)).save(jpeg, format="JPEG")
+    with server.client() as client:
+        for path in ("/v1/model", "/metrics", "/v1/predictions?study_uid=1.2.3"):
+            assert client.get(path, headers={"Host": "rebind.evil.example"}).status_code == 400
+            assert client.get(path, headers={"Host": f"localhost:{server.port}"}).status_code == 200
+        before = len(audit_rows(server.workdir / "audit.db", "SELECT 1 FROM predictions"))
+        for origin in ("http://evil.example", "null", "http://127.0.0.1.evil.example"):
+            answer = client.post("/v1/predict", files={"files": ("x.jpg", jpeg.getvalue())}, headers={"Origin": origin})
+            assert answer.status_code == 403
+        assert len(audit_rows(server.workdir / "audit.db", "SELECT 1 FROM predictions")) == before
+        same_site = client.post("/v1/predict", files={"files": ("x.jpg", jpeg.getvalue())},
+                                headers={"Origin": server.url})
+        assert same_site.status_code == 200
