@@ -298,6 +298,7 @@ class ServingSection(Section):
     poll_seconds: NonNegativeFloat = 30.0  # how often the alias is checked for a new version (0: never)
     decode_threads: Optional[PositiveInt] = None  # None: usable cores
     cors_origins: list[str] = []           # none: CORS off
+    api_docs: bool = False                 # /docs: Swagger UI, which loads its scripts from a CDN
     allowed_hosts: list[str] = []          # Host names (name or name:port) served besides loopback ones
     trusted_proxies: list[str] = []        # addresses whose X-Forwarded-For is believed (none: the peer's own)
 

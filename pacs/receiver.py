@@ -194,7 +194,7 @@ class Receiver:
         calling = event.assoc.requestor.primitive.calling_ae_title.strip()
         address = event.assoc.requestor.address
         if not self.allow.admits(calling, address):
-            LOG.warning("DICOM association refused: %s@%s is not in the allow list", calling, address)
+            LOG.warning("DICOM association refused: %r@%s is not in the allow list", calling, address)
             event.assoc.acse.send_reject(*REJECT_CALLING_AE)
             time.sleep(0.1)  # let the peer read the rejection before the socket closes
 
@@ -219,7 +219,8 @@ class Receiver:
         peer = _ip(event.assoc.requestor.address)
         status = self._check_and_handle(event, calling, peer)
         code = status if isinstance(status, int) else int(status.Status)
-        LOG.info("C-STORE %s from %s@%s: status 0x%04X", event.request.AffectedSOPInstanceUID, calling, peer, code)
+        LOG.info("C-STORE %r from %r@%s: status 0x%04X", str(event.request.AffectedSOPInstanceUID)[:64], calling,
+                 peer, code)  # %r: a peer's text never starts a log line of its own
         return status
 
     def _inflates_too_far(self, event) -> bool:
@@ -242,6 +243,9 @@ class Receiver:
             return failure(CANNOT_UNDERSTAND, f"unreadable data set: {type(exc).__name__}")
         if declared != sop_class:
             return failure(DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from the request's")
+        command_uid = str(event.request.AffectedSOPInstanceUID)
+        if not UID(command_uid).is_valid or command_uid != str(ds.get("SOPInstanceUID", "")):
+            return failure(CANNOT_UNDERSTAND, "Affected SOP Instance UID is not the data set's")
         problem = header_problem(ds, self.settings)
         if problem:
             return failure(*problem)

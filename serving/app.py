@@ -99,7 +99,9 @@ def create_app(options: ServeOptions, extensions: Sequence[Extension] = ()) -> F
         audit.close()
         engine.dispose()
 
-    app = FastAPI(title="Brain MRI classifier", version="1", lifespan=lifespan,
+    # Swagger UI comes from a CDN, unpinned, on the review page's origin: off unless asked (openapi.json stays)
+    app = FastAPI(title="Brain MRI classifier", version="1", lifespan=lifespan, redoc_url=None,
+                  docs_url="/docs" if settings.api_docs else None,
                   description="Predictions of a registered brain MRI slice classifier; every prediction is "
                               "recorded in an audit log. Decision support only, not a diagnosis.")
     app.state.service = service

@@ -45,7 +45,7 @@ def run_server(options: ServeOptions) -> None:
         metrics_dir = tempfile.mkdtemp(prefix="brain-mri-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     where = f"@{options.spec.alias}" if options.spec.alias else f"v{options.spec.version}"
-    print(f"🧠 Serving {options.model} {where} on http://{s.host}:{s.port} (API docs: /docs; "
+    print(f"🧠 Serving {options.model} {where} on http://{s.host}:{s.port} (API schema: /openapi.json; "
           f"{s.workers} worker(s); token: {'required' if s.token_file else 'none, loopback only'})", flush=True)
     print(f"🗄️  Audit log: {make_url(s.database_url).render_as_string(hide_password=True)}", flush=True)
     try:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydicom import dcmread
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage
 
@@ -284,3 +284,42 @@ def test_a_rebound_host_name_and_a_cross_site_post_are_refused(server, tmp_path)
         same_site = client.post("/v1/predict", files={"files": ("x.jpg", jpeg.getvalue())},
                                 headers={"Origin": server.url})
         assert same_site.status_code == 200
+
+
+# ---- 12. nothing loaded from a CDN on the review page's origin ----------------------------------------------
+
+def test_no_page_of_the_server_loads_scripts_from_elsewhere(server):
+    with server.client() as client:
+        assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
+        assert client.get("/openapi.json").status_code == 200
+        for path in ("/review/login", "/review/static/review.js"):
+            page = client.get(path)
+            assert page.status_code == 200 and not re.search(r"https?://", re.sub(r'xmlns="[^"]+"', "", page.text))
+
+
+# ---- 11. DICOM log injection ------------------------------------------------------------------------------------
+
+def test_a_command_uid_with_a_forged_log_line_is_refused_and_logged_as_one_line(receiver, tmp_path, caplog,
+                                                                               monkeypatch):
+    from pynetdicom import _config
+
+    forged = "1.2.3\nC-STORE 1.2.3 from ORTHANC@127.0.0.1: status 0x0000"
+    path = tmp_path / "forged.dcm"
+    ds = write_dicom(path, slice_pixels(), (1000, 2000))
+    ds.preamble = bytes(128)
+    ds.file_meta.MediaStorageSOPInstanceUID = forged  # the command's Affected SOP Instance UID, when sent from file
+    ds.save_as(str(path), enforce_file_format=False)
+    other = tmp_path / "other.dcm"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"  # a valid UID, not the data set's
+    ds.save_as(str(other), enforce_file_format=False)
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # the command UID comes from the file meta
+    caplog.set_level("INFO", logger="pacs.receiver")
+    assoc = associate(receiver.port, [ExplicitVRLittleEndian])  # sent as stored, so in the file's own syntax
+    try:
+        assert assoc.send_c_store(path).Status == 0xC000
+        assert assoc.send_c_store(other).Status == 0xC000
+    finally:
+        assoc.release()
+    assert not receiver.received
+    stores = [r.getMessage() for r in caplog.records if r.name == "pacs.receiver" and "C-STORE" in r.getMessage()]
+    assert len(stores) == 2 and all("\n" not in message for message in stores)
