@@ -226,6 +226,7 @@ class PacsSection(Section):
     destination: Optional[str] = None   # AE@HOST:PORT that receives the SR and secondary capture results
     spool_dir: str = "./pacs_spool"
     max_instance_mb: PositiveFloat = 256.0
+    max_decoded_mb: PositiveFloat = 512.0  # pixels of one instance once decoded (a 1.5 MB RLE can hold 294 MB)
     max_associations: PositiveInt = 4
     timeout_s: PositiveFloat = 30.0
     keep_patient_identity: bool = False  # store and return patient name and birth date

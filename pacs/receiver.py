@@ -126,13 +126,17 @@ def header_problem(ds: Dataset, settings: PacsSection) -> tuple[int, str] | None
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         rows, columns = int(ds.Rows), int(ds.Columns)
+        sample_bytes = int(ds.get("SamplesPerPixel", 1) or 1) * -(-int(ds.get("BitsAllocated", 16) or 16) // 8)
     except (AttributeError, TypeError, ValueError):
-        return CANNOT_UNDERSTAND, "no valid Rows, Columns or NumberOfFrames"
+        return CANNOT_UNDERSTAND, "no valid Rows, Columns, NumberOfFrames or pixel format"
     limits = current_limits()  # the images: bounds every decoder of this process keeps
     if frames > limits.max_frames:
         return OUT_OF_RESOURCES, f"{frames} frames, more than {limits.max_frames} (images.max_frames)"
     if rows * columns > limits.max_pixels:
         return OUT_OF_RESOURCES, f"{rows}x{columns} pixels a frame, more than {limits.max_pixels} (images.max_pixels)"
+    decoded = rows * columns * frames * sample_bytes
+    if decoded > settings.max_decoded_mb * 2**20:
+        return OUT_OF_RESOURCES, f"{decoded / 2**20:.0f} MB of pixels decoded, over pacs.max_decoded_mb"
     return None
 
 

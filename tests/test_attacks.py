@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydicom import dcmread
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage
 
@@ -323,3 +323,32 @@ def test_a_command_uid_with_a_forged_log_line_is_refused_and_logged_as_one_line(
     assert not receiver.received
     stores = [r.getMessage() for r in caplog.records if r.name == "pacs.receiver" and "C-STORE" in r.getMessage()]
     assert len(stores) == 2 and all("\n" not in message for message in stores)
+
+
+# ---- 2. memory amplification in the result worker ---------------------------------------------------------------
+
+def test_an_instance_that_decodes_past_the_cap_is_refused_and_captures_have_a_bounded_size(tmp_path):
+    from pacs.capture import MAX_SIDE
+    from pacs.pipeline import ResultWorker
+    from pacs.receiver import header_problem
+    from pacs.spool import Spool
+
+    settings = load_config(sets=[f"pacs.spool_dir={tmp_path / 'spool'}", "pacs.max_decoded_mb=8",
+                                 "pacs.destination=ORTHANC@127.0.0.1:104"]).pacs
+    big = write_dicom(tmp_path / "big.dcm", np.zeros((3, 1000, 2000), dtype=np.uint16))  # 12 MB of pixels
+    big.compress(RLELossless)
+    assert len(big.PixelData) < 2**20 // 4 and header_problem(big, settings) == (
+        0xA700, "11 MB of pixels decoded, over pacs.max_decoded_mb")  # 11.4 MiB
+    wide = tmp_path / "wide.dcm"
+    ds = write_dicom(wide, (np.add.outer(np.arange(1200), np.arange(2600)) % 4096).astype(np.uint16), (2000, 4000))
+    assert header_problem(ds, settings) is None
+    spool = Spool(settings.spool_dir, settings.destination_peer)
+    record = {"frame": None, "sop_class_uid": ds.SOPClassUID, "sop_instance_uid": ds.SOPInstanceUID,
+              "study_instance_uid": ds.StudyInstanceUID, "series_instance_uid": ds.SeriesInstanceUID,
+              "predicted_class": "glioma", "class_index": 0, "confidence": 0.9, "refer": False,
+              "probabilities": {"glioma": 0.9, "meningioma": 0.05, "pituitary": 0.05}, "model": MODEL, "version": "1"}
+    spool.add_job(wide, [record])
+    ResultWorker(spool, 32).step()
+    captures = [dcmread(p) for p in spool.pending() if dcmread(p).Modality != "SR"]
+    assert len(captures) == 1 and max(captures[0].Rows, captures[0].Columns) <= MAX_SIDE + 200  # + the text band
+    assert captures[0].Columns == MAX_SIDE
