@@ -101,6 +101,10 @@ class AllowList:
                 continue
             self.pairs.update((peer.ae_title, _ip(info[4][0])) for info in infos)
 
+    @property
+    def addresses(self) -> set[str]:
+        return {address for _, address in self.pairs}
+
     def admits(self, ae_title: str, address: str) -> bool:
         return (ae_title.strip(), _ip(address)) in self.pairs
 
@@ -186,8 +190,22 @@ class Receiver:
             self.server = self.build_ae().start_server(address, block=False, evt_handlers=handlers)
         except OSError as exc:
             raise UserError(f"cannot listen for DICOM on {address[0]}:{address[1]}: {exc.strerror or exc}") from None
+        self.server.verify_request = self._admits_connection  # before the connection takes an association slot
         LOG.info("DICOM receiver %s listening on %s:%d", self.settings.ae_title, self.settings.host, self.port)
         return self
+
+    def _admits_connection(self, request, client_address) -> bool:
+        """A TCP connection from an address no allowed peer has is closed at accept (four idle ones took every
+        slot for timeout_s); one address holds at most all slots but one, so another peer always gets in."""
+        address = _ip(str(client_address[0]))
+        if address not in self.allow.addresses:
+            LOG.warning("DICOM connection from %s closed: no allowed peer has this address", address)
+            return False
+        held = sum(1 for assoc in self.server.active_associations if _ip(assoc.requestor.address) == address)
+        if held >= max(1, self.settings.max_associations - 1):
+            LOG.warning("DICOM connection from %s closed: it holds %d associations already", address, held)
+            return False
+        return True
 
     def stop(self) -> None:
         if self.server is not None:

@@ -352,3 +352,28 @@ def test_an_instance_that_decodes_past_the_cap_is_refused_and_captures_have_a_bo
     captures = [dcmread(p) for p in spool.pending() if dcmread(p).Modality != "SR"]
     assert len(captures) == 1 and max(captures[0].Rows, captures[0].Columns) <= MAX_SIDE + 200  # + the text band
     assert captures[0].Columns == MAX_SIDE
+
+
+# ---- 3. association slots --------------------------------------------------------------------------------------
+
+def test_idle_connections_from_strangers_do_not_take_the_association_slots(receiver, tmp_path):
+    import socket
+    import time
+
+    idle = []
+    try:
+        for _ in range(8):  # twice pacs.max_associations, from an address no allowed peer has, sending nothing
+            conn = socket.socket()
+            conn.settimeout(3)
+            conn.bind(("127.0.0.2", 0))
+            conn.connect(("127.0.0.1", receiver.port))
+            idle.append(conn)
+        time.sleep(0.5)
+        assert all(conn.recv(1) == b"" for conn in idle)  # closed at accept
+        started = time.monotonic()
+        assoc = associate(receiver.port)  # the allowed PACS gets in at once
+        assert assoc.is_established and time.monotonic() - started < 5
+        assoc.release()
+    finally:
+        for conn in idle:
+            conn.close()
