@@ -8,7 +8,10 @@ HttpOnly and SameSite=Strict (and Secure over https).
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
@@ -71,6 +74,8 @@ class Pages:
         self.station = station
         self.router = APIRouter(include_in_schema=False)
         self._static = {name: (HERE / "static" / name).read_bytes() for name in STATIC}
+        self._throttle = auth.Throttle()
+        self._hash_pool = ThreadPoolExecutor(2, thread_name_prefix="password-hash")
         self._add_routes()
 
     # ---- sessions ---------------------------------------------------------------------------------------
@@ -135,10 +140,24 @@ class Pages:
         form = await request.form(max_files=0, max_fields=8)
         if not auth.same_token(request.cookies.get(LOGIN_COOKIE), form.get("csrf")):
             raise HTTPException(403, "the login form expired: reload the page and retry")
-        token = await asyncio.to_thread(auth.log_in, self.station.engine, str(form.get("name", "")),
-                                        str(form.get("password", "")), self.station.settings.session_hours)
+        name, client = str(form.get("name", "")), request.client.host if request.client else None
+        keys, now = [f"address:{client}", f"name:{name}"], time.monotonic()
+        wait = self._throttle.wait_s(keys, now)
+        if wait > 0:  # refused without hashing: guessing costs the guesser time, and the server nothing
+            self._throttle.failed(keys, now)
+            await asyncio.to_thread(auth.record_failure, self.station.engine, name, client, True)
+            response = page("login.html", 429, csrf=form.get("csrf"), next=local_next(str(form.get("next", ""))),
+                            failed=True)
+            response.headers["Retry-After"] = str(math.ceil(wait))
+            return response
+        token = await asyncio.get_running_loop().run_in_executor(  # argon2 on its own threads, not the shared pool
+            self._hash_pool, auth.log_in, self.station.engine, name, str(form.get("password", "")),
+            self.station.settings.session_hours)
         if token is None:
+            self._throttle.failed(keys, time.monotonic())
+            await asyncio.to_thread(auth.record_failure, self.station.engine, name, client, False)
             return await self.login_form(request, str(form.get("next", "")), failed=True)
+        self._throttle.succeeded(keys)
         response = redirect(local_next(str(form.get("next", ""))))
         self._set_cookie(response, request, SESSION_COOKIE, token, int(self.station.settings.session_hours * 3600))
         response.delete_cookie(LOGIN_COOKIE, path=PREFIX)

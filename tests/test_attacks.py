@@ -377,3 +377,25 @@ def test_idle_connections_from_strangers_do_not_take_the_association_slots(recei
     finally:
         for conn in idle:
             conn.close()
+
+
+# ---- 6. password guessing on the review page -----------------------------------------------------------------
+
+def test_password_guessing_backs_off_and_every_failure_is_in_the_audit_database(server):
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        form = {"text": client.get("/review/login").text}
+
+        def attempt(password: str) -> httpx.Response:
+            csrf = re.search(r'name="csrf" value="([^"]+)"', form["text"]).group(1)  # each refusal sends a new form
+            answer = client.post("/review/login", data={"csrf": csrf, "name": "alice", "password": password,
+                                                        "next": "/review/"})
+            form["text"] = answer.text
+            return answer
+
+        statuses = [attempt(f"guess number {i}").status_code for i in range(8)]
+        assert statuses[:5] == [401] * 5 and 429 in statuses[5:]
+        right = attempt(PASSWORD)  # the right password, straight after the guesses: not let in yet
+        assert right.status_code == 429 and int(right.headers["retry-after"]) >= 1
+        assert "review_session" not in right.headers.get("set-cookie", "")
+    failures = audit_rows(server.workdir / "audit.db", "SELECT name, client FROM review_login_failures")
+    assert len(failures) == 9 and set(failures) == {("alice", "127.0.0.1")}
