@@ -34,6 +34,7 @@ from pynetdicom.sop_class import (
 
 from core.config import DicomPeer, PacsSection
 from core.errors import UserError
+from data.dicom_records import strip_identity
 from data.images import ImageReadError, current_limits, inflated_size
 
 LOG = logging.getLogger(__name__)
@@ -58,8 +59,6 @@ DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 # A-ASSOCIATE-RJ: rejected-permanent, by the service user, calling AE title not recognized.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
-IDENTITY_BLANKED = ("PatientName", "PatientBirthDate")  # type 2: kept present, emptied
-IDENTITY_REMOVED = ("OtherPatientNames", "PatientBirthName", "PatientMotherBirthName", "PatientBirthTime")
 
 OnInstance = Callable[[Dataset, str, str], object]
 
@@ -107,17 +106,6 @@ class AllowList:
 
     def admits(self, ae_title: str, address: str) -> bool:
         return (ae_title.strip(), _ip(address)) in self.pairs
-
-
-def strip_identity(ds: Dataset) -> Dataset:
-    """Patient name and birth date (and their variants) removed; the patient ID stays to file results."""
-    for keyword in IDENTITY_BLANKED:
-        if keyword in ds:
-            setattr(ds, keyword, "")
-    for keyword in IDENTITY_REMOVED:
-        if keyword in ds:
-            delattr(ds, keyword)
-    return ds
 
 
 def header_problem(ds: Dataset, settings: PacsSection) -> tuple[int, str] | None:

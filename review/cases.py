@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pydicom import dcmread
 from sqlalchemy import Engine, insert
 
 from core.fileio import atomic_file, private_dir
+from data.dicom_records import strip_identity
 from data.images import IMAGE_FORMATS, load_frames
 from review.refer import Assessment, ReferRule
 from review.schema import cases, items
@@ -43,6 +45,14 @@ def file_suffix(data: bytes, dicom: bool) -> str:
             return SUFFIXES.get(img.format, ".img")
     except Exception:  # the decoder proper said what is wrong; kept as it came
         return ".img"
+
+
+def without_identity(data: bytes) -> bytes:
+    """A DICOM file's bytes with person names and birth dates emptied (data.dicom_records.strip_identity), as kept
+    for review and export."""
+    buf = io.BytesIO()
+    strip_identity(dcmread(io.BytesIO(data))).save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
 
 
 class CaseFiles:

@@ -379,7 +379,48 @@ def test_idle_connections_from_strangers_do_not_take_the_association_slots(recei
             conn.close()
 
 
-# ---- 6. password guessing on the review page -----------------------------------------------------------------
+# ---- 10. patient identity at every door --------------------------------------------------------------------------
+
+def identified(path):
+    """An MR with the patient's name and birth date, also nested in OriginalAttributesSequence."""
+    from pydicom.dataset import Dataset
+
+    ds = write_dicom(path, slice_pixels(), (1000, 2000), PatientBirthDate="19700101", ReferringPhysicianName="Dr^Who")
+    original, modified = Dataset(), Dataset()
+    modified.PatientName, modified.PatientBirthDate = "Doe^Jane", "19700101"
+    original.ModifiedAttributesSequence = [modified]
+    original.AttributeModificationDateTime, original.ModifyingSystem, original.ReasonForTheAttributeModification = (
+        "20260101120000", "RIS", "CORRECT")
+    ds.OriginalAttributesSequence = [original]
+    ds.save_as(str(path), enforce_file_format=True)
+    return ds
+
+
+def test_names_and_birth_dates_are_stripped_in_nested_sequences_at_the_receiver(receiver, tmp_path):
+    ds = identified(tmp_path / "named.dcm")
+    assoc = associate(receiver.port)
+    try:
+        assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+    text = str(receiver.received[0])
+    assert "Doe^Jane" not in text and "Test^Phantom" not in text and "19700101" not in text and "Dr^Who" not in text
+    assert receiver.received[0].PatientID == "TEST0001"
+
+
+def test_a_review_upload_is_kept_without_names_and_birth_dates(server, tmp_path):
+    identified(tmp_path / "named.dcm")
+    client, csrf = review_session(server.url)
+    with contextlib.closing(client):
+        made = client.post("/review/upload", data={"csrf": csrf},
+                           files={"files": ("named.dcm", (tmp_path / "named.dcm").read_bytes())})
+        assert made.status_code == 303, made.text
+    kept = [dcmread(p) for p in (server.workdir / "store").glob("*.dcm")]
+    assert kept and all("Doe^Jane" not in str(ds) and "19700101" not in str(ds) and "Test^Phantom" not in str(ds)
+                        for ds in kept)
+
+
+# ---- 6. password guessing on the review page (last: it throttles this address) ---------------------------
 
 def test_password_guessing_backs_off_and_every_failure_is_in_the_audit_database(server):
     with httpx.Client(base_url=server.url, timeout=120) as client:
