@@ -5,7 +5,8 @@ A pure ASGI middleware, so a refused request costs no body read and no form pars
   and, on requests that change state, the Origin: a page elsewhere cannot reach the API through DNS rebinding;
 - the bearer token (when the server has one) on every path except the health checks and the paths an
   extension authenticates itself (a login page);
-- admission: requests that run the model count against `queue_size`; beyond it, 503 with Retry-After;
+- admission: requests that run the model count against `queue_size` once their body has arrived (a slow upload
+  holds no place; one address sends at most MAX_UPLOADS_PER_CLIENT bodies at once, 429 beyond); beyond it, 503;
 - the body: a Content-Length above the cap is refused at once (413); a body that grows past it while
   streaming (413) or does not arrive within `request_timeout_s` (408) stops the request.
 """
@@ -29,6 +30,7 @@ from core.errors import UserError
 
 PUBLIC_PATHS = ("/healthz", "/readyz")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+MAX_UPLOADS_PER_CLIENT = 16  # bodies one address may be sending at once (slow clients held every queue place)
 
 
 @dataclass
@@ -61,6 +63,7 @@ class Guard:
 
     def __init__(self, app, policy: GuardPolicy, admission: Admission):
         self.app, self.policy, self.admission = app, policy, admission
+        self._uploading: dict[str, int] = {}  # client address -> bodies being received (one event loop: no lock)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -84,6 +87,25 @@ class Guard:
         receive = self._bounded(receive) if scope["method"] in ("POST", "PUT", "PATCH") else receive
         if not under(path, p.admitted_prefixes):
             return await self.app(scope, receive, send)
+        if scope["method"] in ("POST", "PUT", "PATCH"):  # a queue place only once the body is here
+            client = (scope.get("client") or ("?", 0))[0]
+            if self._uploading.get(client, 0) >= MAX_UPLOADS_PER_CLIENT:
+                self.admission.count_error("too_many_uploads")
+                return await send_json(send, 429, {"detail": f"more than {MAX_UPLOADS_PER_CLIENT} uploads in "
+                                                             "progress from this address; retry later"},
+                                       [(b"retry-after", b"5")])
+            self._uploading[client] = self._uploading.get(client, 0) + 1
+            try:
+                body = await read_body(receive)
+            except HTTPException as exc:
+                return await send_json(send, exc.status_code, {"detail": exc.detail})
+            finally:
+                self._uploading[client] -= 1
+                if not self._uploading[client]:
+                    del self._uploading[client]
+            if body is None:  # the client left
+                return None
+            receive = replay(body, receive)
         if not self.admission.enter():
             self.admission.count_error("overloaded")
             retry = str(max(1, math.ceil(self.admission.retry_after_s()))).encode()
@@ -139,6 +161,31 @@ def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
     """A Host header (name[:port]) naming a loopback address, or listed in `allowed` (name or name:port)."""
     name = urlsplit(f"//{host}").hostname or ""
     return bool(name) and (is_loopback(name) or name in allowed or host.lower() in allowed)
+
+
+async def read_body(receive) -> bytes | None:
+    """The whole request body (bounded by the guard's receive), or None when the client disconnected."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def replay(body: bytes, receive):
+    """receive() that hands the app the body already read, then waits on the connection as before."""
+    state = {"sent": False}
+
+    async def replayed():
+        if state["sent"]:
+            return await receive()
+        state["sent"] = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replayed
 
 
 def under(path: str, prefixes: tuple[str, ...]) -> bool:

@@ -11,6 +11,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import time
 
 import httpx
 import numpy as np
@@ -51,7 +52,7 @@ def write_deflated(path, bomb_mb: int = 0):
 
 @pytest.fixture(scope="module")
 def server(registered, tmp_path_factory):
-    """serve.py --review without a token, on loopback, with a 1 MB body cap; reviewer alice."""
+    """serve.py --review without a token, on loopback, with a 1 MB body cap, 4 queue places; reviewer alice."""
     tmp = tmp_path_factory.mktemp("attacked server")
     db = f"sqlite:///{tmp / 'audit.db'}"
     (tmp / "alice.pw").write_text(PASSWORD + "\n")
@@ -60,8 +61,8 @@ def server(registered, tmp_path_factory):
                             str(tmp / "alice.pw"), "--database", db], capture_output=True, text=True, cwd=tmp)
     assert added.returncode == 0, added.stderr
     srv = ServerProcess([*registered, "--model", MODEL, "--alias", "staging", "--review", "--database", db,
-                         "--poll-seconds", "0", "--set", "serving.max_upload_mb=1", "--set",
-                         f"review.store_dir={tmp / 'store'}", "--set", "serving.request_timeout_s=5"], tmp)
+                         "--poll-seconds", "0", "--set", "serving.max_upload_mb=1", "--set", "serving.queue_size=4",
+                         "--set", f"review.store_dir={tmp / 'store'}", "--set", "serving.request_timeout_s=5"], tmp)
     try:
         yield srv.wait_ready()
     finally:
@@ -418,6 +419,40 @@ def test_a_review_upload_is_kept_without_names_and_birth_dates(server, tmp_path)
     kept = [dcmread(p) for p in (server.workdir / "store").glob("*.dcm")]
     assert kept and all("Doe^Jane" not in str(ds) and "19700101" not in str(ds) and "Test^Phantom" not in str(ds)
                         for ds in kept)
+
+
+# ---- 8. slow uploads ----------------------------------------------------------------------------------------------
+
+def slow_upload(port: int):
+    """A POST /v1/predict that sends its head and 10 bytes of a 100 kB body, then nothing."""
+    import socket
+
+    conn = socket.create_connection(("127.0.0.1", port))
+    conn.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                 b"Content-Length: 100000\r\n\r\n--b\r\nConte")
+    conn.settimeout(10)
+    return conn
+
+
+def test_slow_uploads_hold_no_queue_place_and_one_address_is_capped(server):
+    from serving.guard import MAX_UPLOADS_PER_CLIENT
+
+    jpeg = io.BytesIO()
+    Image.fromarray((slice_pixels() // 16).astype(np.uint8)).save(jpeg, format="JPEG")
+    slow = [slow_upload(server.port) for _ in range(6)]  # more than serving.queue_size=4
+    try:
+        time.sleep(0.5)
+        with server.client() as client:
+            answer = client.post("/v1/predict", files={"files": ("a.jpg", jpeg.getvalue())})
+            assert answer.status_code == 200, answer.text
+        slow += [slow_upload(server.port) for _ in range(MAX_UPLOADS_PER_CLIENT - 6)]
+        time.sleep(0.5)
+        one_more = slow_upload(server.port)
+        slow.append(one_more)
+        assert one_more.recv(200).startswith(b"HTTP/1.1 429")
+    finally:
+        for conn in slow:
+            conn.close()
 
 
 # ---- 6. password guessing on the review page (last: it throttles this address) ---------------------------
