@@ -21,7 +21,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from core.cli import add_common_args, config_from_args, run
+from core.cli import RefuseSecret, add_common_args, config_from_args, run
 from core.errors import UserError
 from deploy.registry import PRODUCTION, validate_alias
 from pacs.extension import dicom_extension
@@ -57,6 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="server processes (default 1)")
     p.add_argument("--token-file", default=None, metavar="FILE",
                    help="a file holding the bearer token every client must send (all paths but /healthz, /readyz)")
+    p.add_argument("--token", action=RefuseSecret, instead="put it in a file (chmod 600) and give --token-file FILE")
     p.add_argument("--database", default=None, metavar="URL",
                    help="audit database URL (default sqlite:///audit.db; postgresql+psycopg://... for several "
                         "servers)")

@@ -89,8 +89,10 @@ for arg in ${EXTRA[@]+"${EXTRA[@]}"}; do
       refuse "--disable-security-middleware is not passed on: the server's host and CORS checks stay on" ;;
     --gunicorn-opts|--gunicorn-opts=*|--waitress-opts|--waitress-opts=*)
       refuse "$arg runs MLflow without its host and CORS checks; not passed on" ;;
-    --host|--host=*|-h|--allowed-hosts|--allowed-hosts=*|--cors-allowed-origins|--cors-allowed-origins=*)
+    --host|--host=*|--allowed-hosts|--allowed-hosts=*|--cors-allowed-origins|--cors-allowed-origins=*)
       refuse "${arg%%=*} goes before --, where it is checked" ;;
+    -[!-]*h*|-h*)  # -h, -h0.0.0.0, -wh0.0.0.0: click reads each as --host
+      refuse "-h (--host) goes before --, where it is checked" ;;
   esac
 done
 if [[ "$(lower "${MLFLOW_SERVER_DISABLE_SECURITY_MIDDLEWARE:-false}")" != "false" ]]; then

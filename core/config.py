@@ -226,6 +226,7 @@ class PacsSection(Section):
     destination: Optional[str] = None   # AE@HOST:PORT that receives the SR and secondary capture results
     spool_dir: str = "./pacs_spool"
     max_instance_mb: PositiveFloat = 256.0
+    max_decoded_mb: PositiveFloat = 512.0  # pixels of one instance once decoded (a 1.5 MB RLE can hold 294 MB)
     max_associations: PositiveInt = 4
     timeout_s: PositiveFloat = 30.0
     keep_patient_identity: bool = False  # store and return patient name and birth date
@@ -298,6 +299,9 @@ class ServingSection(Section):
     poll_seconds: NonNegativeFloat = 30.0  # how often the alias is checked for a new version (0: never)
     decode_threads: Optional[PositiveInt] = None  # None: usable cores
     cors_origins: list[str] = []           # none: CORS off
+    api_docs: bool = False                 # /docs and /redoc, their scripts served by this server
+    allowed_hosts: list[str] = []          # Host names (name or name:port) served besides loopback ones
+    trusted_proxies: list[str] = []        # addresses whose X-Forwarded-For is believed (none: the peer's own)
 
 
 class MonitorLimits(Section):

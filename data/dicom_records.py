@@ -22,6 +22,21 @@ class DicomRecords:
         return [rel] if self.frames == 1 else [frame_name(rel, k) for k in range(1, self.frames + 1)]
 
 
+IDENTITY_KEYWORDS = ("PatientBirthDate", "PatientBirthTime")  # besides every person name (VR PN)
+
+
+def strip_identity(ds):
+    """Every person name (VR PN: the patient's, other names, birth and mother's names, physicians') and the birth
+    date and time emptied, in the data set and every sequence nested in it (OriginalAttributesSequence ...);
+    the patient ID stays, to file results. Returns `ds`."""
+    def blank(dataset, element) -> None:
+        if element.VR == "PN" or element.keyword in IDENTITY_KEYWORDS:
+            element.value = ""
+
+    ds.walk(blank)
+    return ds
+
+
 def read_dicom_header(path: Path):
     """The header without pixel data (a few KB read, whatever the file size)."""
     import pydicom  # only DICOM input needs it

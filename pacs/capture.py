@@ -24,6 +24,7 @@ from pacs.report import (
 )
 
 MIN_WIDTH = 512  # the text needs room: small slices are scaled up by a whole factor
+MAX_SIDE = 1024  # larger slices are scaled down: a 7000x7000 frame made a 148 MB capture
 HEAT_ALPHA = 0.4
 LINE_HEIGHT = 22
 # DICOM patient axes (LPS): the letter toward which +x, +y, +z point, and the opposite one.
@@ -36,9 +37,20 @@ def jet(values: np.ndarray) -> np.ndarray:
     return np.clip(1.5 - np.abs(4 * v - np.array([3.0, 2.0, 1.0])), 0, 1)
 
 
+def bounded(frame: np.ndarray) -> np.ndarray:
+    """The 8-bit frame with its longer side at most MAX_SIDE (aspect kept): what a capture shows."""
+    height, width = frame.shape[:2]
+    if max(height, width) <= MAX_SIDE:
+        return frame
+    scale = MAX_SIDE / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(frame).resize(size, Image.BILINEAR, reducing_gap=2.0))
+
+
 def render(frame: np.ndarray, heat: np.ndarray | None, lines: list[str]) -> np.ndarray:
-    """uint8 RGB (H', W', 3): the 8-bit frame, the heat map (any size, 0..1) blended in, the lines above it."""
-    img = Image.fromarray(frame).convert("RGB")
+    """uint8 RGB (H', W', 3): the 8-bit frame (bounded to MAX_SIDE), the heat map (any size, 0..1) blended in,
+    the lines above it."""
+    img = Image.fromarray(bounded(frame)).convert("RGB")
     if heat is not None:
         cam = np.asarray(Image.fromarray(np.asarray(heat, dtype=np.float32), "F").resize(img.size, Image.BILINEAR))
         blended = np.asarray(img, dtype=np.float32) * (1 - HEAT_ALPHA) + jet(cam) * 255 * HEAT_ALPHA

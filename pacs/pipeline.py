@@ -19,10 +19,10 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from core.config import PacsSection
-from data.images import read_dicom, resize_gray
+from data.images import DicomFile, resize_gray
 from deploy.predictors import Predictor
 from deploy.refer import ReferRule
-from pacs.capture import make_capture
+from pacs.capture import bounded, make_capture
 from pacs.classify import classify_instance, instance_file
 from pacs.report import ModelInfo, make_report
 from pacs.spool import Spool
@@ -112,11 +112,14 @@ class ResultWorker(Worker):
     def make(self, name: str) -> None:
         path, records = self.spool.job(name)
         try:
-            ds = dcmread(path)
+            ds = dcmread(path, stop_before_pixels=True)  # the header: the pixels are decoded a frame at a time
             model = ModelInfo(records[0]["model"], records[0]["version"])
-            frames = read_dicom(path)  # decoded once: shown in the captures, resized for the heat maps
-            results = make_results(ds, frames, records, model, self.heat(frames, records))
-            queued = sum(self.spool.put(result) for result in results)
+            dicom = DicomFile(path)
+            queued = int(self.spool.put(make_report(ds, records, model)))
+            for record in records:  # one decoded frame and one capture in memory at a time
+                frame = bounded(dicom.frame(record["frame"] or 1))
+                heat = self.heat([frame], [record])
+                queued += self.spool.put(make_capture(ds, record, frame, heat[0] if heat else None, model))
         except Exception as exc:  # noqa: BLE001 - one instance's failure must not stop the others
             LOG.exception("results of %s could not be made", records[0]["sop_instance_uid"])
             kept = self.spool.fail_job(name, f"{type(exc).__name__}: {exc}")

@@ -16,9 +16,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pydicom import dcmread
 from sqlalchemy import Engine, insert
 
 from core.fileio import atomic_file, private_dir
+from data.dicom_records import strip_identity
+from data.images import IMAGE_FORMATS
 from deploy.refer import Assessment
 from review.schema import cases, items
 from serving.audit import predictions
@@ -37,10 +40,18 @@ def file_suffix(data: bytes, dicom: bool) -> str:
     if dicom:
         return ".dcm"
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
             return SUFFIXES.get(img.format, ".img")
     except Exception:  # the decoder proper said what is wrong; kept as it came
         return ".img"
+
+
+def without_identity(data: bytes) -> bytes:
+    """A DICOM file's bytes with person names and birth dates emptied (data.dicom_records.strip_identity), as kept
+    for review and export."""
+    buf = io.BytesIO()
+    strip_identity(dcmread(io.BytesIO(data))).save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
 
 
 class CaseFiles:

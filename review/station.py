@@ -35,6 +35,7 @@ from review.cases import (
     display_frame,
     item_rows,
     new_case_id,
+    without_identity,
     write_case,
 )
 from review.intake import NO_TUMOUR, readable
@@ -119,7 +120,10 @@ class ReviewStation:
         """serving's pixel store: keep the files uploaded on the review page (never the API's)."""
         if ctx.source != "review" or not ctx.case_id:
             return None
-        ref = self.files.keep(ctx.case_id, data, is_dicom_upload(data, decoded.filename))
+        dicom = is_dicom_upload(data, decoded.filename)
+        if dicom and not self.service.options.cfg.pacs.keep_patient_identity:  # the receiver's rule, at this door too
+            data = without_identity(data)
+        ref = self.files.keep(ctx.case_id, data, dicom)
         self._kept[ctx.case_id] = ref
         return ref
 

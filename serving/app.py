@@ -103,10 +103,13 @@ def create_app(options: ServeOptions, extensions: Sequence[Extension] = ()) -> F
         audit.close()
         engine.dispose()
 
-    # /docs and /redoc with Swagger UI and ReDoc from the installed package, not a CDN: they work in an air-gapped site
+    # Swagger UI and ReDoc from the installed package, not a CDN (they work in an air-gapped site); off unless
+    # serving.api_docs: less script on the review page's origin
     app = FastAPIOffline(title="Brain MRI classifier", version="1", lifespan=lifespan,
-                  description="Predictions of a registered brain MRI slice classifier; every prediction is "
-                              "recorded in an audit log. Decision support only, not a diagnosis.")
+                         docs_url="/docs" if settings.api_docs else None,
+                         redoc_url="/redoc" if settings.api_docs else None,
+                         description="Predictions of a registered brain MRI slice classifier; every prediction is "
+                                     "recorded in an audit log. Decision support only, not a diagnosis.")
     app.state.service = service
     add_routes(app, service, read_token(settings.token_file))
     for ext in extensions:
@@ -117,13 +120,21 @@ def create_app(options: ServeOptions, extensions: Sequence[Extension] = ()) -> F
                          settings.request_timeout_s,
                          PREDICTION_PATHS + tuple(p for ext in extensions for p in ext.admitted_prefixes),
                          tuple(p for ext in extensions for p in ext.exempt_prefixes),
-                         tuple(p for ext in extensions for p in ext.exempt_paths))
+                         tuple(p for ext in extensions for p in ext.exempt_paths),
+                         host_policy(settings), tuple(settings.cors_origins))
     app.add_middleware(Guard, policy=policy, admission=service.admission())
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization"])
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: refusals are counted too
     return app
+
+
+def host_policy(settings) -> tuple[str, ...] | None:
+    """The Host names served besides loopback ones: checked without a token (a browser on this machine is the
+    caller to fear) or when the site names them; None: any Host (a token server reached by its address)."""
+    names = tuple(h.lower() for h in settings.allowed_hosts)
+    return names if names or not settings.token_file else None
 
 
 def add_error_handlers(app: FastAPI, service: Service) -> None:

@@ -47,13 +47,16 @@ def run_server(options: ServeOptions, build: ExtensionBuilder, factory: str) -> 
         metrics_dir = tempfile.mkdtemp(prefix="brain-mri-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     where = f"@{options.spec.alias}" if options.spec.alias else f"v{options.spec.version}"
-    print(f"🧠 Serving {options.model} {where} on http://{s.host}:{s.port} (API docs: /docs; "
+    print(f"🧠 Serving {options.model} {where} on http://{s.host}:{s.port} (API schema: /openapi.json; "
           f"{s.workers} worker(s); token: {'required' if s.token_file else 'none, loopback only'})", flush=True)
     print(f"🗄️  Audit log: {make_url(s.database_url).render_as_string(hide_password=True)}", flush=True)
     try:
         uvicorn.run(factory, factory=True, host=s.host, port=s.port, workers=s.workers,
                     http="serving.http:HeaderTimeoutProtocol", ws="none", lifespan="on", server_header=False,
-                    timeout_keep_alive=5, timeout_graceful_shutdown=30, log_level="info")
+                    timeout_keep_alive=5, timeout_graceful_shutdown=30, log_level="info",
+                    # uvicorn believes X-Forwarded-For from 127.0.0.1 by default: any local client could forge
+                    # the audit trail's client address
+                    proxy_headers=bool(s.trusted_proxies), forwarded_allow_ips=",".join(s.trusted_proxies) or None)
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -196,7 +196,8 @@ class Service:
 
     # ---- prediction --------------------------------------------------------------------------------
     def _decode(self, upload: Upload, model: ServedModel, ctx: RequestContext, keep: bool = False) -> DecodedFile:
-        decoded = decode_upload(upload, model.predictor, self.root / "uploads", self.settings.max_images, keep)
+        decoded = decode_upload(upload, model.predictor, self.root / "uploads", self.settings.max_images, keep,
+                                int(self.settings.max_upload_mb * 2**20))
         decoded.pixels_ref = self.pixel_store(decoded, upload.data, ctx) if self.pixel_store else None
         return decoded
 

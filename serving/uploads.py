@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
-from data.images import DICOM_EXTENSIONS, ImageReadError
+from data.images import DICOM_EXTENSIONS, ImageReadError, check_inflated
 from deploy.predictors import ModelInput
 
 log = logging.getLogger("serving.uploads")
@@ -92,8 +92,10 @@ def write_private(folder: Path, data: bytes, dicom: bool) -> Path:
     return path
 
 
-def decode_upload(upload: Upload, predictor, folder: Path, max_images: int, keep: bool = False) -> DecodedFile:
-    """Decode one upload with the predictor's contract; raises UploadError (blocking: run it off the loop)."""
+def decode_upload(upload: Upload, predictor, folder: Path, max_images: int, keep: bool = False,
+                  max_bytes: int = 32 * 2**20) -> DecodedFile:
+    """Decode one upload with the predictor's contract; raises UploadError (blocking: run it off the loop).
+    `max_bytes`: the request body's cap, which a deflated DICOM may not inflate past either."""
     name = display_name(upload.filename)
     if not upload.data:
         raise UploadError(422, "unreadable_image", f"{name}: empty file")
@@ -101,6 +103,8 @@ def decode_upload(upload: Upload, predictor, folder: Path, max_images: int, keep
     dicom = is_dicom_upload(upload.data, name)
     path, done = write_private(folder, upload.data, dicom), False
     try:
+        if dicom:
+            check_inflated(path, max_bytes)  # a deflated file inflates within the body's own cap
         uids, n_frames = dicom_facts(path) if dicom else ({}, 1)
         if n_frames > max_images:
             raise UploadError(413, "too_many_images", f"{name}: {n_frames} frames, over the limit of {max_images} "

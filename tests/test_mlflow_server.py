@@ -114,6 +114,8 @@ SHELLS = ["bash", "bash --posix"]
     (["--", "--gunicorn-opts", "--workers 4"], "without its host and CORS checks"),
     (["--", "--host", "0.0.0.0"], "--host goes before --"),
     (["--", "--allowed-hosts=*"], "--allowed-hosts goes before --"),
+    (["--", "-h0.0.0.0"], "-h (--host) goes before --"),  # click's attached short value binds every interface
+    (["--", "-h", "0.0.0.0"], "-h (--host) goes before --"),
     (["--port", "http"], "--port"),
     (["--frobnicate"], "unknown option"),
 ])
