@@ -6,5 +6,6 @@ The node itself (`pacs.node.start_node`, or `pacs.receiver.start_receiver` with 
 what it needs from a server (audit record, worklist, refer rule) as callables; `pacs.extension` is the one
 module that wires it into serve.py (`--dicom-port`): the served model, the audit database, the review station.
 
-May import: core, data, models, evaluation, deploy, serving, review (serving and review: pacs.extension only).
+May import: core, data, series, models, evaluation, deploy, serving, review (serving and review: pacs.extension
+only).
 """
