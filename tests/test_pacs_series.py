@@ -8,6 +8,7 @@ import io
 import os
 import signal
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from series.rule import SeriesRule, SliceCheck, read_series
 from tests import test_pacs
 from tests.conftest import write_dicom
 from tests.orthanc_server import Orthanc, requires_orthanc
+from tests.server_process import ServerProcess
 from tests.test_pacs import MODEL, arrivals, files, pacs_settings, start_child, wait_until
 
 orthanc, predictors = test_pacs.orthanc, test_pacs.predictors  # the PACS tests' fixtures: a real Orthanc, the model
@@ -254,3 +256,55 @@ def test_selection_rules_and_the_nodes_own_output(tmp_path, pictures):
     assert read_key_objects(kos) == [(mr.SOPInstanceUID, None)]
     # the same series, model version and revision: the same UIDs (nothing made twice is sent twice)
     assert make_series_report([mr], result, [record], output.model, output).SOPInstanceUID == sr.SOPInstanceUID
+
+
+@requires_orthanc
+def test_post_v1_series_agrees_with_the_served_node_on_the_same_series(orthanc, registered, pictures, tmp_path):
+    server = ServerProcess([*registered, "--model", "brain-cancer-resnet18", "--alias", "staging",
+                            "--database", f"sqlite:///{tmp_path / 'audit.db'}", "--poll-seconds", "0",
+                            "--dicom-port", orthanc.receiver_port, "--ae-title", "MRI_AI",
+                            "--pacs-destination", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",
+                            "--set", f"pacs.spool_dir={tmp_path / 'spool'}", "--set", "pacs.retry.initial_s=0.2",
+                            *[a for s in SERIES for a in ("--set", s)]], tmp_path)
+    study = generate_uid()
+    series = write_series(tmp_path / "series", pictures, 12, study, start=5)
+    try:
+        server.wait_ready()
+        series_id = next(iter(upload(orthanc, tmp_path / "series").values()))
+        assert orthanc.store("mri_ai", series_id)[0] == 200
+        found = wait_for(orthanc, study, 1)
+        with server.client() as client:
+            recorded = client.get("/v1/series", params={"study_uid": study}).json()["series"]
+            assert [(r["source"], r["outcome"], r["n_slices"]) for r in recorded] == [("dicom", "read", 12)]
+            node = recorded[0]["result"]
+            # The same files by the API, as one zip, in another order: the same series result.
+            buffer = io.BytesIO()
+            with zipfile.ZipFile(buffer, "w") as archive:
+                for path in sorted((tmp_path / "series").glob("*.dcm"), reverse=True):
+                    archive.write(path, path.name)
+            answer = client.post("/v1/series", files={"files": ("series.zip", buffer.getvalue(), "application/zip")})
+            assert answer.status_code == 200, answer.text
+            api = answer.json()
+            assert (api["series"]["predicted_class"], api["series"]["key_slices"]) == (node["predicted_class"],
+                                                                                      node["key_slices"])
+            assert [tuple(k) for k in api["series"]["key_slice_refs"]] == [tuple(k) for k in node["key_slice_refs"]]
+            assert max(abs(api["series"]["probabilities"][c] - p) for c, p in node["probabilities"].items()) < 1e-6
+            assert [p["sop_instance_uid"] for p in api["predictions"]] == [ds.SOPInstanceUID for ds in series]
+            assert read_series_report(found["SR"][0])["predicted_class"] == api["series"]["predicted_class"]
+            # Both are on record, and every slice twice (node and API), committed before the answers.
+            recorded = client.get("/v1/series", params={"study_uid": study}).json()["series"]
+            assert sorted(r["source"] for r in recorded) == ["api", "dicom"]
+            slices = client.get("/v1/predictions", params={"series_uid": series[0].SeriesInstanceUID}).json()
+            assert sorted(p["source"] for p in slices["predictions"]) == ["api"] * 12 + ["dicom"] * 12
+            # Two series in one request, or a file that is not DICOM: refused with the reason.
+            other = write_series(tmp_path / "other", pictures, 1, study)[0]
+            parts = [("files", (p.name, p.read_bytes())) for p in [*(tmp_path / "series").glob("*.dcm"),
+                                                                     *(tmp_path / "other").glob("*.dcm")]]
+            refused = client.post("/v1/series", files=parts)
+            assert refused.status_code == 422 and "2 series" in refused.json()["detail"]
+            refused = client.post("/v1/series", files={"files": ("notes.txt", b"hello")})
+            assert refused.status_code == 422 and "not a DICOM file" in refused.json()["detail"]
+            assert other.SeriesInstanceUID != series[0].SeriesInstanceUID
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log()

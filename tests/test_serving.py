@@ -500,8 +500,8 @@ def test_the_audit_schema_is_versioned_and_a_newer_database_is_refused(tmp_path)
 
     engine = make_engine(f"sqlite:///{tmp_path / 'audit.db'}")
     probe = Migration(1, "probe table", lambda conn: conn.execute(text("CREATE TABLE probe (id INTEGER)")))
-    assert migrate(engine, {"probe": [probe]}) == {"serving": 1, "probe": 1}
-    assert migrate(engine, {"probe": [probe]}) == {"serving": 1, "probe": 1}  # applied once
+    assert migrate(engine, {"probe": [probe]}) == {"serving": 2, "probe": 1}
+    assert migrate(engine, {"probe": [probe]}) == {"serving": 2, "probe": 1}  # applied once
     with engine.begin() as conn:
         conn.execute(text("UPDATE schema_versions SET version = 7 WHERE component = 'serving'"))
     with pytest.raises(UserError, match="serving schema v7, newer than this toolkit"):
