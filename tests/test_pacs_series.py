@@ -308,3 +308,23 @@ def test_post_v1_series_agrees_with_the_served_node_on_the_same_series(orthanc, 
     finally:
         server.stop()
     assert "Traceback" not in server.log()
+
+
+def test_a_series_zip_is_bounded_before_it_is_inflated():
+    from serving.series_api import unzip
+    from serving.uploads import Upload, UploadError
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("a.dcm", b"\0" * (8 * 2**20))  # 8 MB of zeros: a few KB compressed
+    assert len(buffer.getvalue()) < 100_000
+    with pytest.raises(UploadError, match="uncompressed"):
+        unzip([Upload("bomb.zip", buffer.getvalue())], max_files=16, max_bytes=2**20)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for k in range(20):
+            archive.writestr(f"dir/{k}.dcm", b"x")
+    with pytest.raises(UploadError, match="20 files"):
+        unzip([Upload("many.zip", buffer.getvalue())], max_files=16, max_bytes=2**20)
+    parts = unzip([Upload("s.zip", buffer.getvalue())], max_files=32, max_bytes=2**20)
+    assert len(parts) == 20 and parts[0].filename == "0.dcm"  # no folder names: never used as paths anyway
