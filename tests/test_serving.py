@@ -543,7 +543,7 @@ def test_an_extension_plugs_its_routes_hooks_and_tables_into_the_same_server(reg
             assert preflight.headers["access-control-allow-origin"] == "https://viewer.example"  # --cors-origin
         assert started == [app.state.service]
         assert audit_rows(tmp_path / "a.db", "SELECT component, version FROM schema_versions ORDER BY 1") == [
-            ("page", 1), ("serving", 1)]
+            ("page", 1), ("serving", 2)]
     finally:
         server.should_exit = True
         thread.join(60)
