@@ -128,14 +128,18 @@ class SeriesStore:
             report.save_as(fh, enforce_file_format=True)
         write_json_atomic(results / f"{doc['revision']}.json", doc)  # last: the revision is done
 
+    def folders(self) -> list[Path]:
+        return sorted(p for p in self.root.iterdir() if p.is_dir())
+
+    def load(self, folder: Path) -> SeriesState:
+        """The series' state; one marked unreadable (left alone this round) when it is being made or damaged."""
+        try:
+            return self.state(folder)
+        except (OSError, ValueError, KeyError) as exc:
+            return SeriesState(folder, "", "", skipped={"reason": f"unreadable: {exc}"})
+
     def states(self) -> list[SeriesState]:
-        out = []
-        for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            try:
-                out.append(self.state(folder))
-            except (OSError, ValueError, KeyError) as exc:  # a folder being written, or damaged: next round
-                out.append(SeriesState(folder, "", "", skipped={"reason": f"unreadable: {exc}"}))
-        return out
+        return [self.load(folder) for folder in self.folders()]
 
     def state(self, folder: Path) -> SeriesState:
         meta = json.loads((folder / "series.json").read_text())

@@ -80,6 +80,8 @@ class SeriesReader(Worker):
         super().__init__()
         self.pipeline, self.store, self.settings = pipeline, pipeline.store, pipeline.settings
         self.spool, self.rule, self.on_queued = spool, rule, on_queued
+        self._settled: dict = {}  # series folder -> (its mtime, its last instance) while it has nothing to do
+        self._retry_at: dict = {}  # series folder -> when to try again after its reading failed
 
     @property
     def hooks(self):
@@ -93,23 +95,36 @@ class SeriesReader(Worker):
         return state.last_arrival + self.settings.series_stable_seconds
 
     def step(self) -> float | None:
-        now, wait = time.time(), IDLE_CHECK_S
-        for state in self.store.states():
+        now, wait, keep_s = time.time(), IDLE_CHECK_S, self.settings.series_keep_hours * 3600
+        for folder in self.store.folders():
             if self.stopping:
                 break
-            if self.store.expire(state, self.settings.series_keep_hours * 3600, now):
+            try:
+                stamp = folder.stat().st_mtime_ns  # a new instance, release or skip changes it
+            except OSError:
+                continue
+            settled = self._settled.get(folder)
+            if settled and settled[0] == stamp and now - settled[1] <= keep_s:
+                continue  # nothing new since it was last settled: not parsed again at every arrival elsewhere
+            state = self.store.load(folder)
+            if self.store.expire(state, keep_s, now):
+                self._settled.pop(folder, None)
                 continue
             if state.skipped or not state.arrivals or (state.results and
                                                       state.results[-1]["instances"] == state.instances):
+                if not (state.skipped or {}).get("reason", "").startswith("unreadable"):
+                    self._settled[folder] = (stamp, max(state.last_arrival, (state.skipped or {}).get("time", 0.0)))
                 continue
-            due = self.complete_at(state)
+            due = max(self.complete_at(state), self._retry_at.get(folder, 0.0))
             if due > now:
                 wait = min(wait, due - now)
                 continue
             try:
                 self.read(state)
+                self._retry_at.pop(folder, None)
             except Exception:  # noqa: BLE001 - one series' failure must not stop the others
                 LOG.exception("series %s could not be read; tried again in %.0f s", state.series_uid, IDLE_CHECK_S)
+                self._retry_at[folder] = now + IDLE_CHECK_S
         return max(wait, 0.05)
 
     def current(self, state: SeriesState) -> ModelInfo:
