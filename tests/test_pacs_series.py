@@ -328,3 +328,18 @@ def test_a_series_zip_is_bounded_before_it_is_inflated():
         unzip([Upload("many.zip", buffer.getvalue())], max_files=16, max_bytes=2**20)
     parts = unzip([Upload("s.zip", buffer.getvalue())], max_files=32, max_bytes=2**20)
     assert len(parts) == 20 and parts[0].filename == "0.dcm"  # no folder names: never used as paths anyway
+
+
+def test_the_key_objects_and_the_report_name_the_key_frames_of_a_multi_frame_instance(tmp_path, pictures):
+    mr = write_dicom(tmp_path / "mf.dcm", np.stack(pictures[:4]), (2000, 4000), Modality="MR")
+    result = {"predicted_class": "glioma", "confidence": 0.7, "probabilities": {"glioma": 0.7, "pituitary": 0.3},
+              "refer": False, "reasons": [], "n_slices": 4, "rule": "top-2 mean"}
+    key = [{"sop_instance_uid": mr.SOPInstanceUID, "sop_class_uid": mr.SOPClassUID, "frame": frame,
+            "predicted_class": "glioma", "probabilities": {"glioma": 0.7, "pituitary": 0.3}, "refer": False,
+            "slice_index": frame - 1} for frame in (2, 3)]
+    output = SeriesOutput(mr.StudyInstanceUID, mr.SeriesInstanceUID, ModelInfo("m", "1"), 0)
+    kos = make_key_objects({mr.SOPInstanceUID: mr}, key, result, output.model, output)
+    assert read_key_objects(kos) == [(mr.SOPInstanceUID, 2), (mr.SOPInstanceUID, 3)]
+    report = read_series_report(make_series_report([mr], result, key, output.model, output))
+    assert report["key_slices"] == [(mr.SOPInstanceUID, 2), (mr.SOPInstanceUID, 3)]
+    assert [s["frame"] for s in report["slices"]] == [2, 3] and report["refer"] is False
