@@ -217,6 +217,28 @@ class PacsRetrySection(Section):
     max_attempts: NonNegativeInt = 20   # tries of one object the destination refuses; 0: never give up
 
 
+class PacsSelectSection(Section):
+    """Which received series are read (pacs/selection.py); a series left out gets an audit row saying why."""
+    modalities: list[str] = ["MR"]                       # Modality of the series
+    skip_image_types: list[str] = ["LOCALIZER", "SCOUT"]  # any of these in ImageType: a localizer, left out
+    skip_derived: bool = True                             # ImageType DERIVED/SECONDARY and secondary captures
+    descriptions: list[str] = []                          # SeriesDescription must match one (regex, any case)
+    skip_descriptions: list[str] = []                     # ... and none of these
+    min_slices: PositiveInt = 5                           # fewer slices when complete: left out
+
+    @field_validator("descriptions", "skip_descriptions")
+    @classmethod
+    def _patterns(cls, value):
+        import re
+
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression ({exc})") from None
+        return value
+
+
 class PacsSection(Section):
     enabled: bool = False               # serve.py runs the receiver (also when --dicom-port is given)
     ae_title: str = "MRI_AI"
@@ -232,6 +254,11 @@ class PacsSection(Section):
     keep_patient_identity: bool = False  # store and return patient name and birth date
     refer_below: Fraction = 0.6          # refer flag when the top probability is below this (no other rule given)
     retry: PacsRetrySection = PacsRetrySection()
+    results: Literal["series", "slice"] = "series"  # one SR + KOS + SC per series; slice: an SR and SCs per instance
+    series_complete: Literal["quiet", "association"] = "quiet"  # association: also when the sender releases it
+    series_stable_seconds: PositiveFloat = 60.0  # a series with no new instance for this long is complete
+    series_keep_hours: PositiveFloat = 24.0  # a series' instances are kept this long after the last (late ones amend)
+    select: PacsSelectSection = PacsSelectSection()
 
     @field_validator("ae_title")
     @classmethod

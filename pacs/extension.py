@@ -5,7 +5,9 @@ The node starts when the server's first model version is loaded and follows ever
 same version's PyTorch flavor, records every frame in the server's audit database (source "dicom") and, with
 --review, puts every instance on the worklist as a case (the `worklist` hook serve.py hands it), all before the
 C-STORE is answered. Its refer flag is the service's rule (review.refer_below, review.drift_limit), the one the
-page shows, and it goes into the SR. The node runs in one process: with --workers > 1 the server refuses to start.
+page shows, and it goes into the SR. Each series result (and each series the selection rules leave out) gets its
+row in the audit database's series_results table, once. The node runs in one process: with --workers > 1 the
+server refuses to start.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 from pydicom.dataset import Dataset
+from sqlalchemy import select
 
 from core.config import Config
 from core.errors import UserError
@@ -27,8 +30,9 @@ from pacs.node import PacsNode, start_node
 from pacs.pipeline import HeatMaps, ServerHooks
 from pacs.report import ModelInfo
 from pacs.spool import Spool
+from series.rule import SeriesRule
 from serving.app import Extension
-from serving.audit import Received, Stamp, prediction_entry
+from serving.audit import Received, Stamp, prediction_entry, series_results, series_row
 from serving.model import ServedModel
 from serving.service import Service
 
@@ -93,8 +97,9 @@ class ServedNode:
         if self.node is not None:
             self.node.use_model(model.predictor, info, self.heatmaps(model), rule)
             return
-        hooks = ServerHooks(refer=rule, heatmaps=self.heatmaps(model), on_predictions=self.record)
-        self.node = start_node(self.settings, model.predictor, info, hooks)
+        hooks = ServerHooks(refer=rule, heatmaps=self.heatmaps(model), on_predictions=self.record,
+                            on_series=self.record_series)
+        self.node = start_node(self.settings, model.predictor, info, hooks, SeriesRule.from_config(self.cfg.series))
         where = f", results to {self.settings.destination}" if self.settings.destination else ", no destination"
         LOG.info("DICOM receiver %s on %s:%d%s", self.settings.ae_title, self.settings.host, self.node.port, where)
 
@@ -128,3 +133,14 @@ class ServedNode:
                                   for r in records]).result()
         for r in records:
             service.metrics.predictions.labels(r["predicted_class"]).inc()
+
+    def record_series(self, event: dict) -> None:
+        """The node's on_series: one series_results row per series result or skipped series; a result offered again
+        after a crash (same id) is not written twice."""
+        engine = self.service.audit.engine
+        row_id = event.get("id") or uuid.uuid4().hex
+        with engine.connect() as conn:
+            if conn.execute(select(series_results.c.id).where(series_results.c.id == row_id)).first():
+                return
+        self.service.audit.submit([series_row(event, row_id, "dicom")], series_results).result()
+

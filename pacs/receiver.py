@@ -61,6 +61,8 @@ CANNOT_UNDERSTAND = 0xC000
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 
 OnInstance = Callable[[Dataset, str, str], object]
+# on_release(series): the sender released an association that delivered instances of these (study, series) UIDs.
+OnRelease = Callable[[list[tuple[str, str]]], object]
 
 
 def image_transfer_syntaxes() -> list[str]:
@@ -142,9 +144,10 @@ def failure(status: int, reason: str) -> Dataset:
 class Receiver:
     """A Storage SCP on (settings.host, settings.port); `start()` binds, `stop()` closes every association."""
 
-    def __init__(self, settings: PacsSection, on_instance: OnInstance):
+    def __init__(self, settings: PacsSection, on_instance: OnInstance, on_release: OnRelease | None = None):
         self.settings = settings
-        self.on_instance = on_instance
+        self.on_instance, self.on_release = on_instance, on_release
+        self._delivered: WeakKeyDictionary = WeakKeyDictionary()  # association -> series it delivered
         self.max_bytes = int(settings.max_instance_mb * 2**20)
         self.allow = AllowList(settings.allowed_peers)
         self._received: WeakKeyDictionary = WeakKeyDictionary()  # association -> bytes since its last C-STORE
@@ -172,7 +175,7 @@ class Receiver:
 
     def start(self) -> Receiver:
         handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_store),
-                    (evt.EVT_DATA_RECV, self._on_data)]
+                    (evt.EVT_DATA_RECV, self._on_data), (evt.EVT_RELEASED, self._on_released)]
         address = (self.settings.host, self.settings.port)
         try:
             self.server = self.build_ae().start_server(address, block=False, evt_handlers=handlers)
@@ -207,6 +210,16 @@ class Receiver:
             LOG.warning("DICOM association refused: %r@%s is not in the allow list", calling, address)
             event.assoc.acse.send_reject(*REJECT_CALLING_AE)
             time.sleep(0.1)  # let the peer read the rejection before the socket closes
+
+    def _on_released(self, event) -> None:
+        """A release (not an abort) by the sender: the series it delivered are complete as far as it knows."""
+        with self._lock:
+            delivered = self._delivered.pop(event.assoc, None)
+        if delivered and self.on_release is not None:
+            try:
+                self.on_release(sorted(delivered))
+            except Exception:  # noqa: BLE001 - the receiver stays up; the quiet period still completes the series
+                LOG.exception("marking released series failed")
 
     def _on_data(self, event) -> None:
         """Counts the bytes of the C-STORE in progress; aborts the association past the size cap, so an
@@ -263,6 +276,9 @@ class Receiver:
             strip_identity(ds)
         try:
             self.on_instance(ds, calling, peer)
+            with self._lock:
+                self._delivered.setdefault(event.assoc, set()).add((str(ds.StudyInstanceUID),
+                                                                    str(ds.SeriesInstanceUID)))
         except ImageReadError as exc:
             return failure(CANNOT_UNDERSTAND, str(exc) or "pixel data not decodable")
         except Exception:  # noqa: BLE001 - one instance's failure must not take the receiver down
@@ -271,6 +287,6 @@ class Receiver:
         return SUCCESS
 
 
-def start_receiver(settings: PacsSection, on_instance: OnInstance) -> Receiver:
+def start_receiver(settings: PacsSection, on_instance: OnInstance, on_release: OnRelease | None = None) -> Receiver:
     """Start the Storage SCP in background threads; call `.stop()` on the handle to close it."""
-    return Receiver(settings, on_instance).start()
+    return Receiver(settings, on_instance, on_release).start()

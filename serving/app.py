@@ -25,7 +25,16 @@ from starlette.requests import ClientDisconnect
 
 from core.errors import UserError
 from data.images import configure_limits
-from serving.audit import FILTERS, AuditLog, AuditUnavailable, Migration, find_predictions, make_engine, migrate
+from serving.audit import (
+    FILTERS,
+    AuditLog,
+    AuditUnavailable,
+    Migration,
+    find_predictions,
+    find_series,
+    make_engine,
+    migrate,
+)
 from serving.guard import Guard, GuardPolicy, read_token
 from serving.metrics import Metrics, MetricsMiddleware
 from serving.options import ServeOptions
@@ -223,6 +232,22 @@ def add_prediction_routes(app: FastAPI, service: Service) -> None:
                    "X-Confidence": f"{record['confidence']:.6f}", "X-Record-Id": record["record_id"],
                    "X-Request-Id": record["request_id"]}
         return Response(png, media_type="image/png", headers=headers)
+
+    @app.post("/v1/series", tags=["predict"], openapi_extra=MULTIPART_BODY)
+    async def predict_series(request: Request):
+        """The files of one DICOM series (several parts, or one zip): the series result (class, probabilities, key
+        slices, refer flag and reasons, by the series rule) and every slice's record in reading order."""
+        ctx = context(request)
+        answer = await service.predict_series(await read_uploads(request, settings.max_files), ctx)
+        return JSONResponse(answer.body, answer.status)
+
+    @app.get("/v1/series", tags=["audit"])
+    async def recorded_series(study_uid: str = Query(...), series_uid: str | None = None,
+                              limit: int = Query(1000, ge=1, le=10000)):
+        """The recorded series results of a study (or one series), oldest first: from the API and the DICOM node,
+        amended results and series the node left out (with the reason) included."""
+        filters = {"study_uid": study_uid, **({"series_uid": series_uid} if series_uid else {})}
+        return {"series": await asyncio.to_thread(find_series, service.audit.engine, filters, limit)}
 
     @app.get("/v1/predictions", tags=["audit"])
     async def recorded(request: Request, limit: int = Query(1000, ge=1, le=10000)):

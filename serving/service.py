@@ -27,12 +27,14 @@ from data.images import frame_name
 from deploy.predictors import prediction_record
 from deploy.refer import Assessment, ReferRule
 from deploy.registry import connect, resolve_version
-from serving.audit import AuditLog, AuditUnavailable, Received, Stamp, prediction_entry
+from series.rule import SeriesRule
+from serving.audit import AuditLog, AuditUnavailable, Received, Stamp, prediction_entry, series_results
 from serving.batcher import MicroBatcher
 from serving.guard import Admission
 from serving.metrics import Metrics
 from serving.model import ServedModel, load_served_model
 from serving.options import ServeOptions
+from serving.series_api import read_answer, series_audit_row, series_of, unzip
 from serving.uploads import DecodedFile, Upload, UploadError, decode_upload
 
 log = logging.getLogger("serving")
@@ -260,9 +262,23 @@ class Service:
             self.metrics.predictions.labels(record["predicted_class"]).inc()
         return answer
 
-    async def _commit(self, rows: list[dict]) -> None:
+    async def predict_series(self, uploads: list[Upload], ctx: RequestContext) -> Answer:
+        """The files of one series (parts or one zip): every slice predicted and audited as predict() does, then
+        read by the series rule; the series row is committed before the answer (serving/series_api.py)."""
+        uploads = unzip(uploads, self.settings.max_files, int(self.settings.max_upload_mb * 2**20) * 8)
+        series, sop_of = series_of(uploads)
+        answer = await self.predict(uploads, ctx)
+        if answer.status != 200:
+            return answer
+        part, ordered = read_answer(answer.body, series, sop_of, SeriesRule.from_config(self.cfg.series),
+                                    self.cfg.review.refer_below)
+        await self._commit([series_audit_row(part, answer.body, ctx.client)], series_results)
+        body = {**{k: v for k, v in answer.body.items() if k != "predictions"}, "series": part, "predictions": ordered}
+        return Answer(200, body, ordered)
+
+    async def _commit(self, rows: list[dict], table=None) -> None:
         try:
-            await self.audit.write(rows)
+            await self.audit.write(rows, table)
         except AuditUnavailable:
             self.metrics.errors.labels("audit_unavailable").inc()
             raise

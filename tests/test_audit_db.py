@@ -62,12 +62,12 @@ def prediction_row(**overrides) -> dict:
 def test_an_upgrade_keeps_old_rows_and_a_newer_database_is_refused(engine):
     v1 = Migration(1, "probe table", lambda conn: conn.execute(text("CREATE TABLE probe (id INTEGER, name TEXT)")))
     v2 = Migration(2, "probe.note", lambda conn: conn.execute(text("ALTER TABLE probe ADD COLUMN note TEXT")))
-    assert migrate(engine, {"probe": [v1]}) == {"serving": 1, "probe": 1}
+    assert migrate(engine, {"probe": [v1]}) == {"serving": 2, "probe": 1}
     with engine.begin() as conn:
         conn.execute(text("INSERT INTO probe (id, name) VALUES (1, 'old row')"))
         conn.execute(predictions.insert(), [prediction_row()])
-    assert migrate(engine, {"probe": [v1, v2]}) == {"serving": 1, "probe": 2}
-    assert migrate(engine, {"probe": [v1, v2]}) == {"serving": 1, "probe": 2}  # applied once
+    assert migrate(engine, {"probe": [v1, v2]}) == {"serving": 2, "probe": 2}
+    assert migrate(engine, {"probe": [v1, v2]}) == {"serving": 2, "probe": 2}  # applied once
     with engine.connect() as conn:
         assert conn.execute(text("SELECT id, name, note FROM probe")).all() == [(1, "old row", None)]
         assert conn.execute(select(func.count()).select_from(predictions)).scalar() == 1

@@ -1,5 +1,6 @@
-"""PACS integration against a real Orthanc: images arrive by C-STORE, every frame is classified, an SR and
-burned-in secondary captures come back into the study exactly once, even across a PACS outage and a kill -9
+"""PACS integration against a real Orthanc, per instance (`pacs.results: slice`; per series: test_pacs_series.py):
+images arrive by C-STORE, every frame is classified, an SR and burned-in secondary captures come back into the
+study exactly once, even across a PACS outage and a kill -9
 of the toolkit; refused peers and objects get the right DICOM answer and the receiver stays up; and the same
 through serve.py --dicom-port, its API and its review worklist."""
 from __future__ import annotations
@@ -70,7 +71,8 @@ def write_mr(path, slices, **attrs):
 
 def pacs_settings(tmp_path, port: int, orthanc: Orthanc | None = None, *sets: str):
     destination = [f"pacs.destination=ORTHANC@127.0.0.1:{orthanc.dicom_port}"] if orthanc else []
-    return load_config(sets=[f"pacs.port={port}", f"pacs.spool_dir={tmp_path / 'spool'}", "pacs.timeout_s=10",
+    return load_config(sets=["pacs.results=slice", f"pacs.port={port}", f"pacs.spool_dir={tmp_path / 'spool'}",
+                             "pacs.timeout_s=10",
                              "pacs.retry.initial_s=0.2", "pacs.retry.max_s=1", *destination, *sets]).pacs
 
 
@@ -187,7 +189,7 @@ def start_child(settings_sets: list[str], onnx_path, whole: bool, log) -> subpro
 
 
 def node_sets(tmp_path, port: int, orthanc: Orthanc) -> list[str]:
-    return [f"pacs.port={port}", f"pacs.spool_dir={tmp_path / 'spool'}", "pacs.timeout_s=10",
+    return ["pacs.results=slice", f"pacs.port={port}", f"pacs.spool_dir={tmp_path / 'spool'}", "pacs.timeout_s=10",
             "pacs.retry.initial_s=0.3", "pacs.retry.max_s=2",
             f"pacs.destination=ORTHANC@127.0.0.1:{orthanc.dicom_port}"]
 
@@ -484,6 +486,7 @@ def test_serve_py_takes_a_study_from_orthanc_into_its_api_and_worklist_and_sends
                             "--dicom-port", orthanc.receiver_port, "--ae-title", "MRI_AI",
                             "--pacs-destination", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",
                             "--set", f"pacs.spool_dir={tmp_path / 'spool'}", "--set", f"review.store_dir={store}",
+                            "--set", "pacs.results=slice",
                             "--set", "pacs.retry.initial_s=0.2"], tmp_path)
     try:
         server.wait_ready()
@@ -552,7 +555,8 @@ def test_dicom_arrivals_follow_the_served_alias_to_a_new_version(orthanc, regist
                             "--database", f"sqlite:///{tmp_path / 'audit.db'}",
                             "--dicom-port", orthanc.receiver_port, "--ae-title", "MRI_AI",
                             "--pacs-destination", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",
-                            "--set", f"pacs.spool_dir={tmp_path / 'spool'}", "--set", "pacs.retry.initial_s=0.2"],
+                            "--set", f"pacs.spool_dir={tmp_path / 'spool'}", "--set", "pacs.retry.initial_s=0.2",
+                            "--set", "pacs.results=slice"],
                            tmp_path)
     try:
         server.wait_ready()

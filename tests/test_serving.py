@@ -504,8 +504,8 @@ def test_the_audit_schema_is_versioned_and_a_newer_database_is_refused(tmp_path)
 
     engine = make_engine(f"sqlite:///{tmp_path / 'audit.db'}")
     probe = Migration(1, "probe table", lambda conn: conn.execute(text("CREATE TABLE probe (id INTEGER)")))
-    assert migrate(engine, {"probe": [probe]}) == {"serving": 1, "probe": 1}
-    assert migrate(engine, {"probe": [probe]}) == {"serving": 1, "probe": 1}  # applied once
+    assert migrate(engine, {"probe": [probe]}) == {"serving": 2, "probe": 1}
+    assert migrate(engine, {"probe": [probe]}) == {"serving": 2, "probe": 1}  # applied once
     with engine.begin() as conn:
         conn.execute(text("UPDATE schema_versions SET version = 7 WHERE component = 'serving'"))
     with pytest.raises(UserError, match="serving schema v7, newer than this toolkit"):
@@ -547,7 +547,7 @@ def test_an_extension_plugs_its_routes_hooks_and_tables_into_the_same_server(reg
             assert preflight.headers["access-control-allow-origin"] == "https://viewer.example"  # --cors-origin
         assert started == [app.state.service]
         assert audit_rows(tmp_path / "a.db", "SELECT component, version FROM schema_versions ORDER BY 1") == [
-            ("page", 1), ("serving", 1)]
+            ("page", 1), ("serving", 2)]
     finally:
         server.should_exit = True
         thread.join(60)
