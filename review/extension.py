@@ -7,6 +7,7 @@ from __future__ import annotations
 from review.pages import PREFIX, Pages
 from review.schema import MIGRATIONS
 from review.station import ReviewStation
+from series.rule import SeriesRule
 from serving.app import Extension
 from serving.options import ServeOptions
 
@@ -14,7 +15,7 @@ SPEC = "review.extension:review_extension"
 
 
 def review_extension(options: ServeOptions) -> Extension:
-    station = ReviewStation(options.cfg.review)
+    station = ReviewStation(options.cfg.review, SeriesRule.from_config(options.cfg.series))
     return Extension("review", router=Pages(station).router, on_startup=station.attach, on_shutdown=station.close,
                      migrations=MIGRATIONS, pixel_store=station.keep_upload,
                      exempt_prefixes=(PREFIX + "/",), exempt_paths=("/", PREFIX),  # the page has its own login

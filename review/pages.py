@@ -214,7 +214,8 @@ class Pages:
     async def series(self, request: Request, case_id: str):
         """The viewer's data: the ordered slices of the case's series and the series' reading."""
         await self.require(request)
-        data = await asyncio.to_thread(viewer.viewer_data, self.station.engine, case_id, self.station.files.path)
+        data = await asyncio.to_thread(viewer.viewer_data, self.station.engine, case_id, self.station.files.path,
+                                      self.station.series_rule)
         if data is None:
             raise HTTPException(404, "no such case")
         return JSONResponse(data, headers=SECURITY_HEADERS)
@@ -256,7 +257,8 @@ class Pages:
         self.check_csrf(who, fields)
         verdict = intake.verdict_from_form(fields)
         engine = self.station.engine
-        series = await asyncio.to_thread(viewer.series_judged, engine, case_id, self.station.files.path) \
+        series = await asyncio.to_thread(viewer.series_judged, engine, case_id, self.station.files.path,
+                                       self.station.series_rule) \
             if fields.get("series") == "1" else None  # the viewer's verdict: on the whole series
         try:
             vid = await asyncio.to_thread(worklist.record_verdict, engine, verdict, who.id, who.name, series)

@@ -40,6 +40,7 @@ from review.cases import (
 from review.intake import NO_TUMOUR, readable
 from review.refer import ReferRule
 from review.render import compare_heatmaps, heat_facts, heatmap_png, slice_png
+from series.rule import SeriesRule
 from serving.service import NotReady, RequestContext, Service
 from serving.uploads import DecodedFile, Upload, UploadError, display_name, is_dicom_upload
 
@@ -56,8 +57,9 @@ class Intake:
 
 
 class ReviewStation:
-    def __init__(self, settings: ReviewSection):
+    def __init__(self, settings: ReviewSection, series_rule: SeriesRule | None = None):
         self.settings = settings
+        self.series_rule = series_rule or SeriesRule()  # the config's series: section, as the API reads series
         self.files = CaseFiles(settings.store_dir)
         self.service: Service | None = None
         self._kept: dict[str, str] = {}  # case id -> kept file, between the pixel store hook and the case's row

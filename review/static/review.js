@@ -339,6 +339,7 @@ class Viewer {
     }
     ctx.putImageData(image, 0, 0);
     this.say("wl", `W ${Math.round(width)} L ${Math.round(level)}`);
+    this.box.dataset.drawn = String(this.index);  // the slice on the canvas (the counter may run ahead of it)
   }
 
   place() {
@@ -413,6 +414,8 @@ class Viewer {
       : `Series of ${series.n} slices: ${series.predicted_class} ` +
         `${(series.probabilities[series.predicted_class] * 100).toFixed(1)}%`;
     banner.classList.toggle("refer", series.refer);
+    this.judgeSeries(series);
+    this.say("series-rule", series.rule);
     const bars = document.getElementById("series-bars");
     Object.entries(series.probabilities).forEach(([name, p]) => {
       const li = document.createElement("li");
@@ -433,6 +436,22 @@ class Viewer {
       const li = document.createElement("li");
       li.textContent = r;
       reasons.appendChild(li);
+    });
+  }
+
+  // A verdict here judges the series: A agrees with the series' class, or confirms the series' referral.
+  judgeSeries(series) {
+    const agree = document.getElementById("agree");
+    if (!agree || !this.form) return;
+    agree.value = series.refer ? "refer" : "agree";
+    agree.textContent = "";
+    const key = document.createElement("kbd");
+    key.textContent = "A";
+    agree.append(key, series.refer ? " Confirm the series' referral (no class)"
+      : ` Agree: the series is ${series.predicted_class}`);
+    this.form.dataset.referred = series.refer ? "1" : "0";
+    this.form.querySelectorAll("button.choice").forEach((b) => {
+      b.classList.toggle("predicted", b.value === `class:${series.predicted_class}`);
     });
   }
 

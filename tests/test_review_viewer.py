@@ -1,0 +1,226 @@
+"""The review station's series viewer in a real Chromium (Debian's, driven by Playwright) against a real uvicorn
+server (serve.py --review --dicom-port) on loopback: a 24-slice MR series sent to its DICOM node over C-STORE,
+read slice by slice on the canvas with window/level, zoom and the key-slice jump, and judged as one series.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom import dcmread
+from server_process import ServerProcess, free_port, write_token
+from test_review import (  # noqa: F401  (module fixtures: the registered model and the browser)
+    MODEL,
+    PASSWORD,
+    browser,
+    browsing,
+    log_in,
+    registry,
+    serve_cli,
+    windowed,
+)
+
+from conftest import write_dicom
+
+N_SLICES = 24
+SPACING_MM = 5.0
+WINDOW = (2048, 1024)  # centre, width: narrower than the 12-bit range, so the file's own window is visible
+SCANNER = "SCANNER"
+
+
+@pytest.fixture(scope="module")
+def node_server(registry, tmp_path_factory):  # noqa: F811 (the fixture imported above)
+    """serve.py --review with its DICOM node on a free port, a reviewer added by the CLI."""
+    tmp = tmp_path_factory.mktemp("viewer_server")
+    db = f"sqlite:///{tmp / 'audit.db'}"
+    (tmp / "alice.pw").write_text(PASSWORD + "\n")
+    assert serve_cli(["add-reviewer", "alice", "--password-file", tmp / "alice.pw", "--database", db],
+                     tmp).returncode == 0
+    token_file, token = write_token(tmp)
+    srv = ServerProcess([*registry, "--model", MODEL, "--alias", "staging", "--review", "--token-file", token_file,
+                         "--database", db, "--poll-seconds", "0", "--dicom-port", free_port(), "--ae-title", "MRI_AI",
+                         "--set", f"pacs.allow=[{SCANNER}@127.0.0.1]", "--set", f"pacs.spool_dir={tmp / 'spool'}",
+                         "--set", f"review.store_dir={tmp / 'store'}"], tmp, token)
+    srv.db = tmp / "audit.db"
+    srv.dicom_port = int(srv.proc.args[srv.proc.args.index("--dicom-port") + 1])
+    try:
+        yield srv.wait_ready()
+    finally:
+        srv.stop()
+
+
+def rows(db: Path, sql: str, args=()) -> list:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+@pytest.fixture(scope="module")
+def mr_series(tiny_data, tmp_path_factory) -> list[Path]:
+    """24 single-frame MR instances of one series, 5 mm apart along the slice normal, each its own picture (real
+    phantom slices of the data set, 12-bit); InstanceNumber runs against the position, as on a feet-first scan."""
+    folder = tmp_path_factory.mktemp("viewer_series")
+    pictures = sorted(tiny_data.rglob("*.jpg"))
+    picks = [pictures[(k * 7) % len(pictures)] for k in range(N_SLICES)]
+    study, series = "1.2.826.0.1.3680043.8.498.1001", "1.2.826.0.1.3680043.8.498.1001.2"
+    paths = []
+    for k, picture in enumerate(picks):
+        gray = np.asarray(Image.open(picture).convert("L").resize((96, 80)), dtype=np.uint16) * 16 + k
+        path = folder / f"slice{k:02d}.dcm"
+        write_dicom(path, gray, WINDOW, StudyInstanceUID=study, SeriesInstanceUID=series, InstanceNumber=N_SLICES - k,
+                    ImagePositionPatient=[0.0, 0.0, SPACING_MM * k], ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
+                    PatientID="P-0042", AccessionNumber="ACC-77", StudyDate="20261201", SeriesNumber=4,
+                    StudyDescription="MR brain", SeriesDescription="T1 axial")
+        paths.append(path)
+    return paths
+
+
+def send(paths: list[Path], port: int) -> None:
+    """C-STORE each file to the server's DICOM node, in the order given, as a scanner or a PACS does."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import MRImageStorage
+
+    ae = AE(ae_title=SCANNER)
+    ae.add_requested_context(MRImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MRI_AI")
+    assert assoc.is_established
+    try:
+        for path in paths:
+            assert assoc.send_c_store(dcmread(path)).Status == 0x0000
+    finally:
+        assoc.release()
+
+
+def wait_for(condition, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.3)
+
+
+# ---- reading the viewer ---------------------------------------------------------------------------------------
+
+def canvas(page) -> np.ndarray:
+    """The grey levels on the viewer's canvas (its red channel; the canvas is grey)."""
+    width, height, red = page.evaluate("""() => {
+        const c = document.getElementById("view");
+        const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+        const out = [];
+        for (let k = 0; k < d.length; k += 4) out.push(d[k]);
+        return [c.width, c.height, out];
+    }""")
+    return np.asarray(red, dtype=np.float64).reshape(height, width)
+
+
+def wait_drawn(page, index: int) -> None:
+    """Until slice `index` (0-based) is on the canvas."""
+    page.wait_for_function(f"() => document.getElementById('viewer').dataset.drawn === '{index}'", timeout=60_000)
+
+
+def counter(page) -> str:
+    return page.locator("#slice-counter").inner_text()
+
+
+def shown_index(page) -> int:
+    return int(page.locator("#viewer").get_attribute("data-index"))
+
+
+def stored(path: Path) -> np.ndarray:
+    return dcmread(path).pixel_array.astype(np.float64)
+
+
+def test_a_series_from_the_dicom_node_is_read_in_the_viewer_and_judged_as_one(node_server, browser,  # noqa: F811
+                                                                             mr_series):
+    shuffled = random.Random(7).sample(mr_series, len(mr_series))  # arrival order says nothing of slice order
+    send(shuffled, node_server.dicom_port)
+    wait_for(lambda: rows(node_server.db, "SELECT count(*) FROM review_items")[0][0] == N_SLICES)
+    by_sop = {dcmread(p, stop_before_pixels=True).SOPInstanceUID: k for k, p in enumerate(mr_series)}
+    sop_of = dict(rows(node_server.db, "SELECT id, sop_instance_uid FROM predictions"))
+    middle = next(cid for cid, pid in rows(node_server.db, "SELECT case_id, prediction_id FROM review_items")
+                  if by_sop[sop_of[pid]] == 10)
+
+    with browsing(browser, node_server) as page:
+        log_in(page, node_server)
+        page.goto(f"{node_server.url}/review/case/{middle}")
+        page.wait_for_selector("#viewer.live")
+        data = page.request.get(f"{node_server.url}/review/case/{middle}/series.json").json()
+        # the slices in the series' order (position along the normal), whatever order they arrived in
+        assert [by_sop[sop_of[s["prediction_id"]]] for s in data["slices"]] == list(range(N_SLICES))
+        assert data["series"]["n_slices"] == N_SLICES and data["series"]["key_slices"]
+        wait_drawn(page, 10)
+        assert counter(page) == f"Slice 11 / {N_SLICES}"
+        # the canvas is the slice's stored values through the file's own window
+        assert np.abs(canvas(page) - windowed(stored(mr_series[10]), *WINDOW)).max() <= 1.5
+        assert page.locator("#wl").inner_text() == f"W {WINDOW[1]} L {WINDOW[0]}"
+
+        # the wheel and the keys scroll the slices; the counter, the canvas and the heat map follow
+        box = page.locator("#viewer").bounding_box()
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.mouse.wheel(0, 120)
+        wait_drawn(page, 11)
+        assert counter(page) == f"Slice 12 / {N_SLICES}"
+        assert np.abs(canvas(page) - windowed(stored(mr_series[11]), *WINDOW)).max() <= 1.5
+        page.keyboard.press("ArrowDown")
+        wait_drawn(page, 12)
+        page.keyboard.press("j")
+        wait_drawn(page, 13)
+        page.keyboard.press("k")
+        page.keyboard.press("ArrowUp")
+        wait_drawn(page, 11)
+        assert counter(page) == f"Slice 12 / {N_SLICES}"
+        assert page.locator("#heatmap").get_attribute("src") == data["slices"][11]["heatmap"]
+
+        # right-drag sets window/level: the numbers and the pixels change, and R resets them
+        before = canvas(page)
+        page.mouse.down(button="right")
+        page.mouse.move(box["x"] + box["width"] / 2 + 60, box["y"] + box["height"] / 2 - 40, steps=5)
+        page.mouse.up(button="right")
+        assert page.locator("#wl").inner_text() != f"W {WINDOW[1]} L {WINDOW[0]}"
+        assert np.abs(canvas(page) - before).max() > 10
+        page.keyboard.press("r")
+        assert page.locator("#wl").inner_text() == f"W {WINDOW[1]} L {WINDOW[0]}"
+        assert np.abs(canvas(page) - before).max() <= 1.5
+
+        # zoom changes the scale shown and applied; fit brings it back
+        fitted = page.locator("#zoom").inner_text()
+        page.keyboard.press("+")
+        zoomed = page.locator("#zoom").inner_text()
+        assert int(zoomed.rstrip("%")) > int(fitted.rstrip("%"))
+        assert "scale(" in page.locator("#stage").get_attribute("style")
+        page.keyboard.press("0")
+        assert page.locator("#zoom").inner_text() == fitted
+
+        # N lands on a key slice, with its own heat map; the strip marks every key slice
+        page.keyboard.press("n")
+        key = shown_index(page)
+        assert key in data["series"]["key_slices"]
+        assert page.locator("#heatmap").get_attribute("src") == data["slices"][key]["heatmap"]
+        assert page.locator("#strip .cell.key").count() == len(data["series"]["key_slices"])
+        # F flags the slice on screen; A judges the series (agrees, or confirms its referral)
+        page.keyboard.press("f")
+        assert page.locator("#flag-slice").get_attribute("aria-pressed") == "true"
+        assert page.locator("#strip .cell.flagged").count() == 1
+        expected = "refer" if data["series"]["refer"] else "agree"
+        assert page.locator("#agree").get_attribute("value") == expected
+        with page.expect_navigation():
+            page.keyboard.press("a")
+
+        flagged_pid = data["slices"][key]["prediction_id"]
+        saved = rows(node_server.db, "SELECT prediction_id, predicted_class, reviewer_class, finding, created_at "
+                                     "FROM review_verdicts")
+        assert len(saved) == N_SLICES and len({r[4] for r in saved}) == 1  # one verdict on every slice, at once
+        assert {r[1] for r in saved} == {data["series"]["predicted_class"]}
+        assert {r[3] for r in saved} == ({"refer_confirmed"} if expected == "refer" else {None})
+        assert rows(node_server.db, "SELECT prediction_id FROM review_flags") == [(flagged_pid,)]
+
+        # the verdict survives a reload: every slice of the series reads as judged
+        page.goto(f"{node_server.url}/review/case/{middle}")
+        page.wait_for_selector("#viewer.live")
+        assert page.locator("#current-verdict").is_visible()
+        again = page.request.get(f"{node_server.url}/review/case/{middle}/series.json").json()
+        assert all(s["status"] != "pending" for s in again["slices"])
