@@ -15,7 +15,8 @@ SPEC = "review.extension:review_extension"
 
 
 def review_extension(options: ServeOptions) -> Extension:
-    station = ReviewStation(options.cfg.review, SeriesRule.from_config(options.cfg.series))
+    station = ReviewStation(options.cfg.review, SeriesRule.from_config(options.cfg.series),
+                            options.cfg.pacs.keep_patient_identity)
     return Extension("review", router=Pages(station).router, on_startup=station.attach, on_shutdown=station.close,
                      migrations=MIGRATIONS, pixel_store=station.keep_upload,
                      exempt_prefixes=(PREFIX + "/",), exempt_paths=("/", PREFIX),  # the page has its own login

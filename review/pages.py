@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from review import auth, intake, viewer, worklist
+from review import auth, intake, studies, viewer, worklist
 from review.monitor import panel
 from review.station import ReviewStation
 from serving.app import read_form
@@ -105,6 +105,7 @@ class Pages:
         r.add_api_route(PREFIX + "/login", self.login, methods=["POST"])
         r.add_api_route(PREFIX + "/logout", self.logout, methods=["POST"])
         r.add_api_route(PREFIX + "/", self.worklist, methods=["GET"])
+        r.add_api_route(PREFIX + "/studies", self.studies, methods=["GET"])
         r.add_api_route(PREFIX + "/upload", self.upload, methods=["POST"])
         r.add_api_route(PREFIX + "/case/{case_id}", self.case, methods=["GET"])
         r.add_api_route(PREFIX + "/case/{case_id}/slice.png", self.slice, methods=["GET"])
@@ -167,6 +168,16 @@ class Pages:
                     max_files=station.service.settings.max_files,
                     max_bytes=int(station.service.settings.max_upload_mb * 2**20))
 
+    async def studies(self, request: Request, status: str = "pending"):
+        """The study worklist: one row per study or upload batch, its series beneath it."""
+        who = await self.require(request)
+        station = self.station
+        status = status if status in studies.STUDY_FILTERS else "pending"
+        rows = await asyncio.to_thread(studies.study_rows, station.engine, station.files.path, station.series_rule,
+                                       status, station.settings.patient_id, station.keep_identity)
+        return page("studies.html", who=who, studies=rows, shown=status, filters=studies.STUDY_FILTERS,
+                    keep_identity=station.keep_identity, **await self._shared(who))
+
     async def upload(self, request: Request):
         who = await self.require(request)
         limit = self.station.service.settings.max_files
@@ -218,6 +229,10 @@ class Pages:
                                       self.station.series_rule)
         if data is None:
             raise HTTPException(404, "no such case")
+        first = await asyncio.to_thread(worklist.case_row, self.station.engine, data["slices"][0]["case_id"])
+        station = self.station
+        data["study"] = studies.shown_facts(station.files.path(first["file_ref"]), station.settings.patient_id,
+                                            station.keep_identity) if first and first["file_ref"] else {}
         return JSONResponse(data, headers=SECURITY_HEADERS)
 
     async def pixels(self, request: Request, case_id: str, frame: int | None = None):

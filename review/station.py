@@ -57,8 +57,9 @@ class Intake:
 
 
 class ReviewStation:
-    def __init__(self, settings: ReviewSection, series_rule: SeriesRule | None = None):
+    def __init__(self, settings: ReviewSection, series_rule: SeriesRule | None = None, keep_identity: bool = False):
         self.settings = settings
+        self.keep_identity = keep_identity  # pacs.keep_patient_identity: patient name and birth date may be shown
         self.series_rule = series_rule or SeriesRule()  # the config's series: section, as the API reads series
         self.files = CaseFiles(settings.store_dir)
         self.service: Service | None = None

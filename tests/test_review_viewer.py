@@ -224,3 +224,72 @@ def test_a_series_from_the_dicom_node_is_read_in_the_viewer_and_judged_as_one(no
         assert page.locator("#current-verdict").is_visible()
         again = page.request.get(f"{node_server.url}/review/case/{middle}/series.json").json()
         assert all(s["status"] != "pending" for s in again["slices"])
+
+
+# ---- the study worklist ---------------------------------------------------------------------------------------
+
+HOSTILE = {"PatientID": "<img src=x onerror=alert(1)>", "StudyDescription": "<script>alert(2)</script>",
+           "SeriesDescription": "<svg onload=document.body.dataset.pwned=1>"}
+
+
+def study_rows(page) -> list[dict[str, str]]:
+    """The study worklist's study rows as {column heading: text}."""
+    heads = page.locator("#studies > thead th").all_inner_texts()
+    return [dict(zip(heads, cells)) for cells in page.locator("#studies tr.study-row").evaluate_all(
+        "rs => rs.map(r => [...r.children].map(c => c.textContent.trim()))")]
+
+
+def test_the_study_worklist_shows_studies_with_their_series_and_dicom_text_as_text(node_server, browser,  # noqa: F811
+                                                                                 mr_series, tiny_data, tmp_path):
+    if rows(node_server.db, "SELECT count(*) FROM review_items")[0][0] < N_SLICES:
+        send(mr_series, node_server.dicom_port)  # run alone: the series the viewer test sent
+    hostile = []
+    for k, picture in enumerate(sorted(tiny_data.rglob("*.jpg"))[:3]):
+        gray = np.asarray(Image.open(picture).convert("L"), dtype=np.uint16) * 16
+        hostile.append(tmp_path / f"h{k}.dcm")
+        write_dicom(hostile[-1], gray, WINDOW, StudyInstanceUID="1.2.3.4.5.6", SeriesInstanceUID="1.2.3.4.5.6.7",
+                    InstanceNumber=k + 1, AccessionNumber="ACC-9", **HOSTILE)
+    send(hostile, node_server.dicom_port)
+    wait_for(lambda: rows(node_server.db, "SELECT count(*) FROM review_items")[0][0] >= N_SLICES + 3)
+    pictures = {f"IMG{n}.jpg": p.read_bytes() for n, p in zip((10, 2, 1), sorted(tiny_data.rglob("*.jpg"))[3:6])}
+
+    with browsing(browser, node_server) as page:
+        log_in(page, node_server)
+        with page.expect_navigation():  # an upload of several plain images: one study row of its own
+            page.set_input_files("#files", [{"name": n, "mimeType": "image/jpeg", "buffer": b}
+                                            for n, b in pictures.items()])
+        page.wait_for_selector("#viewer.live")
+        order = page.request.get(page.url.split("?")[0] + "/series.json").json()["slices"]
+        assert [s["filename"] for s in order] == ["IMG1.jpg", "IMG2.jpg", "IMG10.jpg"]  # natural name order
+
+        page.click("#to-studies")
+        page.goto(f"{node_server.url}/review/studies?status=all")
+        shown = study_rows(page)
+        by_accession = {r["Accession"]: r for r in shown}
+        assert {"ACC-77", "ACC-9"} <= set(by_accession), shown
+        mr = by_accession["ACC-77"]
+        assert (mr["Patient"], mr["Study date"], mr["Modality"], mr["Description"], mr["Series"], mr["Slices"]) == (
+            "P-0042", "20261201", "MR", "MR brain", "1", str(N_SLICES))
+        upload = next(r for r in shown if r["Accession"] == "" and r["Slices"] == "3")
+        assert upload["Series"] == "1" and upload["Status"] == "pending"
+        # a DICOM's text fields are shown as text, never run
+        xss = by_accession["ACC-9"]
+        assert (xss["Patient"], xss["Description"]) == (HOSTILE["PatientID"], HOSTILE["StudyDescription"])
+        assert HOSTILE["SeriesDescription"] in page.locator("#studies").inner_text()
+        assert page.locator("img[src='x']").count() == 0 and page.locator("main svg").count() == 0
+        # the pending list: referred studies first, a fully judged study is gone from it
+        page.goto(f"{node_server.url}/review/studies")
+        pending = study_rows(page)
+        judged = rows(node_server.db, "SELECT count(*) FROM review_verdicts")[0][0] >= N_SLICES
+        assert ("ACC-77" not in {r["Accession"] for r in pending}) == judged
+        refer = [r["Refer"] == "refer" for r in pending]
+        assert refer == sorted(refer, reverse=True)
+        # the series row opens the viewer, where the same text fields stay text
+        page.goto(f"{node_server.url}/review/studies?status=all")
+        with page.expect_navigation():
+            page.locator("#studies tbody.study", has_text="ACC-9").locator("a.open").click()
+        page.wait_for_selector("#viewer.live")
+        line = page.locator("#study-line").inner_text()
+        assert all(v in line for v in HOSTILE.values())
+        assert page.locator("img[src='x']").count() == 0 and page.locator("main svg").count() == 0
+        assert page.evaluate("document.body.dataset.pwned") is None

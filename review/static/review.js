@@ -249,6 +249,7 @@ class Viewer {
     this.canvas.hidden = false;
     this.picture.hidden = true;
     this.drawStrip();
+    this.showStudy();
     this.showSeries();
     this.bind();
     // the key slices' heat maps are drawn now, so that they show without delay
@@ -402,6 +403,15 @@ class Viewer {
       cell.classList.toggle("current", k === this.index);
       cell.classList.toggle("flagged", this.flagged.has(this.slices[k].prediction_id));
     });
+  }
+
+  showStudy() {
+    const s = this.data.study || {};
+    const parts = [s.PatientID && `Patient ${s.PatientID}`, s.PatientName, s.AccessionNumber && `Acc. ${s.AccessionNumber}`,
+      s.StudyDate, s.Modality, s.StudyDescription, s.SeriesDescription && `Series: ${s.SeriesDescription}`];
+    const line = document.getElementById("study-line");
+    line.textContent = parts.filter(Boolean).join(" · ");  // text, never markup: these fields come from the sender
+    line.hidden = !line.textContent;
   }
 
   showSeries() {
