@@ -225,6 +225,20 @@ def test_a_series_from_the_dicom_node_is_read_in_the_viewer_and_judged_as_one(no
         again = page.request.get(f"{node_server.url}/review/case/{middle}/series.json").json()
         assert all(s["status"] != "pending" for s in again["slices"])
 
+    # export-reviews: the series' 24 slices under the verdict's folder, one study group (one split); with
+    # --flagged-only, the flagged slice alone
+    folder = ".findings/refer_confirmed" if expected == "refer" else data["series"]["predicted_class"]
+    for flag, count in (([], N_SLICES), (["--flagged-only"], 1)):
+        out = node_server.workdir / f"export{len(flag)}"
+        done = serve_cli(["export-reviews", out, *flag, "--database", f"sqlite:///{node_server.db}",
+                          "--store-dir", node_server.workdir / "store"], node_server.workdir)
+        assert done.returncode == 0, done.stderr
+        written = [p for p in out.rglob("*.dcm")]
+        assert len(written) == count and {p.parent.relative_to(out).as_posix() for p in written} == {folder}
+        assert len({p.name.split("_")[0] for p in written}) == 1 and written[0].name.startswith("study-")
+    flagged_sop = sop_of[flagged_pid]
+    assert dcmread(written[0], stop_before_pixels=True).SOPInstanceUID == flagged_sop
+
 
 # ---- the study worklist ---------------------------------------------------------------------------------------
 
