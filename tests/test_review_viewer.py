@@ -18,6 +18,7 @@ from server_process import ServerProcess, free_port, write_token
 from test_review import (  # noqa: F401  (module fixtures: the registered model and the browser)
     MODEL,
     PASSWORD,
+    artifacts,
     browser,
     browsing,
     log_in,
@@ -253,8 +254,16 @@ def study_rows(page) -> list[dict[str, str]]:
         "rs => rs.map(r => [...r.children].map(c => c.textContent.trim()))")]
 
 
-def test_the_study_worklist_shows_studies_with_their_series_and_dicom_text_as_text(node_server, browser,  # noqa: F811
-                                                                                 mr_series, tiny_data, tmp_path):
+def fits(page, width: int, height: int, shot: Path) -> None:
+    """At a reading-room screen size the page has no horizontal overflow; a screenshot of it goes to `shot`."""
+    page.set_viewport_size({"width": width, "height": height})
+    page.wait_for_timeout(200)  # the viewer refits on resize
+    assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth"), shot.name
+    page.screenshot(path=str(shot))
+
+
+def test_the_study_worklist_shows_studies_with_their_series_and_dicom_text_as_text(
+        node_server, browser, mr_series, tiny_data, tmp_path, artifacts):  # noqa: F811
     if rows(node_server.db, "SELECT count(*) FROM review_items")[0][0] < N_SLICES:
         send(mr_series, node_server.dicom_port)  # run alone: the series the viewer test sent
     hostile = []
@@ -265,6 +274,8 @@ def test_the_study_worklist_shows_studies_with_their_series_and_dicom_text_as_te
                     InstanceNumber=k + 1, AccessionNumber="ACC-9", **HOSTILE)
     send(hostile, node_server.dicom_port)
     wait_for(lambda: rows(node_server.db, "SELECT count(*) FROM review_items")[0][0] >= N_SLICES + 3)
+    mr_case = rows(node_server.db, "SELECT c.id FROM review_cases c WHERE c.study_uid = ? LIMIT 1",
+                   (dcmread(mr_series[0], stop_before_pixels=True).StudyInstanceUID,))[0][0]
     pictures = {f"IMG{n}.jpg": p.read_bytes() for n, p in zip((10, 2, 1), sorted(tiny_data.rglob("*.jpg"))[3:6])}
 
     with browsing(browser, node_server) as page:
@@ -298,6 +309,13 @@ def test_the_study_worklist_shows_studies_with_their_series_and_dicom_text_as_te
         assert ("ACC-77" not in {r["Accession"] for r in pending}) == judged
         refer = [r["Refer"] == "refer" for r in pending]
         assert refer == sorted(refer, reverse=True)
+        page.goto(f"{node_server.url}/review/studies?status=all")
+        for width, height in ((1366, 768), (1920, 1080)):
+            fits(page, width, height, artifacts / f"studies-{width}.png")
+        page.goto(f"{node_server.url}/review/case/{mr_case}")
+        page.wait_for_function("() => document.getElementById('viewer').dataset.drawn !== undefined")
+        for width, height in ((1366, 768), (1920, 1080)):
+            fits(page, width, height, artifacts / f"viewer-{width}.png")
         # the series row opens the viewer, where the same text fields stay text
         page.goto(f"{node_server.url}/review/studies?status=all")
         with page.expect_navigation():
