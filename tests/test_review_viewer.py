@@ -4,10 +4,7 @@ read slice by slice on the canvas with window/level, zoom and the key-slice jump
 """
 from __future__ import annotations
 
-import contextlib
 import random
-import sqlite3
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +20,9 @@ from test_review import (  # noqa: F401  (module fixtures: the registered model 
     browsing,
     log_in,
     registry,
+    rows,
     serve_cli,
+    wait_for,
     windowed,
 )
 
@@ -54,11 +53,6 @@ def node_server(registry, tmp_path_factory):  # noqa: F811 (the fixture imported
         yield srv.wait_ready()
     finally:
         srv.stop()
-
-
-def rows(db: Path, sql: str, args=()) -> list:
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        return conn.execute(sql, args).fetchall()
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +89,6 @@ def send(paths: list[Path], port: int) -> None:
             assert assoc.send_c_store(dcmread(path)).Status == 0x0000
     finally:
         assoc.release()
-
-
-def wait_for(condition, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.3)
 
 
 # ---- reading the viewer ---------------------------------------------------------------------------------------
@@ -325,3 +312,18 @@ def test_the_study_worklist_shows_studies_with_their_series_and_dicom_text_as_te
         assert all(v in line for v in HOSTILE.values())
         assert page.locator("img[src='x']").count() == 0 and page.locator("main svg").count() == 0
         assert page.evaluate("document.body.dataset.pwned") is None
+
+
+def test_the_patient_id_can_be_shown_as_a_short_one_way_hash(tmp_path):
+    from review.studies import patient_shown, shown_facts
+
+    hashed = patient_shown("P-0042", "hash")
+    assert hashed.startswith("#") and "0042" not in hashed and hashed == patient_shown("P-0042", "hash")
+    assert hashed != patient_shown("P-0043", "hash") and patient_shown("P-0042", "show") == "P-0042"
+    assert patient_shown("", "hash") == ""  # no ID: nothing to hash, nothing made up
+    path = tmp_path / "one.dcm"
+    write_dicom(path, np.zeros((8, 8)), WINDOW, PatientID="P-0042", PatientName="Doe^Jane", PatientBirthDate="19700101")
+    facts = shown_facts(path, "hash")
+    assert facts["PatientID"] == hashed and "PatientName" not in facts and "PatientBirthDate" not in facts
+    assert shown_facts(path, "show", keep_identity=True)["PatientName"] == "Doe^Jane"
+    assert shown_facts(tmp_path / "missing.jpg") == {}
