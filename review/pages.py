@@ -168,14 +168,15 @@ class Pages:
                     max_files=station.service.settings.max_files,
                     max_bytes=int(station.service.settings.max_upload_mb * 2**20))
 
-    async def studies(self, request: Request, status: str = "pending"):
+    async def studies(self, request: Request, status: str = "pending", predicted: str = ""):
         """The study worklist: one row per study or upload batch, its series beneath it."""
         who = await self.require(request)
         station = self.station
         status = status if status in studies.STUDY_FILTERS else "pending"
         rows = await asyncio.to_thread(studies.study_rows, station.engine, station.files.path, station.series_rule,
-                                       status, station.settings.patient_id, station.keep_identity)
+                                       status, station.settings.patient_id, station.keep_identity, predicted or None)
         return page("studies.html", who=who, studies=rows, shown=status, filters=studies.STUDY_FILTERS,
+                    predicted=predicted, classes=station.model_about()["classes"],
                     keep_identity=station.keep_identity, **await self._shared(who))
 
     async def upload(self, request: Request):

@@ -117,8 +117,9 @@ def _status(entries: list[dict]) -> str:
 
 
 def study_rows(engine: Engine, path_of, rule: SeriesRule, status: str = "pending", patient_id: str = "show",
-               keep_identity: bool = False) -> list[StudyRow]:
-    """The studies on the worklist, referred first, then the least certain; `status` filters them."""
+               keep_identity: bool = False, predicted: str | None = None) -> list[StudyRow]:
+    """The studies on the worklist, referred first, then the least certain; `status` filters them, and `predicted`
+    keeps the studies with a series of that class."""
     groups: dict[str, dict[str, list[dict]]] = {}
     for e in items_where(engine, true(), limit=MAX_ITEMS):
         groups.setdefault(_study_key(e), {}).setdefault(_series_key(e), []).append(e)
@@ -146,4 +147,6 @@ def study_rows(engine: Engine, path_of, rule: SeriesRule, status: str = "pending
         out = [s for s in out if (s.status != "reviewed") == (status == "pending")]
     elif status == "referred":
         out = [s for s in out if s.refer]
+    if predicted:
+        out = [s for s in out if any(se.predicted_class == predicted for se in s.series)]
     return sorted(out, key=lambda s: (s.status == "reviewed", not s.refer, s.confidence))

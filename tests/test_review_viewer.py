@@ -182,6 +182,12 @@ def test_a_series_from_the_dicom_node_is_read_in_the_viewer_and_judged_as_one(no
         assert "scale(" in page.locator("#stage").get_attribute("style")
         page.keyboard.press("0")
         assert page.locator("#zoom").inner_text() == fitted
+        page.keyboard.down("Control")
+        page.mouse.wheel(0, -120)  # Ctrl+wheel zooms; the slice stays
+        page.keyboard.up("Control")
+        assert int(page.locator("#zoom").inner_text().rstrip("%")) > int(fitted.rstrip("%"))
+        assert counter(page) == f"Slice 12 / {N_SLICES}"
+        page.keyboard.press("0")
 
         # N lands on a key slice, with its own heat map; the strip marks every key slice
         page.keyboard.press("n")
@@ -296,6 +302,8 @@ def test_the_study_worklist_shows_studies_with_their_series_and_dicom_text_as_te
         assert ("ACC-77" not in {r["Accession"] for r in pending}) == judged
         refer = [r["Refer"] == "refer" for r in pending]
         assert refer == sorted(refer, reverse=True)
+        page.goto(f"{node_server.url}/review/studies?status=all&predicted={mr['Class']}")
+        assert mr["Class"] and {r["Class"] for r in study_rows(page)} == {mr["Class"]}  # single-series studies here
         page.goto(f"{node_server.url}/review/studies?status=all")
         for width, height in ((1366, 768), (1920, 1080)):
             fits(page, width, height, artifacts / f"studies-{width}.png")
