@@ -28,6 +28,7 @@ from pacs.extension import dicom_extension
 from review import commands as review_commands
 from review.extension import review_extension
 from review.station import ReviewStation
+from series.rule import SeriesRule
 from serving.app import Extension, app_from_environment
 from serving.options import ServeOptions
 from serving.runner import run_server
@@ -112,7 +113,8 @@ def options_from_args(args) -> ServeOptions:
 def build_extensions(options: ServeOptions) -> list[Extension]:
     """The review page and the DICOM node of one server process, wired here: the node puts its instances on this
     process's worklist."""
-    station = ReviewStation(options.cfg.review) if "review" in options.extensions else None
+    station = (ReviewStation(options.cfg.review, SeriesRule.from_config(options.cfg.series),
+                             options.cfg.pacs.keep_patient_identity) if "review" in options.extensions else None)
     built = [review_extension(station)] if station else []
     if "dicom" in options.extensions:
         built.append(dicom_extension(options.cfg, station.add_case if station else None))

@@ -349,6 +349,7 @@ class ReviewSection(Section):
     session_hours: PositiveFloat = 12.0   # a login lasts this long
     secure_cookie: Optional[bool] = None  # None: Secure when the page is served over https
     undo_seconds: PositiveFloat = 10.0    # a reviewer may undo a verdict this long after giving it
+    patient_id: Literal["show", "hash"] = "show"  # the study worklist's patient column: the ID, or a short hash of it
     monitor: MonitorLimits = MonitorLimits()
 
 

@@ -56,6 +56,8 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", metavar="OUT_DIR", help="a new (or empty) folder")
     p.add_argument("--store-dir", default=None, metavar="DIR",
                    help="where the server kept the uploads (default: review.store_dir)")
+    p.add_argument("--flagged-only", action="store_true",
+                   help="only the slices the reviewer flagged with the verdict (default: every slice judged)")
     _database_args(p)
     return p
 
@@ -63,7 +65,8 @@ def export_parser() -> argparse.ArgumentParser:
 def export_main(args) -> int:
     cfg, engine = _engine(args)
     try:
-        done = export_reviews(engine, CaseFiles(args.store_dir or cfg.review.store_dir), args.out_dir)
+        done = export_reviews(engine, CaseFiles(args.store_dir or cfg.review.store_dir), args.out_dir,
+                              args.flagged_only)
     finally:
         engine.dispose()
     per_class = ", ".join(f"{c} {n}" for c, n in sorted(done.files.items())) or "none"

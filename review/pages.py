@@ -21,7 +21,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from data.images import ImageReadError
-from review import auth, intake, viewer, worklist
+from review import auth, intake, studies, viewer, worklist
 from review.monitor import panel
 from review.station import ReviewStation
 from serving.app import read_form
@@ -113,6 +113,7 @@ class Pages:
         r.add_api_route(PREFIX + "/login", self.login, methods=["POST"])
         r.add_api_route(PREFIX + "/logout", self.logout, methods=["POST"])
         r.add_api_route(PREFIX + "/", self.worklist, methods=["GET"])
+        r.add_api_route(PREFIX + "/studies", self.studies, methods=["GET"])
         r.add_api_route(PREFIX + "/upload", self.upload, methods=["POST"])
         r.add_api_route(PREFIX + "/case/{case_id}", self.case, methods=["GET"])
         r.add_api_route(PREFIX + "/case/{case_id}/slice.png", self.slice, methods=["GET"])
@@ -190,6 +191,17 @@ class Pages:
                     max_files=station.service.settings.max_files,
                     max_bytes=int(station.service.settings.max_upload_mb * 2**20))
 
+    async def studies(self, request: Request, status: str = "pending", predicted: str = ""):
+        """The study worklist: one row per study or upload batch, its series beneath it."""
+        who = await self.require(request)
+        station = self.station
+        status = status if status in studies.STUDY_FILTERS else "pending"
+        rows = await asyncio.to_thread(studies.study_rows, station.engine, station.files.path, station.series_rule,
+                                       status, station.settings.patient_id, station.keep_identity, predicted or None)
+        return page("studies.html", who=who, studies=rows, shown=status, filters=studies.STUDY_FILTERS,
+                    predicted=predicted, classes=station.model_about()["classes"],
+                    keep_identity=station.keep_identity, **await self._shared(who))
+
     async def upload(self, request: Request):
         who = await self.require(request)
         limit = self.station.service.settings.max_files
@@ -240,9 +252,14 @@ class Pages:
     async def series(self, request: Request, case_id: str):
         """The viewer's data: the ordered slices of the case's series and the series' reading."""
         await self.require(request)
-        data = await asyncio.to_thread(viewer.viewer_data, self.station.engine, case_id, self.station.files.path)
+        data = await asyncio.to_thread(viewer.viewer_data, self.station.engine, case_id, self.station.files.path,
+                                      self.station.series_rule)
         if data is None:
             raise HTTPException(404, "no such case")
+        first = await asyncio.to_thread(worklist.case_row, self.station.engine, data["slices"][0]["case_id"])
+        station = self.station
+        data["study"] = studies.shown_facts(station.files.path(first["file_ref"]), station.settings.patient_id,
+                                            station.keep_identity) if first and first["file_ref"] else {}
         return JSONResponse(data, headers=SECURITY_HEADERS)
 
     async def pixels(self, request: Request, case_id: str, frame: int | None = Query(None, ge=1, le=MAX_FRAME)):
@@ -285,7 +302,8 @@ class Pages:
         self.check_csrf(who, fields)
         verdict = intake.verdict_from_form(fields)
         engine = self.station.engine
-        series = await asyncio.to_thread(viewer.series_judged, engine, case_id, self.station.files.path) \
+        series = await asyncio.to_thread(viewer.series_judged, engine, case_id, self.station.files.path,
+                                       self.station.series_rule) \
             if fields.get("series") == "1" else None  # the viewer's verdict: on the whole series
         try:
             vid = await asyncio.to_thread(worklist.record_verdict, engine, verdict, who.id, who.name, series)

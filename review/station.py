@@ -40,6 +40,7 @@ from review.cases import (
 )
 from review.intake import NO_TUMOUR, readable
 from review.render import compare_heatmaps, heat_facts, heatmap_png, slice_png
+from series.rule import SeriesRule
 from serving.audit import Received, Stamp, prediction_entry
 from serving.service import NotReady, RequestContext, Service
 from serving.uploads import DecodedFile, Upload, UploadError, display_name, is_dicom_upload
@@ -57,8 +58,10 @@ class Intake:
 
 
 class ReviewStation:
-    def __init__(self, settings: ReviewSection):
+    def __init__(self, settings: ReviewSection, series_rule: SeriesRule | None = None, keep_identity: bool = False):
         self.settings = settings
+        self.keep_identity = keep_identity  # pacs.keep_patient_identity: patient name and birth date may be shown
+        self.series_rule = series_rule or SeriesRule()  # the config's series: section, as the API reads series
         self.files = CaseFiles(settings.store_dir)
         self.service: Service | None = None
         self._kept: dict[str, str] = {}  # case id -> kept file, between the pixel store hook and the case's row
