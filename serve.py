@@ -103,7 +103,9 @@ def options_from_args(args) -> ServeOptions:
         raise UserError("DICOM flags without the receiver: give --dicom-port PORT (or set pacs.enabled: true)")
     alias = None if args.version is not None else validate_alias(args.alias) or PRODUCTION
     extensions = ([REVIEW_EXTENSION] if args.review else []) + ([DICOM_EXTENSION] if cfg.pacs.enabled else [])
-    return ServeOptions(cfg.to_dict(), args.registered_model, alias, args.version, args.flavor, extensions)
+    # Unredacted: the server's processes connect with the URLs' credentials (to_dict() masks them for logs)
+    return ServeOptions(cfg.model_dump(mode="json"), args.registered_model, alias, args.version, args.flavor,
+                        extensions)
 
 
 def main(args) -> int:
