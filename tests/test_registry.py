@@ -1,7 +1,7 @@
 """The registry and its gate policy, against real sqlite MLflow registries in tmp: automatic registration after
 train.py, register_model.py, deploy_model.py, inference by alias, and every way around the gate refused.
 
-A model that passes the gates honestly comes from `passing_run` (two epochs on classes a CNN tells apart at once);
+A model that passes the gates honestly comes from `passing_run` (three epochs on classes a CNN tells apart at once);
 one that fails them is the one-epoch `trained` model. Gates are never lowered to make a test pass.
 """
 from __future__ import annotations
