@@ -5,8 +5,8 @@ user, environment, working folder and entrypoint) on a 127.0.0.1 port; it answer
 and it predicts with the registered model mounted at the path it was written at, behind the mounted token.
 
 Opt-in (minutes, root, podman and mmdebstrap): BRAIN_MRI_IMAGE_TEST=1 python -m pytest -q -n0 tests/test_container.py
-Measured on a 2-core AMD EPYC shared with other jobs: 4.4 min for the first build (base included), then
-the test itself (docs/scale.md has the figures)."""
+Measured on a 2-core Intel Xeon shared with other jobs: 4 min 42 s with the Debian base image made (docs/scale.md has
+the figures)."""
 from __future__ import annotations
 
 import json
