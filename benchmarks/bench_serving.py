@@ -39,6 +39,7 @@ except ImportError:  # run as a file
 
 import numpy as np
 import psutil
+from sqlalchemy.engine import make_url
 
 from core.hardware import usable_cpus
 from deploy.predictors import OnnxPredictor
@@ -56,6 +57,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=120, help="time bound per client count")
     p.add_argument("--mlflow-clients", default="1,16", help="client counts for anchor (b)")
     p.add_argument("--mlflow-requests", type=int, default=120)
+    p.add_argument("--database", default=None, metavar="URL",
+                   help="the server's audit database (default: sqlite in the benchmark's folder), e.g. "
+                        "postgresql+psycopg://mri_ai@127.0.0.1/audit to measure PostgreSQL's commits")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads of the anchors (default: cores)")
@@ -196,8 +200,9 @@ def drive_server(args, store: Path, jpegs: list[Path], workdir: Path) -> tuple[l
     """serve.py at each client count; (rows, memory) with the server's RSS after the first and the last 1,000."""
     srv = ServerProcess(["--set", f"monitoring.mlflow.tracking_uri={tracking_uri(store)}",
                          "--model", f"brain-cancer-{args.model}", "--version", "1", "--poll-seconds", "0",
-                         "--database", f"sqlite:///{workdir / 'audit.db'}", "--max-batch", args.max_batch,
-                         "--max-wait-ms", args.max_wait_ms, "--queue-size", "256"], workdir)
+                         "--database", args.database or f"sqlite:///{workdir / 'audit.db'}",
+                         "--max-batch", args.max_batch, "--max-wait-ms", args.max_wait_ms, "--queue-size", "256"],
+                        workdir)
     try:
         srv.wait_ready()
         rss = psutil.Process(srv.proc.pid)
@@ -333,6 +338,7 @@ def main(args) -> int:
     results = run(args)
     settings = {k: getattr(args, k) for k in ("model", "img_size", "jpeg_size", "max_batch", "max_wait_ms")}
     settings["threads"] = args.threads or usable_cpus()
+    settings["audit_db"] = make_url(args.database).get_backend_name() if args.database else "sqlite"
     limit = results["onnx_limit"]["per_s"]
     rows = [[f"server, {r['clients']} clients", r["per_s"], r["p50_ms"], r["p95_ms"], r["p99_ms"], str(r["errors"]),
              r["per_s"] / limit] for r in results["server"]]

@@ -44,6 +44,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from core.errors import UserError
+from core.redaction import redact_text
 
 log = logging.getLogger("serving.audit")
 metadata = MetaData()
@@ -178,7 +179,8 @@ def make_engine(url: str, fsync: bool = True) -> Engine:
     try:
         parsed = make_url(url)
     except Exception:
-        raise UserError(f"serving.database_url {url!r} is not a database URL (e.g. sqlite:///audit.db)") from None
+        raise UserError(f"serving.database_url {redact_text(url)!r} is not a database URL "
+                        "(e.g. sqlite:///audit.db)") from None
     if parsed.get_backend_name() == "sqlite":
         if not parsed.database or parsed.database == ":memory:":
             raise UserError("the audit database must be a file (sqlite:///audit.db), not in memory")

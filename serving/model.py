@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.redaction import redact_text
 from deploy.model_card import with_aliases
 from deploy.registry import load_predictor
 
@@ -123,6 +124,7 @@ def read_evidence(mv, workdir: Path, tracking_uri: str) -> dict:
     if card:
         for path in sorted(_paths_in(evaluation) | _paths_in(gates) | _paths_in(mv.tags), key=len, reverse=True):
             card = card.replace(path, Path(path).name)
+        card = card.replace(redact_text(tracking_uri), "the MLflow store")  # the card holds it redacted
         card = with_aliases(card.replace(tracking_uri, "the MLflow store"), getattr(mv, "aliases", None) or [])
     return {"model_card": card, "evaluation": scrub_paths(evaluation), "gates": scrub_paths(gates)}
 

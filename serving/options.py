@@ -1,5 +1,6 @@
 """Everything a server process needs to start, as plain JSON: serve.py resolves it once, and each worker
-process (`--workers N`) reads it back from the environment."""
+process (`--workers N`) reads it back from the environment. It holds the database and tracking URLs with their
+credentials, which the processes need to connect: it is never logged (Config.to_dict() is what gets logged)."""
 from __future__ import annotations
 
 import json

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import shutil
 import tempfile
@@ -286,6 +287,9 @@ class Service:
     # ---- Grad-CAM ----------------------------------------------------------------------------------
     async def explain(self, upload: Upload, frame: int, ctx: RequestContext) -> tuple[bytes, dict]:
         """(PNG of the Grad-CAM overlay of the predicted class, the audited record) for one image or frame."""
+        if importlib.util.find_spec("torch") is None:  # an ONNX-only install, such as the container image
+            raise UploadError(501, "explain_unavailable", "Grad-CAM needs PyTorch, which this server does not have "
+                              "(an ONNX-only install); /v1/predict answers without it")
         started = ctx.started or time.perf_counter()
         request_id = uuid.uuid4().hex
         with self._using() as model:

@@ -242,7 +242,7 @@ def test_huge_page_numbers_and_negative_frames_are_4xx_not_tracebacks(server, tm
 
 # ---- 15. dependency floors -----------------------------------------------------------------------------------
 
-KNOWN_VULNERABLE = {  # the last release with the hole: the floor in requirements.txt must exclude it
+KNOWN_VULNERABLE = {  # the last release with the hole: the floor in the requirements files must exclude it
     "torch": "2.5.1",             # torch.load(weights_only=True) bypass, CVE-2025-32434
     "pillow": "10.2.0",           # libwebp CVE-2023-4863 (<10.0.1), ImageCms CVE-2024-28219 (<10.3)
     "starlette": "0.49.0",        # multipart and Range-header denial of service (<0.40, <0.47.2, <0.49.1)
@@ -257,13 +257,15 @@ def test_requirements_exclude_releases_with_known_holes_and_the_environment_meet
     from packaging.requirements import Requirement
 
     pins = {}
-    for line in (ROOT / "requirements.txt").read_text().splitlines():
+    files = ("requirements-serve.txt", "requirements-train.txt")  # what requirements.txt includes
+    lines = [line for f in files for line in (ROOT / f).read_text().splitlines()]
+    for line in lines:
         text = line.split("#")[0].strip()
         if text and not text.startswith("-"):
             requirement = Requirement(text)
             pins[requirement.name.lower()] = requirement.specifier
     for name, last_bad in KNOWN_VULNERABLE.items():
-        assert name in pins, f"{name} is not pinned in requirements.txt"
+        assert name in pins, f"{name} is not pinned in the requirements files"
         assert not pins[name].contains(last_bad, prereleases=True), f"{name} {last_bad} is still admitted"
         assert pins[name].contains(version(name).split("+")[0], prereleases=True), f"installed {name} is below"
 

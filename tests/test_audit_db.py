@@ -146,6 +146,18 @@ def test_an_archive_run_is_one_record(engine):
 
 # ---- serve.py on PostgreSQL -------------------------------------------------------------------------------------
 
+def test_the_server_processes_get_the_url_with_its_password_and_errors_do_not_show_it():
+    import serve
+
+    url = "postgresql+psycopg://mri:s3cret%40pw@db.hospital.example:5432/audit"
+    args = serve.get_args_parser().parse_args(["--model", MODEL, "--database", url])
+    options = serve.options_from_args(args)
+    assert options.cfg.serving.database_url == url  # what each worker connects with
+    with pytest.raises(UserError) as bad:
+        make_engine("postgresql+psycopg://mri:s3cret@db:port/audit")
+    assert "s3cret" not in str(bad.value) and "***@db:port" in str(bad.value)
+
+
 def test_two_workers_write_one_postgresql_with_credentials_in_the_url_and_kill_9_loses_nothing(
         registered, tiny_data, postgres, tmp_path):
     url = postgres.new_database()
