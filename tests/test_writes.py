@@ -113,11 +113,11 @@ from data.synthetic import generate_dataset
 root = generate_dataset(sys.argv[1], n_per_class=40, size=48, seed=0)
 paths = sorted(root.rglob("*.jpg"))
 cache.PROCESS_MIN_IMAGES = int(sys.argv[3])
-decode = cache.load_gray
-def slow(path, size):  # a slow disk: the build is still running when SIGTERM comes
+decode = cache.read_frames
+def slow(*args, **kwargs):  # a slow disk: the build is still running when SIGTERM comes
     time.sleep(0.2)
-    return decode(path, size)
-cache.load_gray = slow
+    return decode(*args, **kwargs)
+cache.read_frames = slow
 slot = cache.CacheSlot(sys.argv[2], "f" * 16, "train", 32)
 cache.open_cache(slot, paths, [p.name for p in paths], progress=False)
 """
