@@ -116,7 +116,8 @@ class InstancePipeline:
         records, grays = classify_instance(predictor, path, ds)
         for record, gray in zip(records, grays):
             judged = refer.assess(record["probabilities"], gray)
-            record.update(refer=judged.refer, model=model.name, version=str(model.version))
+            record.update(refer=judged.refer, refer_reasons=[r.text for r in judged.reasons], model=model.name,
+                          version=str(model.version))
         if self.hooks.on_predictions:
             self.hooks.on_predictions(records, ds, calling_ae, peer, grays)
         return records

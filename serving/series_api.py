@@ -16,6 +16,7 @@ import numpy as np
 import pydicom
 
 from data.images import frame_name
+from deploy.refer import Assessment
 from series.rule import SeriesRule, SliceCheck, read_series
 from series.slices import group_series, slices_of
 from serving.audit import series_row
@@ -57,25 +58,24 @@ def series_of(uploads: list[Upload]):
     return grouped[0], sop_of
 
 
-def read_answer(answer_body: dict, series, sop_of: dict[str, str], rule: SeriesRule,
-                refer_below: float) -> tuple[dict, list[dict]]:
-    """(the series part of the answer, its slice records in reading order with `slice_index`, `refer` and the
-    instance's UIDs) from a /v1/predict answer over the same files."""
+def read_answer(answer_body: dict, judged: list[Assessment], series, sop_of: dict[str, str],
+                rule: SeriesRule) -> tuple[dict, list[dict]]:
+    """(the series part of the answer, its slice records in reading order with `slice_index`, `refer`, its reasons
+    and the instance's UIDs) from a /v1/predict answer over the same files and the refer rule's verdict on each
+    record (`judged`, in the answer's order): the same slice checks the DICOM node hands the series rule."""
     by_slice = {}
-    for record in answer_body["predictions"]:
+    for record, verdict in zip(answer_body["predictions"], judged):
         sop = sop_of[record["sha256"]]
         by_slice[frame_name(sop, record["frame"])] = {**record, "study_uid": series.study_uid,
-                                                      "series_uid": series.series_uid, "sop_instance_uid": sop}
+                                                      "series_uid": series.series_uid, "sop_instance_uid": sop,
+                                                      "refer_reasons": [r.text for r in verdict.reasons]}
     missing = [ref.name for ref in series.slices if ref.name not in by_slice]
     if missing:
         raise UploadError(422, "bad_image", f"{len(missing)} slice(s) could not be read; the series is incomplete")
-    ordered = [{**by_slice[ref.name], "slice_index": i, "refer": by_slice[ref.name]["confidence"] < refer_below}
-               for i, ref in enumerate(series.slices)]
+    ordered = [{**by_slice[ref.name], "slice_index": i} for i, ref in enumerate(series.slices)]
     names = list(ordered[0]["probabilities"])
     probs = np.array([[r["probabilities"][c] for c in names] for r in ordered])
-    checks = [SliceCheck(refer=r["refer"], reasons=(f"top probability {r['confidence']:.0%} is under the "
-                                                    f"{refer_below:.0%} threshold",) if r["refer"] else ())
-              for r in ordered]
+    checks = [SliceCheck(refer=bool(r["refer"]), reasons=tuple(r["refer_reasons"])) for r in ordered]
     result = read_series(probs, names, rule, checks)
     part = {"study_uid": series.study_uid, "series_uid": series.series_uid, "ordered_by": series.ordered_by,
             **result.as_dict(), "key_slice_refs": [(ordered[i]["sop_instance_uid"], ordered[i]["frame"])

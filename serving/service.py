@@ -271,8 +271,8 @@ class Service:
         answer = await self.predict(uploads, ctx)
         if answer.status != 200:
             return answer
-        part, ordered = read_answer(answer.body, series, sop_of, SeriesRule.from_config(self.cfg.series),
-                                    self.cfg.review.refer_below)
+        part, ordered = read_answer(answer.body, answer.judged, series, sop_of,
+                                    SeriesRule.from_config(self.cfg.series))
         await self._commit([series_audit_row(part, answer.body, ctx.client)], series_results)
         body = {**{k: v for k, v in answer.body.items() if k != "predictions"}, "series": part, "predictions": ordered}
         return Answer(200, body, ordered)
