@@ -22,10 +22,10 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
-from core.cli import add_common_args, config_from_args, run
+from core.cli import add_common_args, config_from_args, run, same_data_flags
 from core.errors import UserError
-from deploy.aliases import deployment_lines, describe, get_version, move_alias, rollback_alias
-from deploy.registry import connect, registered_name, validate_alias
+from deploy.aliases import deployment_lines, describe, move_alias, rollback_alias
+from deploy.registry import connect, registered_name, resolve_version, validate_alias
 
 HOW = "deploy_model.py"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -67,13 +67,14 @@ def main(args) -> int:
     alias = validate_alias(args.alias)
     token = read_token(args.token_file) if args.serve_url else None
     if args.command == "promote":
-        moves = move_alias(client, get_version(client, name, args.version), alias, HOW, promote_on)
+        moves = move_alias(client, resolve_version(client, name, version=args.version), alias, HOW, promote_on)
     else:
         moves = rollback_alias(client, name, alias, HOW, promote_on)
     print(describe(moves))
     if args.serve_url:
         notify_server(args.serve_url, token)
-    print(f"🔮 Predict: python inference_with_mlflow.py --model {name} --alias {alias} --image PATH")
+    print(f"🔮 Predict: python inference_with_mlflow.py --model {name} --alias {alias} --image PATH"
+          f"{same_data_flags(args)}")
     return 0
 
 

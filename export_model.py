@@ -28,6 +28,7 @@ from deploy.export import (
     write_contract_json,
 )
 from deploy.quantize import CALIBRATION_IMAGES, export_int8
+from evaluation.source import open_checkpoint
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -60,7 +61,8 @@ def print_source(src) -> None:
 def main(args) -> int:
     cfg = config_from_args(args)
     print("🚀 Model Export for Deployment")
-    src = export_source(cfg, args.checkpoint, args.model, args.resplit, args.parity_images)
+    src = export_source(open_checkpoint(cfg, args.checkpoint, args.model, args.resplit, same_split=False),
+                        args.parity_images)
     model, contract, name = src.model, src.contract, src.contract.model_name
     out_dir = Path(args.output_dir or cfg.output_dir / "exported_models")
     print_source(src)

@@ -19,13 +19,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from core.cli import add_common_args, config_from_args, run
 from core.errors import UserError
 from data.images import ImageReadError, image_files
 from deploy.policy import serving_warning
+from deploy.refer import ReferRule, judged_records
 from deploy.registry import INT8_FLAVOR, connect, load_predictor, registered_name, resolve_version
+from serving.model import read_evidence
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -47,16 +47,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def print_predictions(predictor, path: Path) -> list[dict]:
-    """The original README's report for each image in a file (one per frame of a multi-frame DICOM);
-    raises ImageReadError for an unreadable file."""
+def print_predictions(predictor, rule: ReferRule, path: Path) -> list[dict]:
+    """The original README's report for each image in a file (one per frame of a multi-frame DICOM), with the refer
+    rule's verdict; raises ImageReadError for an unreadable file."""
     print(f"📸 Loading and preprocessing image: {path}")
-    items = predictor.preprocess_file(path)
-    print(f"✅ Image preprocessed successfully (shape: {tuple(items[0][1].shape)}"
-          + (f", {len(items)} frames)" if len(items) > 1 else ")"))
-    print("🔮 Making prediction...")
-    out = predictor.infer(np.concatenate([x for _, x in items]))
-    records = [predictor.record(name, out, i) for i, (name, _) in enumerate(items)]
+    records = judged_records(predictor, rule, path)
+    print("✅ Image preprocessed and predicted" + (f" ({len(records)} frames)" if len(records) > 1 else ""))
     for record in records:
         print_record(record, several=len(records) > 1)
     return records
@@ -72,19 +68,19 @@ def print_record(record: dict, several: bool) -> None:
     if record.get("prediction_set") is not None:
         print(f"🎯 Prediction set (conformal): {' or '.join(record['prediction_set'])}")
     if record.get("out_of_distribution") is not None:
-        verdict = "YES, refer: unlike the training data" if record["out_of_distribution"] else "no"
-        print(f"🧭 Out of distribution: {verdict} (feature distance {record['ood_distance']:.1f}, limit "
-              f"{record['ood_limit']:.1f})")
+        print(f"🧭 Out of distribution: {'yes' if record['out_of_distribution'] else 'no'} (feature distance "
+              f"{record['ood_distance']:.1f}, limit {record['ood_limit']:.1f})")
+    print("🩺 Refer to a radiologist: " + ("YES: " + "; ".join(record["refer_reasons"]) if record["refer"] else "no"))
     print()
 
 
-def predict_all(predictor, paths: list[Path], as_json: bool) -> tuple[list[dict], list[dict]]:
+def predict_all(predictor, rule: ReferRule, paths: list[Path], as_json: bool) -> tuple[list[dict], list[dict]]:
     records, errors = [], []
     for path in paths:
         try:
             if not path.exists():
                 raise ImageReadError(f"{path}: no such file")
-            records += predictor.predict_file(path) if as_json else print_predictions(predictor, path)
+            records += judged_records(predictor, rule, path) if as_json else print_predictions(predictor, rule, path)
         except ImageReadError as exc:
             reason = str(exc).replace(f"{path}: ", "")
             errors.append({"path": str(path), "error": reason})
@@ -113,7 +109,9 @@ def main(args) -> int:
             print(loaded_lines(mv, used, flavor, alias))
         if warning:
             print(warning, file=sys.stderr)
-        records, errors = predict_all(predictor, paths, args.json)
+        evidence = read_evidence(mv, Path(tmp), cfg.monitoring.mlflow.tracking_uri)
+        rule = ReferRule.for_version(predictor.contract.to_dict(), evidence.get("evaluation"), cfg.review)
+        records, errors = predict_all(predictor, rule, paths, args.json)
         if args.gradcam and records:
             write_gradcam(client, mv, Path(tmp), records, Path(args.gradcam), args.json)
     if args.json:

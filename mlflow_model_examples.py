@@ -16,8 +16,17 @@ import numpy as np
 
 from core.cli import add_common_args, config_from_args, run
 from core.errors import UserError
-from deploy.aliases import deployment_lines, get_version
-from deploy.registry import ONNX_LINK_TAG, connect, load_pytorch_flavor, missing_alias_line, registered_name
+from deploy.aliases import deployment_lines
+from deploy.registry import (
+    ONNX_LINK_TAG,
+    REGISTERED_PREFIX,
+    connect,
+    flavor_name,
+    load_pytorch_flavor,
+    missing_alias_line,
+    registered_name,
+    resolve_version,
+)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -32,7 +41,7 @@ def pick_version(client, name: str, version: str | None):
     from mlflow.exceptions import MlflowException
 
     if version is not None:
-        return get_version(client, name, version)
+        return resolve_version(client, name, version=version)
     try:
         return client.get_model_version_by_alias(name, "production")
     except MlflowException:
@@ -72,7 +81,7 @@ def aliases(client, mv, promote_on: str) -> None:
     for line in deployment_lines(client, mv.name, promote_on):
         print(f"   {line}")
     print(f"   URI by alias: models:/{mv.name}@production; move one: python deploy_model.py promote "
-          f"--model {mv.name.removeprefix('brain-cancer-')} --version N --alias staging")
+          f"--model {mv.name.removeprefix(REGISTERED_PREFIX)} --version N --alias staging")
 
 
 def load_for_inference(mv, twin) -> None:
@@ -108,7 +117,7 @@ def main(args) -> int:
     name = registered_name(cfg.model)
     mv = pick_version(client, name, args.version)
     twin_number = mv.tags.get(ONNX_LINK_TAG)
-    twin = client.get_model_version(f"{name}-onnx", twin_number) if twin_number else None
+    twin = client.get_model_version(flavor_name(name, "onnx"), twin_number) if twin_number else None
     print(f"🧪 MLflow concepts on {mv.name} v{mv.version} (store {cfg.monitoring.mlflow.tracking_uri})")
     logging_vs_registering(mv)
     flavors_and_files(mv, twin)

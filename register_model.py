@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from core.checkpoint import load_checkpoint
-from core.cli import add_common_args, config_from_args, run
+from core.cli import add_common_args, config_from_args, run, same_data_flags
 from deploy.aliases import describe
 from deploy.policy import is_production, production_refusal
 from deploy.registry import parse_tags, validate_alias, validate_semver
@@ -40,21 +40,26 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args) -> int:
-    if args.checkpoint and not args.model:  # --checkpoint alone names its model
-        args.model = load_checkpoint(args.checkpoint)["model_name"]
+    loaded = None
+    if args.checkpoint and not args.model:  # --checkpoint alone names its model (read once, for the release too)
+        loaded = load_checkpoint(args.checkpoint)
+        args.model = loaded["model_name"]
     cfg = config_from_args(args)
     request = ReleaseRequest(validate_semver(args.version), validate_alias(args.alias), args.description,
-                             parse_tags(args.tags), args.force, args.checkpoint, args.resplit, int8=args.int8)
+                             parse_tags(args.tags), args.force, args.checkpoint, args.resplit, int8=args.int8,
+                             loaded=loaded)
     released = release_checkpoint(cfg, request)
     if released.moves:
         print(describe(released.moves))
     name, version = released.names["pytorch"], released.versions["pytorch"]
     which = "" if any(is_production(m.alias) for m in released.moves) else \
         f" --alias {args.alias}" if args.alias else f" --version {version}"
-    print(f"🔮 Predict: python inference_with_mlflow.py --model {name}{which} --image PATH")
+    again = same_data_flags(args)  # the store this used: the hints run as copied
+    print(f"🔮 Predict: python inference_with_mlflow.py --model {name}{which} --image PATH{again}")
     promoted = any(is_production(m.alias) for m in released.moves)
     if not promoted and production_refusal(released.tags, cfg.registry.promote_on) is None:
-        print(f"🚀 Promote: python deploy_model.py promote --model {cfg.model} --version {version} --alias production")
+        print(f"🚀 Promote: python deploy_model.py promote --model {cfg.model} --version {version} --alias production"
+              f"{again}")
     return 0
 
 

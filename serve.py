@@ -21,12 +21,15 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from core.cli import add_common_args, config_from_args, run
+from core.cli import RefuseSecret, add_common_args, config_from_args, run
 from core.errors import UserError
 from deploy.registry import PRODUCTION, validate_alias
-from pacs.extension import SPEC as DICOM_EXTENSION
+from pacs.extension import dicom_extension
 from review import commands as review_commands
-from review.extension import SPEC as REVIEW_EXTENSION
+from review.extension import review_extension
+from review.station import ReviewStation
+from series.rule import SeriesRule
+from serving.app import Extension, app_from_environment
 from serving.options import ServeOptions
 from serving.runner import run_server
 
@@ -55,6 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="server processes (default 1)")
     p.add_argument("--token-file", default=None, metavar="FILE",
                    help="a file holding the bearer token every client must send (all paths but /healthz, /readyz)")
+    p.add_argument("--token", action=RefuseSecret, instead="put it in a file (chmod 600) and give --token-file FILE")
     p.add_argument("--database", default=None, metavar="URL",
                    help="audit database URL (default sqlite:///audit.db; postgresql+psycopg://... for several "
                         "servers)")
@@ -102,12 +106,28 @@ def options_from_args(args) -> ServeOptions:
     if not cfg.pacs.enabled and any(v is not None for v in dicom.values()):
         raise UserError("DICOM flags without the receiver: give --dicom-port PORT (or set pacs.enabled: true)")
     alias = None if args.version is not None else validate_alias(args.alias) or PRODUCTION
-    extensions = ([REVIEW_EXTENSION] if args.review else []) + ([DICOM_EXTENSION] if cfg.pacs.enabled else [])
-    return ServeOptions(cfg.to_dict(), args.registered_model, alias, args.version, args.flavor, extensions)
+    extensions = (["review"] if args.review else []) + (["dicom"] if cfg.pacs.enabled else [])
+    return ServeOptions(cfg.to_values(), args.registered_model, alias, args.version, args.flavor, extensions)
+
+
+def build_extensions(options: ServeOptions) -> list[Extension]:
+    """The review page and the DICOM node of one server process, wired here: the node puts its instances on this
+    process's worklist."""
+    station = (ReviewStation(options.cfg.review, SeriesRule.from_config(options.cfg.series),
+                             options.cfg.pacs.keep_patient_identity) if "review" in options.extensions else None)
+    built = [review_extension(station)] if station else []
+    if "dicom" in options.extensions:
+        built.append(dicom_extension(options.cfg, station.add_case if station else None))
+    return built
+
+
+def worker_app():
+    """uvicorn's factory in every server process (--workers N): the app and its extensions."""
+    return app_from_environment(build_extensions)
 
 
 def main(args) -> int:
-    run_server(options_from_args(args))
+    run_server(options_from_args(args), build_extensions, "serve:worker_app")
     return 0
 
 

@@ -89,8 +89,10 @@ for arg in ${EXTRA[@]+"${EXTRA[@]}"}; do
       refuse "--disable-security-middleware is not passed on: the server's host and CORS checks stay on" ;;
     --gunicorn-opts|--gunicorn-opts=*|--waitress-opts|--waitress-opts=*)
       refuse "$arg runs MLflow without its host and CORS checks; not passed on" ;;
-    --host|--host=*|-h|--allowed-hosts|--allowed-hosts=*|--cors-allowed-origins|--cors-allowed-origins=*)
+    --host|--host=*|--allowed-hosts|--allowed-hosts=*|--cors-allowed-origins|--cors-allowed-origins=*)
       refuse "${arg%%=*} goes before --, where it is checked" ;;
+    -[!-]*h*|-h*)  # -h, -h0.0.0.0, -wh0.0.0.0: click reads each as --host
+      refuse "-h (--host) goes before --, where it is checked" ;;
   esac
 done
 if [[ "$(lower "${MLFLOW_SERVER_DISABLE_SECURITY_MIDDLEWARE:-false}")" != "false" ]]; then
@@ -115,13 +117,13 @@ if ! is_loopback "$HOST"; then
   echo "   anyone who can reach it can read, change and delete runs and registered models." >&2
 fi
 
-# The project's virtual environment first, then whatever mlflow is on PATH.
-if [[ -x "$ROOT/.venv/bin/mlflow" ]]; then
-  MLFLOW="$ROOT/.venv/bin/mlflow"
-elif command -v mlflow >/dev/null 2>&1; then
+# The mlflow on PATH (an activated environment is the one the user chose), else the project's .venv.
+if command -v mlflow >/dev/null 2>&1; then
   MLFLOW="$(command -v mlflow)"
+elif [[ -x "$ROOT/.venv/bin/mlflow" ]]; then
+  MLFLOW="$ROOT/.venv/bin/mlflow"
 else
-  refuse "mlflow not found (pip install -r requirements.txt)"
+  refuse "mlflow not found (pip install -r requirements.txt, or activate the environment that has it)"
 fi
 
 SECURITY=()

@@ -11,7 +11,7 @@ import argparse
 import contextlib
 from typing import TYPE_CHECKING
 
-from core.cli import add_common_args, config_from_args, run
+from core.cli import add_common_args, config_from_args, run, same_data_flags
 from core.config import save_resolved
 from core.device import seed_everything, select_device
 from core.fileio import FolderLock
@@ -113,16 +113,18 @@ def train_on(cfg: Config, args, info: DistInfo, device, split, stats: tuple) -> 
             if source == "precomputed":  # computed/imagenet statistics are in the params above
                 tracker.log_artifact(cfg.dataset.stats_path, "normalization")
         outcome = fit(t, tracker, stop)
-        return finish(cfg, t, tracker, outcome, main_rank, split)
+        return finish(cfg, t, tracker, outcome, main_rank, split, same_data_flags(args))
 
 
-def finish(cfg: Config, t, tracker, outcome: str, main_rank: bool, split) -> int:
+def finish(cfg: Config, t, tracker, outcome: str, main_rank: bool, split, again: str) -> int:
+    """`split`: the run's split (the answer checks are fitted on it); `again`: the flags of this run that the printed
+    next commands repeat (--demo, --config, --set)."""
     out = cfg.output_dir
     if outcome == "interrupted":
         tracker.close("KILLED")
         if main_rank:
             print(f"Training interrupted after epoch {t.progress.epoch}: state saved to {out / 'last_model.pth'}\n"
-                  f"Resume with: python train.py --model {cfg.model} --resume (plus the same options as before)")
+                  f"Resume with: python train.py --model {cfg.model} --resume{again}")
         return INTERRUPTED
     if main_rank:
         print(t.stopper.summary())
@@ -132,7 +134,8 @@ def finish(cfg: Config, t, tracker, outcome: str, main_rank: bool, split) -> int
             attach_answer_checks(cfg, out / "best_model.pth", split, t.device)
             tracker.log_artifact(out / "best_model.pth", "checkpoints")
         print(f"Checkpoints in {out} ({'early stop' if outcome == 'early_stop' else 'all epochs done'})")
-        release_after_training(cfg, t.device, tracker)  # registry.auto_register / auto_promote; never fails the run
+        # registry.auto_register / auto_promote; never fails the run
+        release_after_training(cfg, t.device, tracker, again=again)
     return 0
 
 

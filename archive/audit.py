@@ -5,7 +5,6 @@ from __future__ import annotations
 import getpass
 import json
 import socket
-import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
@@ -13,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from sqlalchemy import Column, DateTime, Engine, Integer, String, Table, Text, insert
 
-from serving.audit import Migration, metadata, predictions
+from serving.audit import Migration, Received, Stamp, metadata, prediction_entry, predictions
 
 archive_runs = Table(
     "archive_runs", metadata,
@@ -71,16 +70,17 @@ def record_predictions(engine: Engine, rows: pa.Table, alias: str | None) -> int
     for r in rows.filter(pc.is_null(rows["error"])).to_pylist():
         if r["kind"] != "image":
             continue
-        out.append({"id": uuid.uuid4().hex, "request_id": r["run_id"], "created_at": r["scored_at"],
-                    "source": "archive", "study_uid": r["study_uid"], "series_uid": r["series_uid"],
-                    "sop_instance_uid": r["sop_instance_uid"], "frame": r["frame"],
-                    "filename": r["path"].rsplit("/", 1)[-1][:255],  # the table keeps names, never paths
-                    "input_sha256": r["sha256"], "model_name": r["model_name"], "model_version": r["model_version"],
-                    "model_alias": alias, "flavor": r["flavor"], "predicted_class": r["predicted_class"],
-                    "confidence": r["confidence"], "latency_ms": 0.0,  # batch scoring: no request to time
-                    "output_json": json.dumps({"class_index": r["class_index"], "confidence": r["confidence"],
-                                               "probabilities": json.loads(r["probabilities"]),
-                                               "refer": r["refer"]})})
+        model = {"model": r["model_name"], "version": r["model_version"], "alias": alias, "flavor": r["flavor"]}
+        stamp = Stamp(r["run_id"], r["scored_at"], 0.0, model)  # batch scoring: no request to time
+        uids = {k: r[k] for k in ("study_uid", "series_uid", "sop_instance_uid")}
+        # the table keeps names, never paths
+        received = Received("archive", None, r["path"].rsplit("/", 1)[-1][:255], r["sha256"], uids)
+        prediction = {"predicted_class": r["predicted_class"], "class_index": r["class_index"],
+                      "confidence": r["confidence"], "probabilities": json.loads(r["probabilities"]),
+                      "ood_distance": r["ood_distance"], "out_of_distribution": r["out_of_distribution"],
+                      "prediction_set": None if r["prediction_set"] is None else json.loads(r["prediction_set"])}
+        reasons = r["refer_reasons"].split("; ") if r["refer_reasons"] else []
+        out.append(prediction_entry(stamp, received, prediction, r["frame"], r["refer"], reasons)[1])
     if out:
         with engine.begin() as conn:
             conn.execute(insert(predictions), out)

@@ -14,8 +14,6 @@ from core.errors import UserError
 from data.images import ImageLimits
 
 ROOT = Path(__file__).resolve().parent.parent
-# Ray reports usage statistics to its makers unless told not to; nothing leaves the machine unless asked
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # What a cluster does not need of the project folder (Ray also leaves out what .gitignore lists)
 CLUSTER_EXCLUDES = [".git", ".venv", "data/demo", "checkpoints", "mlartifacts", "mlruns", "wandb", "runs", "*.db"]
 
@@ -41,6 +39,9 @@ class ArchiveJob:
 
 
 def import_ray():
+    """Ray, with its usage statistics off (set here, when Ray is first needed, not when this module is imported):
+    nothing leaves the machine unless asked."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         import ray
         import ray.data  # noqa: F401

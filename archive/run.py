@@ -18,8 +18,8 @@ from archive.table import ArchiveOutput
 from core.errors import UserError
 from data.images import current_limits
 from deploy.predictors import read_contract
+from deploy.refer import ReferRule
 from deploy.registry import onnx_artifact
-from review.refer import ReferRule
 from serving.model import read_evidence
 
 
@@ -42,8 +42,7 @@ def prepare_job(client, mv, flavor: str, cfg, workdir: Path, run_id: str, thread
     path, _, used_flavor = found
     contract = read_contract(path)
     evidence = read_evidence(mv, workdir, cfg.monitoring.mlflow.tracking_uri)
-    rule = ReferRule.for_model(contract.to_dict(), evidence.get("evaluation"), cfg.review.refer_below,
-                               cfg.review.drift_limit)
+    rule = ReferRule.for_version(contract.to_dict(), evidence.get("evaluation"), cfg.review)
     identity = {"model_name": mv.name, "model_version": str(mv.version), "flavor": used_flavor, "run_id": run_id}
     model = ScoringModel(identity, rule, threads)
     Scorer(model, path.read_bytes())

@@ -14,8 +14,8 @@ import pyarrow as pa
 
 from archive.table import OUTPUT
 from data.preprocess_numpy import preprocess_numpy
+from deploy.refer import ReferRule
 from deploy.registry import onnx_predictor
-from review.refer import ReferRule
 
 # ONNX Runtime's threads spin after each call by default, taking the cores the decoding tasks need
 SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
@@ -58,4 +58,6 @@ class Scorer:
         return {k: row[k] for k in OUTPUT.names if k in row} | {
             "predicted_class": record["predicted_class"], "class_index": record["class_index"],
             "confidence": record["confidence"], "probabilities": json.dumps(record["probabilities"]),
-            "refer": verdict.refer, "refer_reasons": "; ".join(verdict.reasons) or None}
+            "refer": verdict.refer, "refer_reasons": "; ".join(r.text for r in verdict.reasons) or None,
+            "ood_distance": record.get("ood_distance"), "out_of_distribution": record.get("out_of_distribution"),
+            "prediction_set": None if record.get("prediction_set") is None else json.dumps(record["prediction_set"])}

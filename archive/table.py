@@ -36,8 +36,11 @@ OUTPUT = pa.schema([
     ("class_index", pa.int32()),
     ("confidence", pa.float64()),
     ("probabilities", pa.string()),      # JSON {class: probability}, the model's own (uncalibrated)
-    ("refer", pa.bool_()),               # the review page's refer rule (review.refer_below, the intensity check)
+    ("refer", pa.bool_()),               # the version's refer rule (deploy.refer), as every door of the server
     ("refer_reasons", pa.string()),
+    ("ood_distance", pa.float64()),      # the feature-space distance; null for a model without the check
+    ("out_of_distribution", pa.bool_()),  # past the model's limit (fitted on its validation split)
+    ("prediction_set", pa.string()),     # JSON list: the conformal prediction set; null without fitted sets
     ("error", pa.string()),              # why the file gave no prediction
     ("run_id", pa.string()),
     ("scored_at", pa.timestamp("us", tz="UTC")),

@@ -34,9 +34,9 @@ import pyarrow as pa
 from archive.decode import decode_files
 from archive.scorer import Scorer, ScoringModel
 from archive.table import read_output
-from data.cache import usable_cpus
+from core.hardware import usable_cpus
 from data.images import ImageLimits
-from review.refer import ReferRule
+from deploy.refer import ReferRule
 
 
 def get_args_parser() -> argparse.ArgumentParser:

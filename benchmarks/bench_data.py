@@ -81,7 +81,7 @@ def pool_decode(paths, img_size: int) -> int:
     import functools
     import multiprocessing
 
-    from data.cache import usable_cpus
+    from core.hardware import usable_cpus
     from data.images import load_gray
 
     with multiprocessing.Pool(usable_cpus()) as pool:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from core.contract import DECODE_RULE, Contract
-from data.cache import usable_cpus
+from core.hardware import usable_cpus
 from data.images import load_gray
 from data.preprocess import Preprocessor
 from deploy.export import export_onnx

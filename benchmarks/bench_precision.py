@@ -26,7 +26,7 @@ except ImportError:  # run as a file
 import torch
 
 from core.config import load_config
-from data.cache import usable_cpus
+from core.hardware import usable_cpus
 from data.manifest import prepare_split
 from data.normalization import resolve_normalization
 from data.preprocess import Preprocessor

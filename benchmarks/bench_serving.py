@@ -7,7 +7,8 @@
                same images preprocessed by the client, as JSON tensors
   offline      inference_with_mlflow.py's path on one image (OnnxPredictor.predict_path), as bench_inference.py
 
-The anchors are measured before and after the servers and averaged (the machine's load drifts).
+The anchors are measured before and after the servers and averaged (the machine's load drifts). An anchor that
+cannot be measured (`mlflow models serve` does not start) is a row with its reason; the other rows still run.
 The clients send pre-built HTTP/1.1 requests on raw sockets and read the answers without parsing JSON, so that
 the load generator takes as little of the CPU the server needs as possible. The server's memory (RSS) is read
 after the first 1,000 requests and after the last.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -37,8 +39,9 @@ except ImportError:  # run as a file
 
 import numpy as np
 import psutil
+from sqlalchemy.engine import make_url
 
-from data.cache import usable_cpus
+from core.hardware import usable_cpus
 from deploy.predictors import OnnxPredictor
 from tests.server_process import ServerProcess, free_port
 
@@ -54,6 +57,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=120, help="time bound per client count")
     p.add_argument("--mlflow-clients", default="1,16", help="client counts for anchor (b)")
     p.add_argument("--mlflow-requests", type=int, default=120)
+    p.add_argument("--database", default=None, metavar="URL",
+                   help="the server's audit database (default: sqlite in the benchmark's folder), e.g. "
+                        "postgresql+psycopg://mri_ai@127.0.0.1/audit to measure PostgreSQL's commits")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads of the anchors (default: cores)")
@@ -194,8 +200,9 @@ def drive_server(args, store: Path, jpegs: list[Path], workdir: Path) -> tuple[l
     """serve.py at each client count; (rows, memory) with the server's RSS after the first and the last 1,000."""
     srv = ServerProcess(["--set", f"monitoring.mlflow.tracking_uri={tracking_uri(store)}",
                          "--model", f"brain-cancer-{args.model}", "--version", "1", "--poll-seconds", "0",
-                         "--database", f"sqlite:///{workdir / 'audit.db'}", "--max-batch", args.max_batch,
-                         "--max-wait-ms", args.max_wait_ms, "--queue-size", "256"], workdir)
+                         "--database", args.database or f"sqlite:///{workdir / 'audit.db'}",
+                         "--max-batch", args.max_batch, "--max-wait-ms", args.max_wait_ms, "--queue-size", "256"],
+                        workdir)
     try:
         srv.wait_ready()
         rss = psutil.Process(srv.proc.pid)
@@ -224,10 +231,26 @@ def drive_server(args, store: Path, jpegs: list[Path], workdir: Path) -> tuple[l
         srv.stop()
 
 
+def mlflow_anchor(args, store: Path, x: np.ndarray, workdir: Path) -> list[dict]:
+    """Anchor (b)'s rows, or one row with the reason it could not be measured."""
+    try:
+        return drive_mlflow(args, store, x, workdir)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[0]
+        print(f"  mlflow models serve: not measured ({reason})", flush=True)
+        return [{"failed": reason, "log_tail": str(exc)[-2000:]}]
+
+
+def interpreter_env(**extra: str) -> dict:
+    """This interpreter's environment for a child: its bin/ first on PATH (mlflow starts uvicorn by name)."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, **extra}
+
+
 def drive_mlflow(args, store: Path, x: np.ndarray, workdir: Path) -> list[dict]:
     """(b): `mlflow models serve --env-manager local` on the registered ONNX pyfunc, fed JSON tensors."""
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(store)}
+    env = interpreter_env(MLFLOW_TRACKING_URI=tracking_uri(store))
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/brain-cancer-{args.model}-onnx/1",
            "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
     log = (workdir / "mlflow.log").open("wb")
@@ -243,7 +266,8 @@ def drive_mlflow(args, store: Path, x: np.ndarray, workdir: Path) -> list[dict]:
             print(f"  mlflow models serve, {clients} clients: {rows[-1]['per_s']:.1f}/s", flush=True)
         return rows
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # it may have exited on its own
+            os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
         log.close()
 
@@ -282,7 +306,7 @@ def run(args) -> dict:
         limits.append(onnx_limit(onnx_path, x[:1], threads, args.runs))
         offline.append(offline_latency(onnx_path, jpegs[0], threads, args.runs))
         rows, memory = drive_server(args, store, jpegs, Path(tmp))
-        mlflow_rows = [] if args.no_mlflow else drive_mlflow(args, store, x, Path(tmp))
+        mlflow_rows = [] if args.no_mlflow else mlflow_anchor(args, store, x, Path(tmp))
         limits.append(onnx_limit(onnx_path, x[:1], threads, args.runs))
         offline.append(offline_latency(onnx_path, jpegs[0], threads, args.runs))
     limit = {"per_s": float(np.mean([a["per_s"] for a in limits])), "runs": limits,
@@ -295,7 +319,7 @@ def run(args) -> dict:
 
 def targets(rows, limit, offline, mlflow_rows, memory) -> dict:
     by = {r["clients"]: r for r in rows}
-    ml = {r["clients"]: r for r in mlflow_rows}
+    ml = {r["clients"]: r for r in mlflow_rows if "failed" not in r}
     out = {"errors": sum(r["errors"] for r in rows)}
     if 16 in by:
         out["16_clients_vs_onnx_limit"] = by[16]["per_s"] / limit["per_s"]
@@ -314,10 +338,12 @@ def main(args) -> int:
     results = run(args)
     settings = {k: getattr(args, k) for k in ("model", "img_size", "jpeg_size", "max_batch", "max_wait_ms")}
     settings["threads"] = args.threads or usable_cpus()
+    settings["audit_db"] = make_url(args.database).get_backend_name() if args.database else "sqlite"
     limit = results["onnx_limit"]["per_s"]
     rows = [[f"server, {r['clients']} clients", r["per_s"], r["p50_ms"], r["p95_ms"], r["p99_ms"], str(r["errors"]),
              r["per_s"] / limit] for r in results["server"]]
-    rows += [[f"mlflow models serve, {r['clients']} clients", r["per_s"], r["p50_ms"], r["p95_ms"], r["p99_ms"],
+    rows += [[f"mlflow models serve: not measured ({r['failed']})", "", "", "", "", "", ""] if "failed" in r else
+             [f"mlflow models serve, {r['clients']} clients", r["per_s"], r["p50_ms"], r["p95_ms"], r["p99_ms"],
               str(r["errors"]), r["per_s"] / limit] for r in results["mlflow"]]
     rows.append([f"ONNX Runtime alone, best batch ({results['onnx_limit']['best_batch']})", limit, "", "", "", "", 1.0])
     off = results["offline"]

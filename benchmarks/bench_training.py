@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from core.config import load_config
-from data.cache import CacheSlot, open_cache, usable_cpus
+from core.hardware import usable_cpus
+from data.cache import CacheSlot, open_cache
 from data.dataset import GrayImageDataset, make_loader
 from data.preprocess import Preprocessor
 from models.zoo import build_model

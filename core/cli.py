@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from core.errors import UserError
 from core.signals import TERMINATED_EXIT, Terminated
@@ -12,6 +15,7 @@ from core.signals import TERMINATED_EXIT, Terminated
 def add_common_args(parser: argparse.ArgumentParser, model: bool = True, checkpoint: bool = False,
                     device: bool = False) -> argparse.ArgumentParser:
     """--config, --set, --demo, --resplit, and on request --model, --checkpoint, --device."""
+    parser.allow_abbrev = False  # --password X must not pass for --password-file X (argparse reads it at parse time)
     parser.add_argument("--config", default=None, metavar="PATH",
                         help="YAML deep-merged over config/config.yaml (e.g. config/optimized_config.yaml)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.PATH=VALUE",
@@ -29,6 +33,42 @@ def add_common_args(parser: argparse.ArgumentParser, model: bool = True, checkpo
     if device:
         parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     return parser
+
+
+def same_data_flags(args: argparse.Namespace) -> str:
+    """The flags a printed next command needs to find what this one used (--demo, --config, --set), shell-quoted,
+    with a leading space: a hint that is copied and run works."""
+    import shlex
+
+    words = []
+    if getattr(args, "demo", False):
+        words += ["--demo"] if args.demo in (True, "jpeg") else ["--demo", args.demo]
+    if getattr(args, "config", None):
+        words += ["--config", args.config]
+    for assignment in getattr(args, "sets", None) or []:
+        words += ["--set", assignment]
+    return "".join(" " + shlex.quote(str(w)) for w in words)
+
+
+class RefuseSecret(argparse.Action):
+    """An option that takes a secret on the command line (where `ps` and the shell history show it): refused
+    without repeating the value."""
+
+    def __init__(self, option_strings, dest, instead: str = "", **kwargs):
+        self.instead = instead
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is not taken on the command line, where ps and the shell history show it; "
+                     f"{self.instead}")
+
+
+def warn_if_readable(path: str | Path, what: str) -> None:
+    """One line on stderr when a file holding a secret may be read by its group or others (chmod 600)."""
+    mode = os.stat(path).st_mode
+    if mode & 0o077:
+        print(f"warning: {what} {path} is readable by others (mode {stat.S_IMODE(mode):o}): chmod 600 {path}",
+              file=sys.stderr)
 
 
 def config_from_args(args: argparse.Namespace, **overrides):

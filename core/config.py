@@ -217,6 +217,28 @@ class PacsRetrySection(Section):
     max_attempts: NonNegativeInt = 20   # tries of one object the destination refuses; 0: never give up
 
 
+class PacsSelectSection(Section):
+    """Which received series are read (pacs/selection.py); a series left out gets an audit row saying why."""
+    modalities: list[str] = ["MR"]                       # Modality of the series
+    skip_image_types: list[str] = ["LOCALIZER", "SCOUT"]  # any of these in ImageType: a localizer, left out
+    skip_derived: bool = True                             # ImageType DERIVED/SECONDARY and secondary captures
+    descriptions: list[str] = []                          # SeriesDescription must match one (regex, any case)
+    skip_descriptions: list[str] = []                     # ... and none of these
+    min_slices: PositiveInt = 5                           # fewer slices when complete: left out
+
+    @field_validator("descriptions", "skip_descriptions")
+    @classmethod
+    def _patterns(cls, value):
+        import re
+
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression ({exc})") from None
+        return value
+
+
 class PacsSection(Section):
     enabled: bool = False               # serve.py runs the receiver (also when --dicom-port is given)
     ae_title: str = "MRI_AI"
@@ -226,11 +248,17 @@ class PacsSection(Section):
     destination: Optional[str] = None   # AE@HOST:PORT that receives the SR and secondary capture results
     spool_dir: str = "./pacs_spool"
     max_instance_mb: PositiveFloat = 256.0
+    max_decoded_mb: PositiveFloat = 512.0  # pixels of one instance once decoded (a 1.5 MB RLE can hold 294 MB)
     max_associations: PositiveInt = 4
     timeout_s: PositiveFloat = 30.0
     keep_patient_identity: bool = False  # store and return patient name and birth date
     refer_below: Fraction = 0.6          # refer flag when the top probability is below this (no other rule given)
     retry: PacsRetrySection = PacsRetrySection()
+    results: Literal["series", "slice"] = "series"  # one SR + KOS + SC per series; slice: an SR and SCs per instance
+    series_complete: Literal["quiet", "association"] = "quiet"  # association: also when the sender releases it
+    series_stable_seconds: PositiveFloat = 60.0  # a series with no new instance for this long is complete
+    series_keep_hours: PositiveFloat = 24.0  # a series' instances are kept this long after the last (late ones amend)
+    select: PacsSelectSection = PacsSelectSection()
 
     @field_validator("ae_title")
     @classmethod
@@ -308,6 +336,9 @@ class ServingSection(Section):
     poll_seconds: NonNegativeFloat = 30.0  # how often the alias is checked for a new version (0: never)
     decode_threads: Optional[PositiveInt] = None  # None: usable cores
     cors_origins: list[str] = []           # none: CORS off
+    api_docs: bool = False                 # /docs and /redoc, their scripts served by this server
+    allowed_hosts: list[str] = []          # Host names (name or name:port) served besides loopback ones
+    trusted_proxies: list[str] = []        # addresses whose X-Forwarded-For is believed (none: the peer's own)
 
 
 class MonitorLimits(Section):
@@ -328,6 +359,7 @@ class ReviewSection(Section):
     session_hours: PositiveFloat = 12.0   # a login lasts this long
     secure_cookie: Optional[bool] = None  # None: Secure when the page is served over https
     undo_seconds: PositiveFloat = 10.0    # a reviewer may undo a verdict this long after giving it
+    patient_id: Literal["show", "hash"] = "show"  # the study worklist's patient column: the ID, or a short hash of it
     monitor: MonitorLimits = MonitorLimits()
 
 
@@ -399,6 +431,11 @@ class Config(Section):
     def to_dict(self) -> dict:
         """Plain values, credentials stripped from any URI: what is logged, checkpointed and saved."""
         return redact(self.model_dump(mode="json"))
+
+    def to_values(self) -> dict:
+        """Plain values as they are used, credentials kept: what a process of this run is handed to work with
+        (a server's worker), never what is logged or stored (that is `to_dict`)."""
+        return self.model_dump(mode="json")
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -486,11 +523,13 @@ def notice(message: str) -> None:
         print(f"note: {message}", file=sys.stderr, flush=True)
 
 
-def read_layer(data: dict, source: str) -> dict:
-    """One config layer (a file, a --set) with keys in the original project's format translated."""
-    translated, notices = translate_original(data, source)
+def read_layer(data: dict, source: str, unusable: dict[str, str]) -> dict:
+    """One config layer (a file, a --set) with keys in the original project's format translated; the models
+    entries that cannot be translated go into `unusable` (model -> why)."""
+    translated, notices, refused = translate_original(data, source)
     for message in notices:
         notice(message)
+    unusable.update(refused)
     return translated
 
 
@@ -502,13 +541,13 @@ def load_config(
 ) -> Config:
     """Build the resolved Config; `overrides` holds explicit flags as dotted keys (None = not given); `demo`: True
     or "jpeg" for the demo data set, "dicom" for its DICOM series variant."""
-    data = read_yaml(DEFAULT_CONFIG)
+    data, unusable = read_yaml(DEFAULT_CONFIG), {}
     if path is not None and Path(path).resolve() != DEFAULT_CONFIG.resolve():
-        data = deep_merge(data, read_layer(read_yaml(path), str(path)))
+        data = deep_merge(data, read_layer(read_yaml(path), str(path), unusable))
     for overlay in DEMO_OVERLAYS["jpeg" if demo is True else demo] if demo else []:
         data = deep_merge(data, read_yaml(overlay))
     for assignment in sets or []:
-        data = deep_merge(data, read_layer(apply_set({}, assignment), f"--set {assignment}"))
+        data = deep_merge(data, read_layer(apply_set({}, assignment), f"--set {assignment}", unusable))
     for key, value in (overrides or {}).items():
         if value is not None:  # "{model}" in a key means the model selected so far (flags win over --set)
             set_path(data, key.format(model=data.get("model")).split("."), value)
@@ -516,6 +555,10 @@ def load_config(
         cfg = Config.model_validate(data)
     except ValidationError as exc:
         raise UserError(_one_line(exc)) from None
+    if cfg.model in unusable:
+        raise UserError(unusable[cfg.model])
+    for why in unusable.values():  # an entry the run does not select never refuses the file
+        notice(f"{why}; the entry is ignored (this run trains {cfg.model})")
     _LOADED[:] = [cfg]
     for apply in _ON_LOAD:
         apply(cfg)

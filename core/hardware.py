@@ -14,6 +14,14 @@ from dataclasses import dataclass, field
 import psutil
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity mask: a container's or taskset's limit, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 @dataclass
 class GpuReading:
     index: int

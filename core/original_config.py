@@ -4,7 +4,9 @@ The original's config.yaml (its README shows it) named each model twice (`models
 repeated the class count per model (`num_classes`), kept a global `dataset.batch_size`, named
 ImageNet weights as Python expressions it eval'd (`weights: "models.ResNet18_Weights.IMAGENET1K_V1"`)
 and put the MLflow settings flat under `monitoring`. Each such key is translated here, with one
-notice saying what it became; only a value that cannot mean anything is refused.
+notice saying what it became. A models entry that cannot mean anything is set aside with its reason: the run
+that selects it is refused, the others never are (the original's own file names EfficientNet weights under
+`xception_medical`, which it built on an EfficientNet-B0 backbone).
 """
 from __future__ import annotations
 
@@ -21,32 +23,42 @@ NO_WEIGHTS = {"", "none", "null", "false", "random"}
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
-def translate_original(data: dict, source: str) -> tuple[dict, list[str]]:
-    """(data in this toolkit's format, one notice per translated key). `source` names the file in messages."""
+def translate_original(data: dict, source: str) -> tuple[dict, list[str], dict[str, str]]:
+    """(data in this toolkit's format, one notice per translated key, {model: why its entry was set aside}).
+    `source` names the file in messages."""
     data = copy.deepcopy(data)
     notices: list[str] = []
+    unusable: dict[str, str] = {}
     if isinstance(data.get("models"), dict):
-        _translate_models(data, source, notices)
+        _translate_models(data, source, notices, unusable)
     if isinstance(data.get("dataset"), dict) and "batch_size" in data["dataset"]:
         _translate_batch_size(data, source, notices)
     if isinstance(data.get("monitoring"), dict):
         _translate_monitoring(data["monitoring"], source, notices)
-    return data, notices
+    return data, notices, unusable
 
 
-def _translate_models(data: dict, source: str, notices: list[str]) -> None:
+def _translate_models(data: dict, source: str, notices: list[str], unusable: dict[str, str]) -> None:
     models = data["models"]
     for key in list(models):
-        recipe = models[key]
-        if not isinstance(recipe, dict):
+        if not isinstance(models[key], dict):
             continue
-        if "name" in recipe:
-            key = _translate_name(data, key, source, notices)
-            recipe = models[key]
-        if "num_classes" in recipe:
-            _translate_num_classes(data, key, recipe.pop("num_classes"), source, notices)
-        if "weights" in recipe and isinstance(recipe["weights"], str) and not _is_local_file(recipe["weights"]):
-            _translate_weights(key, recipe, source, notices)
+        try:
+            _translate_recipe(data, key, source, notices)
+        except UserError as exc:  # refused only if the run selects this model (core.config.load_config)
+            models.pop(key, None)
+            unusable[key] = str(exc)
+
+
+def _translate_recipe(data: dict, key: str, source: str, notices: list[str]) -> None:
+    recipe = data["models"][key]
+    if "name" in recipe:
+        key = _translate_name(data, key, source, notices)
+        recipe = data["models"][key]
+    if "num_classes" in recipe:
+        _translate_num_classes(data, key, recipe.pop("num_classes"), source, notices)
+    if "weights" in recipe and isinstance(recipe["weights"], str) and not _is_local_file(recipe["weights"]):
+        _translate_weights(key, recipe, source, notices)
 
 
 def _translate_name(data: dict, key: str, source: str, notices: list[str]) -> str:
@@ -94,6 +106,12 @@ def _translate_weights(key: str, recipe: dict, source: str, notices: list[str]) 
         notices.append(f"{source}: models.{key}.weights: {text!r} -> pretrained: false")
         return
     default = IMAGENET_WEIGHTS.get(key)
+    if key == "xception_medical" and WEIGHTS_NAME.match(text):
+        recipe["pretrained"] = True
+        notices.append(f"{source}: models.xception_medical.weights: {text!r} -> pretrained: true (the original built "
+                       f"xception_medical on an EfficientNet-B0 backbone; this toolkit's is a real Xception, "
+                       f"pretrained from its own ImageNet weights, or set pretrained: false)")
+        return
     match = WEIGHTS_NAME.match(text)
     enum, tag = (match["enum"], match["tag"]) if match else (None, text)
     if default is None or (enum is None and not re.fullmatch(r"[A-Z0-9_]+", tag)):

@@ -8,13 +8,14 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -73,6 +74,18 @@ def wandb_mode(configured: str) -> str:
     if configured in ("online", "disabled"):
         return configured
     return "disabled" if os.environ.get("WANDB_MODE") == "disabled" else "offline"
+
+
+@contextlib.contextmanager
+def redacted_argv() -> Iterator[None]:
+    """sys.argv with its credentials redacted while a library reads it (W&B writes the command line into its run
+    file, which `wandb sync` uploads); the process's own arguments are back afterwards."""
+    saved = sys.argv[:]
+    sys.argv[:] = [redact_text(arg) for arg in saved]
+    try:
+        yield
+    finally:
+        sys.argv[:] = saved
 
 
 def prepare_mlflow(section) -> None:
@@ -186,9 +199,10 @@ class RunTracker:
         # Silent, no console capture, bounded start-up: W&B must never block or prompt.
         settings = wandb.Settings(silent=True, console="off", init_timeout=60, show_warnings=False)
         run_tags = list(section.tags) + [f"{k}:{v}"[:WANDB_TAG_LENGTH] for k, v in tags.items()]
-        self._wandb = wandb.init(project=project, entity=section.entity, name=self.run_name, dir=str(root),
-                                 mode=mode, job_type=job_type, tags=run_tags, settings=settings,
-                                 reinit="create_new")
+        with redacted_argv():
+            self._wandb = wandb.init(project=project, entity=section.entity, name=self.run_name, dir=str(root),
+                                     mode=mode, job_type=job_type, tags=run_tags, settings=settings,
+                                     reinit="create_new")
         where = f"offline in {root / 'wandb'} (sync later: wandb sync)" if mode == "offline" else "online"
         self._lines["W&B"] = f"W&B: {where} (project {project})"
 

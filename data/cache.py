@@ -33,8 +33,9 @@ from tqdm import tqdm
 
 from core.errors import UserError
 from core.fileio import private_dir, publish, temporary_path, write_json_atomic
+from core.hardware import usable_cpus
 from core.signals import default_sigterm, sigterm_raises
-from data.images import ImageLimits, ImageReadError, current_limits, load_gray, set_limits
+from data.images import ImageLimits, ImageReadError, current_limits, read_frames, set_limits, split_frame_name
 
 if TYPE_CHECKING:
     from core.config import Config
@@ -48,13 +49,6 @@ CACHE_VERSION = 4
 # at reduced scale) holds the GIL and caps threads, so a split big enough to pay for starting processes
 # gets processes (600-7000 images on 2 cores: 1.6-1.7x vs 1.4-1.6x; and at many cores the cap bites hard).
 PROCESS_MIN_IMAGES = 500
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def rows_hash(names: list[str]) -> str:
@@ -157,41 +151,57 @@ def _open_output(path: str, offset: int, img_size: int, histogram: bool, limits:
     _out.update(fd=os.open(path, os.O_WRONLY), offset=offset, img_size=img_size, histogram=histogram)
 
 
-def _decode_row(item: tuple[int, Path]) -> np.ndarray | int:
-    """Decode image i and write it at row i (pixels never travel back through a pipe); its histogram."""
-    i, path = item
-    image = load_gray(path, _out["img_size"])
-    os.pwrite(_out["fd"], image, _out["offset"] + i * image.nbytes)
-    # bincount holds the GIL: counting where nobody needs it cost ~10% of a 2-core build
-    return np.bincount(image.ravel(), minlength=256) if _out["histogram"] else 0
+def by_file(paths: list[Path]) -> list[tuple[Path, list[tuple[int, int | None]]]]:
+    """The rows grouped by the file they come from: (file, [(row, frame or None), ...]), in first-row order."""
+    files: dict[Path, list[tuple[int, int | None]]] = {}
+    for i, path in enumerate(paths):
+        file, frame = split_frame_name(path)
+        files.setdefault(file, []).append((i, frame))
+    return list(files.items())
+
+
+def _decode_file(item: tuple[Path, list[tuple[int, int | None]]]) -> tuple[np.ndarray | int, int]:
+    """Decode the rows of one file (a multi-frame DICOM read once for all its frames) and write each at its row
+    (pixels never travel back through a pipe); (their histogram, how many rows)."""
+    file, rows = item
+    frames = list(dict.fromkeys(frame for _, frame in rows))  # a file may stand in several rows
+    images = dict(read_frames(file, _out["img_size"], None if frames == [None] else frames))
+    hist = np.zeros(256, dtype=np.int64) if _out["histogram"] else 0
+    for i, frame in rows:
+        image = images[frame]
+        os.pwrite(_out["fd"], image, _out["offset"] + i * image.nbytes)
+        if _out["histogram"]:  # bincount holds the GIL: counting where nobody needs it cost ~10% of a 2-core build
+            hist += np.bincount(image.ravel(), minlength=256)
+    return hist, len(rows)
 
 
 def decode_into(path: Path, offset: int, paths: list[Path], img_size: int, progress: bool, desc: str,
                 histogram: bool) -> np.ndarray | None:
-    """load_gray over paths into the rows of `path`, on all usable cores, with a progress bar.
+    """The images of `paths` (files, or frames file#frame=K) into the rows of `path`, each file decoded once, on all
+    usable cores, with a progress bar.
 
     Returns the 256-bin histogram of all pixels (the exact statistics come free with the build),
     or None when `histogram` is off."""
     cores = usable_cpus()
-    items = list(enumerate(paths))
+    items = by_file(paths)
     hist = np.zeros(256, dtype=np.int64)
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar, \
             contextlib.ExitStack() as stack:
         if cores > 1 and len(paths) >= PROCESS_MIN_IMAGES:
             pool = stack.enter_context(multiprocessing.get_context().Pool(
                 cores, _open_output, (str(path), offset, img_size, histogram, current_limits())))
-            rows = pool.imap_unordered(_decode_row, items, chunksize=max(1, min(16, len(paths) // (cores * 8))))
+            rows = pool.imap_unordered(_decode_file, items, chunksize=max(1, min(16, len(items) // (cores * 8))))
         else:
             _open_output(str(path), offset, img_size, histogram)  # one descriptor: os.pwrite is safe from any thread
             stack.callback(lambda: os.close(_out.pop("fd")))  # after the threads are done (exits run in reverse)
             # one thread more than cores keeps them busy while another holds the GIL
-            threads = ThreadPoolExecutor(min(cores + 1, len(paths)))
+            threads = ThreadPoolExecutor(min(cores + 1, len(items)))
             # on Ctrl-C/SIGTERM the rows not started yet are dropped, not decoded first
             stack.callback(lambda: threads.shutdown(wait=True, cancel_futures=True))
-            rows = threads.map(_decode_row, items)
-        for row_hist in rows:
-            hist += row_hist
-            bar.update()
+            rows = threads.map(_decode_file, items)
+        for file_hist, n in rows:
+            hist += file_hist
+            bar.update(n)
     return hist if histogram else None
 
 

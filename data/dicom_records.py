@@ -13,13 +13,28 @@ from data.images import ImageReadError, frame_name, read_dicom
 
 
 @dataclass(frozen=True)
-class DicomFile:
+class DicomRecords:
     frames: int
     series_uid: str | None
 
     def record_names(self, rel: str) -> list[str]:
         """Manifest paths of its records: the file itself for one frame, file#frame=K for each of several."""
         return [rel] if self.frames == 1 else [frame_name(rel, k) for k in range(1, self.frames + 1)]
+
+
+IDENTITY_KEYWORDS = ("PatientBirthDate", "PatientBirthTime")  # besides every person name (VR PN)
+
+
+def strip_identity(ds):
+    """Every person name (VR PN: the patient's, other names, birth and mother's names, physicians') and the birth
+    date and time emptied, in the data set and every sequence nested in it (OriginalAttributesSequence ...);
+    the patient ID stays, to file results. Returns `ds`."""
+    def blank(dataset, element) -> None:
+        if element.VR == "PN" or element.keyword in IDENTITY_KEYWORDS:
+            element.value = ""
+
+    ds.walk(blank)
+    return ds
 
 
 def read_dicom_header(path: Path):
@@ -37,7 +52,7 @@ def read_dicom_header(path: Path):
         raise ImageReadError(f"{path}: not a readable DICOM file ({exc})") from None
 
 
-def inspect_dicom(path: str | Path, decode: bool = True) -> DicomFile:
+def inspect_dicom(path: str | Path, decode: bool = True) -> DicomRecords:
     """Frames and series of one DICOM file; decode=True also decodes every frame (a corrupt one raises
     ImageReadError, as a corrupt JPEG does when the data set is scanned)."""
     path = Path(path)
@@ -49,4 +64,4 @@ def inspect_dicom(path: str | Path, decode: bool = True) -> DicomFile:
     if decode:
         frames = len(read_dicom(path))
     series = str(getattr(header, "SeriesInstanceUID", "") or "").strip() or None
-    return DicomFile(frames, series)
+    return DicomRecords(frames, series)

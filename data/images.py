@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +26,16 @@ from PIL import Image
 from core.config import on_load
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+# The only decoders Pillow may use, whatever a file is named: its other plugins (WebP, TGA, PCX, JPEG 2000, EPS
+# through Ghostscript ...) are attack surface no MRI slice needs.
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF")  # JPEG includes its multi-picture (MPO) form
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 # The one resampling filter; antialiased so that 512 px -> 64 px keeps small lesions visible.
 RESAMPLE = Image.Resampling.BILINEAR
 DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # >8-bit grey
 BAND_PIXELS = 1 << 22  # >8-bit images are stretched in bands of ~4 Mpx: float32 copies stay small
+DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the whole data set is zlib-deflated
+INFLATE_CHUNK = 1 << 20
 DICOM_CODECS = "uncompressed, deflate, RLE, JPEG (baseline, extended, lossless), JPEG-LS, JPEG 2000, HTJ2K"
 
 # Pillow warns about a decompression bomb below twice its pixel limit: here that is an error too.
@@ -105,6 +111,43 @@ def check_file(path: Path) -> int:
     if size > _limits.max_bytes:
         raise ImageReadError(f"{path}: {size} bytes, over the limit of {_limits.max_bytes} (images.max_bytes)")
     return size
+
+
+def inflated_size(stream, limit: int) -> int:
+    """The bytes a raw deflate stream inflates to, counted a MiB at a time and never kept; stops once past `limit`
+    (a 0.5 MB Deflated DICOM can hold 512 MB of zeros, which pydicom and pynetdicom would inflate whole)."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    while chunk := stream.read(INFLATE_CHUNK):
+        while True:
+            out = inflater.decompress(chunk, INFLATE_CHUNK)
+            total += len(out)
+            if total > limit:
+                return total
+            chunk = inflater.unconsumed_tail
+            if not chunk and len(out) < INFLATE_CHUNK:
+                break
+    return total
+
+
+def check_inflated(path: Path, limit: int | None = None) -> None:
+    """Refuses a Deflated DICOM file whose data set inflates past `limit` bytes (default images.max_bytes) before
+    anything inflates it; other files pass untouched (the decoder judges them)."""
+    from pydicom.filereader import read_file_meta_info
+
+    limit = _limits.max_bytes if limit is None else limit
+    try:
+        meta = read_file_meta_info(path)
+    except Exception:  # noqa: BLE001 - not a Part 10 file: nothing is inflated for it here
+        return
+    if str(meta.get("TransferSyntaxUID", "")) != DEFLATED:
+        return
+    if "FileMetaInformationGroupLength" not in meta:
+        raise ImageReadError(f"{path}: a deflated data set without File Meta Information Group Length")
+    with open(path, "rb") as fh:
+        fh.seek(128 + 4 + 12 + int(meta.FileMetaInformationGroupLength))  # preamble, DICM, (0002,0000), group 2
+        if inflated_size(fh, limit) > limit:
+            raise ImageReadError(f"{path}: a deflated data set that inflates past {limit} bytes")
 
 
 def check_pixels(path: Path, width: int, height: int, what: str = "image") -> None:
@@ -221,7 +264,11 @@ def open_image(path: str | Path, size: int | None = None) -> Image.Image:
         return Image.fromarray(dicom.frame(1))
     with decoding(path):
         check_file(path)
-        with Image.open(path) as img:
+        try:
+            opened = Image.open(path, formats=IMAGE_FORMATS)
+        except Image.UnidentifiedImageError:
+            raise ImageReadError(f"{path}: not a JPEG, PNG, BMP or TIFF image (the formats read)") from None
+        with opened as img:
             check_pixels(path, *img.size)  # the header only: nothing is decoded yet
             if size is not None and img.format == "JPEG":
                 img.draft("L", (size, size))  # a no-op for JPEGs it cannot apply to (e.g. CMYK mode stays)
@@ -239,6 +286,7 @@ class DicomFile:
         self.path = Path(path)
         with decoding(self.path):
             check_file(self.path)
+            check_inflated(self.path)
             self.ds = pydicom.dcmread(str(self.path))
             if "PixelData" not in self.ds:
                 raise ImageReadError(f"{self.path}: a DICOM file without pixel data")
@@ -346,14 +394,20 @@ def load_gray(path: str | Path, size: int) -> np.ndarray:
     return resize_gray(Image.fromarray(DicomFile(path).frame(frame)), size)
 
 
+def read_frames(path: str | Path, size: int, frames: list[int] | None = None) -> list[tuple[int | None, np.ndarray]]:
+    """Every image in a file as (frame, uint8 (size, size)): (None, image) for an image or a single-frame DICOM,
+    (K, frame K) for each frame of a multi-frame DICOM (1-based); `frames`: only those, the file read once.
+    Raises ImageReadError."""
+    path = Path(path)
+    if not is_dicom(path):
+        return [(None, load_gray(path, size))]
+    dicom = DicomFile(path)
+    if dicom.frames == 1 and not frames:
+        return [(None, resize_gray(Image.fromarray(dicom.frame(1)), size))]
+    return [(k, resize_gray(Image.fromarray(dicom.frame(k)), size)) for k in frames or range(1, dicom.frames + 1)]
+
+
 def load_frames(path: str | Path, size: int) -> list[tuple[str, np.ndarray]]:
     """Every image in a file as (record name, uint8 (size, size)): one for an image, one per frame of a
     multi-frame DICOM (named path#frame=K). Raises ImageReadError."""
-    path = Path(path)
-    if not is_dicom(path):
-        return [(str(path), load_gray(path, size))]
-    dicom = DicomFile(path)
-    if dicom.frames == 1:
-        return [(str(path), resize_gray(Image.fromarray(dicom.frame(1)), size))]
-    return [(frame_name(path, k), resize_gray(Image.fromarray(dicom.frame(k)), size))
-            for k in range(1, dicom.frames + 1)]
+    return [(frame_name(path, k), gray) for k, gray in read_frames(path, size)]

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from core.errors import UserError
 from core.fileio import atomic_file, write_json_atomic
-from data.cache import usable_cpus
+from core.hardware import usable_cpus
 from data.dicom_records import inspect_dicom
 from data.images import ImageReadError, is_dicom, is_image_file, open_image, split_frame_name
 from data.split import SPLITS, assign_splits, group_items

@@ -123,9 +123,11 @@ def resolve_normalization(cfg: Config, split: Split, img_size: int, log=print) -
         log(f"   Pre-computed mean: {stats['mean']}")
         log(f"   Pre-computed std: {stats['std']}")
         return stats["mean"], stats["std"], "precomputed"
-    reason = "none saved" if stats is None else "saved ones are for another split or image size"
-    log(f"Computing normalization statistics on the training split ({reason}; "
-        f"run compute_normalization.py --mode save to reuse them)")
+    reason = ("none are saved for this data set" if stats is None
+              else f"the saved ones in {cfg.dataset.stats_path} are for another split or image size")
+    # says whether the user has to do anything: they do not; saving them only spares later runs this step
+    log(f"Computing normalization statistics on the training split: {reason}. Nothing to do: they go into the "
+        "checkpoint with the model (python compute_normalization.py --mode save would let later runs reuse them)")
     stats = compute_stats(cfg, split, img_size)
     log(f"   mean: {stats['mean']}  std: {stats['std']}")
     return stats["mean"], stats["std"], "computed"

@@ -10,8 +10,9 @@ import time
 from dataclasses import dataclass
 
 from core.errors import UserError
+from deploy.model_card import ALIASES_NOW, with_aliases
 from deploy.policy import PRODUCTION, check_production, is_production, production_refusal
-from deploy.registry import INT8_FLAVOR, INT8_LINK_TAG, ONNX_LINK_TAG
+from deploy.registry import INT8_FLAVOR, INT8_LINK_TAG, ONNX_LINK_TAG, resolve_version
 
 HISTORY_CHARS = 4000  # MLflow keeps tag values up to 5000 characters (8000 on newer stores)
 
@@ -48,18 +49,9 @@ def holder(client, name: str, alias: str) -> str | None:
         return None
 
 
-def get_version(client, name: str, version):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version(name, str(version))
-    except MlflowException:
-        raise UserError(f"registered model {name} has no version {version}") from None
-
-
 def _append_history(client, name: str, version: str, alias: str, event: str) -> None:
     key = f"alias.{alias}.history"
-    old = (get_version(client, name, version).tags or {}).get(key, "")
+    old = (resolve_version(client, name, version=version).tags or {}).get(key, "")
     text = "\n".join(filter(None, [old, event]))
     client.set_model_version_tag(name, version, key, text[-HISTORY_CHARS:].partition("\n")[2]
                                  if len(text) > HISTORY_CHARS else text)
@@ -89,7 +81,20 @@ def move_alias(client, mv, alias: str, how: str, promote_on: str = "point", roll
         twin = (mv.tags or {}).get(tag)
         if twin:
             moves.append(_move_one(client, f"{mv.name}-{suffix}", twin, alias, how, status, rollback))
+    for move in moves:  # the model cards in the versions' descriptions say where the aliases are now
+        for version in filter(None, (move.version, move.previous)):
+            refresh_card(client, move.name, version)
     return moves
+
+
+def refresh_card(client, name: str, version: str) -> str | None:
+    """Bring the aliases line of a version's model card (its description) up to date; the new description."""
+    mv = client.get_model_version(name, version)
+    if not mv.description or ALIASES_NOW not in mv.description:
+        return None
+    description = with_aliases(mv.description, mv.aliases or [])
+    client.update_model_version(name, version, description=description)
+    return description
 
 
 def rollback_alias(client, name: str, alias: str, how: str, promote_on: str = "point") -> list[Move]:
@@ -97,10 +102,11 @@ def rollback_alias(client, name: str, alias: str, how: str, promote_on: str = "p
     current = holder(client, name, alias)
     if current is None:
         raise UserError(f"{name} has no @{alias}; nothing to roll back")
-    previous = (get_version(client, name, current).tags or {}).get(f"alias.{alias}.previous")
+    previous = (resolve_version(client, name, version=current).tags or {}).get(f"alias.{alias}.previous")
     if not previous:
         raise UserError(f"{name} v{current} is the first version recorded at @{alias}; nothing to roll back to")
-    return move_alias(client, get_version(client, name, previous), alias, how, promote_on, rollback=True)
+    return move_alias(client, resolve_version(client, name, version=previous), alias, how, promote_on,
+                      rollback=True)
 
 
 def deployment_lines(client, name: str, promote_on: str = "point") -> list[str]:

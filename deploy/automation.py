@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING
 
 from core.checkpoint import default_checkpoint
 from core.errors import UserError
+from core.fileio import write_text_atomic
 from deploy.aliases import describe, move_alias
+from deploy.model_card import with_aliases
 from deploy.policy import PRODUCTION, STAGING, loosened_gates, production_refusal
 from deploy.registry import connect
 from deploy.release import ReleaseRequest, release_checkpoint
@@ -21,7 +23,7 @@ from evaluation.gates import format_gates
 from evaluation.record import log_evaluation_files
 from evaluation.reports import flat_metrics
 from evaluation.scoring import evaluate_checkpoint, write_evaluation_files
-from evaluation.source import open_checkpoint
+from evaluation.source import OpenedCheckpoint, open_checkpoint
 
 if TYPE_CHECKING:
     from core.config import Config
@@ -43,23 +45,24 @@ def skip_reason(cfg: Config) -> str | None:
     return None
 
 
-def release_after_training(cfg: Config, device, tracker, log=print) -> str:
-    """Evaluate, register @staging, promote to @production when allowed; returns the outcome (a run tag too)."""
+def release_after_training(cfg: Config, device, tracker, log=print, again: str = "") -> str:
+    """Evaluate, register @staging, promote to @production when allowed; returns the outcome (a run tag too).
+    `again`: the command-line flags the printed next commands need to find the same data and stores."""
     model = cfg.model
     reason = skip_reason(cfg)
     if reason is None:
-        reason, validation = evaluate_best(cfg, device, tracker, log)
+        reason, validation, opened = evaluate_best(cfg, device, tracker, log)
         if reason is None and not validation["deployment_ready"]:
             failed = ", ".join(g["name"] for g in validation["gates"] if not g["passed"])
             reason = f"the model fails the gates ({failed})"
     if reason is not None:
         log(f"ℹ️  Not registered: {reason}.")
-        log(f"   Next: python evaluate.py --model {model} --medical-validation, then python register_model.py "
-            f"--model {model} --version X.Y.Z once the gates pass")
+        log(f"   Next: python evaluate.py --model {model}{again} --medical-validation, then python register_model.py "
+            f"--model {model}{again} --version X.Y.Z once the gates pass")
         tracker.set_tags({"registry.auto_register": f"skipped: {reason}"[:250]})
         return "skipped"
     try:
-        outcome = register_and_promote(cfg, tracker, log)
+        outcome = register_and_promote(cfg, tracker, log, opened, again)
     except UserError as exc:  # a store that cannot be reached, a parity failure: training itself succeeded
         log(f"⚠️  Not registered: {exc}")
         tracker.set_tags({"registry.auto_register": f"failed: {exc}"[:250]})
@@ -67,8 +70,9 @@ def release_after_training(cfg: Config, device, tracker, log=print) -> str:
     return outcome
 
 
-def evaluate_best(cfg: Config, device, tracker, log) -> tuple[str | None, dict | None]:
-    """The best checkpoint on the test split, its files written beside it and its figures on the training run."""
+def evaluate_best(cfg: Config, device, tracker, log) -> tuple[str | None, dict | None, OpenedCheckpoint | None]:
+    """The best checkpoint on the test split, its files written beside it and its figures on the training run;
+    (why not, or None; the gates' verdict; the opened checkpoint, which registration then uses as it is)."""
     ckpt_path = default_checkpoint(cfg)
     log(f"\n🧪 Evaluating {ckpt_path} on the test split for the registry (registry.auto_register)")
     try:
@@ -76,9 +80,9 @@ def evaluate_best(cfg: Config, device, tracker, log) -> tuple[str | None, dict |
         ev = evaluate_checkpoint(cfg, opened, device)
         files = write_evaluation_files(ckpt_path.parent, ev, opened.class_names)
     except UserError as exc:
-        return f"the evaluation failed ({exc})", None
+        return f"the evaluation failed ({exc})", None, None
     except Exception as exc:  # e.g. a diverged model's NaN scores: training succeeded, only registration stops
-        return f"the evaluation failed ({type(exc).__name__}: {exc})", None
+        return f"the evaluation failed ({type(exc).__name__}: {exc})", None, None
     tracker.log_metrics(flat_metrics(ev.record))
     tracker.set_tags({"deployment_ready": ev.validation["deployment_ready"]})
     log_evaluation_files(tracker, files, "evaluation")
@@ -86,14 +90,14 @@ def evaluate_best(cfg: Config, device, tracker, log) -> tuple[str | None, dict |
     log(f"   accuracy {acc['value']:.2%} (95% CI {acc['ci_low']:.2%}-{acc['ci_high']:.2%}) on "
         f"{ev.record['n_test']} test images; files in {ckpt_path.parent}")
     log(format_gates(ev.validation))
-    return None, ev.validation
+    return None, ev.validation, opened
 
 
-def register_and_promote(cfg: Config, tracker, log) -> str:
+def register_and_promote(cfg: Config, tracker, log, opened: OpenedCheckpoint, again: str = "") -> str:
     run_id = tracker.mlflow_run_id or "none"
     request = ReleaseRequest(f"0.0.0-auto.{time.strftime('%Y%m%dT%H%M%S')}", STAGING,
                              f"Registered automatically after training run {run_id}",
-                             {"auto_registered": "true"}, how=HOW)
+                             {"auto_registered": "true"}, how=HOW, opened=opened)
     released = release_checkpoint(cfg, request, log)
     name, version = released.names["pytorch"], released.versions["pytorch"]
     log(f"📝 Model {name} v{version} registered in Staging")
@@ -105,12 +109,15 @@ def register_and_promote(cfg: Config, tracker, log) -> str:
         client = connect(cfg.monitoring.mlflow)
         moves = move_alias(client, client.get_model_version(name, version), PRODUCTION, HOW, cfg.registry.promote_on)
         log(describe(moves))
+        card = default_checkpoint(cfg).parent / "model_card.md"  # the card beside the checkpoint follows too
+        if card.is_file():
+            write_text_atomic(card, with_aliases(card.read_text(), client.get_model_version(name, version).aliases))
         tags["registry.alias"] = PRODUCTION
-        log(f"🔮 Next: python inference_with_mlflow.py --model {name} --image PATH   (serves @production)")
+        log(f"🔮 Next: python inference_with_mlflow.py --model {name} --image PATH{again}   (serves @production)")
     else:
         log(f"ℹ️  Not promoted to Production: {refusal}.")
-        log(f"🔮 Next: python inference_with_mlflow.py --model {name} --stage Staging --image PATH; promote with "
-            f"python deploy_model.py promote --model {cfg.model} --version {version} --alias production")
+        log(f"🔮 Next: python inference_with_mlflow.py --model {name} --stage Staging --image PATH{again}; promote "
+            f"with python deploy_model.py promote --model {cfg.model}{again} --version {version} --alias production")
         tags["registry.auto_promote"] = f"skipped: {refusal}"[:250]
     tracker.set_tags(tags)
     return "promoted" if refusal is None else "registered"

@@ -21,10 +21,10 @@ from core.feature_ood import OOD_OUTPUT
 from core.fileio import publish, temporary_path, write_text_atomic
 from deploy.predictors import preprocess_path, softmax
 from deploy.registry import INT8_FLAVOR
-from evaluation.source import OpenedCheckpoint, open_checkpoint
+from evaluation.source import OpenedCheckpoint
 
 if TYPE_CHECKING:
-    from core.config import Config
+    pass
 
 INT8 = INT8_FLAVOR  # made by deploy/quantize.py from the fp32 ONNX model, with its own gate instead of parity
 FORMATS = {"onnx": ("onnx",), "torchscript": ("torchscript",), "pt2": ("pt2",), INT8: (INT8,),
@@ -215,15 +215,13 @@ class ExportSource:
         return self.opened.contract
 
 
-def export_source(cfg: Config, checkpoint, model_flag: str | None, resplit: bool = False, n_images: int = 8,
-                  log=print) -> ExportSource:
-    from models.features import FEATURE_OOD_STATE, scored_model
+def export_source(opened: OpenedCheckpoint, n_images: int = 8, log=print) -> ExportSource:
+    """The opened checkpoint (evaluation.source.open_checkpoint: read once, its split checked) ready to export."""
+    from models.features import answering_model
     from models.loading import model_from_checkpoint
 
-    opened = open_checkpoint(cfg, checkpoint, model_flag, resplit, same_split=False, log=log)
     x = parity_inputs(opened.split.samples("test")[0], opened.contract, n_images)
     log(f"🔍 Parity inputs: {len(x)} test images of {opened.split.manifest_path}, preprocessed with the "
         "checkpoint's contract")
     plain = model_from_checkpoint(opened.ckpt, "cpu")
-    state = opened.ckpt.get(FEATURE_OOD_STATE)
-    return ExportSource(opened, plain if state is None else scored_model(plain, state), x, plain)
+    return ExportSource(opened, answering_model(plain, opened.ckpt), x, plain)

@@ -86,6 +86,22 @@ class Release:
     int8_gate: str | None = None  # the int8 gate's summary when an int8 ONNX model is registered too
 
 
+ALIASES_NOW = "Aliases now: "
+
+
+def aliases_line(aliases) -> str:
+    """The card's one line that follows the registry: rewritten whenever an alias of the version moves."""
+    named = ", ".join(f"`{a}`" for a in sorted(aliases)) or "none"
+    return (f"{ALIASES_NOW}{named} (as of {datetime.now(timezone.utc).isoformat(timespec='seconds')}; "
+            "`python deploy_model.py list` shows the registry's live ones).")
+
+
+def with_aliases(card: str, aliases) -> str:
+    """The card with its aliases line brought up to date (a card without one is returned unchanged)."""
+    return "\n".join(aliases_line(aliases) if line.startswith(ALIASES_NOW) else line
+                     for line in card.split("\n"))
+
+
 def build_model_card(ckpt: dict, contract: Contract, evidence: Evidence, release: Release) -> str:
     """Markdown model card for one registered version."""
     metrics = evidence.metrics
@@ -96,8 +112,8 @@ def build_model_card(ckpt: dict, contract: Contract, evidence: Evidence, release
     lines = [f"# Model card: {names['pytorch']} {semver}", "",
              f"Registered {datetime.now(timezone.utc).isoformat(timespec='seconds')}; flavors: `{names['pytorch']}` "
              f"(PyTorch, torch.export) and `{names['onnx']}` (ONNX)"
-             + (f", `{names[INT8_FLAVOR]}` (ONNX int8)" if INT8_FLAVOR in names else "")
-             + (f"; alias `{alias}`" if alias else "") + ".",
+             + (f", `{names[INT8_FLAVOR]}` (ONNX int8)" if INT8_FLAVOR in names else "") + ".",
+             aliases_line([alias] if alias else []),
              *(["", description] if description else []), "",
              "## Intended use",
              f"Classifies a single 2-D brain MRI slice into one of: {', '.join(contract.class_names)}. "

@@ -14,7 +14,7 @@ import numpy as np
 from core.conformal import CONFORMAL_KEY, prediction_set
 from core.contract import Contract
 from core.feature_ood import FEATURE_OOD_KEY, OOD_OUTPUT, feature_limit
-from data.images import load_frames, load_gray
+from data.images import frame_name, load_gray, read_frames
 from data.preprocess_numpy import preprocess_numpy
 
 # Tried in this order; an execution provider that ONNX Runtime lacks here is skipped.
@@ -59,6 +59,9 @@ def prediction_record(path, probs: np.ndarray, class_names: list[str]) -> dict:
     }
 
 
+ANSWER_CHECKS = ("ood_distance", "ood_limit", "out_of_distribution", "prediction_set")  # answer_checks' fields
+
+
 def answer_checks(probs: np.ndarray, distance: float | None, contract: Contract) -> dict:
     """The record's fields that say whether to trust the answer: the feature-space distance and whether it is past
     the model's limit (out of distribution), and the conformal prediction set; None where the model has no such
@@ -83,6 +86,19 @@ class Outputs:
 
     def __getitem__(self, rows: slice) -> Outputs:
         return Outputs(self.probs[rows], None if self.ood is None else self.ood[rows])
+@dataclass(frozen=True)
+class ModelInput:
+    """One image as the model is given it: the file it came from, its frame (1-based; None for a single image),
+    the 8-bit slice at the model's size (what the refer rule's intensity check reads) and the preprocessed input."""
+    source: str
+    frame: int | None
+    gray: np.ndarray  # uint8 (S, S)
+    x: np.ndarray     # float32 (1, 3, S, S)
+
+    @property
+    def name(self) -> str:
+        """The record name: the file, or file#frame=K for one frame of several."""
+        return frame_name(self.source, self.frame)
 
 
 class Predictor:
@@ -127,16 +143,18 @@ class Predictor:
         """One record: an image, or one frame named path#frame=K."""
         return self.record(path, self.infer(self.preprocess(path)), 0)
 
-    def preprocess_file(self, path) -> list[tuple[str, np.ndarray]]:
-        """(record name, (1, 3, S, S)) for every image in a file: one, or one per frame of a multi-frame DICOM."""
+    def decode(self, path) -> list[ModelInput]:
+        """Every image in a file as the model is given it: one, or one per frame of a multi-frame DICOM; raises
+        data.images.ImageReadError."""
         c = self.contract
-        return [(name, preprocess_numpy(gray, c.mean, c.std)) for name, gray in load_frames(path, c.img_size)]
+        return [ModelInput(str(path), frame, gray, preprocess_numpy(gray, c.mean, c.std))
+                for frame, gray in read_frames(path, c.img_size)]
 
     def predict_file(self, path) -> list[dict]:
         """One record per image in the file (a multi-frame DICOM gives one per frame, path#frame=K)."""
-        items = self.preprocess_file(path)
-        out = self.infer(np.concatenate([x for _, x in items]))
-        return [self.record(name, out, i) for i, (name, _) in enumerate(items)]
+        inputs = self.decode(path)
+        out = self.infer(np.concatenate([i.x for i in inputs]))
+        return [self.record(i.name, out, k) for k, i in enumerate(inputs)]
 
 
 class OnnxPredictor(Predictor):

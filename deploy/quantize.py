@@ -25,8 +25,8 @@ from core.feature_ood import FEATURE_OOD_KEY, OOD_OUTPUT, feature_limit
 from core.fileio import publish
 from data.images import ImageReadError
 from data.preprocess import Preprocessor
+from deploy.onnx_module import open_onnx
 from deploy.predictors import preprocess_path
-from deploy.scoring import open_onnx
 from evaluation.prediction import predict_split
 from evaluation.uncertainty import bootstrap_intervals
 

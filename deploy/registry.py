@@ -29,8 +29,17 @@ INT8_LINK_TAG = "onnx_int8_version"  # on the PyTorch and ONNX versions of a rel
 PICKLE_SWITCH = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"  # MLflow's environment switch for pickle on load
 
 
+REGISTERED_PREFIX = "brain-cancer-"  # brain-cancer-{model}: the one place a registered name is derived
+
+
+def flavor_name(name: str, flavor: str) -> str:
+    """The registered name of one flavor of a release, from its PyTorch name (brain-cancer-resnet18-onnx)."""
+    return name if flavor == "pytorch" else f"{name}-{flavor}"
+
+
 def registered_names(model: str) -> dict[str, str]:
-    return {"pytorch": f"brain-cancer-{model}", "onnx": f"brain-cancer-{model}-onnx"}
+    name = f"{REGISTERED_PREFIX}{model}"
+    return {"pytorch": name, "onnx": flavor_name(name, "onnx")}
 
 
 def registered_name(name: str) -> str:
@@ -197,7 +206,7 @@ def onnx_twin(client, mv):
     if mv.name.endswith("-onnx"):
         return mv
     twin = mv.tags.get(ONNX_LINK_TAG)
-    return client.get_model_version(f"{mv.name}-onnx", twin) if twin else None
+    return client.get_model_version(flavor_name(mv.name, "onnx"), twin) if twin else None
 
 
 def download(mv, dst: Path) -> Path:
@@ -297,7 +306,7 @@ def onnx_predictor(path: Path, flavor: str, what: str, session_config: dict[str,
 
 
 def int8_registered_name(model: str) -> dict[str, str]:
-    return {INT8_FLAVOR: f"brain-cancer-{model}-{INT8_FLAVOR}"}
+    return {INT8_FLAVOR: flavor_name(registered_names(model)["pytorch"], INT8_FLAVOR)}
 
 
 def log_int8_flavor(int8_path: Path, example, extra_files: list[Path]) -> str:

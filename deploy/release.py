@@ -35,6 +35,7 @@ from deploy.registry import (
     ONNX_LINK_TAG,
     connect,
     find_release,
+    flavor_name,
     int8_registered_name,
     load_pytorch_flavor,
     log_flavors,
@@ -43,6 +44,7 @@ from deploy.registry import (
     registered_names,
     run_link,
 )
+from evaluation.source import OpenedCheckpoint, open_checkpoint
 
 if TYPE_CHECKING:
     from core.config import Config
@@ -59,6 +61,8 @@ class ReleaseRequest:
     resplit: bool = False
     how: str = "register_model.py"  # who asked: recorded on the version and in the alias history
     int8: bool = False  # also the int8 ONNX model, brain-cancer-{model}-onnx-int8 (refused unless its gate passes)
+    opened: OpenedCheckpoint | None = None  # the checkpoint already opened (read, its split checked): not again
+    loaded: dict | None = None  # the checkpoint already read (register_model.py --checkpoint alone): not again
 
 
 @dataclass
@@ -111,10 +115,10 @@ def _already_registered(client, mv, req: ReleaseRequest, sha: str, promote_on: s
         raise UserError(f"{mv.name} v{mv.version} is version {req.semver} of this checkpoint, registered without "
                         "its int8 model; choose a new --version to register it with --int8")
     log(f"ℹ️  {mv.name} v{mv.version} is already version {req.semver} of this checkpoint: nothing new registered")
-    names = {"pytorch": mv.name, "onnx": f"{mv.name}-onnx"}
+    names = {flavor: flavor_name(mv.name, flavor) for flavor in ("pytorch", "onnx")}
     versions = {"pytorch": str(mv.version), "onnx": mv.tags.get(ONNX_LINK_TAG)}
     if int8:
-        names[INT8_FLAVOR], versions[INT8_FLAVOR] = f"{mv.name}-{INT8_FLAVOR}", int8
+        names[INT8_FLAVOR], versions[INT8_FLAVOR] = flavor_name(mv.name, INT8_FLAVOR), int8
     released = Released(names, versions, dict(mv.tags))
     if req.alias:
         released.moves = move_alias(client, mv, req.alias, req.how, promote_on)
@@ -123,7 +127,9 @@ def _already_registered(client, mv, req: ReleaseRequest, sha: str, promote_on: s
 
 def _register_new(cfg: Config, client, req: ReleaseRequest, evidence: Evidence, tags: dict, log) -> dict[str, str]:
     names = {**registered_names(cfg.model), **(int8_registered_name(cfg.model) if req.int8 else {})}
-    src = export_source(cfg, req.checkpoint, cfg.model, req.resplit, log=log)
+    opened = req.opened or open_checkpoint(cfg, req.checkpoint, cfg.model, req.resplit, same_split=False, log=log,
+                                           loaded=req.loaded)
+    src = export_source(opened, log=log)
     ckpt = src.opened.ckpt
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = _export_onnx(cfg, src, Path(tmp), log)

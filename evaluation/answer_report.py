@@ -2,7 +2,7 @@
 
 - the conformal sets' empirical coverage (exact Clopper-Pearson interval) and mean size (bootstrap), per class too;
 - the refer rate and the accuracy of what was not referred, and how often each reason fired; the reasons are the
-  refer rule's (review.refer.ReferRule): top probability under review.refer_below, more than one class in the set,
+  refer rule's (deploy.refer.ReferRule): top probability under review.refer_below, more than one class in the set,
   out of distribution (feature distance past the model's limit), unlike the training data (intensity distance);
 - the out-of-distribution detector against each given set (`evaluate.py --ood DIR`, and the far sets the toolkit
   makes from the test split with --ood-self-check): AUROC of the feature distance, test split against the set, with
@@ -60,18 +60,19 @@ def conformal_report(y_true, y_prob, spec: dict, class_names: list[str], ev) -> 
                                    for k, c in enumerate(class_names) if (y_true == k).any()}}
 
 
-def refer_reasons(y_prob, spec: dict | None, class_names: list[str], ood: np.ndarray | None, ood_limit: float | None,
-                  intensity: np.ndarray | None, intensity_limit: float | None, refer_below: float) -> dict:
-    """Which reason refers which image (booleans per image), the refer rule's reasons; a check the model lacks is
-    left out."""
+def refer_reasons(y_prob, refer_below: float, set_sizes: np.ndarray | None, ood: np.ndarray | None,
+                  ood_limit: float | None, intensity: np.ndarray | None, intensity_limit: float | None) -> dict:
+    """Which reason refers which image (booleans per image), keyed by the refer rule's reason codes
+    (deploy.refer.ReferRule, which judges one image at a time with the same comparisons); a check the model lacks
+    is left out."""
     y_prob = np.asarray(y_prob)
     reasons = {"low_confidence": y_prob.max(axis=1) < refer_below}
-    if spec is not None:
-        reasons["prediction_set_over_one"] = set_members(y_prob, spec, class_names).sum(axis=1) > 1
+    if intensity is not None and intensity_limit is not None:
+        reasons["unlike_training"] = np.asarray(intensity) > intensity_limit
     if ood is not None and ood_limit is not None:
         reasons["out_of_distribution"] = np.asarray(ood) > ood_limit
-    if intensity is not None and intensity_limit is not None:
-        reasons["unlike_training_intensity"] = np.asarray(intensity) > intensity_limit
+    if set_sizes is not None:
+        reasons["prediction_set"] = np.asarray(set_sizes) > 1
     return reasons
 
 

@@ -4,7 +4,6 @@ pytorch-grad-cam pulls in OpenCV, so it is imported only where an overlay is dra
 """
 from __future__ import annotations
 
-import html
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,27 +138,15 @@ def gradcam_gallery(cam_model: CamModel, dataset, indices: list[int], y_pred, ou
 
 
 def write_gradcam_index(entries: list[dict], out_dir, model_name: str) -> Path:
-    """gradcam/index.html: each overlay beside its path, true class, predicted class and confidence."""
-    out_dir = Path(out_dir)
-    rows = []
-    for e in entries:
-        ok = e["true"] == e["predicted"]
-        rows.append(
-            f"<tr class='{'ok' if ok else 'wrong'}'><td><img src='{html.escape(e['file'])}'></td>"
-            f"<td>{html.escape(e['path'])}</td><td>{html.escape(e['true'])}</td><td>{html.escape(e['predicted'])}</td>"
-            f"<td>{e['confidence']:.1%}</td><td>{'correct' if ok else 'MISCLASSIFIED'}</td></tr>")
+    """gradcam/index.html: each overlay beside its path, true class, predicted class and confidence (a template,
+    autoescaped: a file name is only ever text on the page)."""
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+    pages = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
+                        autoescape=select_autoescape(["html"]))
     wrong = sum(e["true"] != e["predicted"] for e in entries)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Grad-CAM: {html.escape(model_name)}</title>
-<style>body{{font-family:sans-serif}} td{{padding:4px 8px;border-bottom:1px solid #ddd}}
-tr.wrong td{{background:#fde8e8}} tr.ok td{{background:#eef8ee}}</style></head><body>
-<h1>Grad-CAM overlays: {html.escape(model_name)}</h1>
-<p>{wrong} misclassified test image(s) (all of them) and {len(entries) - wrong} correctly classified sample(s).
-Left: the image as the model saw it (after resizing); right: Grad-CAM of the predicted class (red = most influence).</p>
-<table><tr><th>image | Grad-CAM</th><th>path</th><th>true</th><th>predicted</th><th>confidence</th><th></th></tr>
-{chr(10).join(rows)}
-</table></body></html>
-"""
-    return write_text_atomic(out_dir / "index.html", page)
+    page = pages.get_template("gradcam_index.html").render(entries=entries, wrong=wrong, model_name=model_name)
+    return write_text_atomic(Path(out_dir) / "index.html", page)
 
 
 def explain_test_set(cam_model: CamModel, test: Scored, class_names: list[str], out_dir, n_correct: int,

@@ -17,16 +17,14 @@ from typing import TYPE_CHECKING
 import yaml
 
 from core.errors import UserError
-from core.hardware import HardwareSampler
 from data.cache import CacheSlot, open_cache
-from data.dataset import GrayImageDataset, make_loader
+from data.dataset import GrayImageDataset
 from data.manifest import Row, fingerprint_rows, list_classes, scan_folders, write_manifest
 from evaluation.gates import check_gates
 from evaluation.plots import evaluation_figures
-from evaluation.prediction import predict
-from evaluation.record import calibration_summary, evaluation_record, log_evaluation_files, score_predictions
+from evaluation.record import log_evaluation_files
 from evaluation.reports import flat_metrics, write_json, write_predictions, write_report
-from evaluation.timing import measure_inference
+from evaluation.scoring import score_set
 
 if TYPE_CHECKING:
     from core.config import Config
@@ -176,62 +174,54 @@ class ExternalRequest:
     """evaluate.py --external PATH [--class-map FILE] and the gate options it shares with the internal run."""
     path: str
     class_map: str | None = None
-    medical_validation: bool = False
+    medical_validation: bool = False  # the verdict decides the exit code (it is recorded either way)
     strict: bool = False
 
 
 @dataclass
 class ExternalResult:
     record: dict
-    validation: dict | None
+    validation: dict  # medical_validation.json: the gates on the external figures, recorded as for the test split
     out_dir: Path
 
 
-def validate_external(cfg: Config, opened, model, pre, device, request: ExternalRequest,
-                      tracker=None) -> ExternalResult:
-    """Score the external set and write the internal evaluation's files, marked external, into
-    {checkpoint folder}/external_{name}/; log them (metrics prefixed external_) to the evaluation's run."""
+def validate_external(cfg: Config, opened, model, device, request: ExternalRequest, tracker=None) -> ExternalResult:
+    """Score the external set as the test split is scored (evaluation.scoring.score_set) and write the internal
+    evaluation's files, marked external, into {checkpoint folder}/external_{name}/, the gate verdict included; log
+    them (metrics prefixed external_) to the evaluation's run."""
     ext = scan_external(request.path, opened.class_names, opened.split, request.class_map)
     out_dir = opened.path.parent / f"external_{ext.name}"
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = write_external_manifest(ext, out_dir)
     dataset = external_dataset(cfg, ext, opened.contract.img_size)
-    with HardwareSampler() as hw:
-        y, prob, _ = predict(model, make_loader(dataset, cfg, cfg.recipe.batch_size, device=device), pre, device,
-                             desc="Evaluating (external)")
-        timing = measure_inference(model, pre, dataset, cfg.recipe.batch_size, device, cfg.evaluation.timing_warmup,
-                                   cfg.evaluation.timing_runs)
-    scores = score_predictions(y, prob, opened.class_names, cfg.evaluation)
-    calibration, bins, _ = calibration_summary(y, prob, cfg.evaluation.ece_bins)
-    record = evaluation_record(opened.ckpt, opened.path, opened.split, scores, calibration, timing)
-    mark_external(record, opened, ext, manifest, hw.summary())
-    validation = check_gates(record, cfg.evaluation.gates, request.strict) if request.medical_validation else None
+    s = score_set(cfg, opened, model, dataset, device, EXTERNAL)
+    record = s.record
+    mark_external(record, opened, ext, manifest)
+    validation = check_gates(record, cfg.evaluation.gates, request.strict)
     files = [manifest, manifest.with_suffix(".json"), write_json(out_dir / "evaluation_metrics.json", record),
-             write_predictions(out_dir / "predictions.csv", [r.path for r in ext.rows], y, prob, opened.class_names),
+             write_predictions(out_dir / "predictions.csv", [r.path for r in ext.rows], s.y_true, s.y_prob,
+                               opened.class_names),
              write_report(out_dir / "evaluation_report.txt", record, validation),
-             *evaluation_figures(out_dir, record, y, prob, bins, None)]
-    if validation is not None:
-        files.append(write_json(out_dir / "medical_validation.json", validation))
+             write_json(out_dir / "medical_validation.json", validation),
+             *evaluation_figures(out_dir, record, s.y_true, s.y_prob, s.bins, None)]
     if tracker is not None:
         log_external(tracker, record, validation, files, ext.name)
     return ExternalResult(record, validation, out_dir)
 
 
-def mark_external(record: dict, opened, ext: ExternalSet, manifest: Path, hardware: dict) -> None:
+def mark_external(record: dict, opened, ext: ExternalSet, manifest: Path) -> None:
     """An evaluation record made external: its manifest and fingerprint, what was mapped and left out. Class
     imbalance stays the training split's, as the internal gates judge it."""
-    record.update(kind=EXTERNAL, split_manifest=str(manifest), data_fingerprint=ext.fingerprint, hardware=hardware,
+    record.update(kind=EXTERNAL, split_manifest=str(manifest), data_fingerprint=ext.fingerprint,
                   external={"path": str(ext.root), "folder_classes": ext.folders, "unmapped_folders": ext.unmapped,
                             "left_out_in_training_manifest": len(ext.in_training),
                             "left_out_unreadable": len(ext.scan_meta["bad_files"]),
                             "training_manifest": str(opened.split.manifest_path)})
 
 
-def log_external(tracker, record: dict, validation: dict | None, files: list[Path], name: str) -> None:
+def log_external(tracker, record: dict, validation: dict, files: list[Path], name: str) -> None:
     tracker.log_metrics(flat_metrics(record, prefix="external_"))
-    tags = {"external_path": record["external"]["path"], "external_n": record["n_test"],
-            "external_fingerprint": record["data_fingerprint"]}
-    if validation is not None:
-        tags["external_deployment_ready"] = validation["deployment_ready"]
-    tracker.set_tags(tags)
+    tracker.set_tags({"external_path": record["external"]["path"], "external_n": record["n_test"],
+                      "external_fingerprint": record["data_fingerprint"],
+                      "external_deployment_ready": validation["deployment_ready"]})
     log_evaluation_files(tracker, files, f"evaluation/external_{name}")

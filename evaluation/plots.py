@@ -22,6 +22,13 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
+def legend_above(ax, title: str) -> None:
+    """The legend in one row between the title and the bars: never over a bar, whatever the values."""
+    handles, _ = ax.get_legend_handles_labels()
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(handles), fontsize=8, frameon=False)
+    ax.set_title(title, pad=20)
+
+
 def confusion_matrix_plot(cm, class_names: list[str], path, title: str = "Confusion matrix") -> Path:
     """Counts with row percentages in every cell; colour by row percentage so rare classes stay visible."""
     cm = np.asarray(cm)
@@ -61,8 +68,7 @@ def per_class_plot(per_class: dict, path) -> Path:
     ax.set_xticks(x, names)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("score")
-    ax.set_title("Per-class metrics (sensitivity with its 95% CI)")
-    ax.legend(loc="lower right", fontsize=8)
+    legend_above(ax, "Per-class metrics (sensitivity with its 95% CI)")
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
@@ -121,13 +127,12 @@ def comparison_plot(rows: list[dict], path) -> Path:
     ax.bar(x + 0.2, [r["macro_f1"] for r in rows], 0.4, label="macro F1")
     ax.set_xticks(x, names, rotation=20, ha="right")
     ax.set_ylim(0, 1.05)
-    ax.set_title("Test-set quality")
-    ax.legend(loc="lower right", fontsize=8)
+    legend_above(ax, "Test-set quality")
     ax.grid(axis="y", alpha=0.3)
     ax_t.bar(x, [r["latency_ms"] for r in rows], 0.5, color="tab:green")
     ax_t.set_xticks(x, names, rotation=20, ha="right")
     ax_t.set_ylabel("ms per image (batch 1)")
-    ax_t.set_title("Latency")
+    ax_t.set_title("Latency", pad=20)  # level with the quality title above its legend
     ax_t.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 

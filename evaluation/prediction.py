@@ -29,11 +29,17 @@ class Scored:
     ood: np.ndarray | None = None  # feature-space distances (models.features.ScoredModel), when the model gives them
 
 
-def predict_split(cfg: Config, split: Split, name: str, model, preprocess, img_size: int, device) -> Scored:
-    """The model over one split of the manifest, read through the cache like every other stage."""
+def split_dataset(cfg: Config, split: Split, name: str, img_size: int):
+    """One split of the manifest as a dataset, read through the cache like every other stage; refused if empty."""
     dataset = build_dataset(cfg, split, name, img_size)
     if len(dataset) == 0:
         raise UserError(f"the {name} split of {split.manifest_path} is empty")
+    return dataset
+
+
+def predict_split(cfg: Config, split: Split, name: str, model, preprocess, img_size: int, device) -> Scored:
+    """The model over one split of the manifest, read through the cache like every other stage."""
+    dataset = split_dataset(cfg, split, name, img_size)
     loader = make_loader(dataset, cfg, cfg.recipe.batch_size, device=device)
     y, prob, loss, ood = predict_outputs(model, loader, preprocess, device, desc=f"Evaluating ({name})")
     return Scored(name, dataset, [r.path for r in split.rows_for(name)], y, prob, loss, ood)

@@ -100,9 +100,9 @@ def _series_lines(s: dict | None, class_names: list[str], conf: str) -> list[str
 
 
 REASON_WORDS = {"low_confidence": "top probability under {refer_below:.0%}",
-                "prediction_set_over_one": "more than one class in the prediction set",
+                "prediction_set": "more than one class in the prediction set",
                 "out_of_distribution": "out of distribution (feature distance past the limit)",
-                "unlike_training_intensity": "unlike the training data (intensity)"}
+                "unlike_training": "unlike the training data (intensity)"}
 
 
 def answer_check_lines(a: dict | None, conf: str) -> list[str]:

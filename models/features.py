@@ -103,3 +103,9 @@ def scored_model(model: nn.Module, state: dict) -> ScoredModel:
     features they were fitted on."""
     device = next(model.parameters()).device
     return ScoredModel(model, state.get("middle"), state["centers"], state["whitening"]).to(device).eval()
+
+
+def answering_model(model: nn.Module, ckpt: dict) -> nn.Module:
+    """The checkpoint's model as it answers: (logits, ood_distance) when the check was fitted, else logits alone."""
+    state = ckpt.get(FEATURE_OOD_STATE)
+    return model if state is None else scored_model(model, state)

@@ -270,16 +270,18 @@ def write_summary(experiments: list[Experiment], out_dir: Path, meta: dict) -> l
         writer.writeheader()
         writer.writerows(rows)
     write_json_atomic(json_path, dict(meta, experiments=rows))
-    return [csv_path, json_path, comparison_plot(experiments, out_dir / "experiments_comparison.png")]
+    return [csv_path, json_path, experiments_plot(experiments, out_dir / "experiments_comparison.png")]
 
 
-def comparison_plot(experiments: list[Experiment], path: Path) -> Path:
+def experiments_plot(experiments: list[Experiment], path: Path) -> Path:
     """Validation/test accuracy and macro F1 per model beside the training time; failed models marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+
+    from evaluation.plots import legend_above
 
     names = [e.model for e in experiments]
     x = np.arange(len(names))
@@ -293,13 +295,12 @@ def comparison_plot(experiments: list[Experiment], path: Path) -> Path:
             ax.text(xi, 0.02, "FAILED", ha="center", color="tab:red", rotation=90)
     ax.set_xticks(x, names, rotation=20, ha="right")
     ax.set_ylim(0, 1.05)
-    ax.set_title("Quality per model")
-    ax.legend(loc="upper right", fontsize=8)
+    legend_above(ax, "Quality per model")
     ax.grid(axis="y", alpha=0.3)
     ax_t.bar(x, [e.train_seconds for e in experiments], 0.5, color="tab:gray")
     ax_t.set_xticks(x, names, rotation=20, ha="right")
     ax_t.set_ylabel("seconds")
-    ax_t.set_title("Training time")
+    ax_t.set_title("Training time", pad=20)  # level with the quality title above its legend
     ax_t.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     with atomic_file(path) as fh:

@@ -81,7 +81,8 @@ def _save(path: Path, record: dict, append: bool) -> None:
 
 def monitor(thresholds, interval: float = 2.0, once: bool = False, count: int | None = None,
             save: str | None = None, processes: bool = True, out=None) -> int:
-    """Print the dashboard once, or redraw it every `interval` s until Ctrl-C or `count` refreshes."""
+    """Print the dashboard once, or redraw it every `interval` s until Ctrl-C or `count` refreshes. Without an NVIDIA
+    GPU there is nothing to watch: one reading and exit 0, unless `count` asks for more."""
     if interval <= 0:
         raise UserError(f"--interval must be > 0 seconds, got {interval:g}")
     if count is not None and count < 1:
@@ -103,6 +104,10 @@ def monitor(thresholds, interval: float = 2.0, once: bool = False, count: int | 
             if save:
                 _save(Path(save), record, append=not once)
             n += 1
+            if total is None and not record["gpus"]:
+                out.write("No NVIDIA GPU to watch: the system reading above is all there is (--count N refreshes it "
+                          "N times).\n")
+                break
             if total is None or n < total:
                 time.sleep(interval)
     except KeyboardInterrupt:

@@ -1,7 +1,8 @@
 """One received instance -> one prediction per frame, each named by the instance's UIDs and its frame number.
 
-The pixels go through data.images.load_frames, the loader every other stage uses (the same window, the same
-resize, every frame its own record), from a temporary file that is removed as soon as the instance is done.
+The pixels go through the predictor's decode (data.images.read_frames), the loader every other stage uses (the
+same window, the same resize, every frame its own record), from a temporary file that is removed as soon as the
+instance is done.
 """
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from core.fileio import temporary_path
-from data.images import ImageReadError, frame_name, load_frames, split_frame_name
-from data.preprocess_numpy import preprocess_numpy
+from data.images import ImageReadError, frame_name
 from deploy.predictors import Predictor
 
 
@@ -42,16 +42,12 @@ def classify_instance(predictor: Predictor, path: Path, ds: Dataset) -> tuple[li
     """(records, grays): one prediction record per frame, named SOPInstanceUID or SOPInstanceUID#frame=K and
     carrying the study/series/SOP instance UIDs and `frame` (None for a single-frame image), plus the 8-bit
     frames at the model's size. Raises ImageReadError, its message free of the temporary path."""
-    c = predictor.contract
     try:
-        items = load_frames(path, c.img_size)
+        inputs = predictor.decode(path)
     except ImageReadError as exc:
         raise ImageReadError(str(exc).replace(f"{path}: ", "").replace(str(path), "instance")) from None
-    out = predictor.infer(np.concatenate([preprocess_numpy(gray, c.mean, c.std) for _, gray in items]))
+    out = predictor.infer(np.concatenate([i.x for i in inputs]))
     uids = instance_uids(ds)
-    records = []
-    for row, (name, _) in enumerate(items):
-        frame = split_frame_name(name)[1]
-        record = predictor.record(frame_name(uids["sop_instance_uid"], frame), out, row)
-        records.append({**record, **uids, "frame": frame})
-    return records, [gray for _, gray in items]
+    records = [{**predictor.record(frame_name(uids["sop_instance_uid"], i.frame), out, k), **uids, "frame": i.frame}
+               for k, i in enumerate(inputs)]
+    return records, [i.gray for i in inputs]

@@ -1,22 +1,28 @@
-"""serve.py --dicom-port: the DICOM node inside the HTTP server, as a serving.app.Extension
-("pacs.extension:dicom_extension").
+"""serve.py --dicom-port: the DICOM node inside the HTTP server, as a serving.app.Extension.
 
 The node starts when the server's first model version is loaded and follows every version swapped in after it
 (`node.use_model`): it classifies with the served model (the API's own ONNX session), draws Grad-CAM with the
 same version's PyTorch flavor, records every frame in the server's audit database (source "dicom") and, with
---review, puts every instance on the worklist as a case, all before the C-STORE is answered. Its refer flag is
-the review station's rule (review.refer_below, review.drift_limit), the one the page shows, and it goes into
-the SR. The node runs in one process: with --workers > 1 the server refuses to start.
+--review, puts every instance on the worklist as a case (the `worklist` hook serve.py hands it), all before the
+C-STORE is answered. Its refer flag is the service's rule (review.refer_below, review.drift_limit), the one the
+page shows, and it goes into the SR. Each series result (and each series the selection rules leave out) gets its
+row in the audit database's series_results table, once. The node runs in one process: with --workers > 1 the
+server refuses to start.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import logging
 import socket
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timezone
 
 import numpy as np
 from pydicom.dataset import Dataset
+from sqlalchemy import select
 
 from core.config import Config
 from core.errors import UserError
@@ -24,19 +30,20 @@ from pacs.node import PacsNode, start_node
 from pacs.pipeline import HeatMaps, ServerHooks
 from pacs.report import ModelInfo
 from pacs.spool import Spool
-from review.cases import CaseOrigin, audit_rows
-from review.refer import ReferRule
+from series.rule import SeriesRule
 from serving.app import Extension
+from serving.audit import Received, Stamp, prediction_entry, series_results, series_row
 from serving.model import ServedModel
-from serving.options import ServeOptions
 from serving.service import Service
 
-SPEC = "pacs.extension:dicom_extension"
 LOG = logging.getLogger(__name__)
+# worklist(instance bytes, received, stamp, predictions, grays) -> case id: the review station's add_case
+Worklist = Callable[[bytes, Received, Stamp, list[dict], list[np.ndarray]], str]
 
 
-def dicom_extension(options: ServeOptions) -> Extension:
-    served = ServedNode(options.cfg)
+def dicom_extension(cfg: Config, worklist: Worklist | None = None) -> Extension:
+    """The node of one server process; `worklist`: where each instance goes as a case (None: audit rows only)."""
+    served = ServedNode(cfg, worklist)
     return Extension("dicom", on_startup=served.attach, on_shutdown=served.close, preflight=served.preflight)
 
 
@@ -61,8 +68,8 @@ def instance_bytes(ds: Dataset) -> bytes:
 class ServedNode:
     """The DICOM node of one server process, fed by the service's model swaps."""
 
-    def __init__(self, cfg: Config):
-        self.cfg, self.settings = cfg, cfg.pacs
+    def __init__(self, cfg: Config, worklist: Worklist | None = None):
+        self.cfg, self.settings, self.worklist = cfg, cfg.pacs, worklist
         self.service: Service | None = None
         self.node: PacsNode | None = None
         self.identities: dict[str, dict] = {}  # version -> the served identity (model, version, alias, flavor)
@@ -84,16 +91,15 @@ class ServedNode:
 
     def follow(self, model: ServedModel) -> None:
         """A version was swapped in: the first one starts the node, the next ones classify the next instances."""
-        review = self.cfg.review
         self.identities[model.version] = model.identity()
-        rule = ReferRule.for_model(model.predictor.contract.to_dict(), model.evidence.get("evaluation"),
-                                   review.refer_below, review.drift_limit)
+        rule = self.service.refer_rule(model)
         info = ModelInfo(model.mv.name, model.version)
         if self.node is not None:
             self.node.use_model(model.predictor, info, self.heatmaps(model), rule)
             return
-        hooks = ServerHooks(refer=rule, heatmaps=self.heatmaps(model), on_predictions=self.record)
-        self.node = start_node(self.settings, model.predictor, info, hooks)
+        hooks = ServerHooks(refer=rule, heatmaps=self.heatmaps(model), on_predictions=self.record,
+                            on_series=self.record_series)
+        self.node = start_node(self.settings, model.predictor, info, hooks, SeriesRule.from_config(self.cfg.series))
         where = f", results to {self.settings.destination}" if self.settings.destination else ", no destination"
         LOG.info("DICOM receiver %s on %s:%d%s", self.settings.ae_title, self.settings.host, self.node.port, where)
 
@@ -114,14 +120,27 @@ class ServedNode:
     def record(self, records: list[dict], ds: Dataset, calling_ae: str, peer: str, grays: list[np.ndarray]) -> None:
         """The receiver's on_predictions: the audit rows (and, with --review, the case on the worklist), committed
         before the sender gets its answer."""
-        service, version = self.service, str(records[0]["version"])
-        identity = self.identities.get(version) or {"model": records[0]["model"], "version": version}
-        origin = CaseOrigin("dicom", f"{calling_ae}@{peer}", records[0]["sop_instance_uid"], identity)
-        data = instance_bytes(ds)
-        station = service.extensions.get("review")
-        if station is not None:
-            station.add_case(records, data, origin, grays=grays)
+        service, first, data = self.service, records[0], instance_bytes(ds)
+        uids = {"study_uid": first["study_instance_uid"], "series_uid": first["series_instance_uid"],
+                "sop_instance_uid": first["sop_instance_uid"]}
+        sha256 = hashlib.sha256(data).hexdigest()
+        received = Received("dicom", f"{calling_ae}@{peer}", first["sop_instance_uid"], sha256, uids)
+        stamp = Stamp(uuid.uuid4().hex, datetime.now(timezone.utc), 0.0, self.identities[str(first["version"])])
+        if self.worklist is not None:
+            self.worklist(data, received, stamp, records, grays)
         else:
-            service.audit.submit(audit_rows(None, origin, [dict(r) for r in records], data, None)).result()
+            service.audit.submit([prediction_entry(stamp, received, r, r["frame"], r["refer"], r["refer_reasons"])[1]
+                                  for r in records]).result()
         for r in records:
             service.metrics.predictions.labels(r["predicted_class"]).inc()
+
+    def record_series(self, event: dict) -> None:
+        """The node's on_series: one series_results row per series result or skipped series; a result offered again
+        after a crash (same id) is not written twice."""
+        engine = self.service.audit.engine
+        row_id = event.get("id") or uuid.uuid4().hex
+        with engine.connect() as conn:
+            if conn.execute(select(series_results.c.id).where(series_results.c.id == row_id)).first():
+                return
+        self.service.audit.submit([series_row(event, row_id, "dicom")], series_results).result()
+

@@ -9,6 +9,7 @@ A failure in one instance costs that instance a failure status, never the receiv
 """
 from __future__ import annotations
 
+import io
 import ipaddress
 import logging
 import socket
@@ -33,7 +34,8 @@ from pynetdicom.sop_class import (
 
 from core.config import DicomPeer, PacsSection
 from core.errors import UserError
-from data.images import ImageReadError, current_limits
+from data.dicom_records import strip_identity
+from data.images import ImageReadError, current_limits, inflated_size
 
 LOG = logging.getLogger(__name__)
 
@@ -57,10 +59,10 @@ DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 # A-ASSOCIATE-RJ: rejected-permanent, by the service user, calling AE title not recognized.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
-IDENTITY_BLANKED = ("PatientName", "PatientBirthDate")  # type 2: kept present, emptied
-IDENTITY_REMOVED = ("OtherPatientNames", "PatientBirthName", "PatientMotherBirthName", "PatientBirthTime")
 
 OnInstance = Callable[[Dataset, str, str], object]
+# on_release(series): the sender released an association that delivered instances of these (study, series) UIDs.
+OnRelease = Callable[[list[tuple[str, str]]], object]
 
 
 def image_transfer_syntaxes() -> list[str]:
@@ -100,19 +102,12 @@ class AllowList:
                 continue
             self.pairs.update((peer.ae_title, _ip(info[4][0])) for info in infos)
 
+    @property
+    def addresses(self) -> set[str]:
+        return {address for _, address in self.pairs}
+
     def admits(self, ae_title: str, address: str) -> bool:
         return (ae_title.strip(), _ip(address)) in self.pairs
-
-
-def strip_identity(ds: Dataset) -> Dataset:
-    """Patient name and birth date (and their variants) removed; the patient ID stays to file results."""
-    for keyword in IDENTITY_BLANKED:
-        if keyword in ds:
-            setattr(ds, keyword, "")
-    for keyword in IDENTITY_REMOVED:
-        if keyword in ds:
-            delattr(ds, keyword)
-    return ds
 
 
 def header_problem(ds: Dataset, settings: PacsSection) -> tuple[int, str] | None:
@@ -125,13 +120,17 @@ def header_problem(ds: Dataset, settings: PacsSection) -> tuple[int, str] | None
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         rows, columns = int(ds.Rows), int(ds.Columns)
+        sample_bytes = int(ds.get("SamplesPerPixel", 1) or 1) * -(-int(ds.get("BitsAllocated", 16) or 16) // 8)
     except (AttributeError, TypeError, ValueError):
-        return CANNOT_UNDERSTAND, "no valid Rows, Columns or NumberOfFrames"
+        return CANNOT_UNDERSTAND, "no valid Rows, Columns, NumberOfFrames or pixel format"
     limits = current_limits()  # the images: bounds every decoder of this process keeps
     if frames > limits.max_frames:
         return OUT_OF_RESOURCES, f"{frames} frames, more than {limits.max_frames} (images.max_frames)"
     if rows * columns > limits.max_pixels:
         return OUT_OF_RESOURCES, f"{rows}x{columns} pixels a frame, more than {limits.max_pixels} (images.max_pixels)"
+    decoded = rows * columns * frames * sample_bytes
+    if decoded > settings.max_decoded_mb * 2**20:
+        return OUT_OF_RESOURCES, f"{decoded / 2**20:.0f} MB of pixels decoded, over pacs.max_decoded_mb"
     return None
 
 
@@ -145,9 +144,10 @@ def failure(status: int, reason: str) -> Dataset:
 class Receiver:
     """A Storage SCP on (settings.host, settings.port); `start()` binds, `stop()` closes every association."""
 
-    def __init__(self, settings: PacsSection, on_instance: OnInstance):
+    def __init__(self, settings: PacsSection, on_instance: OnInstance, on_release: OnRelease | None = None):
         self.settings = settings
-        self.on_instance = on_instance
+        self.on_instance, self.on_release = on_instance, on_release
+        self._delivered: WeakKeyDictionary = WeakKeyDictionary()  # association -> series it delivered
         self.max_bytes = int(settings.max_instance_mb * 2**20)
         self.allow = AllowList(settings.allowed_peers)
         self._received: WeakKeyDictionary = WeakKeyDictionary()  # association -> bytes since its last C-STORE
@@ -175,14 +175,28 @@ class Receiver:
 
     def start(self) -> Receiver:
         handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_store),
-                    (evt.EVT_DATA_RECV, self._on_data)]
+                    (evt.EVT_DATA_RECV, self._on_data), (evt.EVT_RELEASED, self._on_released)]
         address = (self.settings.host, self.settings.port)
         try:
             self.server = self.build_ae().start_server(address, block=False, evt_handlers=handlers)
         except OSError as exc:
             raise UserError(f"cannot listen for DICOM on {address[0]}:{address[1]}: {exc.strerror or exc}") from None
+        self.server.verify_request = self._admits_connection  # before the connection takes an association slot
         LOG.info("DICOM receiver %s listening on %s:%d", self.settings.ae_title, self.settings.host, self.port)
         return self
+
+    def _admits_connection(self, request, client_address) -> bool:
+        """A TCP connection from an address no allowed peer has is closed at accept (four idle ones took every
+        slot for timeout_s); one address holds at most all slots but one, so another peer always gets in."""
+        address = _ip(str(client_address[0]))
+        if address not in self.allow.addresses:
+            LOG.warning("DICOM connection from %s closed: no allowed peer has this address", address)
+            return False
+        held = sum(1 for assoc in self.server.active_associations if _ip(assoc.requestor.address) == address)
+        if held >= max(1, self.settings.max_associations - 1):
+            LOG.warning("DICOM connection from %s closed: it holds %d associations already", address, held)
+            return False
+        return True
 
     def stop(self) -> None:
         if self.server is not None:
@@ -193,9 +207,19 @@ class Receiver:
         calling = event.assoc.requestor.primitive.calling_ae_title.strip()
         address = event.assoc.requestor.address
         if not self.allow.admits(calling, address):
-            LOG.warning("DICOM association refused: %s@%s is not in the allow list", calling, address)
+            LOG.warning("DICOM association refused: %r@%s is not in the allow list", calling, address)
             event.assoc.acse.send_reject(*REJECT_CALLING_AE)
             time.sleep(0.1)  # let the peer read the rejection before the socket closes
+
+    def _on_released(self, event) -> None:
+        """A release (not an abort) by the sender: the series it delivered are complete as far as it knows."""
+        with self._lock:
+            delivered = self._delivered.pop(event.assoc, None)
+        if delivered and self.on_release is not None:
+            try:
+                self.on_release(sorted(delivered))
+            except Exception:  # noqa: BLE001 - the receiver stays up; the quiet period still completes the series
+                LOG.exception("marking released series failed")
 
     def _on_data(self, event) -> None:
         """Counts the bytes of the C-STORE in progress; aborts the association past the size cap, so an
@@ -218,14 +242,21 @@ class Receiver:
         peer = _ip(event.assoc.requestor.address)
         status = self._check_and_handle(event, calling, peer)
         code = status if isinstance(status, int) else int(status.Status)
-        LOG.info("C-STORE %s from %s@%s: status 0x%04X", event.request.AffectedSOPInstanceUID, calling, peer, code)
+        LOG.info("C-STORE %r from %r@%s: status 0x%04X", str(event.request.AffectedSOPInstanceUID)[:64], calling,
+                 peer, code)  # %r: a peer's text never starts a log line of its own
         return status
+
+    def _inflates_too_far(self, event) -> bool:
+        """A deflated data set is measured in bounded pieces before pynetdicom inflates it whole."""
+        if not UID(str(event.context.transfer_syntax)).is_deflated:
+            return False
+        return inflated_size(io.BytesIO(event.request.DataSet.getvalue()), self.max_bytes) > self.max_bytes
 
     def _check_and_handle(self, event, calling: str, peer: str):
         sop_class = str(event.request.AffectedSOPClassUID)
         if sop_class not in IMAGE_SOP_CLASSES:
             return failure(SOP_CLASS_NOT_SUPPORTED, "only MR and secondary capture images are taken")
-        if len(event.request.DataSet.getvalue()) > self.max_bytes:
+        if len(event.request.DataSet.getvalue()) > self.max_bytes or self._inflates_too_far(event):
             return failure(OUT_OF_RESOURCES, f"instance over {self.settings.max_instance_mb:g} MB")
         try:
             ds = event.dataset
@@ -235,6 +266,9 @@ class Receiver:
             return failure(CANNOT_UNDERSTAND, f"unreadable data set: {type(exc).__name__}")
         if declared != sop_class:
             return failure(DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from the request's")
+        command_uid = str(event.request.AffectedSOPInstanceUID)
+        if not UID(command_uid).is_valid or command_uid != str(ds.get("SOPInstanceUID", "")):
+            return failure(CANNOT_UNDERSTAND, "Affected SOP Instance UID is not the data set's")
         problem = header_problem(ds, self.settings)
         if problem:
             return failure(*problem)
@@ -242,6 +276,9 @@ class Receiver:
             strip_identity(ds)
         try:
             self.on_instance(ds, calling, peer)
+            with self._lock:
+                self._delivered.setdefault(event.assoc, set()).add((str(ds.StudyInstanceUID),
+                                                                    str(ds.SeriesInstanceUID)))
         except ImageReadError as exc:
             return failure(CANNOT_UNDERSTAND, str(exc) or "pixel data not decodable")
         except Exception:  # noqa: BLE001 - one instance's failure must not take the receiver down
@@ -250,6 +287,6 @@ class Receiver:
         return SUCCESS
 
 
-def start_receiver(settings: PacsSection, on_instance: OnInstance) -> Receiver:
+def start_receiver(settings: PacsSection, on_instance: OnInstance, on_release: OnRelease | None = None) -> Receiver:
     """Start the Storage SCP in background threads; call `.stop()` on the handle to close it."""
-    return Receiver(settings, on_instance).start()
+    return Receiver(settings, on_instance, on_release).start()

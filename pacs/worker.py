@@ -6,6 +6,7 @@ import threading
 
 class Worker:
     name = "pacs-worker"
+    kick_ends_wait = False  # True: the delay is a schedule that new work moves forward, not a back-off
 
     def __init__(self):
         self._wake, self._stop = threading.Event(), threading.Event()
@@ -41,5 +42,7 @@ class Worker:
             delay = self.step()
             if delay is None:
                 self._wake.wait()
+            elif self.kick_ends_wait:
+                self._wake.wait(delay)  # stop() sets it too
             else:
                 self._stop.wait(delay)  # a back-off is not cut short by new work, only by stop()

@@ -8,6 +8,7 @@ import hmac
 import re
 import secrets
 import sys
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -15,8 +16,9 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Engine, delete, func, insert, select, update
 
+from core.cli import warn_if_readable
 from core.errors import UserError
-from review.schema import reviewers, sessions
+from review.schema import login_failures, reviewers, sessions
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MIN_PASSWORD = 10
@@ -56,6 +58,8 @@ def read_password(path: str | None) -> str:
         where = f"the password in {path}"
     if len(password) < MIN_PASSWORD:
         raise UserError(f"{where} has {len(password)} characters; at least {MIN_PASSWORD} please")
+    if path is not None:
+        warn_if_readable(path, "the password file")
     return password
 
 
@@ -131,3 +135,38 @@ def log_out(engine: Engine, token: str | None) -> None:
 
 def same_token(expected: str | None, given: str | None) -> bool:
     return bool(expected) and bool(given) and hmac.compare_digest(str(expected), str(given))
+
+
+class Throttle:
+    """Back-off per client address and per login name: after FREE failures in a row, each further attempt must
+    wait twice as long as the last (up to MAX_WAIT_S), and is refused unchecked until then; a success clears it."""
+    FREE = 5
+    MAX_WAIT_S = 300.0
+
+    def __init__(self):
+        self._failures: dict[str, tuple[int, float]] = {}  # key -> (failures in a row, time of the last)
+        self._lock = threading.Lock()
+
+    def wait_s(self, keys: list[str], now: float) -> float:
+        with self._lock:
+            waits = [last + min(self.MAX_WAIT_S, 2.0 ** (n - self.FREE)) - now
+                     for n, last in (self._failures.get(k, (0, 0.0)) for k in keys) if n >= self.FREE]
+        return max([0.0, *waits])
+
+    def failed(self, keys: list[str], now: float) -> None:
+        with self._lock:
+            for key in keys:
+                self._failures[key] = (self._failures.get(key, (0, 0.0))[0] + 1, now)
+            if len(self._failures) > 100_000:  # a spray of names: forget the oldest half
+                for key in sorted(self._failures, key=lambda k: self._failures[k][1])[:50_000]:
+                    del self._failures[key]
+
+    def succeeded(self, keys: list[str]) -> None:
+        with self._lock:
+            for key in keys:
+                self._failures.pop(key, None)
+
+
+def record_failure(engine: Engine, name: str, client: str | None, throttled: bool) -> None:
+    with engine.begin() as conn:
+        conn.execute(insert(login_failures).values(at=_now(), name=name[:64], client=client, throttled=throttled))

@@ -6,22 +6,23 @@ kept owner-only in `review.store_dir` as `<case id><suffix>`: the upload's own n
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pydicom import dcmread
 from sqlalchemy import Engine, insert
 
 from core.fileio import atomic_file, private_dir
-from data.images import load_frames
-from review.refer import Assessment, ReferRule
+from data.dicom_records import strip_identity
+from data.images import IMAGE_FORMATS
+from deploy.refer import Assessment
 from review.schema import cases, items
 from serving.audit import predictions
 
@@ -39,10 +40,18 @@ def file_suffix(data: bytes, dicom: bool) -> str:
     if dicom:
         return ".dcm"
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
             return SUFFIXES.get(img.format, ".img")
     except Exception:  # the decoder proper said what is wrong; kept as it came
         return ".img"
+
+
+def without_identity(data: bytes) -> bytes:
+    """A DICOM file's bytes with person names and birth dates emptied (data.dicom_records.strip_identity), as kept
+    for review and export."""
+    buf = io.BytesIO()
+    strip_identity(dcmread(io.BytesIO(data))).save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
 
 
 class CaseFiles:
@@ -79,47 +88,20 @@ class CaseOrigin:
     batch: str | None = None  # the upload it came in: its files without a DICOM series form one series
 
 
-def assess_file(rule: ReferRule, path: Path, records: list[dict], img_size: int) -> list[Assessment]:
-    """The refer rule on each record, with its image at the model's size (the kept file read again through the
-    toolkit's loader: the same pixels the model was given)."""
-    grays = [gray for _, gray in load_frames(path, img_size)]
-    by_frame = dict(enumerate(grays, start=1))
-    return [rule.assess(r, by_frame.get(r.get("frame") or 1)) for r in records]
-
-
-def case_row(case_id: str, origin: CaseOrigin, ref: str | None, records: list[dict], now: datetime) -> dict:
-    first = records[0]
+def case_row(case_id: str, origin: CaseOrigin, ref: str | None, frames: int, study_uid: str | None,
+             now: datetime) -> dict:
     return {"id": case_id, "created_at": now, "source": origin.source, "client": origin.client,
-            "filename": origin.filename, "file_ref": ref, "frames": len(records),
-            "study_uid": first.get("study_uid") or first.get("study_instance_uid"), "batch": origin.batch}
+            "filename": origin.filename, "file_ref": ref, "frames": frames, "study_uid": study_uid,
+            "batch": origin.batch}
 
 
 def item_rows(case_id: str, records: list[dict], judged: list[Assessment], version: str, now: datetime) -> list[dict]:
     return [{"prediction_id": r["record_id"], "case_id": case_id, "frame": r.get("frame"), "created_at": now,
              "predicted_class": r["predicted_class"], "probabilities_json": json.dumps(a.probabilities),
              "temperature": a.temperature, "confidence": a.confidence, "refer": a.refer,
-             "reasons_json": json.dumps({"reasons": a.reasons, "note": a.note}),
+             "reasons_json": json.dumps(a.explained()),
              "drift_distance": a.distance, "drift_limit": a.limit, "model_version": str(version)}
             for r, a in zip(records, judged)]
-
-
-def audit_rows(case_id: str, origin: CaseOrigin, records: list[dict], data: bytes, ref: str) -> list[dict]:
-    """Audit rows for predictions made elsewhere (records without a `record_id`); each record gets its id."""
-    now, request_id, sha = datetime.now(timezone.utc), uuid.uuid4().hex, hashlib.sha256(data).hexdigest()
-    rows = []
-    for r in records:
-        r["record_id"] = uuid.uuid4().hex
-        rows.append({"id": r["record_id"], "request_id": request_id, "created_at": now, "source": origin.source,
-                     "client": origin.client, "case_id": case_id,
-                     "study_uid": r.get("study_uid") or r.get("study_instance_uid"),
-                     "series_uid": r.get("series_uid") or r.get("series_instance_uid"),
-                     "sop_instance_uid": r.get("sop_instance_uid"), "frame": r.get("frame"),
-                     "filename": origin.filename, "input_sha256": sha, "model_name": origin.model["model"],
-                     "model_version": str(origin.model["version"]), "model_alias": origin.model.get("alias"),
-                     "flavor": origin.model.get("flavor") or "onnx", "predicted_class": r["predicted_class"],
-                     "confidence": float(r["confidence"]), "output_json": json.dumps(r, default=str),
-                     "latency_ms": float(r.get("latency_ms") or 0.0), "pixels_ref": ref})
-    return rows
 
 
 def write_case(engine: Engine, case: dict, rows: list[dict], audited: list[dict] = ()) -> None:

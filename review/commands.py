@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from core.cli import add_common_args, config_from_args
+from core.cli import RefuseSecret, add_common_args, config_from_args
 from review.auth import add_reviewer, read_password
 from review.cases import CaseFiles
 from review.export import FINDINGS_DIR, GROUP_PATTERN, export_reviews
@@ -31,6 +31,7 @@ def add_reviewer_parser() -> argparse.ArgumentParser:
     p.add_argument("--password-file", default=None, metavar="FILE",
                    help="a file holding the password (at least 10 characters); without it the password is typed "
                         "at the terminal. Never on the command line")
+    p.add_argument("--password", action=RefuseSecret, instead="use --password-file FILE (chmod 600) or type it")
     p.add_argument("--reset", action="store_true", help="set a new password for an existing reviewer")
     _database_args(p)
     return p
@@ -55,6 +56,8 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", metavar="OUT_DIR", help="a new (or empty) folder")
     p.add_argument("--store-dir", default=None, metavar="DIR",
                    help="where the server kept the uploads (default: review.store_dir)")
+    p.add_argument("--flagged-only", action="store_true",
+                   help="only the slices the reviewer flagged with the verdict (default: every slice judged)")
     _database_args(p)
     return p
 
@@ -62,7 +65,8 @@ def export_parser() -> argparse.ArgumentParser:
 def export_main(args) -> int:
     cfg, engine = _engine(args)
     try:
-        done = export_reviews(engine, CaseFiles(args.store_dir or cfg.review.store_dir), args.out_dir)
+        done = export_reviews(engine, CaseFiles(args.store_dir or cfg.review.store_dir), args.out_dir,
+                              args.flagged_only)
     finally:
         engine.dispose()
     per_class = ", ".join(f"{c} {n}" for c, n in sorted(done.files.items())) or "none"

@@ -5,8 +5,9 @@ OUT_DIR/<reviewer's class>/<group>_<case id>[_f<frame>]<suffix>, an ImageFolder 
 prediction marked, and the file it went to). An image whose verdict is no class (no tumour / normal,
 non-diagnostic, other, a confirmed referral) goes to OUT_DIR/.findings/<finding>/, which the data set scanner
 skips like every dot-folder: it never lands in a tumour class.
-<group> is the case id, or `study-` and a hash of the DICOM study:
-`--set dataset.group_pattern='^([^_]+)_'` keeps a study's (a case's) files in one split.
+<group> is `study-` and a hash of the DICOM study, else the case id: `--set dataset.group_pattern='^([^_]+)_'`
+keeps a study's series (and a case's frames) in one split. Plain images of one upload are grouped by case, not by
+upload: an upload often holds unrelated images. `flagged_only`: only the slices flagged with their verdict.
 
 A single image goes as it was uploaded (a DICOM keeps its window and bit depth); a frame of a multi-frame file
 goes as an 8-bit PNG of that frame through its window (the pixels the loader would read from it).
@@ -22,19 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, and_, select
 
 from core.errors import UserError
 from core.fileio import atomic_file, private_dir, sync_all
 from review.cases import CaseFiles, display_frame
-from review.schema import cases, items, verdicts, withdrawn
+from review.schema import cases, flags, items, verdicts, withdrawn
 from serving.audit import predictions
 
 GROUP_PATTERN = "^([^_]+)_"
 FINDINGS_DIR = ".findings"
 COLUMNS = ("file", "current", "verdict_id", "created_at", "reviewer", "agrees", "predicted_class", "reviewer_class",
-           "finding", "withdrawn", "note", "case_id", "frame", "prediction_id", "source", "uploaded_as", "model_name",
-           "model_version", "confidence", "refer", "study_uid", "series_uid", "sop_instance_uid")
+           "finding", "flagged", "withdrawn", "note", "case_id", "frame", "prediction_id", "source", "uploaded_as",
+           "model_name", "model_version", "confidence", "refer", "study_uid", "series_uid", "sop_instance_uid")
 
 
 @dataclass
@@ -50,6 +51,7 @@ def verdict_rows(engine: Engine) -> list[dict]:
     query = (select(verdicts.c.id.label("verdict_id"), verdicts.c.created_at, verdicts.c.reviewer, verdicts.c.agrees,
                     verdicts.c.predicted_class, verdicts.c.reviewer_class, verdicts.c.finding, verdicts.c.note,
                     verdicts.c.case_id, withdrawn.c.verdict_id.is_not(None).label("withdrawn"),
+                    flags.c.verdict_id.is_not(None).label("flagged"),
                     verdicts.c.prediction_id, items.c.frame, items.c.confidence, items.c.refer, cases.c.source,
                     cases.c.filename.label("uploaded_as"), cases.c.file_ref, cases.c.frames, predictions.c.model_name,
                     predictions.c.model_version, predictions.c.study_uid, predictions.c.series_uid,
@@ -58,6 +60,8 @@ def verdict_rows(engine: Engine) -> list[dict]:
              .join(cases, cases.c.id == verdicts.c.case_id)
              .join(predictions, predictions.c.id == verdicts.c.prediction_id)
              .outerjoin(withdrawn, withdrawn.c.verdict_id == verdicts.c.id)
+             .outerjoin(flags, and_(flags.c.verdict_id == verdicts.c.id,
+                                    flags.c.prediction_id == verdicts.c.prediction_id))
              .order_by(verdicts.c.id))
     with engine.connect() as conn:
         return [dict(r) for r in conn.execute(query).mappings().all()]
@@ -98,8 +102,9 @@ def _safe_cell(value):
     return "" if value is None else value
 
 
-def export_reviews(engine: Engine, files: CaseFiles, out_dir: str | Path) -> Exported:
-    """Write the tree and verdicts.csv into a new folder beside OUT_DIR, then rename it into place."""
+def export_reviews(engine: Engine, files: CaseFiles, out_dir: str | Path, flagged_only: bool = False) -> Exported:
+    """Write the tree and verdicts.csv into a new folder beside OUT_DIR, then rename it into place; with
+    `flagged_only`, only the slices flagged with their current verdict go into the tree (verdicts.csv has all)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"{out_dir} exists and is not empty: export into a new folder")
@@ -114,7 +119,7 @@ def export_reviews(engine: Engine, files: CaseFiles, out_dir: str | Path) -> Exp
         for r in rows:
             r["current"] = current.get(r["prediction_id"]) == r["verdict_id"]
             r["file"] = ""
-            if not r["current"]:
+            if not r["current"] or (flagged_only and not r["flagged"]):
                 continue
             if not r["file_ref"] or not files.path(r["file_ref"]).is_file():
                 result.missing.append(r["case_id"])

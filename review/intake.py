@@ -10,7 +10,7 @@ NO_TUMOUR = re.compile(r"no.?tumou?r|normal|healthy", re.IGNORECASE)  # a class 
 READABLE = "JPEG, PNG, BMP, TIFF or DICOM"
 EXCEPTION_NAME = re.compile(r"\b[A-Z][A-Za-z]*(Error|Exception|Warning)\b:?\s*")
 NOT_AN_IMAGE = re.compile(r"cannot identify image file|cannot decode|not a valid|truncated|unrecognized|"
-                          r"invalid|no pixel data", re.IGNORECASE)
+                          r"invalid|no pixel data|not a JPEG, PNG", re.IGNORECASE)
 
 
 def verdict_from_form(fields) -> Verdict:

@@ -16,7 +16,7 @@ import numpy as np
 from sqlalchemy import Engine, select
 
 from core.config import MonitorLimits
-from review.refer import OOD_REASON, ReferRule
+from deploy.refer import OUT_OF_DISTRIBUTION, ReferRule
 from review.schema import items, verdicts, withdrawn
 
 NO_CLASS_TRUTH = ("refer_confirmed", "non_diagnostic")  # verdicts that neither agree nor disagree with a class
@@ -136,8 +136,8 @@ def _reference_checks(ref: dict | None, n: int) -> np.ndarray:
 def ood_check(recent: list[dict], ref: dict | None, limits: MonitorLimits) -> Check:
     """The share of recent slices referred as out of distribution, against the test split's."""
     n = len(recent)
-    rate = sum(any(r.startswith(OOD_REASON) for r in json.loads(x["reasons_json"] or "{}").get("reasons", []))
-               for x in recent) / n if n else 0.0
+    rate = sum(OUT_OF_DISTRIBUTION in json.loads(x["reasons_json"] or "{}").get("codes", []) for x in recent) / n \
+        if n else 0.0
     said = f"{rate:.0%}" if n else "none yet"
     if not (ref or {}).get("ood_distance") or ref.get("ood_limit") is None:
         return Check("Out of distribution", said, "not recorded", n, "no reference")

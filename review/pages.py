@@ -8,16 +8,20 @@ HttpOnly and SameSite=Strict (and Secure over https).
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from review import auth, intake, viewer, worklist
+from data.images import ImageReadError
+from review import auth, intake, studies, viewer, worklist
 from review.monitor import panel
 from review.station import ReviewStation
 from serving.app import read_form
@@ -32,6 +36,8 @@ SECURITY_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "n
                     "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY",
                     "Cache-Control": "no-store"}  # patient images and names: never kept by a browser cache
 MAX_FLAGS = 2048  # flagged slices one verdict may carry
+MAX_PAGE = 1_000_000  # worklist pages: beyond this an offset overflows the database's integer (a 500 before)
+MAX_FRAME = 1_000_000  # frames asked of a slice: more than any file holds (images.max_frames)
 TEMPLATES = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
 
 
@@ -68,6 +74,8 @@ class Pages:
         self.station = station
         self.router = APIRouter(include_in_schema=False)
         self._static = {name: (HERE / "static" / name).read_bytes() for name in STATIC}
+        self._throttle = auth.Throttle()
+        self._hash_pool = ThreadPoolExecutor(2, thread_name_prefix="password-hash")
         self._add_routes()
 
     # ---- sessions ---------------------------------------------------------------------------------------
@@ -105,6 +113,7 @@ class Pages:
         r.add_api_route(PREFIX + "/login", self.login, methods=["POST"])
         r.add_api_route(PREFIX + "/logout", self.logout, methods=["POST"])
         r.add_api_route(PREFIX + "/", self.worklist, methods=["GET"])
+        r.add_api_route(PREFIX + "/studies", self.studies, methods=["GET"])
         r.add_api_route(PREFIX + "/upload", self.upload, methods=["POST"])
         r.add_api_route(PREFIX + "/case/{case_id}", self.case, methods=["GET"])
         r.add_api_route(PREFIX + "/case/{case_id}/slice.png", self.slice, methods=["GET"])
@@ -132,10 +141,24 @@ class Pages:
         form = await request.form(max_files=0, max_fields=8)
         if not auth.same_token(request.cookies.get(LOGIN_COOKIE), form.get("csrf")):
             raise HTTPException(403, "the login form expired: reload the page and retry")
-        token = await asyncio.to_thread(auth.log_in, self.station.engine, str(form.get("name", "")),
-                                        str(form.get("password", "")), self.station.settings.session_hours)
+        name, client = str(form.get("name", "")), request.client.host if request.client else None
+        keys, now = [f"address:{client}", f"name:{name}"], time.monotonic()
+        wait = self._throttle.wait_s(keys, now)
+        if wait > 0:  # refused without hashing: guessing costs the guesser time, and the server nothing
+            self._throttle.failed(keys, now)
+            await asyncio.to_thread(auth.record_failure, self.station.engine, name, client, True)
+            response = page("login.html", 429, csrf=form.get("csrf"), next=local_next(str(form.get("next", ""))),
+                            failed=True)
+            response.headers["Retry-After"] = str(math.ceil(wait))
+            return response
+        token = await asyncio.get_running_loop().run_in_executor(  # argon2 on its own threads, not the shared pool
+            self._hash_pool, auth.log_in, self.station.engine, name, str(form.get("password", "")),
+            self.station.settings.session_hours)
         if token is None:
+            self._throttle.failed(keys, time.monotonic())
+            await asyncio.to_thread(auth.record_failure, self.station.engine, name, client, False)
             return await self.login_form(request, str(form.get("next", "")), failed=True)
+        self._throttle.succeeded(keys)
         response = redirect(local_next(str(form.get("next", ""))))
         self._set_cookie(response, request, SESSION_COOKIE, token, int(self.station.settings.session_hours * 3600))
         response.delete_cookie(LOGIN_COOKIE, path=PREFIX)
@@ -150,7 +173,8 @@ class Pages:
         return response
 
     async def worklist(self, request: Request, status: str = "pending", sort: str = "confidence",
-                       order: str = "asc", predicted: str = "", page_no: int = 0, saved: int | None = None):
+                       order: str = "asc", predicted: str = "", page_no: int = Query(0, ge=0, le=MAX_PAGE),
+                       saved: int | None = None):
         who = await self.require(request)
         query = worklist.Query(status if status in worklist.STATUSES else "pending",
                                sort if sort in worklist.SORTS else "confidence", order == "desc", predicted or None,
@@ -166,6 +190,17 @@ class Pages:
                     limits=station.settings.monitor, page_size=worklist.PAGE, **await self._shared(who, saved),
                     max_files=station.service.settings.max_files,
                     max_bytes=int(station.service.settings.max_upload_mb * 2**20))
+
+    async def studies(self, request: Request, status: str = "pending", predicted: str = ""):
+        """The study worklist: one row per study or upload batch, its series beneath it."""
+        who = await self.require(request)
+        station = self.station
+        status = status if status in studies.STUDY_FILTERS else "pending"
+        rows = await asyncio.to_thread(studies.study_rows, station.engine, station.files.path, station.series_rule,
+                                       status, station.settings.patient_id, station.keep_identity, predicted or None)
+        return page("studies.html", who=who, studies=rows, shown=status, filters=studies.STUDY_FILTERS,
+                    predicted=predicted, classes=station.model_about()["classes"],
+                    keep_identity=station.keep_identity, **await self._shared(who))
 
     async def upload(self, request: Request):
         who = await self.require(request)
@@ -204,29 +239,40 @@ class Pages:
                     classes=classes, findings=intake.finding_choices(classes), labels=worklist.LABELS,
                     **await self._shared(who, saved))
 
-    async def slice(self, request: Request, case_id: str, frame: int | None = None):
+    async def slice(self, request: Request, case_id: str, frame: int | None = Query(None, ge=1, le=MAX_FRAME)):
         await self.require(request)
         case = await asyncio.to_thread(worklist.case_row, self.station.engine, case_id)
         if case is None or not case["file_ref"]:
             raise HTTPException(404, "no such case")
-        return png(await asyncio.to_thread(self.station.slice_png, case["file_ref"], frame))
+        try:
+            return png(await asyncio.to_thread(self.station.slice_png, case["file_ref"], frame))
+        except ImageReadError:  # a frame the file does not have
+            raise HTTPException(404, "no such frame") from None
 
     async def series(self, request: Request, case_id: str):
         """The viewer's data: the ordered slices of the case's series and the series' reading."""
         await self.require(request)
-        data = await asyncio.to_thread(viewer.viewer_data, self.station.engine, case_id, self.station.files.path)
+        data = await asyncio.to_thread(viewer.viewer_data, self.station.engine, case_id, self.station.files.path,
+                                      self.station.series_rule)
         if data is None:
             raise HTTPException(404, "no such case")
+        first = await asyncio.to_thread(worklist.case_row, self.station.engine, data["slices"][0]["case_id"])
+        station = self.station
+        data["study"] = studies.shown_facts(station.files.path(first["file_ref"]), station.settings.patient_id,
+                                            station.keep_identity) if first and first["file_ref"] else {}
         return JSONResponse(data, headers=SECURITY_HEADERS)
 
-    async def pixels(self, request: Request, case_id: str, frame: int | None = None):
+    async def pixels(self, request: Request, case_id: str, frame: int | None = Query(None, ge=1, le=MAX_FRAME)):
         """One slice's values (float32, little-endian, row-major) for windowing in the viewer; sizes and the
         file's window in headers."""
         await self.require(request)
         case = await asyncio.to_thread(worklist.case_row, self.station.engine, case_id)
         if case is None or not case["file_ref"]:
             raise HTTPException(404, "no such case")
-        px = await asyncio.to_thread(viewer.slice_pixels, self.station.files.path(case["file_ref"]), frame)
+        try:
+            px = await asyncio.to_thread(viewer.slice_pixels, self.station.files.path(case["file_ref"]), frame)
+        except ImageReadError:
+            raise HTTPException(404, "no such frame") from None
         return Response(px.values.tobytes(), media_type="application/octet-stream",
                         headers={**SECURITY_HEADERS, **px.headers()})
 
@@ -256,7 +302,8 @@ class Pages:
         self.check_csrf(who, fields)
         verdict = intake.verdict_from_form(fields)
         engine = self.station.engine
-        series = await asyncio.to_thread(viewer.series_judged, engine, case_id, self.station.files.path) \
+        series = await asyncio.to_thread(viewer.series_judged, engine, case_id, self.station.files.path,
+                                       self.station.series_rule) \
             if fields.get("series") == "1" else None  # the viewer's verdict: on the whole series
         try:
             vid = await asyncio.to_thread(worklist.record_verdict, engine, verdict, who.id, who.name, series)

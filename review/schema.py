@@ -86,6 +86,15 @@ flags = Table(  # the slices a reader flagged while giving a verdict (recorded w
     Column("prediction_id", String(32), ForeignKey("predictions.id"), primary_key=True),
 )
 
+login_failures = Table(  # every refused login, for the site's audit (the access log alone saw them)
+    "review_login_failures", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False, index=True),
+    Column("name", String(64), nullable=False),                 # as typed, cut to 64 characters
+    Column("client", String(255)),
+    Column("throttled", Boolean, nullable=False),               # refused unchecked: too many failures just before
+)
+
 TABLES = (reviewers, sessions, cases, items, verdicts, withdrawn, flags)
 
 
@@ -121,4 +130,6 @@ def _freeze_verdicts_on_postgresql(conn: Connection) -> None:
 MIGRATIONS = {"review": (Migration(1, "reviewers, sessions, cases, worklist items, verdicts", _create),
                          Migration(2, "verdicts never change on PostgreSQL too", _freeze_verdicts_on_postgresql)),
               "review_reading": (Migration(1, "verdict findings, undone verdicts, flagged slices, upload batches",
-                                           _reading),)}
+                                           _reading),),
+              "review_logins": (Migration(1, "failed logins", lambda conn: metadata.create_all(
+                  conn, tables=[login_failures], checkfirst=True)),)}

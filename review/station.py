@@ -1,9 +1,10 @@
 """The review station inside one server process: cases in (page uploads, predictions made elsewhere), the refer
 rule of the served version, and the pictures of the case view.
 
-Other components reach it through the service: `service.extensions["review"]` is this process's station. The
-DICOM receiver puts each classified instance on the worklist with `add_case` (from any thread) and can use
-`current_rule()` as its refer rule, so the flag in its report and on the page is the same.
+The DICOM receiver is handed `add_case` when serve.py builds the extensions, and puts each classified instance on
+the worklist with it (from any thread); its refer flag
+comes from the same rule (serving.service.Service.refer_rule), so the flag in its report and on the page is the
+same.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,23 +24,24 @@ import numpy as np
 from core.config import ReviewSection
 from core.fileio import atomic_file, atomic_write, private_dir
 from data.images import frame_name, load_gray
+from deploy.refer import Assessment, ReferRule
 from deploy.registry import load_predictor
 from review import worklist
 from review.auth import reviewer_count
 from review.cases import (
     CaseFiles,
     CaseOrigin,
-    assess_file,
-    audit_rows,
     case_row,
     display_frame,
     item_rows,
     new_case_id,
+    without_identity,
     write_case,
 )
 from review.intake import NO_TUMOUR, readable
-from review.refer import ReferRule
 from review.render import compare_heatmaps, heat_facts, heatmap_png, slice_png
+from series.rule import SeriesRule
+from serving.audit import Received, Stamp, prediction_entry
 from serving.service import NotReady, RequestContext, Service
 from serving.uploads import DecodedFile, Upload, UploadError, display_name, is_dicom_upload
 
@@ -56,8 +58,10 @@ class Intake:
 
 
 class ReviewStation:
-    def __init__(self, settings: ReviewSection):
+    def __init__(self, settings: ReviewSection, series_rule: SeriesRule | None = None, keep_identity: bool = False):
         self.settings = settings
+        self.keep_identity = keep_identity  # pacs.keep_patient_identity: patient name and birth date may be shown
+        self.series_rule = series_rule or SeriesRule()  # the config's series: section, as the API reads series
         self.files = CaseFiles(settings.store_dir)
         self.service: Service | None = None
         self._kept: dict[str, str] = {}  # case id -> kept file, between the pixel store hook and the case's row
@@ -70,7 +74,6 @@ class ReviewStation:
     def attach(self, service: Service) -> None:
         private_dir(self.files.root)
         self.service = service
-        service.extensions["review"] = self
         where, n = f"http://{service.settings.host}:{service.settings.port}/", reviewer_count(self.engine)
         if n:
             log.info("review page at %s (%d reviewer(s) may log in)", where, n)
@@ -108,10 +111,10 @@ class ReviewStation:
                 "synthetic": model.tags.get("demo_data") == "true" or "SYNTHETIC" in card}
 
     def rule(self, contract: dict, evaluation: dict | None) -> ReferRule:
-        return ReferRule.for_model(contract, evaluation, self.settings.refer_below, self.settings.drift_limit)
+        return ReferRule.for_version(contract, evaluation, self.settings)
 
     def current_rule(self) -> ReferRule:
-        """The refer rule of the version served now (the DICOM receiver's `refer(record, gray)`)."""
+        """The refer rule of the version served now (the page's, the DICOM receiver's and the worklist's)."""
         _, contract, evaluation = self.model_facts()
         return self.rule(contract, evaluation)
 
@@ -120,7 +123,10 @@ class ReviewStation:
         """serving's pixel store: keep the files uploaded on the review page (never the API's)."""
         if ctx.source != "review" or not ctx.case_id:
             return None
-        ref = self.files.keep(ctx.case_id, data, is_dicom_upload(data, decoded.filename))
+        dicom = is_dicom_upload(data, decoded.filename)
+        if dicom and not self.service.options.cfg.pacs.keep_patient_identity:  # the receiver's rule, at this door too
+            data = without_identity(data)
+        ref = self.files.keep(ctx.case_id, data, dicom)
         self._kept[ctx.case_id] = ref
         return ref
 
@@ -143,36 +149,35 @@ class ReviewStation:
             return Intake(name, None, readable(answer.body.get("detail", "not predicted"), name))
         identity = {k: answer.body[k] for k in ("model", "version", "alias", "flavor")}
         origin = CaseOrigin("review", reviewer, answer.records[0]["file"], identity, batch)
-        _, _, evaluation = self.model_facts(answer.body["version"])
-        refer = await asyncio.to_thread(self._enter, case_id, origin, ref, answer.records, answer.body["contract"],
-                                        evaluation)
+        refer = await asyncio.to_thread(self._enter, case_id, origin, ref, answer.records, answer.judged,
+                                        answer.rows[0]["study_uid"])
         return Intake(name, case_id, None, refer)
 
-    def _enter(self, case_id: str, origin: CaseOrigin, ref: str, records: list[dict], contract: dict,
-               evaluation: dict | None, audited: list[dict] = (), grays: list[np.ndarray] | None = None) -> bool:
-        rule = self.rule(contract, evaluation)
-        judged = [rule.assess(r, g) for r, g in zip(records, grays)] if grays is not None else \
-            assess_file(rule, self.files.path(ref), records, contract["img_size"])
+    def _enter(self, case_id: str, origin: CaseOrigin, ref: str, records: list[dict], judged: list[Assessment],
+               study_uid: str | None, audited: list[dict] = ()) -> bool:
         now = datetime.now(timezone.utc)
-        write_case(self.engine, case_row(case_id, origin, ref, records, now),
+        write_case(self.engine, case_row(case_id, origin, ref, len(records), study_uid, now),
                    item_rows(case_id, records, judged, origin.model["version"], now), audited)
         return any(a.refer for a in judged)
 
-    def add_case(self, records: list[dict], data: bytes, origin: CaseOrigin, dicom: bool = True,
-                 grays: list[np.ndarray] | None = None) -> str:
-        """Put predictions made elsewhere on the worklist (blocking; any thread): one record per frame of the
-        file `data` (deploy.predictors.prediction_record fields, plus `frame` and the DICOM UIDs), and `grays`, the
-        frames as the model saw them, when the caller has them (else the kept file is read again). Records with a
-        `record_id` are already in the audit log; the others are written to it here, in the case's transaction.
+    def add_case(self, data: bytes, received: Received, stamp: Stamp, predictions: list[dict],
+                 grays: list[np.ndarray]) -> str:
+        """Put predictions made elsewhere (the DICOM receiver's) on the worklist, blocking, from any thread: one per
+        frame of the DICOM file `data` (deploy.predictors.prediction_record fields plus `frame` and `refer`), with
+        `grays`, the frames as the model saw them. Their audit rows are written here, in the case's transaction.
         Returns the case id."""
         case_id = new_case_id()
-        ref = self.files.keep(case_id, data, dicom)
-        _, contract, evaluation = self.model_facts(origin.model.get("version"))
-        records = [dict(r) for r in records]
-        audited = audit_rows(case_id, origin, records, data, ref) if any("record_id" not in r for r in records) \
-            else []
+        ref = self.files.keep(case_id, data, dicom=True)
+        received = replace(received, case_id=case_id, pixels_ref=ref)
+        entries = [prediction_entry(stamp, received, p, p.get("frame"), p.get("refer"), p.get("refer_reasons", ()))
+                   for p in predictions]
+        _, contract, evaluation = self.model_facts(stamp.model["version"])
+        rule = self.rule(contract, evaluation)
+        judged = [rule.assess(p, gray) for p, gray in zip(predictions, grays)]
+        origin = CaseOrigin(received.source, received.client, received.filename, stamp.model)
         try:
-            self._enter(case_id, origin, ref, records, contract, evaluation, audited, grays)
+            self._enter(case_id, origin, ref, [record for record, _ in entries], judged, received.uids.get("study_uid"),
+                        [row for _, row in entries])
         except BaseException:
             self.files.path(ref).unlink(missing_ok=True)
             raise

@@ -8,22 +8,21 @@ of its own.
 """
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from sqlalchemy import Engine, and_, select
 
-from data.images import DicomFile, dicom_window, is_dicom, open_image
+from data.images import DicomFile, ImageReadError, dicom_window, is_dicom, open_image
 from review.render import MAX_SIDE, display_size
 from review.schema import cases, items
 from review.worklist import Reading, items_where
+from series.rule import SeriesResult, SeriesRule, SliceCheck, read_series
+from series.slices import SliceRef, order_slices, read_slices
 from serving.audit import predictions
-
-KEY_FRACTION = 0.25  # the key slices: the top quarter of a series' slices for its class (at least one)
 
 
 def series_where(engine: Engine, case_id: str):
@@ -49,62 +48,30 @@ def _natural(text: str) -> list:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text or "")]
 
 
-def _dicom_position(path: Path) -> tuple[float, float]:
-    """(position along the slice normal, InstanceNumber) from the header; inf where the file does not say."""
-    import pydicom
-
-    ds = pydicom.dcmread(str(path), stop_before_pixels=True)
-    number = float(getattr(ds, "InstanceNumber", None) or math.inf)
-    orientation, position = getattr(ds, "ImageOrientationPatient", None), getattr(ds, "ImagePositionPatient", None)
-    if orientation is None or position is None or len(orientation) != 6 or len(position) != 3:
-        return math.inf, number
-    row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
-    return float(np.dot(np.cross(row, col), np.asarray(position, float))), number
-
-
 def slice_order(entries: list[dict], path_of) -> list[dict]:
-    """DICOM images by their position along the slice normal (else InstanceNumber), then frame; other images by
-    their file name, naturally (IMG2 before IMG10)."""
-    positions: dict[str, tuple[float, float]] = {}
-
-    def key(e: dict):
-        ref = e["file_ref"]
-        if ref.endswith(".dcm"):
-            if ref not in positions:
-                try:
-                    positions[ref] = _dicom_position(path_of(ref))
-                except Exception:  # an unreadable header: placed last, still shown
-                    positions[ref] = (math.inf, math.inf)
-            return (0, *positions[ref], e["frame"] or 1, [])
-        return (1, 0.0, 0.0, e["frame"] or 1, _natural(e["filename"]))
-
-    return sorted(entries, key=key)
+    """DICOM slices in the series' reading order (series.slices: position along the slice normal, else
+    InstanceNumber), then the other images by file name, naturally (IMG2 before IMG10)."""
+    refs: dict[tuple[str, int], SliceRef] = {}
+    for ref in {e["file_ref"] for e in entries if e["file_ref"] and e["sop_instance_uid"]}:
+        try:
+            refs.update({(ref, s.frame or 1): s for s in read_slices(path_of(ref), ref)})
+        except (ImageReadError, OSError):  # an unreadable header: placed after the ordered slices, still shown
+            pass
+    entry_of = {refs[k]: e for e in entries if (k := (e["file_ref"], e["frame"] or 1)) in refs}
+    rest = [e for e in entries if (e["file_ref"], e["frame"] or 1) not in refs]
+    return [entry_of[s] for s in order_slices(list(entry_of))[0]] + \
+        sorted(rest, key=lambda e: (_natural(e["filename"]), e["frame"] or 1))
 
 
-@dataclass
-class SeriesReading:
-    """The series' class and probabilities (per class, the mean of its top-k slices), its key slices (the top k
-    for that class) and whether it is referred (a key slice is)."""
-    predicted_class: str
-    probabilities: dict[str, float]
-    key: list[int]                      # indices into the ordered slices
-    refer: bool
-    reasons: list[str] = field(default_factory=list)
-
-
-def series_reading(slices: list[dict]) -> SeriesReading:
+def series_reading(slices: list[dict], rule: SeriesRule) -> SeriesResult:
+    """The series rule (series.rule) on the ordered slices' probabilities and their own refer flags."""
     names = list(slices[0]["probabilities"])
-    p = np.asarray([[s["probabilities"][n] for n in names] for s in slices], dtype=np.float64)
-    k = max(1, math.ceil(KEY_FRACTION * len(slices)))
-    top = -np.sort(-p, axis=0)[:k].mean(axis=0)
-    best = int(np.argmax(top))
-    key = sorted(int(i) for i in np.argsort(-p[:, best], kind="stable")[:k])
-    reasons = [f"key slice {i + 1}: {r}" for i in key for r in slices[i]["reasons"]]
-    return SeriesReading(names[best], {n: float(v) for n, v in zip(names, top / top.sum())}, key, bool(reasons),
-                         reasons)
+    probs = np.asarray([[s["probabilities"][n] for n in names] for s in slices], dtype=np.float64)
+    checks = [SliceCheck(bool(s["refer"]), tuple(s["reasons"])) for s in slices]
+    return read_series(probs, names, rule, checks)
 
 
-def viewer_data(engine: Engine, case_id: str, path_of) -> dict | None:
+def viewer_data(engine: Engine, case_id: str, path_of, rule: SeriesRule) -> dict | None:
     """What the viewer loads: the ordered slices (their reading, pictures and status) and the series' reading."""
     where = series_where(engine, case_id)
     if where is None:
@@ -112,16 +79,15 @@ def viewer_data(engine: Engine, case_id: str, path_of) -> dict | None:
     entries = slice_order(items_where(engine, where), path_of)
     if not entries:
         return None
-    reading = series_reading(entries)
+    reading = series_reading(entries, rule)
     slices = [{"index": i, "prediction_id": e["prediction_id"], "case_id": e["case_id"], "frame": e["frame"],
                "filename": e["filename"], "predicted_class": e["predicted_class"], "confidence": e["confidence"],
                "probabilities": e["probabilities"], "refer": bool(e["refer"]), "reasons": e["reasons"],
-               "status": e["status"], "key": i in reading.key,
+               "status": e["status"], "key": i in reading.key_slices,
                "pixels": f"/review/case/{e['case_id']}/pixels" + (f"?frame={e['frame']}" if e["frame"] else ""),
                "heatmap": f"/review/heatmap/{e['prediction_id']}.png"} for i, e in enumerate(entries)]
     return {"case_id": case_id, "slices": slices,
-            "series": {"predicted_class": reading.predicted_class, "probabilities": reading.probabilities,
-                       "key": reading.key, "refer": reading.refer, "reasons": reading.reasons, "n": len(slices)}}
+            "series": {**reading.as_dict(), "n": len(slices)}}
 
 
 @dataclass
@@ -155,9 +121,9 @@ def slice_pixels(path: Path, frame: int | None) -> Pixels:
     return Pixels(np.ascontiguousarray(values, dtype="<f4"), window, inverted)
 
 
-def series_judged(engine: Engine, case_id: str, path_of) -> Reading | None:
+def series_judged(engine: Engine, case_id: str, path_of, rule: SeriesRule) -> Reading | None:
     """The series reading a series verdict judges (None: no such case)."""
-    data = viewer_data(engine, case_id, path_of)
+    data = viewer_data(engine, case_id, path_of, rule)
     if data is None:
         return None
     series = data["series"]

@@ -105,13 +105,17 @@ def case_items(engine: Engine, case_id: str) -> list[dict]:
     return items_where(engine, items.c.case_id == case_id)
 
 
-def items_where(engine: Engine, where) -> list[dict]:
-    """The items a condition selects, with their prediction's audit facts and kept file, in case and frame order."""
+def items_where(engine: Engine, where, limit: int | None = None) -> list[dict]:
+    """The items a condition selects (at most `limit`, the newest), with their prediction's audit facts and kept
+    file, in case and frame order."""
     query, _ = _item_select()
     query = query.add_columns(predictions.c.output_json, predictions.c.study_uid, predictions.c.series_uid,
-                              predictions.c.sop_instance_uid, cases.c.file_ref)
+                              predictions.c.sop_instance_uid, cases.c.file_ref, cases.c.batch).where(where)
+    if limit is not None:
+        newest = select(items.c.prediction_id).order_by(items.c.created_at.desc()).limit(limit)
+        query = query.where(items.c.prediction_id.in_(newest.scalar_subquery()))
     with engine.connect() as conn:
-        rows = conn.execute(query.where(where).order_by(items.c.case_id, items.c.frame)).mappings().all()
+        rows = conn.execute(query.order_by(items.c.case_id, items.c.frame)).mappings().all()
     out = []
     for r in rows:
         item = _item({k: v for k, v in r.items() if k != "output_json"})

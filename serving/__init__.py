@@ -3,5 +3,5 @@ on a new version), dynamic micro-batching into ONNX Runtime, upload decoding wit
 access, Prometheus metrics, and the audit database every prediction is written to before it is answered.
 The review page and the DICOM receiver plug into the same app and database (serving.app.Extension).
 
-May import: core, data, models, evaluation, training, deploy.
+May import: core, data, series, models, evaluation, training, deploy.
 """

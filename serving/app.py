@@ -2,12 +2,13 @@
 receiver plug in (an Extension: a router, startup/shutdown hooks, database migrations, a pixel store).
 
     create_app(options, [Extension(...)])   # in-process
-    app_from_environment()                  # uvicorn's factory in each worker process (serve.py --workers N)
+    app_from_environment(build)             # uvicorn's factory in each worker process (serve.py --workers N)
+
+The extensions are built in code by the caller (serve.py's build_extensions), never looked up by name.
 """
 from __future__ import annotations
 
 import asyncio
-import importlib
 import inspect
 import logging
 import time
@@ -17,12 +18,23 @@ from dataclasses import dataclass, field
 
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from starlette.datastructures import UploadFile
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from core.errors import UserError
-from serving.audit import FILTERS, AuditLog, AuditUnavailable, Migration, find_predictions, make_engine, migrate
+from data.images import configure_limits
+from serving.audit import (
+    FILTERS,
+    AuditLog,
+    AuditUnavailable,
+    Migration,
+    find_predictions,
+    find_series,
+    make_engine,
+    migrate,
+)
 from serving.guard import Guard, GuardPolicy, read_token
 from serving.metrics import Metrics, MetricsMiddleware
 from serving.options import ServeOptions
@@ -59,33 +71,34 @@ async def _call(hook, service: Service) -> None:
             await result
 
 
-def load_extensions(options: ServeOptions) -> list[Extension]:
-    """The extensions named in the options as "package.module:factory"; factory(options) -> Extension."""
-    found = []
-    for spec in options.extensions:
-        module, _, attr = spec.partition(":")
-        found.append(getattr(importlib.import_module(module), attr)(options))
-    return found
+# The extensions of one server process, built from its options (serve.py's build_extensions).
+ExtensionBuilder = Callable[[ServeOptions], Sequence[Extension]]
 
 
-def app_from_environment() -> FastAPI:
-    """uvicorn factory: each worker process builds its app from the options serve.py put in the environment."""
+def app_from_environment(build: ExtensionBuilder | None = None) -> FastAPI:
+    """uvicorn factory: each worker process builds its app (and, with `build`, its extensions) from the options
+    serve.py put in the environment."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # pydicom logs each failed decoder with a traceback; the upload's 4xx already says why, in one line
     import pydicom.config  # its import sets the level: quieten it afterwards
 
     pydicom.config.logger.setLevel(logging.CRITICAL)
-    return create_app(ServeOptions.from_env())
+    options = ServeOptions.from_env()
+    return create_app(options, build(options) if build else ())
 
 
 def create_app(options: ServeOptions, extensions: Sequence[Extension] = ()) -> FastAPI:
-    extensions = [*load_extensions(options), *extensions]
+    extensions = list(extensions)
+    stores = [ext for ext in extensions if ext.pixel_store]
+    if len(stores) > 1:  # which one keeps an upload would be a matter of order: refused, not guessed
+        raise UserError(f"extensions {', '.join(ext.name for ext in stores)} each keep uploaded files: a server "
+                        "has one pixel store")
+    configure_limits(options.cfg)  # a worker process never loaded the config: its uploads get the images: limits too
     settings = options.cfg.serving
     engine = make_engine(settings.database_url, settings.audit_fsync)
     migrate(engine, {k: v for ext in extensions for k, v in ext.migrations.items()})
-    stores = [ext.pixel_store for ext in extensions if ext.pixel_store]
     metrics, audit = Metrics(), AuditLog(engine)
-    service = Service(options, audit, metrics, stores[0] if stores else None)
+    service = Service(options, audit, metrics, stores[0].pixel_store if stores else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -99,9 +112,13 @@ def create_app(options: ServeOptions, extensions: Sequence[Extension] = ()) -> F
         audit.close()
         engine.dispose()
 
-    app = FastAPI(title="Brain MRI classifier", version="1", lifespan=lifespan,
-                  description="Predictions of a registered brain MRI slice classifier; every prediction is "
-                              "recorded in an audit log. Decision support only, not a diagnosis.")
+    # Swagger UI and ReDoc from the installed package, not a CDN (they work in an air-gapped site); off unless
+    # serving.api_docs: less script on the review page's origin
+    app = FastAPIOffline(title="Brain MRI classifier", version="1", lifespan=lifespan,
+                         docs_url="/docs" if settings.api_docs else None,
+                         redoc_url="/redoc" if settings.api_docs else None,
+                         description="Predictions of a registered brain MRI slice classifier; every prediction is "
+                                     "recorded in an audit log. Decision support only, not a diagnosis.")
     app.state.service = service
     add_routes(app, service, read_token(settings.token_file))
     for ext in extensions:
@@ -112,13 +129,21 @@ def create_app(options: ServeOptions, extensions: Sequence[Extension] = ()) -> F
                          settings.request_timeout_s,
                          PREDICTION_PATHS + tuple(p for ext in extensions for p in ext.admitted_prefixes),
                          tuple(p for ext in extensions for p in ext.exempt_prefixes),
-                         tuple(p for ext in extensions for p in ext.exempt_paths))
+                         tuple(p for ext in extensions for p in ext.exempt_paths),
+                         host_policy(settings), tuple(settings.cors_origins))
     app.add_middleware(Guard, policy=policy, admission=service.admission())
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization"])
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: refusals are counted too
     return app
+
+
+def host_policy(settings) -> tuple[str, ...] | None:
+    """The Host names served besides loopback ones: checked without a token (a browser on this machine is the
+    caller to fear) or when the site names them; None: any Host (a token server reached by its address)."""
+    names = tuple(h.lower() for h in settings.allowed_hosts)
+    return names if names or not settings.token_file else None
 
 
 def add_error_handlers(app: FastAPI, service: Service) -> None:
@@ -207,6 +232,22 @@ def add_prediction_routes(app: FastAPI, service: Service) -> None:
                    "X-Confidence": f"{record['confidence']:.6f}", "X-Record-Id": record["record_id"],
                    "X-Request-Id": record["request_id"]}
         return Response(png, media_type="image/png", headers=headers)
+
+    @app.post("/v1/series", tags=["predict"], openapi_extra=MULTIPART_BODY)
+    async def predict_series(request: Request):
+        """The files of one DICOM series (several parts, or one zip): the series result (class, probabilities, key
+        slices, refer flag and reasons, by the series rule) and every slice's record in reading order."""
+        ctx = context(request)
+        answer = await service.predict_series(await read_uploads(request, settings.max_files), ctx)
+        return JSONResponse(answer.body, answer.status)
+
+    @app.get("/v1/series", tags=["audit"])
+    async def recorded_series(study_uid: str = Query(...), series_uid: str | None = None,
+                              limit: int = Query(1000, ge=1, le=10000)):
+        """The recorded series results of a study (or one series), oldest first: from the API and the DICOM node,
+        amended results and series the node left out (with the reason) included."""
+        filters = {"study_uid": study_uid, **({"series_uid": series_uid} if series_uid else {})}
+        return {"series": await asyncio.to_thread(find_series, service.audit.engine, filters, limit)}
 
     @app.get("/v1/predictions", tags=["audit"])
     async def recorded(request: Request, limit: int = Query(1000, ge=1, le=10000)):

@@ -17,12 +17,14 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import (
+    Boolean,
     Column,
     DateTime,
     Engine,
@@ -42,6 +44,8 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from core.errors import UserError
+from core.redaction import redact_text
+from deploy.predictors import ANSWER_CHECKS
 
 log = logging.getLogger("serving.audit")
 metadata = MetaData()
@@ -78,6 +82,76 @@ predictions = Table(
     Column("pixels_ref", String(512)),                        # where a storage hook kept the upload (default none)
 )
 
+# One row per series result (series/rule.read_series) and per series the DICOM node leaves out; its slices' own
+# rows are in `predictions` (same study and series UIDs).
+series_results = Table(
+    "series_results", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("source", String(32), nullable=False),             # api | dicom
+    Column("client", String(255)),
+    Column("study_uid", String(64), index=True),
+    Column("series_uid", String(64), index=True),
+    Column("outcome", String(16), nullable=False),            # read | amended (late instances) | skipped
+    Column("revision", Integer),                              # 0 first, then 1, 2 ... (amended results)
+    Column("n_slices", Integer),
+    Column("model_name", String(255)),
+    Column("model_version", String(32)),
+    Column("predicted_class", String(255)),                   # none for a skipped series
+    Column("confidence", Float),
+    Column("refer", Boolean),
+    Column("reason", Text),                                   # why it was skipped, or why it is referred
+    Column("output_json", Text, nullable=False),              # the series result, its key slices, result UIDs
+)
+
+
+@dataclass(frozen=True)
+class Received:
+    """One file as a door of the server received it."""
+    source: str                 # api | review | dicom
+    client: str | None          # the sender's address (a DICOM peer: AE title@address)
+    filename: str               # the upload's own name (a DICOM instance: its SOP Instance UID); never a path
+    sha256: str                 # of the bytes received
+    uids: dict = field(default_factory=dict)  # study_uid, series_uid, sop_instance_uid, those the file has
+    case_id: str | None = None  # the review page's case
+    pixels_ref: str | None = None  # where a storage hook kept the file
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """What the predictions of one request share: its id, its time, how long it took, the model that answered
+    (serving.model.ServedModel.identity())."""
+    request_id: str
+    created_at: datetime
+    latency_ms: float
+    model: dict
+
+
+ANSWERED = ("predicted_class", "class_index", "confidence", "probabilities")  # of deploy.predictors.prediction_record
+
+
+def prediction_entry(stamp: Stamp, received: Received, prediction: dict, frame: int | None,
+                     refer: bool | None, reasons: Sequence[str] = ()) -> tuple[dict, dict]:
+    """(the answer's record, the audit row) of one image, whichever door it came in by: the one place the
+    `predictions` columns are filled. `prediction`: deploy.predictors.Predictor.record's fields (the answer checks
+    when the model has them); `frame`: 1-based, None for a single image; `refer` and `reasons`: the refer rule's
+    flag and why (deploy.refer)."""
+    record = {"record_id": uuid.uuid4().hex, "file": received.filename, "frame": frame, "sha256": received.sha256,
+              **{k: prediction[k] for k in ANSWERED}, **{k: prediction.get(k) for k in ANSWER_CHECKS},
+              "refer": refer, "refer_reasons": list(reasons)}
+    model, uids = stamp.model, received.uids
+    row = {"id": record["record_id"], "request_id": stamp.request_id, "created_at": stamp.created_at,
+           "source": received.source, "client": received.client, "case_id": received.case_id,
+           "study_uid": uids.get("study_uid"), "series_uid": uids.get("series_uid"),
+           "sop_instance_uid": uids.get("sop_instance_uid"), "frame": frame, "filename": received.filename,
+           "input_sha256": received.sha256, "model_name": model["model"], "model_version": str(model["version"]),
+           "model_alias": model.get("alias"), "flavor": model["flavor"], "predicted_class": record["predicted_class"],
+           "confidence": float(record["confidence"]),
+           "output_json": json.dumps({**record, "medical_validation": model.get("medical_validation"),
+                                      "forced": model.get("forced")}),
+           "latency_ms": stamp.latency_ms, "pixels_ref": received.pixels_ref}
+    return record, row
+
 
 @dataclass(frozen=True)
 class Migration:
@@ -86,7 +160,8 @@ class Migration:
     apply: Callable[[Connection], None]
 
 
-SERVING_MIGRATIONS = (Migration(1, "predictions", lambda conn: predictions.create(conn, checkfirst=True)),)
+SERVING_MIGRATIONS = (Migration(1, "predictions", lambda conn: predictions.create(conn, checkfirst=True)),
+                      Migration(2, "series_results", lambda conn: series_results.create(conn, checkfirst=True)))
 
 
 def _sqlite_pragmas(fsync: bool):
@@ -107,7 +182,8 @@ def make_engine(url: str, fsync: bool = True) -> Engine:
     try:
         parsed = make_url(url)
     except Exception:
-        raise UserError(f"serving.database_url {url!r} is not a database URL (e.g. sqlite:///audit.db)") from None
+        raise UserError(f"serving.database_url {redact_text(url)!r} is not a database URL "
+                        "(e.g. sqlite:///audit.db)") from None
     if parsed.get_backend_name() == "sqlite":
         if not parsed.database or parsed.database == ":memory:":
             raise UserError("the audit database must be a file (sqlite:///audit.db), not in memory")
@@ -189,6 +265,34 @@ def find_predictions(engine: Engine, filters: dict[str, str], limit: int = 1000)
     return out
 
 
+def find_series(engine: Engine, filters: dict[str, str], limit: int = 1000) -> list[dict]:
+    """The recorded series results (and skipped series) matching every filter (study_uid, series_uid), oldest
+    first: the row's facts and the stored result."""
+    query = select(series_results)
+    for key, value in filters.items():
+        query = query.where(series_results.c[key] == value)
+    query = query.order_by(series_results.c.created_at, series_results.c.revision)
+    with engine.connect() as conn:
+        rows = conn.execute(query.limit(limit)).mappings().all()
+    return [{"record_id": row["id"], "created_at": as_utc(row["created_at"]).isoformat(),
+             **{k: row[k] for k in ("source", "client", "study_uid", "series_uid", "outcome", "revision", "n_slices",
+                                    "reason")},
+             "model": row["model_name"], "version": row["model_version"], "refer": row["refer"],
+             "result": json.loads(row["output_json"])} for row in rows]
+
+
+def series_row(event: dict, row_id: str, source: str) -> dict:
+    """A series_results row from a series event: the API's, or the DICOM node's (pacs.series_reader.series_event, or
+    a skipped series)."""
+    result = event.get("result") or {}
+    return {"id": row_id, "created_at": datetime.now(timezone.utc), "source": source, "client": event.get("client"),
+            "study_uid": event["study_uid"], "series_uid": event["series_uid"], "outcome": event["outcome"],
+            "revision": event.get("revision"), "n_slices": event.get("n_slices"), "model_name": event.get("model"),
+            "model_version": event.get("version"), "predicted_class": result.get("predicted_class"),
+            "confidence": result.get("confidence"), "refer": result.get("refer"), "reason": event.get("reason"),
+            "output_json": json.dumps(result, default=str)}
+
+
 class AuditUnavailable(Exception):
     """The record could not be committed: the answer must not be sent as a success."""
 
@@ -196,20 +300,21 @@ class AuditUnavailable(Exception):
 class AuditLog:
     """Group commit on one writer thread: `await write(rows)` returns once the rows are committed."""
 
-    def __init__(self, engine: Engine, table: Table = predictions, max_rows: int = 512):
+    def __init__(self, engine: Engine, table: Table = predictions, max_rows: int = 512):  # table: the default
         self.engine, self.table, self.max_rows = engine, table, max_rows
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, rows: list[dict]) -> concurrent.futures.Future:
-        """Queue rows for the next commit; the future resolves when they are on disk (from any thread)."""
+    def submit(self, rows: list[dict], table: Table | None = None) -> concurrent.futures.Future:
+        """Queue rows (of `table`, default the log's own) for the next commit; the future resolves when they are
+        on disk (from any thread)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put((rows, future))
+        self._queue.put(([(table if table is not None else self.table, row) for row in rows], future))
         return future
 
-    async def write(self, rows: list[dict]) -> None:
-        await asyncio.wrap_future(self.submit(rows))
+    async def write(self, rows: list[dict], table: Table | None = None) -> None:
+        await asyncio.wrap_future(self.submit(rows, table))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -236,10 +341,13 @@ class AuditLog:
 
     def _commit(self, pending: list) -> None:
         try:
-            columns = [c.name for c in self.table.columns]  # an executemany compiles from the first row's keys
-            rows = [{c: row.get(c) for c in columns} for batch, _ in pending for row in batch]
-            with self.engine.begin() as conn:
-                conn.execute(insert(self.table), rows)
+            by_table: dict[Table, list[dict]] = {}
+            for batch, _ in pending:
+                for table, row in batch:  # an executemany compiles from the first row's keys: give them all
+                    by_table.setdefault(table, []).append({c.name: row.get(c.name) for c in table.columns})
+            with self.engine.begin() as conn:  # one transaction: a series row never lands without its slices'
+                for table, rows in by_table.items():
+                    conn.execute(insert(table), rows)
         except Exception as exc:  # the database is down or full: no answer may claim a record
             log.error("audit database write failed: %s", str(exc).splitlines()[0])
             for _, future in pending:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.redaction import redact_text
+from deploy.model_card import with_aliases
 from deploy.registry import load_predictor
 
 log = logging.getLogger("serving.model")
@@ -24,7 +26,7 @@ PATH_KEYS = ("checkpoint", "split_manifest", "stats_path", "path")
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ServedSpec:
     """Which registered model to serve: an alias (default production) or a pinned version, and the flavor."""
     name: str
     alias: str | None = "production"
@@ -34,7 +36,7 @@ class ModelSpec:
 
 @dataclass
 class ServedModel:
-    spec: ModelSpec
+    spec: ServedSpec
     mv: object  # the registry's ModelVersion
     predictor: object  # deploy.predictors.Predictor
     flavor: str
@@ -43,6 +45,7 @@ class ServedModel:
     users: int = 0      # requests holding this version
     retired: bool = False  # a newer version is current: released when users drops to 0
     batcher: object = None  # serving.batcher.MicroBatcher, attached by the service
+    rule: object = None     # deploy.refer.ReferRule of this version, attached by the service
     _torch: object = field(default=None, repr=False)
     _torch_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -121,7 +124,8 @@ def read_evidence(mv, workdir: Path, tracking_uri: str) -> dict:
     if card:
         for path in sorted(_paths_in(evaluation) | _paths_in(gates) | _paths_in(mv.tags), key=len, reverse=True):
             card = card.replace(path, Path(path).name)
-        card = card.replace(tracking_uri, "the MLflow store")
+        card = card.replace(redact_text(tracking_uri), "the MLflow store")  # the card holds it redacted
+        card = with_aliases(card.replace(tracking_uri, "the MLflow store"), getattr(mv, "aliases", None) or [])
     return {"model_card": card, "evaluation": scrub_paths(evaluation), "gates": scrub_paths(gates)}
 
 
@@ -138,7 +142,7 @@ def warm_up(predictor, max_batch: int) -> None:
         predictor.predict_array(np.zeros((n, 3, c.img_size, c.img_size), dtype=np.float32))
 
 
-def load_served_model(client, spec: ModelSpec, mv, root: Path, tracking_uri: str, max_batch: int) -> ServedModel:
+def load_served_model(client, spec: ServedSpec, mv, root: Path, tracking_uri: str, max_batch: int) -> ServedModel:
     """Download, load, read the evidence and warm up one resolved version (blocking: run it off the loop)."""
     root.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"v{mv.version}-", dir=root))

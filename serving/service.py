@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import importlib.util
 import logging
 import shutil
 import tempfile
@@ -17,22 +17,25 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from data.cache import usable_cpus
+from core.hardware import usable_cpus
 from data.images import frame_name
 from deploy.predictors import Outputs
+from deploy.refer import Assessment, ReferRule
 from deploy.registry import connect, resolve_version
-from serving.audit import AuditLog, AuditUnavailable
+from series.rule import SeriesRule
+from serving.audit import AuditLog, AuditUnavailable, Received, Stamp, prediction_entry, series_results
 from serving.batcher import MicroBatcher
 from serving.guard import Admission
 from serving.metrics import Metrics
 from serving.model import ServedModel, load_served_model
 from serving.options import ServeOptions
+from serving.series_api import read_answer, series_audit_row, series_of, unzip
 from serving.uploads import DecodedFile, Upload, UploadError, decode_upload
 
 log = logging.getLogger("serving")
@@ -52,6 +55,8 @@ class Answer:
     status: int
     body: dict
     records: list[dict]
+    judged: list[Assessment] = field(default_factory=list)  # the refer rule's verdict on each record
+    rows: list[dict] = field(default_factory=list)          # the audit rows committed for them
 
 
 class NotReady(Exception):
@@ -79,8 +84,6 @@ class Service:
         self.seconds_per_image = 0.05  # running estimate for Retry-After
         self._reload_lock: asyncio.Lock | None = None
         self._watcher: asyncio.Task | None = None
-        # what extensions offer each other, by name (e.g. "review": the review station, for the DICOM receiver)
-        self.extensions: dict[str, object] = {}
         # called on the event loop with each version swapped in (the first included), e.g. by the DICOM receiver
         self.model_listeners: list[Callable[[ServedModel], object]] = []
 
@@ -125,7 +128,14 @@ class Service:
             self._install(new)
             return new.identity(), True
 
+    def refer_rule(self, model: ServedModel) -> ReferRule:
+        """The refer rule of one version (review.refer_below, review.drift_limit, the version's own temperature and
+        intensity reference): every door judges its predictions with it."""
+        return ReferRule.for_version(model.predictor.contract.to_dict(), model.evidence.get("evaluation"),
+                                     self.cfg.review)
+
     def _install(self, new: ServedModel) -> None:
+        new.rule = self.refer_rule(new)
         new.batcher = MicroBatcher(new.predictor.infer, self.model_pool, self.settings.max_batch,
                                    self.settings.max_wait_ms / 1000, lambda: self.decoding, self._on_batch)
         old, self.model, self.failure = self.model, new, None
@@ -188,7 +198,8 @@ class Service:
 
     # ---- prediction --------------------------------------------------------------------------------
     def _decode(self, upload: Upload, model: ServedModel, ctx: RequestContext, keep: bool = False) -> DecodedFile:
-        decoded = decode_upload(upload, model.predictor, self.root / "uploads", self.settings.max_images, keep)
+        decoded = decode_upload(upload, model.predictor, self.root / "uploads", self.settings.max_images, keep,
+                                int(self.settings.max_upload_mb * 2**20))
         decoded.pixels_ref = self.pixel_store(decoded, upload.data, ctx) if self.pixel_store else None
         return decoded
 
@@ -226,39 +237,49 @@ class Service:
             problems = [{"file": e.reason.split(": ", 1)[0], "error": e.reason, "status": e.status} for e in errors]
             if not good:
                 return Answer(errors[0].status, {**head, "detail": errors[0].reason, "errors": problems}, [])
-            probs = await model.batcher.submit(np.concatenate([d.x for d in good]))
-            records, rows = self._records(good, probs, model, ctx, request_id, started)
-            await self._commit(rows)
-        body = {**head, "contract": model.contract(), "predictions": records, "errors": problems}
-        return Answer(200, body, records)
+            out = await model.batcher.submit(np.concatenate([d.x for d in good]))
+            answer = self._judge(good, out, model, ctx, request_id, started)
+            await self._commit(answer.rows)
+        # the contract (with its 256-bin intensity histogram) is GET /v1/model's: the answer names the version
+        answer.body = {**head, "predictions": answer.records, "errors": problems}
+        return answer
 
-    def _records(self, good: list[DecodedFile], probs: Outputs, model: ServedModel, ctx: RequestContext,
-                 request_id: str, started: float) -> tuple[list[dict], list[dict]]:
-        """The answer's records and the audit rows, one per image."""
-        now, latency_ms = datetime.now(timezone.utc), (time.perf_counter() - started) * 1000
-        ident, records, rows, offset = model.identity(), [], [], 0
-        for d in good:
-            for frame in d.frames:
-                base = model.predictor.record(d.filename, probs, offset)
-                record = {"record_id": uuid.uuid4().hex, "file": base.pop("path"), "frame": frame,
-                          "sha256": d.sha256, **base}
-                records.append(record)
-                self.metrics.predictions.labels(record["predicted_class"]).inc()
-                rows.append({"id": record["record_id"], "request_id": request_id, "created_at": now,
-                             "source": ctx.source, "client": ctx.client, "case_id": ctx.case_id, **d.dicom,
-                             "frame": frame, "filename": d.filename, "input_sha256": d.sha256,
-                             "model_name": ident["model"], "model_version": ident["version"],
-                             "model_alias": ident["alias"], "flavor": ident["flavor"],
-                             "predicted_class": record["predicted_class"], "confidence": record["confidence"],
-                             "output_json": json.dumps({**record, "medical_validation": ident["medical_validation"],
-                                                        "forced": ident["forced"]}),
-                             "latency_ms": latency_ms, "pixels_ref": d.pixels_ref})
-                offset += 1
-        return records, rows
+    def _judge(self, good: list[DecodedFile], out: Outputs, model: ServedModel, ctx: RequestContext,
+               request_id: str, started: float) -> Answer:
+        """The answer's records, the refer rule's verdicts and the audit rows, one per image."""
+        stamp = Stamp(request_id, datetime.now(timezone.utc), (time.perf_counter() - started) * 1000,
+                      model.identity())
+        answer = Answer(200, {}, [])
+        inputs = [(d, i) for d in good for i in d.inputs]
+        for k, (d, i) in enumerate(inputs):
+            prediction = model.predictor.record(d.filename, out, k)
+            judged = model.rule.assess(prediction, i.gray)
+            received = Received(ctx.source, ctx.client, d.filename, d.sha256, d.dicom, ctx.case_id, d.pixels_ref)
+            record, row = prediction_entry(stamp, received, prediction, i.frame, judged.refer,
+                                           [r.text for r in judged.reasons])
+            answer.records.append(record)
+            answer.judged.append(judged)
+            answer.rows.append(row)
+            self.metrics.predictions.labels(record["predicted_class"]).inc()
+        return answer
 
-    async def _commit(self, rows: list[dict]) -> None:
+    async def predict_series(self, uploads: list[Upload], ctx: RequestContext) -> Answer:
+        """The files of one series (parts or one zip): every slice predicted and audited as predict() does, then
+        read by the series rule; the series row is committed before the answer (serving/series_api.py)."""
+        uploads = unzip(uploads, self.settings.max_files, int(self.settings.max_upload_mb * 2**20) * 8)
+        series, sop_of = series_of(uploads)
+        answer = await self.predict(uploads, ctx)
+        if answer.status != 200:
+            return answer
+        part, ordered = read_answer(answer.body, answer.judged, series, sop_of,
+                                    SeriesRule.from_config(self.cfg.series))
+        await self._commit([series_audit_row(part, answer.body, ctx.client)], series_results)
+        body = {**{k: v for k, v in answer.body.items() if k != "predictions"}, "series": part, "predictions": ordered}
+        return Answer(200, body, ordered)
+
+    async def _commit(self, rows: list[dict], table=None) -> None:
         try:
-            await self.audit.write(rows)
+            await self.audit.write(rows, table)
         except AuditUnavailable:
             self.metrics.errors.labels("audit_unavailable").inc()
             raise
@@ -266,6 +287,9 @@ class Service:
     # ---- Grad-CAM ----------------------------------------------------------------------------------
     async def explain(self, upload: Upload, frame: int, ctx: RequestContext) -> tuple[bytes, dict]:
         """(PNG of the Grad-CAM overlay of the predicted class, the audited record) for one image or frame."""
+        if importlib.util.find_spec("torch") is None:  # an ONNX-only install, such as the container image
+            raise UploadError(501, "explain_unavailable", "Grad-CAM needs PyTorch, which this server does not have "
+                              "(an ONNX-only install); /v1/predict answers without it")
         started = ctx.started or time.perf_counter()
         request_id = uuid.uuid4().hex
         with self._using() as model:
@@ -274,13 +298,14 @@ class Service:
                 raise errors[0]
             d = good[0]
             try:
-                if frame not in (d.frames if d.frames != [None] else [1]):
-                    raise UploadError(422, "bad_frame", f"{d.filename}: has {len(d.frames)} frame(s), no frame {frame}")
-                k = d.frames.index(frame) if d.frames != [None] else 0
-                d.x, d.frames = d.x[k:k + 1], d.frames[k:k + 1]
+                frames = [i.frame or 1 for i in d.inputs]
+                if frame not in frames:
+                    raise UploadError(422, "bad_frame", f"{d.filename}: has {len(frames)} frame(s), no frame {frame}")
+                d.inputs = [d.inputs[frames.index(frame)]]
                 probs = await model.batcher.submit(d.x)
-                records, rows = self._records([d], probs, model, ctx, request_id, started)
-                await self._commit(rows)
+                answer = self._judge([d], probs, model, ctx, request_id, started)
+                await self._commit(answer.rows)
+                records = answer.records
                 png = await asyncio.get_running_loop().run_in_executor(
                     self.explain_pool, self._gradcam, model, d, records[0]["class_index"])
             finally:
@@ -289,7 +314,7 @@ class Service:
 
     def _gradcam(self, model: ServedModel, d: DecodedFile, class_index: int) -> bytes:
         torch_predictor = model.torch_predictor(self.client)
-        name = frame_name(d.path, d.frames[0])
+        name = frame_name(d.path, d.inputs[0].frame)
         with tempfile.TemporaryDirectory(dir=self.root) as out:
             [png] = torch_predictor.gradcam([name], [class_index], Path(out))
             return png.read_bytes()

@@ -1,7 +1,7 @@
 """An uploaded file -> the model's input, through the CLI's own loader (data.images) and the contract.
 
 The bytes are written to a private folder under a random name (the upload's own name is never part of a
-path), decoded by the predictor's `preprocess_file` (one record per frame of a multi-frame DICOM), and
+path), decoded by the predictor's `decode` (one model input per frame of a multi-frame DICOM), and
 removed. Every failure becomes an UploadError: an HTTP status, a kind for the metrics, and a reason that
 names the upload, never a server path.
 """
@@ -17,7 +17,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
-from data.images import DICOM_EXTENSIONS, ImageReadError, split_frame_name
+from data.images import DICOM_EXTENSIONS, ImageReadError, check_inflated
+from deploy.predictors import ModelInput
 
 log = logging.getLogger("serving.uploads")
 MAX_NAME = 255
@@ -40,11 +41,15 @@ class Upload:
 class DecodedFile:
     filename: str
     sha256: str
-    frames: list[int | None]  # None for a single image, else the 1-based frame of each row of x
-    x: np.ndarray             # (k, 3, S, S) float32: the contract's preprocessing
+    inputs: list[ModelInput]  # one per image: a single image, or each frame of a multi-frame DICOM
     dicom: dict = field(default_factory=dict)  # study_uid, series_uid, sop_instance_uid when the file has them
     path: Path | None = None  # the private copy, kept only when asked (Grad-CAM)
     pixels_ref: str | None = None  # where a storage hook kept the upload
+
+    @property
+    def x(self) -> np.ndarray:
+        """(k, 3, S, S) float32: the contract's preprocessing of every image."""
+        return np.concatenate([i.x for i in self.inputs])
 
 
 def display_name(raw: str | None) -> str:
@@ -87,8 +92,10 @@ def write_private(folder: Path, data: bytes, dicom: bool) -> Path:
     return path
 
 
-def decode_upload(upload: Upload, predictor, folder: Path, max_images: int, keep: bool = False) -> DecodedFile:
-    """Decode one upload with the predictor's contract; raises UploadError (blocking: run it off the loop)."""
+def decode_upload(upload: Upload, predictor, folder: Path, max_images: int, keep: bool = False,
+                  max_bytes: int = 32 * 2**20) -> DecodedFile:
+    """Decode one upload with the predictor's contract; raises UploadError (blocking: run it off the loop).
+    `max_bytes`: the request body's cap, which a deflated DICOM may not inflate past either."""
     name = display_name(upload.filename)
     if not upload.data:
         raise UploadError(422, "unreadable_image", f"{name}: empty file")
@@ -96,14 +103,13 @@ def decode_upload(upload: Upload, predictor, folder: Path, max_images: int, keep
     dicom = is_dicom_upload(upload.data, name)
     path, done = write_private(folder, upload.data, dicom), False
     try:
+        if dicom:
+            check_inflated(path, max_bytes)  # a deflated file inflates within the body's own cap
         uids, n_frames = dicom_facts(path) if dicom else ({}, 1)
         if n_frames > max_images:
             raise UploadError(413, "too_many_images", f"{name}: {n_frames} frames, over the limit of {max_images} "
                                                       "images per request")
-        items = predictor.preprocess_file(path)
-        frames = [split_frame_name(record)[1] for record, _ in items]
-        decoded = DecodedFile(name, digest, frames, np.concatenate([x for _, x in items]), uids,
-                              path if keep else None)
+        decoded = DecodedFile(name, digest, predictor.decode(path), uids, path if keep else None)
         done = True
     except UploadError:
         raise

@@ -16,6 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 import core  # noqa: E402,F401  (library telemetry off before any test imports MLflow)
+from tests import cleanup  # noqa: E402
+
+CHECKOUT, PROBLEMS = pytest.StashKey[dict](), pytest.StashKey[list]()
 
 # Test files run in parallel (pyproject.toml: -n auto --dist loadfile), one worker per core up to 4.
 MAX_WORKERS = 4
@@ -28,7 +31,19 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
 
 
+def is_controller(config) -> bool:
+    """The process that owns the run: the only one with -n 0, the one that starts the xdist workers otherwise."""
+    return not hasattr(config, "workerinput")
+
+
 def pytest_configure(config) -> None:
+    if is_controller(config):  # before any worker starts: every process of the run is then found at its end
+        cleanup.become_subreaper()
+        config.stash[CHECKOUT] = cleanup.checkout_state(ROOT)
+    share_cores(config)
+
+
+def share_cores(config) -> None:
     """In a parallel run each worker gets its share of the cores: torch threads that outnumber the cores spin on
     barriers and slow every test down (a training step several times slower), and the scripts the tests start
     as processes inherit the same share through OMP_NUM_THREADS."""
@@ -39,6 +54,41 @@ def pytest_configure(config) -> None:
         import torch
 
         torch.set_num_threads(int(share))
+
+
+def run_basetemp(config) -> Path | None:
+    """The run's pytest temp folder, if it made one (pytest keeps it private: read, never created here)."""
+    return getattr(getattr(config, "_tmp_path_factory", None), "_basetemp", None)
+
+
+@pytest.hookimpl(trylast=True)  # after the xdist workers have stopped and pytest has removed a passing run's temp
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """The run fails if a process it started is still running (each is stopped, with its process group), or if it
+    wrote into the checkout; a failed run's temp folders keep their logs, not their multi-MB weights."""
+    config = session.config
+    if not is_controller(config):
+        return
+    problems = [f"process left running (stopped now): {p}" for p in cleanup.sweep()]
+    problems += [f"the checkout was changed: {c}" for c in cleanup.checkout_changes(config.stash[CHECKOUT],
+                                                                                    cleanup.checkout_state(ROOT))]
+    basetemp = run_basetemp(config)
+    if basetemp is not None and basetemp.is_dir():
+        cleanup.remove_large_files(basetemp)
+    config.stash[PROBLEMS] = problems
+    if problems:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if not is_controller(config):
+        return
+    for line in config.stash.get(PROBLEMS, []):
+        terminalreporter.write_line(f"ERROR {line}", red=True, bold=True)
+    basetemp = run_basetemp(config)
+    if basetemp is not None:
+        left = cleanup.folder_size(basetemp) if basetemp.is_dir() else 0
+        terminalreporter.write_line(f"temp space this run leaves: {left / 1e6:.0f} MB in {basetemp} (a passing run "
+                                    "leaves none; a failing one its failed tests' folders, until the next run)")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -172,6 +222,14 @@ def passing_run(tmp_path_factory):
     with contextlib.redirect_stdout(out), one_torch_thread():
         assert run_script("train", ["--config", cfg, "--model", "resnet18"]) == 0
     return cfg, tmp, out.getvalue()
+
+
+def tool_env(**extra) -> dict:
+    """The environment for a script the tests start as a process: the tools of the Python running the tests (its
+    `mlflow`, ...) first on PATH, whatever environment the user has, or has not, activated or created in the
+    checkout."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, **extra}
 
 
 def stop_process_group(proc, timeout: float = 30) -> None:

@@ -32,10 +32,13 @@ class ServerProcess:
 
     def __init__(self, args: list, workdir: Path, token: str | None = None):
         self.port, self.workdir, self.token = free_port(), Path(workdir), token
+        argv = [sys.executable, str(ROOT / "serve.py"), *map(str, args), "--port", str(self.port)]
+        self.start(argv, {**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def start(self, argv: list[str], env: dict) -> None:
+        """The server's command in its own process group, its output in the log."""
         self.log_path = self.workdir / f"server-{self.port}.log"
         self.log_file = self.log_path.open("wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        argv = [sys.executable, str(ROOT / "serve.py"), *map(str, args), "--port", str(self.port)]
         self.proc = subprocess.Popen(argv, cwd=self.workdir, stdout=self.log_file, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
 

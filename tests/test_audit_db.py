@@ -62,12 +62,12 @@ def prediction_row(**overrides) -> dict:
 def test_an_upgrade_keeps_old_rows_and_a_newer_database_is_refused(engine):
     v1 = Migration(1, "probe table", lambda conn: conn.execute(text("CREATE TABLE probe (id INTEGER, name TEXT)")))
     v2 = Migration(2, "probe.note", lambda conn: conn.execute(text("ALTER TABLE probe ADD COLUMN note TEXT")))
-    assert migrate(engine, {"probe": [v1]}) == {"serving": 1, "probe": 1}
+    assert migrate(engine, {"probe": [v1]}) == {"serving": 2, "probe": 1}
     with engine.begin() as conn:
         conn.execute(text("INSERT INTO probe (id, name) VALUES (1, 'old row')"))
         conn.execute(predictions.insert(), [prediction_row()])
-    assert migrate(engine, {"probe": [v1, v2]}) == {"serving": 1, "probe": 2}
-    assert migrate(engine, {"probe": [v1, v2]}) == {"serving": 1, "probe": 2}  # applied once
+    assert migrate(engine, {"probe": [v1, v2]}) == {"serving": 2, "probe": 2}
+    assert migrate(engine, {"probe": [v1, v2]}) == {"serving": 2, "probe": 2}  # applied once
     with engine.connect() as conn:
         assert conn.execute(text("SELECT id, name, note FROM probe")).all() == [(1, "old row", None)]
         assert conn.execute(select(func.count()).select_from(predictions)).scalar() == 1
@@ -146,9 +146,18 @@ def test_an_archive_run_is_one_record(engine):
 
 # ---- serve.py on PostgreSQL -------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="serve.py still hands its processes the config with the database URL's credentials "
-                          "redacted (***), so a URL with a password cannot connect; remove this mark with the fix")
+def test_the_server_processes_get_the_url_with_its_password_and_errors_do_not_show_it():
+    import serve
+
+    url = "postgresql+psycopg://mri:s3cret%40pw@db.hospital.example:5432/audit"
+    args = serve.get_args_parser().parse_args(["--model", MODEL, "--database", url])
+    options = serve.options_from_args(args)
+    assert options.cfg.serving.database_url == url  # what each worker connects with
+    with pytest.raises(UserError) as bad:
+        make_engine("postgresql+psycopg://mri:s3cret@db:port/audit")
+    assert "s3cret" not in str(bad.value) and "***@db:port" in str(bad.value)
+
+
 def test_two_workers_write_one_postgresql_with_credentials_in_the_url_and_kill_9_loses_nothing(
         registered, tiny_data, postgres, tmp_path):
     url = postgres.new_database()

@@ -5,6 +5,8 @@ The figures themselves are not asserted (they depend on the machine and its load
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import pytest
 
@@ -55,6 +57,18 @@ def test_serving_smoke(tmp_path, capsys):
     assert all(r["ok"] == r["answers"] > 0 and r["errors"] == 0 for r in results["server"] + results["mlflow"])
     assert results["onnx_limit"]["per_s"] > 0 and results["offline"]["median_ms"] > 0
     assert results["memory"]["server_tracebacks"] == 0
+
+
+def test_a_serving_anchor_that_cannot_start_is_a_row_with_its_reason(tmp_path, monkeypatch):
+    """`mlflow models serve` is started from this interpreter's environment (its bin/ need not be on PATH), and
+    when it cannot start (here: no such registered model) the anchor is one row saying why, not a traceback."""
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # the interpreter's bin/ (uvicorn, mlflow) not on it
+    env = bench_serving.interpreter_env()
+    assert env["PATH"].split(os.pathsep)[0] == os.path.dirname(sys.executable)
+    args = bench_serving.get_args_parser().parse_args(["--smoke", "--model", "not_registered"])
+    rows = bench_serving.mlflow_anchor(args, tmp_path, None, tmp_path)
+    assert len(rows) == 1 and rows[0]["failed"].startswith("mlflow models serve exited")
+    assert "not_registered" in rows[0]["log_tail"]
 
 
 def test_precision_smoke(tmp_path, capsys):

@@ -58,9 +58,9 @@ def test_config_errors_name_the_key(sets, expected):
     (["--lr", "-1"], "models.resnet18.lr"), (["--set", "dataset.img_size=0"], "dataset.img_size"),
     (["--set", "evaluation.gates.accuracy=1.5"], "evaluation.gates.accuracy"),
 ])
-def test_values_that_cannot_train_are_refused_in_one_line(flag, key):
+def test_values_that_cannot_train_are_refused_in_one_line(flag, key, tmp_path):
     """--epochs 0 used to print 'all epochs done' and exit 0 with no checkpoint; the others ended in tracebacks."""
-    proc = subprocess.run([sys.executable, "train.py", "--model", "resnet18", *flag], cwd=ROOT,
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", "resnet18", *flag], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line, no traceback
@@ -77,8 +77,8 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 
 def test_cli_user_error_is_one_line_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "compute_normalization.py", "--set", "train.epoch=3"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(ROOT / "compute_normalization.py"), "--set", "train.epoch=3"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == ["error: unknown config key 'train.epoch'; valid keys here: "
@@ -86,8 +86,8 @@ def test_cli_user_error_is_one_line_without_traceback(tmp_path):
 
 
 def test_cli_missing_dataset(tmp_path):
-    proc = subprocess.run([sys.executable, "train.py", "--set", f"dataset.path={tmp_path / 'no data'}",
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--set", f"dataset.path={tmp_path / 'no data'}",
                            "--set", f"dataset.manifest_dir={tmp_path}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "data set folder not found" in proc.stderr and "--demo" in proc.stderr

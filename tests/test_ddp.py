@@ -11,14 +11,16 @@ import torch
 from conftest import ROOT, write_overlay
 from core.checkpoint import load_checkpoint
 
+TRAIN = str(ROOT / "train.py")
+
 
 def test_torchrun_two_processes_on_cpu(tmp_path, tiny_data):
     overlay = write_overlay(tmp_path, tiny_data, **{"train.epochs": 2, "monitoring.mlflow.enabled": False,
                                                     "models.resnet18.batch_size": 4})
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", "train.py", "--config", str(overlay),
-                           "--model", "resnet18"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", TRAIN, "--config", str(overlay),
+                           "--model", "resnet18"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Device: cpu (DDP, 2 processes)" in proc.stdout and "Batch size: 4 per process x 2 processes" in proc.stdout
     assert proc.stdout.count("Starting Brain Cancer MRI Training") == 1  # rank 0 alone prints
@@ -34,8 +36,8 @@ def test_when_rank_0_fails_first_every_rank_leaves_with_one_line(tmp_path, tiny_
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     # torchrun looks at its workers every 10 s: a rank still waiting then would be killed (exit code -15)
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", "--monitor-interval=10", "train.py",
-                           "--config", str(overlay), "--model", "resnet18"], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", "--monitor-interval=10", TRAIN,
+                           "--config", str(overlay), "--model", "resnet18"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0

@@ -91,6 +91,25 @@ def test_cached_pixels_are_what_inference_reads(dicom_overlay):
         assert np.array_equal(cache[i], inference[str(path)]), path
 
 
+def test_a_multi_frame_file_is_read_once_for_all_its_frames_in_the_cache(dicom_overlay, tmp_path, monkeypatch):
+    import data.images as images
+
+    cfg = load_config(dicom_overlay, sets=[f"dataset.cache_dir={tmp_path / 'cache'}"])
+    split = prepare_split(cfg)
+    opened = defaultdict(int)
+
+    class Counted(images.DicomFile):
+        def __init__(self, path):
+            opened[str(path)] += 1
+            super().__init__(path)
+
+    monkeypatch.setattr(images, "DicomFile", Counted)
+    for name in ("train", "val", "test"):
+        split_cache(cfg, split, name, 32)
+    cines = [f for f in opened if f.endswith("cine.dcm")]
+    assert len(cines) == len(CLASS_FOLDERS) and all(n == 1 for n in opened.values()), dict(opened)
+
+
 def test_train_and_evaluate_on_dicom_folders(tmp_path, dicom_tree):
     overlay = write_overlay(tmp_path, dicom_tree, **{"train.epochs": 1})
     assert run_script("train", ["--config", overlay, "--model", "resnet18"]) == 0

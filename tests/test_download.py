@@ -161,7 +161,7 @@ def offline_env(tmp_path, **extra) -> dict:
 
 
 def test_offline_it_says_so_in_one_line_with_the_manual_steps(tmp_path):
-    proc = subprocess.run([sys.executable, "download_data.py", "--dest", str(tmp_path / "d")], cwd=ROOT,
+    proc = subprocess.run([sys.executable, str(ROOT / "download_data.py"), "--dest", str(tmp_path / "d")], cwd=tmp_path,
                           env=offline_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

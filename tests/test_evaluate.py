@@ -2,6 +2,7 @@
 MLflow."""
 import csv
 import json
+import shlex
 
 import numpy as np
 import pytest
@@ -130,6 +131,27 @@ def test_gates_pass_when_thresholds_allow_and_strict_says_so(trained, capsys):
     assert r["calibration"]["temperature"] > 0 and r["calibration"]["ece_after_temperature"] is not None
 
 
+def test_a_model_of_synthetic_data_gets_no_praise_and_the_next_step_parses_as_copied(capsys):
+    """The demo's phantoms are not medical data: passing gates there say the pipeline works, nothing more; and the
+    printed next command carries the flags that found this data and store (--demo, --config, --set), quoted."""
+    import evaluate
+    import register_model
+
+    store = "monitoring.mlflow.tracking_uri=sqlite:////tmp/my runs/mlflow.db"
+    args = evaluate.get_args_parser().parse_args(["--model", "resnet18", "--demo", "--set", store])
+    passed = {"deployment_ready": True, "gates": []}
+    assert evaluate.verdict(passed, "resnet18", args, synthetic=True) == 0
+    out = capsys.readouterr().out
+    assert "synthetic demo phantoms" in out and "says nothing about real MRI" in out
+    assert "excellent" not in out and "🏆" not in out
+    (hint,) = [ln for ln in out.splitlines() if ln.startswith("📝 Next: python register_model.py")]
+    command = shlex.split(hint.removeprefix("📝 Next: ").partition(" (a new semantic version)")[0])
+    copied = register_model.get_args_parser().parse_args(command[2:])
+    assert (copied.model, copied.demo, copied.sets, copied.version) == ("resnet18", "jpeg", [store], "1.0.0")
+    assert evaluate.verdict(passed, "resnet18", args, synthetic=False) == 0
+    assert "Every quality gate passed on this data set's test split" in capsys.readouterr().out
+
+
 def test_tracker_down_costs_a_warning_only(tmp_path, tiny_data, trained, capsys):
     _, tmp, best = trained
     down = write_overlay(tmp_path, tiny_data, **{"monitoring.mlflow.tracking_uri": "http://127.0.0.1:9",
@@ -164,3 +186,52 @@ def test_test_script_writes_confusion_matrix_and_logs_the_test_run(trained, caps
     exp = client.get_experiment_by_name("brain-cancer-mri-test-resnet18")
     run = client.search_runs([exp.experiment_id], max_results=1)[0]
     assert "test_accuracy" in run.data.metrics and "test_macro_f1" in run.data.metrics
+
+
+def drawn_figures(monkeypatch, draw) -> list:
+    """The figures `draw()` makes, kept open for inspection (the plot functions close them after saving)."""
+    import matplotlib.pyplot as plt
+
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)
+    draw()
+    return kept
+
+
+def test_plot_legends_never_cover_a_bar(monkeypatch, tmp_path):
+    """A good model's bars reach the top of the axes, where the legends used to sit: every legend is now outside
+    every bar (error bars included), in the evaluation's per-class and comparison plots and the experiments'."""
+    from evaluation.plots import comparison_plot, per_class_plot
+    from ops.experiments import Experiment, experiments_plot
+
+    high = {"value": 0.98, "ci_low": 0.95, "ci_high": 1.0}
+    per_class = {c: {"precision": 0.99, "sensitivity": high, "specificity": high, "f1": 0.98}
+                 for c in ("glioma", "meningioma", "pituitary")}
+    rows = [{"model": m, "accuracy": 0.98, "accuracy_ci_low": 0.95, "accuracy_ci_high": 1.0, "macro_f1": 0.97,
+             "latency_ms": 12.0} for m in ("resnet18", "efficientnet_b0")]
+    runs = [Experiment(m, "SUCCESS", 60.0, best_val_acc=0.99, test_acc=0.98, macro_f1=0.98)
+            for m in ("resnet18", "efficientnet_b0", "swin_t")]
+    figures = drawn_figures(monkeypatch, lambda: (per_class_plot(per_class, tmp_path / "a.png"),
+                                                  comparison_plot(rows, tmp_path / "b.png"),
+                                                  experiments_plot(runs, tmp_path / "c.png")))
+    assert len(figures) == 3
+    for fig in figures:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            if ax.get_legend() is None:
+                continue
+            legend = ax.get_legend().get_window_extent(renderer)
+            marks = [p.get_window_extent(renderer) for p in ax.patches]
+            marks += [line.get_window_extent(renderer) for line in ax.lines]  # error bars and their caps
+            assert marks and not any(legend.overlaps(m) for m in marks), ax.get_title()
+
+
+def test_the_gradcam_page_shows_a_file_name_as_text(tmp_path):
+    from evaluation.explain import write_gradcam_index
+
+    hostile = "<img src=x onerror=alert(1)>.jpg"
+    page = write_gradcam_index([{"file": "gradcam_000.png", "path": hostile, "true": "glioma", "predicted": "glioma",
+                                 "confidence": 0.873}], tmp_path, "resnet18").read_text()
+    assert "&lt;img src=x onerror=alert(1)&gt;.jpg" in page and "onerror=alert(1)>" not in page
+    assert page.count("<img") == 1 and "87.3%" in page and "MISCLASSIFIED" not in page

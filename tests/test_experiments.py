@@ -5,6 +5,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,9 +19,9 @@ MODELS = ["resnet18", "not_a_model", "efficientnet_b0"]
 
 
 def run_experiments(overlay, *extra) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "run_experiments.py", "--config", str(overlay), "--models", ",".join(MODELS),
+    argv = [sys.executable, str(ROOT / "run_experiments.py"), "--config", str(overlay), "--models", ",".join(MODELS),
             "--epochs", "1", "--quiet", *extra]
-    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run(argv, cwd=Path(overlay).parent, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

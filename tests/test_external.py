@@ -51,6 +51,10 @@ def test_external_set_by_folder_names(trained, other_site, capsys):
         paths = [r["path"] for r in csv.DictReader(fh)]
     assert len(paths) == record["n_test"] == 5 + 5 + 2
     assert "brain_menin/cine.dcm#frame=2" in paths and "GLIOMA/seen_in_training.jpg" not in paths
+    # the verdict is recorded without --medical-validation, as evaluate.py records the test split's
+    verdict = json.loads((out / "medical_validation.json").read_text())
+    assert {g["name"] for g in verdict["gates"]} >= {"accuracy"} and isinstance(verdict["deployment_ready"], bool)
+    assert record["hardware"]["samples"] >= 1
     for name in ("evaluation_report.txt", "confusion_matrix.png", "per_class_metrics.png", "roc_curves.png",
                  "reliability_diagram.png", "external_manifest.csv"):
         assert (out / name).is_file(), name
@@ -69,6 +73,7 @@ def test_external_set_by_folder_names(trained, other_site, capsys):
     assert run.data.metrics["external_accuracy"] == pytest.approx(record["accuracy"]["value"])
     assert run.data.metrics["test_accuracy"] == pytest.approx(internal["accuracy"]["value"])
     assert run.data.tags["external_path"] == str(other_site.resolve())
+    assert run.data.tags["external_deployment_ready"] == str(verdict["deployment_ready"])
     logged = [a.path for a in client.list_artifacts(run.info.run_id, "evaluation/external_Site_B")]
     assert "evaluation/external_Site_B/evaluation_metrics.json" in logged
 

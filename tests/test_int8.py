@@ -235,7 +235,7 @@ def test_serve_runs_the_int8_flavor(int8_registry, tiny_data, tmp_path, capsys):
             answer = c.post("/v1/predict", files=[("files", (image.name, image.read_bytes(), "image/jpeg"))])
             assert answer.status_code == 200, answer.text
             doc = answer.json()
-            assert doc["flavor"] == "onnx-int8" and doc["contract"]["precision"] == "int8"
+            assert doc["flavor"] == "onnx-int8" and c.get("/v1/model").json()["contract"]["precision"] == "int8"
             assert doc["forced"] is True and doc["warning"]  # a forced version is served with its warning
             got = doc["predictions"][0]["probabilities"]
             assert max(abs(got[k] - want[k]) for k in want) <= 1e-5

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import time
@@ -11,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, stop_process_group
+from conftest import ROOT, stop_process_group, tool_env
 
 SCRIPT = ROOT / "start_mlflow_server.sh"
 
@@ -24,8 +25,8 @@ def free_port() -> int:
 
 def test_server_answers_on_loopback_and_stops(tmp_path):
     port = free_port()
-    env = dict(os.environ, MLFLOW_BACKEND_STORE_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
-               MLFLOW_ARTIFACTS_DESTINATION=str(tmp_path / "mlartifacts"))
+    env = tool_env(MLFLOW_BACKEND_STORE_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                   MLFLOW_ARTIFACTS_DESTINATION=str(tmp_path / "mlartifacts"))
     log = open(tmp_path / "server.log", "w")
     # its own process group: stopping it stops every process mlflow started
     proc = subprocess.Popen([str(SCRIPT), "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -50,16 +51,47 @@ def test_server_answers_on_loopback_and_stops(tmp_path):
         assert s.connect_ex(("127.0.0.1", port)) != 0
 
 
+def stub(folder, name: str = "mlflow", says: str = "mlflow"):
+    """An executable that prints what it was given instead of serving."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(f'#!/bin/sh\necho "{says} $* telemetry-off=$MLFLOW_DISABLE_TELEMETRY"\n')
+    path.chmod(0o755)
+    return path
+
+
+def test_the_mlflow_on_path_wins_over_the_checkouts_venv(tmp_path):
+    """An activated environment (or a test's stand-in) is the mlflow the user chose: a .venv in the checkout is
+    only the fallback when none is on PATH."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    shutil.copy(SCRIPT, checkout / SCRIPT.name)
+    stub(checkout / ".venv" / "bin", says="venv-mlflow")
+    stub(tmp_path / "bin", says="path-mlflow")
+    system = "/usr/bin:/bin"
+    if shutil.which("mlflow", path=system):
+        pytest.skip("an mlflow is installed system-wide: the fallback cannot be seen")
+    argv = ["bash", str(checkout / SCRIPT.name), "--port", "5999", "--artifacts-destination", str(tmp_path / "art")]
+    chose = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd="/",
+                           env=dict(os.environ, PATH=f"{tmp_path / 'bin'}:{system}"))
+    assert chose.returncode == 0 and "path-mlflow server" in chose.stdout, chose.stderr
+    fallback = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd="/",
+                              env=dict(os.environ, PATH=system))
+    assert fallback.returncode == 0 and "venv-mlflow server" in fallback.stdout, fallback.stderr
+    (checkout / ".venv" / "bin" / "mlflow").unlink()
+    neither = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd="/",
+                             env=dict(os.environ, PATH=system))
+    assert neither.returncode == 2 and neither.stderr.startswith("error: mlflow not found")
+
+
 def run_script_with(args: list[str], shell: str = "bash", env: dict | None = None, fake_mlflow=None):
     """The script under `shell` (bash, or bash --posix); with fake_mlflow, an `mlflow` on PATH that prints what it
     was given instead of serving (to see what would reach the real server, without opening a port)."""
     env = dict(os.environ if env is None else env)
     env.pop("MLFLOW_DISABLE_TELEMETRY", None)
-    if fake_mlflow is not None:
-        fake_mlflow.mkdir(exist_ok=True)
-        stub = fake_mlflow / "mlflow"
-        stub.write_text('#!/bin/sh\necho "mlflow $* telemetry-off=$MLFLOW_DISABLE_TELEMETRY"\n')
-        stub.chmod(0o755)
+    if fake_mlflow is not None:  # the script makes the artifacts folder before it starts mlflow: not in the checkout
+        env.setdefault("MLFLOW_ARTIFACTS_DESTINATION", str(fake_mlflow.parent / "mlartifacts"))
+        stub(fake_mlflow)
         env["PATH"] = f"{fake_mlflow}:{env['PATH']}"
     return subprocess.run([*shell.split(), str(SCRIPT), *args], capture_output=True, text=True, timeout=30, env=env,
                           cwd="/")
@@ -82,6 +114,8 @@ SHELLS = ["bash", "bash --posix"]
     (["--", "--gunicorn-opts", "--workers 4"], "without its host and CORS checks"),
     (["--", "--host", "0.0.0.0"], "--host goes before --"),
     (["--", "--allowed-hosts=*"], "--allowed-hosts goes before --"),
+    (["--", "-h0.0.0.0"], "-h (--host) goes before --"),  # click's attached short value binds every interface
+    (["--", "-h", "0.0.0.0"], "-h (--host) goes before --"),
     (["--port", "http"], "--port"),
     (["--frobnicate"], "unknown option"),
 ])

@@ -182,13 +182,24 @@ def test_real_machine_without_gpu(tmp_path):
     if hardware.read_gpus():
         pytest.skip("this machine has an NVIDIA GPU")
     out = tmp_path / "x.json"
-    res = subprocess.run([sys.executable, "monitor_gpu.py", "--once", "--save", str(out)], cwd=ROOT,
+    res = subprocess.run([sys.executable, str(ROOT / "monitor_gpu.py"), "--once", "--save", str(out)], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "💻 SYSTEM:" in res.stdout and "No NVIDIA GPU found (NVML unavailable: " in res.stdout
     record = json.loads(Path(out).read_text())
     assert record["gpus"] == [] and record["recommendations"] == [] and "NVML unavailable" in record["gpu_error"]
     assert record["system"]["cpu_count"] >= 1 and record["system"]["ram_available_gb"] > 0
+
+
+def test_without_a_gpu_the_refreshing_dashboard_shows_once_and_exits_0(tmp_path):
+    """`monitor_gpu.py -i 3` on a machine without a GPU: the system part once, why, exit 0 (not until Ctrl-C)."""
+    hardware._nvml_init.cache_clear()
+    if hardware.read_gpus():
+        pytest.skip("this machine has an NVIDIA GPU")
+    res = subprocess.run([sys.executable, str(ROOT / "monitor_gpu.py"), "-i", "3", "--no-processes"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("💻 SYSTEM:") == 1 and "No NVIDIA GPU to watch" in res.stdout
 
 
 def test_hardware_sampler_summarizes_cpu_ram_and_gpus_while_work_runs(fake_nvml):

@@ -59,6 +59,7 @@ def test_training_reuses_matching_stats_and_recomputes_otherwise(overlay, tmp_pa
     assert source == "precomputed"
     _, _, source = resolve_normalization(cfg, split, 48, log=lines.append)
     assert source == "computed" and any("another split or image size" in line for line in lines)
+    assert "Nothing to do: they go into the checkpoint" in lines[-2]  # the user is told whether to act
     cfg = load_config(overlay, ["dataset.normalization=imagenet"])
     mean, _, source = resolve_normalization(cfg, split, 32, log=lines.append)
     assert source == "imagenet" and mean[0] == 0.485

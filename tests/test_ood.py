@@ -204,8 +204,8 @@ def test_evaluate_reports_coverage_refer_rate_and_the_detectors_auroc(phantom_ru
     cov = checks["conformal"]["coverage"]
     assert cov["ci_low"] <= 0.95 <= cov["ci_high"]  # the target lies inside the test split's interval
     assert 1 <= checks["conformal"]["mean_set_size"]["value"] <= 3
-    assert set(checks["refer"]["reasons"]) == {"low_confidence", "prediction_set_over_one", "out_of_distribution",
-                                               "unlike_training_intensity"}
+    assert set(checks["refer"]["reasons"]) == {"low_confidence", "prediction_set", "out_of_distribution",
+                                               "unlike_training"}
     sets = checks["ood_sets"]
     assert set(sets) == {"other domain", *(f"self-check {k}" for k in
                                            ("permuted", "stripes", "inverted", "noise", "blank"))}
@@ -235,8 +235,8 @@ def test_the_monitoring_panel_counts_out_of_distribution_slices_against_the_test
     import json
 
     from core.config import MonitorLimits
+    from deploy.refer import ReferRule
     from review.monitor import ood_check, refer_check
-    from review.refer import ReferRule, record_reasons
 
     limits = MonitorLimits(min_samples=10)
     ref = {"confidence": [0.9] * 100, "intensity_distance": [0.05] * 100, "ood_distance": [10.0] * 95 + [40.0] * 5,
@@ -244,34 +244,38 @@ def test_the_monitoring_panel_counts_out_of_distribution_slices_against_the_test
     far = {"ood_distance": 55.0, "ood_limit": 30.0, "out_of_distribution": True, "prediction_set": ["glioma"]}
     near = {"ood_distance": 12.0, "ood_limit": 30.0, "out_of_distribution": False, "prediction_set": ["glioma"]}
 
+    rule = ReferRule(threshold=0.6, limit=0.2)
+    probabilities = {"probabilities": {"glioma": 0.9, "meningioma": 0.06, "pituitary": 0.04}}
+
     def recent(record, n):
-        reasons = json.dumps({"reasons": record_reasons(record), "note": None})
-        return [{"predicted_class": "glioma", "confidence": 0.9, "refer": bool(record_reasons(record)),
-                 "probabilities_json": "{}", "reasons_json": reasons}] * n
+        judged = rule.assess({**probabilities, **record}, None)
+        return [{"predicted_class": "glioma", "confidence": 0.9, "refer": judged.refer,
+                 "probabilities_json": "{}", "reasons_json": json.dumps(judged.explained())}] * n
 
     drifted = ood_check(recent(far, 8) + recent(near, 12), ref, limits)
     assert drifted.status == "warn" and drifted.recent == "40%" and drifted.reference == "5%"
     assert ood_check(recent(near, 20), ref, limits).status == "ok"
     assert ood_check(recent(near, 20), {"confidence": [0.9]}, limits).status == "no reference"
     # the refer rate's reference counts the test slices the record's checks refer: 5 far + 10 with two classes
-    assert refer_check(recent(near, 20), ref, ReferRule(threshold=0.6, limit=0.2), limits).reference == "15%"
+    assert refer_check(recent(near, 20), ref, rule, limits).reference == "15%"
 
 
 
 def test_the_refer_rule_says_each_check_in_words():
-    from review.refer import ReferRule
+    from deploy.refer import NO_FEATURE_CHECK, ReferRule
 
     rule = ReferRule(threshold=0.6)
     base = {"probabilities": {"glioma": 0.9, "meningioma": 0.06, "pituitary": 0.04}}
     far = rule.assess({**base, "ood_distance": 61.73, "ood_limit": 47.03, "out_of_distribution": True,
                        "prediction_set": ["glioma"]}, None)
-    assert far.refer and far.reasons == ["out of distribution: unlike the images the model learned from (feature "
-                                         "distance 61.7, limit 47.0)"]
+    assert far.refer and [r.text for r in far.reasons] == [
+        "out of distribution: unlike the images the model learned from (feature distance 61.7, limit 47.0)"]
     unsure = rule.assess({**base, "ood_distance": 12.0, "ood_limit": 47.03, "out_of_distribution": False,
                           "prediction_set": ["glioma", "meningioma"]}, None)
-    assert unsure.refer and unsure.reasons == ["more than one class is plausible: glioma or meningioma (the conformal "
-                                               "prediction set)"]
+    assert unsure.refer and [r.text for r in unsure.reasons] == [
+        "more than one class is plausible: glioma or meningioma (the conformal prediction set)"]
     fine = rule.assess({**base, "ood_distance": 12.0, "ood_limit": 47.03, "out_of_distribution": False,
                         "prediction_set": ["glioma"]}, None)
     older = rule.assess(base, None)  # a model trained before the checks: judged on what it has
     assert not fine.refer and not older.refer
+    assert NO_FEATURE_CHECK in older.notes and NO_FEATURE_CHECK not in fine.notes  # said, never guessed

@@ -64,7 +64,7 @@ def test_other_weights_of_the_same_model_are_kept_by_name(tmp_path):
     ('models:\n  resnet18: {weights: "models.ResNet50_Weights.IMAGENET1K_V1"}\n', "not resnet18's weights"),
     ('models:\n  resnet18: {weights: "__import__(\'os\').system(\'id\')"}\n', "expected torchvision weights"),
     ("models:\n  resnet18: {name: resnet50}\n", "name the entry after it"),
-    ("models:\n  resnet18: {num_classes: 3}\n  swin_t: {num_classes: 4}\n", "another model says 3"),
+    ("model: swin_t\nmodels:\n  resnet18: {num_classes: 3}\n  swin_t: {num_classes: 4}\n", "another model says 3"),
 ])
 def test_what_cannot_mean_anything_is_refused_in_one_line(tmp_path, text, message):
     with pytest.raises(UserError, match=message):
@@ -88,3 +88,23 @@ def test_num_classes_is_checked_against_the_class_folders(tmp_path, tiny_data, c
     data["models"]["resnet18"]["num_classes"] = 3
     overlay.write_text(yaml.safe_dump(data))
     assert run_script("compute_normalization", ["--config", overlay, "--mode", "display"]) == 0
+
+
+def test_the_original_projects_own_config_loads_and_an_unusable_entry_refuses_only_the_run_that_selects_it(
+        tmp_path, capsys):
+    """The original's config/config.yaml has an xception_medical entry built on EfficientNet-B0 weights: it is
+    translated with a notice; an entry that cannot mean anything is set aside, refused only when selected."""
+    data = yaml.safe_load(original_config_yaml())
+    data["models"]["xception_medical"] = {"name": "xception_medical", "num_classes": 3, "lr": 0.0005,
+                                          "weights": "models.EfficientNet_B0_Weights.IMAGENET1K_V1"}
+    data["models"]["swin_s"] = {"weights": "models.Swin_T_Weights.IMAGENET1K_V1"}  # another model's weights
+    path = write_config(tmp_path, yaml.safe_dump(data))
+    cfg = load_config(path)
+    assert cfg.model == "resnet18" and cfg.models["xception_medical"].pretrained
+    assert cfg.models["xception_medical"].lr == 0.0005 and cfg.models["xception_medical"].weights is None
+    lines = notes(capsys)
+    assert any("models.xception_medical.weights" in line and "EfficientNet-B0 backbone" in line for line in lines)
+    assert any("swin_s" in line and "Swin_T_Weights" in line and "ignored (this run trains resnet18)" in line
+               for line in lines)
+    with pytest.raises(UserError, match="swin_s.weights names Swin_T_Weights"):
+        load_config(path, sets=["model=swin_s"])

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, run_script, write_overlay
+from conftest import ROOT, run_script, tool_env, write_overlay
 from core.checkpoint import load_checkpoint
 from core.config import load_config
 from core.fileio import atomic_file, write_text_atomic
@@ -151,8 +151,8 @@ def free_port() -> int:
 def mlflow_server(tmp_path):
     """A real MLflow server (start_mlflow_server.sh) on a free loopback port; its address."""
     port = free_port()
-    env = dict(os.environ, MLFLOW_BACKEND_STORE_URI=f"sqlite:///{tmp_path / 'server.db'}",
-               MLFLOW_ARTIFACTS_DESTINATION=str(tmp_path / "server-artifacts"))
+    env = tool_env(MLFLOW_BACKEND_STORE_URI=f"sqlite:///{tmp_path / 'server.db'}",
+                   MLFLOW_ARTIFACTS_DESTINATION=str(tmp_path / "server-artifacts"))
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen([str(ROOT / "start_mlflow_server.sh"), "--port", str(port)], env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -218,3 +218,32 @@ def test_patient_pixels_are_owner_only_and_other_files_follow_the_umask(tmp_path
         fh.write(b"pixels")
     assert mode(tmp_path / "overlay.png") == 0o600
     assert mode(write_text_atomic(tmp_path / "report.txt", "figures")) == 0o666 & ~umask
+
+
+def test_the_command_line_reaches_wandb_without_its_credentials(tmp_path, wandb_offline_env, monkeypatch):
+    """W&B records the command line in its run file (uploaded by a later `wandb sync`): a password given with
+    --set is not in it, nor in anything else the run wrote."""
+    from core.tracking import RunTracker
+
+    uri = f"http://alice:{SECRET}@mlflow.example/"
+    monkeypatch.setattr(sys, "argv", ["train.py", "--set", f"monitoring.mlflow.tracking_uri={uri}"])
+    cfg = load_config(None, ["monitoring.mlflow.enabled=false", "monitoring.wandb.mode=offline",
+                             f"monitoring.wandb.dir={tmp_path / 'runs'}", f"monitoring.mlflow.tracking_uri={uri}"])
+    with RunTracker(cfg, run_name="t", mlflow_experiment=None, wandb_project="p") as tracker:
+        tracker.log_params(cfg.to_dict())
+    assert sys.argv[2].endswith(f"{SECRET}@mlflow.example/")  # the process keeps its own arguments
+    written = offline_records(tmp_path / "runs") + offline_records(wandb_offline_env)
+    written += b"".join(p.read_bytes() for p in (tmp_path / "runs").rglob("*.log"))
+    assert b"tracking_uri=http://***@mlflow.example/" in written  # the command line is there, redacted
+    assert SECRET.encode() not in written
+
+
+def test_ray_usage_statistics_are_off_when_ray_is_used_and_importing_sets_nothing():
+    pytest.importorskip("ray", reason="Ray is optional: pip install -r requirements-scale.txt")
+    code = ("import os; before = dict(os.environ); import archive.engine\n"
+            "assert dict(os.environ) == before, 'importing changed the environment'\n"
+            "archive.engine.import_ray(); print(os.environ['RAY_USAGE_STATS_ENABLED'])")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_USAGE_STATS_ENABLED"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "0", done.stderr

@@ -6,8 +6,11 @@ one that fails them is the one-epoch `trained` model. Gates are never lowered to
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import shlex
 import shutil
 import threading
 import zipfile
@@ -56,8 +59,15 @@ def released_again(passing_run, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("registry copy")
     shutil.copy(run_tmp / "mlflow.db", tmp / "mlflow.db")
     argv = store_argv(overlay, tmp, tmp / "mlflow.db")
-    assert run_script("evaluate", argv) == 0
-    assert run_script("register_model", argv + ["--version", "1.0.0", "--description", "First production model"]) == 0
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert run_script("evaluate", argv) == 0
+    # the next step evaluate.py prints, copied as a user would (its placeholder description filled in)
+    (hint,) = [ln for ln in out.getvalue().splitlines() if ln.startswith("📝 Next: python register_model.py ")]
+    command = shlex.split(hint.removeprefix("📝 Next: ").partition(" (a new semantic version)")[0])
+    assert command[:2] == ["python", "register_model.py"] and "..." in command
+    command[command.index("...")] = "First production model"
+    assert run_script("register_model", command[2:]) == 0
     return argv, tmp, client_for(tmp / "mlflow.db")
 
 
@@ -73,6 +83,9 @@ def test_training_registers_and_promotes_a_model_that_passes_the_gates(passing_r
     assert str(mv.version) == "1" and str(client.get_model_version_by_alias(NAME, "staging").version) == "1"
     best = tmp / "checkpoints" / "resnet18_outputs" / "best_model.pth"
     assert mv.tags["checkpoint_sha256"] == sha256_file(best)
+    # the model card, beside the checkpoint and in the registry, says where the version is now: promoted
+    for card in ((best.parent / "model_card.md").read_text(), mv.description):
+        assert "Aliases now: `production`, `staging` (as of " in card
     assert mv.tags["auto_registered"] == "true" and mv.tags["registered_by"].startswith("train.py")
     assert mv.tags["medical_validation"] == "passed" and mv.tags["forced"] == "false"
     assert "set by train.py" in mv.tags["alias.production.history"]
@@ -122,6 +135,27 @@ def test_another_checkpoint_cannot_borrow_evidence_or_a_version(released_again, 
     assert run_script("evaluate", elsewhere) == 0  # its own evidence now
     with pytest.raises(UserError, match="already has version 1.0.0 .* from another checkpoint"):
         run_script("register_model", elsewhere + ["--version", "1.0.0"])
+
+
+def test_register_model_reads_the_checkpoint_once(released_again, passing_run, monkeypatch):
+    """--checkpoint alone names the model from the checkpoint, and the release uses that read, not a second."""
+    import evaluation.source
+    import register_model
+
+    argv, _, client = released_again
+    reads = []
+
+    def counted(path, *args, **kwargs):
+        reads.append(path)
+        return load_checkpoint(path, *args, **kwargs)
+
+    monkeypatch.setattr(register_model, "load_checkpoint", counted)
+    monkeypatch.setattr(evaluation.source, "load_checkpoint", counted)
+    best = passing_run[1] / "checkpoints" / "resnet18_outputs" / "best_model.pth"
+    without_model = [a for a in argv if a not in ("--model", "resnet18")]
+    assert run_script("register_model", without_model + ["--checkpoint", best, "--version", "3.0.0"]) == 0
+    assert len(reads) == 1
+    assert client.search_model_versions(f"name='{NAME}' and tags.semver='3.0.0'")
 
 
 class ReloadEndpoint(BaseHTTPRequestHandler):
@@ -310,3 +344,24 @@ def test_invalid_semver_is_refused(bad):
 def test_aliases_that_would_slip_past_the_policy_are_refused(alias):
     with pytest.raises(UserError, match="--alias"):
         validate_alias(alias)
+
+
+def test_the_model_card_follows_the_aliases_of_its_version(tmp_path):
+    """A card written at registration says @staging; after a promotion it must not: the description's aliases line
+    is rewritten whenever an alias moves, on the version that got it and on the one that lost it."""
+    from deploy.aliases import move_alias
+    from deploy.model_card import aliases_line
+
+    client = client_for(tmp_path / "mlflow.db")
+    client.create_registered_model(NAME)
+    card = f"# Model card: {NAME} 1.0.0\n{aliases_line(['staging'])}\n## Intended use"
+    passed = {"medical_validation": "passed", "forced": "false"}
+    v1 = client.create_model_version(NAME, source=str(tmp_path), description=card, tags=passed)
+    v2 = client.create_model_version(NAME, source=str(tmp_path), description=card, tags=passed)
+    move_alias(client, client.get_model_version(NAME, v1.version), "staging", "test")
+    move_alias(client, client.get_model_version(NAME, v1.version), "production", "test")
+    assert "Aliases now: `production`, `staging` (as of " in client.get_model_version(NAME, v1.version).description
+    move_alias(client, client.get_model_version(NAME, v2.version), "staging", "test")
+    assert "Aliases now: `production` (as of " in client.get_model_version(NAME, v1.version).description
+    assert "Aliases now: `staging` (as of " in client.get_model_version(NAME, v2.version).description
+    assert client.get_model_version(NAME, v2.version).description.startswith(f"# Model card: {NAME} 1.0.0\n")

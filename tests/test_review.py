@@ -582,8 +582,8 @@ def test_the_refer_rule_flags_low_confidence_and_slices_unlike_the_training_data
 
     from core.contract import Contract
     from data.intensity import REFERENCE_KEY, distance_to
+    from deploy.refer import NO_REFERENCE, ReferRule, calibrated
     from evaluation.calibration import apply_temperature, logits_from_probs
-    from review.refer import NO_REFERENCE, ReferRule, calibrated
 
     contract = Contract.from_checkpoint(torch.load(trained[2], weights_only=True))
     reference = contract.extra[REFERENCE_KEY]
@@ -592,67 +592,116 @@ def test_the_refer_rule_flags_low_confidence_and_slices_unlike_the_training_data
     assert 0 <= spread["p50"] <= spread["p99"] <= spread["max"] <= 1
     rule = ReferRule.for_model(contract.to_dict(), None, threshold=0.6)
     assert rule.limit == spread["p99"]  # the model's own limit unless one is configured
-    confident = {"probabilities": {"glioma": 0.9, "meningioma": 0.05, "pituitary": 0.05}}
-    unsure = {"probabilities": {"glioma": 0.4, "meningioma": 0.35, "pituitary": 0.25}}
+    confident = {"glioma": 0.9, "meningioma": 0.05, "pituitary": 0.05}
+    unsure = {"glioma": 0.4, "meningioma": 0.35, "pituitary": 0.25}
     counts = np.asarray(reference["histogram"], dtype=np.float64)
     typical = np.repeat(np.arange(256, dtype=np.uint8), np.round(counts / counts.sum() * 128 * 128).astype(int))
     typical = np.resize(typical, (128, 128))  # a slice with the training split's own intensities
     white = np.full((32, 32), 255, np.uint8)
     assert distance_to(reference, typical) < 0.05 < distance_to(reference, white)
-    assert not rule(confident, typical) and rule(unsure, typical) and rule(confident, white)
+    def refer(probabilities, gray):
+        return rule.assess(probabilities, gray).refer
+
+    assert not refer(confident, typical) and refer(unsure, typical) and refer(confident, white)
     judged = rule.assess(confident, white)
-    assert judged.reasons == [f"unlike the training data: intensity distance {judged.distance:.3f} is above the "
-                              f"limit {judged.limit:.3f}"]
+    assert [r.code for r in judged.reasons] == ["unlike_training"]
+    assert [r.text for r in judged.reasons] == [f"unlike the training data: intensity distance {judged.distance:.3f} "
+                                                f"is above the limit {judged.limit:.3f}"]
     old = ReferRule.for_model({k: v for k, v in contract.to_dict().items() if k != REFERENCE_KEY}, None, 0.6)
     unknown = old.assess(confident, white)
     assert not unknown.refer and unknown.note == NO_REFERENCE and unknown.distance is None  # said, never guessed
-    p = unsure["probabilities"]
+    p = unsure
     want = apply_temperature(logits_from_probs(np.array([list(p.values())])), 1.7)[0]
     assert np.allclose(list(calibrated(p, 1.7).values()), want, atol=1e-9)
 
 
-# ---- a prediction made elsewhere (the DICOM receiver) joins the worklist ------------------------------------
+# ---- one image through the three doors: the API, the review page, the DICOM receiver -------------------------
 
-def test_a_prediction_made_elsewhere_joins_the_worklist(registry, files, tmp_path):
+DOOR_FACTS = ("record_id", "file", "sha256")  # what differs by door in a record: its id, the name it came by, its bytes
+
+
+def test_the_three_doors_record_one_image_alike_and_a_dicom_arrival_joins_the_worklist(registry, files, tmp_path):
+    """The same two-frame DICOM through POST /v1/predict, the review page's upload and a C-STORE: each audit row
+    says the same prediction in the same columns (one function builds them all), and differs only in who sent it
+    and how; the instance the DICOM receiver took is a case on the worklist, judged as its audit row says."""
     import uvicorn
+    from pydicom import dcmread
+    from pynetdicom import AE
+    from pynetdicom.sop_class import MRImageStorage
 
     import serve
-    from review.cases import CaseOrigin
     from serving.app import create_app
 
     db = tmp_path / "audit.db"
     args = serve.get_args_parser().parse_args([*map(str, registry), "--model", MODEL, "--alias", "staging",
                                                "--review", "--database", f"sqlite:///{db}", "--poll-seconds", "0",
+                                               "--dicom-port", str(free_port()), "--dicom-allow", "SCANNER@127.0.0.1",
+                                               "--set", f"pacs.spool_dir={tmp_path / 'spool'}",
                                                "--set", f"review.store_dir={tmp_path / 'store'}"])
-    app = create_app(serve.options_from_args(args))
+    options = serve.options_from_args(args)
+    app = create_app(options, serve.build_extensions(options))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
         wait_for(lambda: server.started and app.state.service.model is not None)
-        service = app.state.service
-        station = service.extensions["review"]
         (tmp_path / "alice.pw").write_text(PASSWORD)
         assert serve_cli(["add-reviewer", "alice", "--password-file", tmp_path / "alice.pw", "--database",
                           f"sqlite:///{db}"], tmp_path).returncode == 0
         frames = np.stack([np.asarray(Image.open(io.BytesIO(files["slice.jpg"])).convert("L"))] * 2)
-        write_dicom(tmp_path / "cine.dcm", frames.astype(np.uint16) * 16, StudyInstanceUID="1.2.3.4")
-        records = service.model.predictor.predict_file(tmp_path / "cine.dcm")
-        for k, r in enumerate(records, start=1):
-            r.update(frame=k, study_instance_uid="1.2.3.4", sop_instance_uid="1.2.3.4.5")
-        origin = CaseOrigin("dicom", "SCANNER", "1.2.3.4.5", service.model.identity())
-        case_id = station.add_case(records, (tmp_path / "cine.dcm").read_bytes(), origin)
-        refer = station.current_rule()  # the receiver's refer(record, gray) -> bool
-        assert isinstance(refer(records[0], np.zeros((32, 32), np.uint8)), bool)
-        audit = rows(db, "SELECT source, client, case_id, frame, study_uid FROM predictions ORDER BY frame")
-        assert audit == [("dicom", "SCANNER", case_id, 1, "1.2.3.4"), ("dicom", "SCANNER", case_id, 2, "1.2.3.4")]
-        client, _ = session(f"http://127.0.0.1:{port}")
+        frames[1] = 255 - frames[1]  # two frames the model tells apart
+        mr = write_dicom(tmp_path / "cine.dcm", frames.astype(np.uint16) * 16, DICOM_WINDOW)
+        data = (tmp_path / "cine.dcm").read_bytes()
+
+        client, csrf = session(f"http://127.0.0.1:{port}")
         with contextlib.closing(client):
-            listed = client.get("/review/?status=all").text
-            assert listed.count(f"/review/case/{case_id}?frame=") == 2
+            assert client.post("/v1/predict", files=[("files", ("cine.dcm", data))]).status_code == 200
+            assert client.post("/review/upload", data={"csrf": csrf},
+                               files=[("files", ("cine.dcm", data))]).status_code == 303  # to the case
+            ae = AE(ae_title="SCANNER")
+            ae.add_requested_context(MRImageStorage)
+            assoc = ae.associate("127.0.0.1", app.state.service.cfg.pacs.port, ae_title="MRI_AI")
+            assert assoc.is_established
+            assert assoc.send_c_store(dcmread(tmp_path / "cine.dcm")).Status == 0
+            assoc.release()
+
+            columns = ("source", "client", "case_id", "study_uid", "series_uid", "sop_instance_uid", "frame",
+                       "filename", "model_name", "model_version", "model_alias", "flavor", "predicted_class",
+                       "confidence", "output_json", "id")
+            found = [dict(zip(columns, r)) for r in rows(db, f"SELECT {', '.join(columns)} FROM predictions "
+                                                             "ORDER BY source, frame")]
+            by_door = {door: [r for r in found if r["source"] == door] for door in ("api", "review", "dicom")}
+            assert [len(v) for v in by_door.values()] == [2, 2, 2]
+
+            def said(row: dict) -> dict:
+                """What a row says of the prediction, apart from the door's own facts."""
+                record = json.loads(row["output_json"])
+                assert record["record_id"] == row["id"] and record["frame"] == row["frame"]
+                kept = {k: v for k, v in row.items() if k not in ("source", "client", "case_id", "filename", "id",
+                                                                  "output_json")}
+                return {**kept, **{k: v for k, v in record.items() if k not in DOOR_FACTS}}
+
+            api, review, dicom = ([said(r) for r in by_door[d]] for d in ("api", "review", "dicom"))
+            assert api == review and review[0].keys() == dicom[0].keys()
+            for a, d in zip(api, dicom):
+                assert {k: v for k, v in a.items() if k not in ("confidence", "probabilities")} == \
+                    {k: v for k, v in d.items() if k not in ("confidence", "probabilities")}
+                assert abs(a["confidence"] - d["confidence"]) < 1e-6
+            assert [r["frame"] for r in api] == [1, 2] and {r["sop_instance_uid"] for r in api} == {mr.SOPInstanceUID}
+            assert isinstance(api[0]["refer"], bool) and api[0]["flavor"] == "onnx"
+            assert [(r["client"], r["filename"]) for r in by_door["dicom"]] == [
+                ("SCANNER@127.0.0.1", mr.SOPInstanceUID)] * 2
+
+            # The DICOM arrival is a case on the worklist, one item per frame, flagged as its audit row says.
+            case_id = by_door["dicom"][0]["case_id"]
+            items = rows(db, "SELECT i.frame, i.refer, i.prediction_id FROM review_items i WHERE i.case_id = ? "
+                             "ORDER BY i.frame", (case_id,))
+            assert [(f, bool(refer), pid) for f, refer, pid in items] == [
+                (r["frame"], json.loads(r["output_json"])["refer"], r["id"]) for r in by_door["dicom"]]
+            assert client.get("/review/?status=all").text.count(f"/review/case/{case_id}?frame=") == 2
             case = client.get(f"/review/case/{case_id}?frame=2")
-            assert case.status_code == 200 and "from SCANNER" in case.text
+            assert case.status_code == 200 and "from SCANNER@127.0.0.1" in case.text
             assert client.get(f"/review/case/{case_id}/slice.png?frame=2").headers["content-type"] == "image/png"
     finally:
         server.should_exit = True
@@ -715,8 +764,8 @@ def test_export_reviews_is_a_training_set_train_py_reads(station, tiny_data, tmp
 
 def test_the_monitoring_checks_warn_past_their_limits_and_only_with_enough_samples():
     from core.config import MonitorLimits
+    from deploy.refer import ReferRule
     from review.monitor import agreement_check, class_check, confidence_check, predicted_share, refer_check
-    from review.refer import ReferRule
 
     limits = MonitorLimits(min_samples=10)
     probs = json.dumps({"glioma": 0.5, "meningioma": 0.3, "pituitary": 0.2})

@@ -82,17 +82,18 @@ def test_a_second_trainer_on_the_same_model_is_refused_while_the_first_goes_on(t
     overlay = write_overlay(tmp_path, tiny_data, **{"train.epochs": 1000, "train.patience": 1000,
                                                     "monitoring.mlflow.enabled": False,
                                                     "monitoring.tensorboard": False})
-    argv = [sys.executable, "train.py", "--config", str(overlay), "--model", "resnet18"]
+    argv = [sys.executable, str(ROOT / "train.py"), "--config", str(overlay), "--model", "resnet18"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     log = tmp_path / "first.log"
     with open(log, "w") as out:
-        first = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        first = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
     lock = tmp_path / "checkpoints" / "resnet18_outputs" / FolderLock.NAME
     try:
         wait_for(lambda: "Epoch 1/1000 Summary" in log.read_text(), 240, "the first epoch", first)
         holder = json.loads(lock.read_text())
         assert holder["pid"] == first.pid
-        second = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        second = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
         assert second.returncode == 2, second.stderr[-2000:]
         (line,) = [ln for ln in second.stderr.splitlines() if ln.startswith("error:")]
         assert f"is in use by train.py (pid {first.pid} on {holder['host']}, started {holder['started']})" in line
@@ -112,11 +113,11 @@ from data.synthetic import generate_dataset
 root = generate_dataset(sys.argv[1], n_per_class=40, size=48, seed=0)
 paths = sorted(root.rglob("*.jpg"))
 cache.PROCESS_MIN_IMAGES = int(sys.argv[3])
-decode = cache.load_gray
-def slow(path, size):  # a slow disk: the build is still running when SIGTERM comes
+decode = cache.read_frames
+def slow(*args, **kwargs):  # a slow disk: the build is still running when SIGTERM comes
     time.sleep(0.2)
-    return decode(path, size)
-cache.load_gray = slow
+    return decode(*args, **kwargs)
+cache.read_frames = slow
 slot = cache.CacheSlot(sys.argv[2], "f" * 16, "train", 32)
 cache.open_cache(slot, paths, [p.name for p in paths], progress=False)
 """
@@ -155,8 +156,9 @@ def children_of(pid: int) -> list[int]:
 def test_sigterm_stops_the_running_child_and_the_summary_is_still_written(tmp_path, tiny_data):
     overlay = write_overlay(tmp_path, tiny_data, **{"train.epochs": 1000, "train.patience": 1000,
                                                     "monitoring.tensorboard": False})
-    argv = [sys.executable, "run_experiments.py", "--config", str(overlay), "--models", "resnet18", "--full", "--quiet"]
-    parent = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+    argv = [sys.executable, str(ROOT / "run_experiments.py"), "--config", str(overlay), "--models", "resnet18",
+            "--full", "--quiet"]
+    parent = subprocess.Popen(argv, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     log = tmp_path / "checkpoints" / "experiments" / "logs" / "resnet18_train.log"
     try:

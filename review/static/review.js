@@ -249,6 +249,7 @@ class Viewer {
     this.canvas.hidden = false;
     this.picture.hidden = true;
     this.drawStrip();
+    this.showStudy();
     this.showSeries();
     this.bind();
     // the key slices' heat maps are drawn now, so that they show without delay
@@ -339,6 +340,7 @@ class Viewer {
     }
     ctx.putImageData(image, 0, 0);
     this.say("wl", `W ${Math.round(width)} L ${Math.round(level)}`);
+    this.box.dataset.drawn = String(this.index);  // the slice on the canvas (the counter may run ahead of it)
   }
 
   place() {
@@ -403,6 +405,15 @@ class Viewer {
     });
   }
 
+  showStudy() {
+    const s = this.data.study || {};
+    const parts = [s.PatientID && `Patient ${s.PatientID}`, s.PatientName, s.AccessionNumber && `Acc. ${s.AccessionNumber}`,
+      s.StudyDate, s.Modality, s.StudyDescription, s.SeriesDescription && `Series: ${s.SeriesDescription}`];
+    const line = document.getElementById("study-line");
+    line.textContent = parts.filter(Boolean).join(" · ");  // text, never markup: these fields come from the sender
+    line.hidden = !line.textContent;
+  }
+
   showSeries() {
     const series = this.data.series;
     if (this.slices.length < 2) return;
@@ -413,6 +424,8 @@ class Viewer {
       : `Series of ${series.n} slices: ${series.predicted_class} ` +
         `${(series.probabilities[series.predicted_class] * 100).toFixed(1)}%`;
     banner.classList.toggle("refer", series.refer);
+    this.judgeSeries(series);
+    this.say("series-rule", series.rule);
     const bars = document.getElementById("series-bars");
     Object.entries(series.probabilities).forEach(([name, p]) => {
       const li = document.createElement("li");
@@ -433,6 +446,22 @@ class Viewer {
       const li = document.createElement("li");
       li.textContent = r;
       reasons.appendChild(li);
+    });
+  }
+
+  // A verdict here judges the series: A agrees with the series' class, or confirms the series' referral.
+  judgeSeries(series) {
+    const agree = document.getElementById("agree");
+    if (!agree || !this.form) return;
+    agree.value = series.refer ? "refer" : "agree";
+    agree.textContent = "";
+    const key = document.createElement("kbd");
+    key.textContent = "A";
+    agree.append(key, series.refer ? " Confirm the series' referral (no class)"
+      : ` Agree: the series is ${series.predicted_class}`);
+    this.form.dataset.referred = series.refer ? "1" : "0";
+    this.form.querySelectorAll("button.choice").forEach((b) => {
+      b.classList.toggle("predicted", b.value === `class:${series.predicted_class}`);
     });
   }
 
