@@ -51,8 +51,11 @@ def print_predictions(predictor, rule: ReferRule, path: Path) -> list[dict]:
     """The original README's report for each image in a file (one per frame of a multi-frame DICOM), with the refer
     rule's verdict; raises ImageReadError for an unreadable file."""
     print(f"📸 Loading and preprocessing image: {path}")
-    records = judged_records(predictor, rule, path)
-    print("✅ Image preprocessed and predicted" + (f" ({len(records)} frames)" if len(records) > 1 else ""))
+    inputs = predictor.decode(path)
+    print(f"✅ Image preprocessed successfully (shape: {tuple(inputs[0].x.shape)}"
+          + (f", {len(inputs)} frames)" if len(inputs) > 1 else ")"))
+    print("🔮 Making prediction...")
+    records = judged_records(predictor, rule, inputs)
     for record in records:
         print_record(record, several=len(records) > 1)
     return records
@@ -80,7 +83,8 @@ def predict_all(predictor, rule: ReferRule, paths: list[Path], as_json: bool) ->
         try:
             if not path.exists():
                 raise ImageReadError(f"{path}: no such file")
-            records += judged_records(predictor, rule, path) if as_json else print_predictions(predictor, rule, path)
+            records += judged_records(predictor, rule, predictor.decode(path)) if as_json \
+                else print_predictions(predictor, rule, path)
         except ImageReadError as exc:
             reason = str(exc).replace(f"{path}: ", "")
             errors.append({"path": str(path), "error": reason})

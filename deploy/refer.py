@@ -203,10 +203,9 @@ class ReferRule:
         return out
 
 
-def judged_records(predictor, rule: ReferRule, path) -> list[dict]:
-    """Every image of a file predicted (a deploy.predictors.Predictor) and judged by the refer rule: the record with
-    `refer` and `refer_reasons`; raises data.images.ImageReadError."""
-    inputs = predictor.decode(path)
+def judged_records(predictor, rule: ReferRule, inputs: list) -> list[dict]:
+    """A file's images as decoded (deploy.predictors.Predictor.decode) predicted and judged by the refer rule: each
+    record with `refer` and `refer_reasons`."""
     out = predictor.infer(np.concatenate([i.x for i in inputs]))
     records = []
     for k, i in enumerate(inputs):

@@ -11,6 +11,7 @@ train.py runs it on best_model.pth when training ends; evaluate.py --fit-checks 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from core.config import Config
     from data.manifest import Split
 
+EIGEN_FLOOR = 1e-4  # the smallest covariance eigenvalue kept, relative to the largest
+FLOAT32_RESOLUTION = 1e-5  # a feature spread smaller than this share of the features' size is rounding noise
 METHOD = ("Mahalanobis distance of the features (a middle stage averaged over space, and the classifier's input) "
           "to the nearest class mean, shared covariance of the training split (Ledoit-Wolf shrinkage)")
 
@@ -49,8 +52,18 @@ def split_features(cfg: Config, split: Split, name: str, model: FeatureModel, pr
     return torch.cat(feats).double().numpy(), torch.cat(labels).numpy(), torch.cat(probs).numpy()
 
 
-def mahalanobis_fit(features: np.ndarray, labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """(whitened class means (C, D), whitening W with W W^T = precision (D, D), shrinkage) of the features."""
+@dataclass
+class MahalanobisFit:
+    centers: np.ndarray    # the class means, shifted and whitened (C, D)
+    whitening: np.ndarray  # W with W W^T = the precision matrix (D, D)
+    shift: np.ndarray      # the training features' mean (D,), taken off before whitening
+    shrinkage: float       # Ledoit-Wolf's
+
+
+def mahalanobis_fit(features: np.ndarray, labels: np.ndarray, n_classes: int) -> MahalanobisFit:
+    """Class means and the shared within-class covariance of the features, shrunk by Ledoit-Wolf, its eigenvalues
+    floored at EIGEN_FLOOR of the largest: a float32 feature differs by ~1e-7 between runtimes, and W amplifies that
+    by at most the square root of the condition number, so every flavor measures the same distance."""
     from sklearn.covariance import LedoitWolf
 
     missing = [k for k in range(n_classes) if not (labels == k).any()]
@@ -58,18 +71,21 @@ def mahalanobis_fit(features: np.ndarray, labels: np.ndarray, n_classes: int) ->
         raise UserError(f"classes {missing} have no training images: no class mean to measure distances from")
     means = np.stack([features[labels == k].mean(axis=0) for k in range(n_classes)])
     lw = LedoitWolf(assume_centered=True).fit(features - means[labels])
-    precision = (lw.precision_ + lw.precision_.T) / 2
-    try:
-        whitening = np.linalg.cholesky(precision)
-    except np.linalg.LinAlgError:  # degenerate features (e.g. a handful of identical images)
-        raise UserError("the training features have no usable covariance (too few or identical images)") from None
-    return means @ whitening, whitening, float(lw.shrinkage_)
+    eigenvalues, vectors = np.linalg.eigh((lw.covariance_ + lw.covariance_.T) / 2)
+    # features that vary less than float32 can tell apart (a barely trained model, identical images) give a
+    # distance that is rounding noise: each runtime would measure another one
+    if not eigenvalues.max() > (FLOAT32_RESOLUTION * np.abs(features).max()) ** 2:
+        raise UserError("the training features have no usable covariance: they hardly vary between images (too few "
+                        "or identical images, or a model trained too little)")
+    whitening = vectors / np.sqrt(np.maximum(eigenvalues, eigenvalues.max() * EIGEN_FLOOR))
+    shift = features.mean(axis=0)  # off first: whitened features would be large beside their differences
+    return MahalanobisFit((means - shift) @ whitening, whitening, shift, float(lw.shrinkage_))
 
 
-def mahalanobis(features: np.ndarray, centers: np.ndarray, whitening: np.ndarray) -> np.ndarray:
+def mahalanobis(features: np.ndarray, fit: MahalanobisFit) -> np.ndarray:
     """The distance of each feature vector to its nearest class mean (the same sum ScoredModel computes)."""
-    z = features @ whitening
-    return np.sqrt(((z[:, None, :] - centers[None]) ** 2).sum(-1).min(axis=1))
+    z = (features - fit.shift) @ fit.whitening
+    return np.sqrt(((z[:, None, :] - fit.centers[None]) ** 2).sum(-1).min(axis=1))
 
 
 def fit_answer_checks(cfg: Config, ckpt: dict, split: Split, device) -> dict:
@@ -80,19 +96,21 @@ def fit_answer_checks(cfg: Config, ckpt: dict, split: Split, device) -> dict:
     size, names = ckpt["img_size"], list(ckpt["class_names"])
     train_f, train_y, _ = split_features(cfg, split, "train", model, pre, size, device)
     val_f, val_y, val_p = split_features(cfg, split, "val", model, pre, size, device)
-    centers, whitening, shrinkage = mahalanobis_fit(train_f, train_y, len(names))
-    val_d = mahalanobis(val_f, centers, whitening)
+    fit = mahalanobis_fit(train_f, train_y, len(names))
+    val_d = mahalanobis(val_f, fit)
     percentile = cfg.ood.percentile
     ood = {"method": METHOD, "output": OOD_OUTPUT,
            "layers": ([f"{middle[0]} (averaged over space)"] if middle else []) + ["the classifier's input"],
            "feature_dim": int(train_f.shape[1]),
-           "n_train": int(len(train_y)), "shrinkage": round(shrinkage, 6), "percentile": percentile,
+           "n_train": int(len(train_y)), "shrinkage": round(fit.shrinkage, 6), "eigen_floor": EIGEN_FLOOR,
+           "percentile": percentile,
            "limit": round(float(np.percentile(val_d, percentile)), 6),
            "validation_distances": {"n": int(len(val_d)),
                                     **{k: round(float(np.percentile(val_d, q)), 6) for k, q in QUANTILES.items()}}}
     extra = {**(ckpt.get("contract_extra") or {}), FEATURE_OOD_KEY: ood,
              CONFORMAL_KEY: fit_conformal(val_y, val_p, names, cfg.conformal.alpha)}
-    state = {"centers": torch.from_numpy(centers).float(), "whitening": torch.from_numpy(whitening).float(),
+    state = {"centers": torch.from_numpy(fit.centers).float(), "whitening": torch.from_numpy(fit.whitening).float(),
+             "shift": torch.from_numpy(fit.shift).float(),
              **({"middle": list(middle)} if middle else {})}
     return {FEATURE_OOD_STATE: state, "contract_extra": extra}
 

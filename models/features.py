@@ -80,16 +80,18 @@ class ScoredModel(nn.Module):
     """x -> (logits, ood_distance): the model's answer and how far its features lie from the training data."""
 
     def __init__(self, model: nn.Module, middle: tuple[str, str] | None, centers: torch.Tensor,
-                 whitening: torch.Tensor):
+                 whitening: torch.Tensor, shift: torch.Tensor):
         super().__init__()
         self.features = FeatureModel(model, middle)
-        # centers: the class means already whitened (C, D); whitening: W with W W^T = the precision matrix (D, D)
+        # centers: the class means shifted and whitened (C, D); whitening: W with W W^T = the precision matrix
+        # (D, D); shift: the training features' mean (D,)
         self.register_buffer("centers", centers.detach().float().clone())
         self.register_buffer("whitening", whitening.detach().float().clone())
+        self.register_buffer("shift", shift.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, features = self.features(x)
-        z = features @ self.whitening
+        z = (features - self.shift) @ self.whitening
         squared = (z[:, None, :] - self.centers[None]).pow(2).sum(-1)  # (N, C)
         return logits, squared.min(dim=1).values.clamp_min(0).sqrt()
 
@@ -102,7 +104,8 @@ def scored_model(model: nn.Module, state: dict) -> ScoredModel:
     """The model with the out-of-distribution buffers of a checkpoint (`state`: FEATURE_OOD_STATE), measuring the
     features they were fitted on."""
     device = next(model.parameters()).device
-    return ScoredModel(model, state.get("middle"), state["centers"], state["whitening"]).to(device).eval()
+    shift = state.get("shift", torch.zeros(state["whitening"].shape[0]))
+    return ScoredModel(model, state.get("middle"), state["centers"], state["whitening"], shift).to(device).eval()
 
 
 def answering_model(model: nn.Module, ckpt: dict) -> nn.Module:

@@ -50,7 +50,9 @@ def test_scored_model_distance_is_the_mahalanobis_distance():
     a = rng.normal(size=(d, d))
     precision = a @ a.T / d + np.eye(d)
     w = np.linalg.cholesky(precision)
-    scored = ScoredModel(model, None, torch.from_numpy(means @ w), torch.from_numpy(w)).eval()
+    shift = rng.normal(size=d)
+    scored = ScoredModel(model, None, torch.from_numpy((means - shift) @ w), torch.from_numpy(w),
+                         torch.from_numpy(shift)).eval()
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         logits, dist = scored(x)
@@ -58,6 +60,32 @@ def test_scored_model_distance_is_the_mahalanobis_distance():
     want = np.sqrt(np.min([np.einsum("nd,de,ne->n", f - m, precision, f - m) for m in means], axis=0))
     np.testing.assert_allclose(dist.numpy(), want, rtol=1e-4)
     torch.testing.assert_close(logits, model(x))
+
+
+def test_the_distance_is_stable_in_float32_on_nearly_degenerate_features():
+    """A few directions carry all the variance, on a large common offset, beside dead units: computed in float32 (as
+    every exported flavor does) the distance still matches float64 to 1e-3, the export's parity tolerance. Features
+    that hardly vary at all (a model trained one epoch from scratch on a few tiny images) are refused: their
+    distance would be rounding noise, another one in each runtime."""
+    from core.errors import UserError
+    from evaluation.answer_checks import mahalanobis, mahalanobis_fit
+
+    rng = np.random.default_rng(0)
+    n, d = 24, 300
+    labels = np.arange(n) % 3
+    features = 50.0 + rng.normal(size=(n, 4)) @ rng.normal(size=(4, d)) + 1e-6 * rng.normal(size=(n, d))
+    features[:, :150] = 1e-3  # dead units: the same value for every image
+    fit = mahalanobis_fit(features, labels, 3)
+    probe = features[:6] + rng.normal(scale=0.1, size=(6, d))
+    want = mahalanobis(probe, fit)
+    f32 = torch.from_numpy(probe).float()
+    z = (f32 - torch.from_numpy(fit.shift).float()) @ torch.from_numpy(fit.whitening).float()
+    got = (z[:, None, :] - torch.from_numpy(fit.centers).float()[None]).pow(2).sum(-1).min(dim=1).values.sqrt()
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-3)
+
+    flat = 0.13 + 1e-9 * rng.normal(size=(n, d))
+    with pytest.raises(UserError, match="no usable covariance: they hardly vary"):
+        mahalanobis_fit(flat, labels, 3)
 
 
 # ---- conformal sets -------------------------------------------------------------------------------

@@ -142,6 +142,9 @@ def test_a_study_sent_by_orthanc_gets_its_sr_and_captures_back_exactly_once(orth
         for frame, prediction in zip(report, predictions):
             assert frame["sop_instance_uid"] == mr.SOPInstanceUID
             assert frame["predicted_class"] == prediction["predicted_class"] and frame["refer"] == prediction["refer"]
+            assert frame["reasons"] == prediction["refer_reasons"]  # the SR says why, as the audit record does
+            assert frame["out_of_distribution"] == prediction["out_of_distribution"]
+            assert frame["prediction_set"] == prediction["prediction_set"]
             assert (frame["model"], frame["version"]) == (MODEL.name, MODEL.version)
             assert frame["probabilities"].keys() == prediction["probabilities"].keys()
             assert max(abs(frame["probabilities"][k] - p) for k, p in prediction["probabilities"].items()) < 1e-6

@@ -600,16 +600,16 @@ def test_the_refer_rule_flags_low_confidence_and_slices_unlike_the_training_data
     white = np.full((32, 32), 255, np.uint8)
     assert distance_to(reference, typical) < 0.05 < distance_to(reference, white)
     def refer(probabilities, gray):
-        return rule.assess(probabilities, gray).refer
+        return rule.assess({"probabilities": probabilities}, gray).refer
 
     assert not refer(confident, typical) and refer(unsure, typical) and refer(confident, white)
-    judged = rule.assess(confident, white)
+    judged = rule.assess({"probabilities": confident}, white)
     assert [r.code for r in judged.reasons] == ["unlike_training"]
     assert [r.text for r in judged.reasons] == [f"unlike the training data: intensity distance {judged.distance:.3f} "
                                                 f"is above the limit {judged.limit:.3f}"]
     old = ReferRule.for_model({k: v for k, v in contract.to_dict().items() if k != REFERENCE_KEY}, None, 0.6)
-    unknown = old.assess(confident, white)
-    assert not unknown.refer and unknown.note == NO_REFERENCE and unknown.distance is None  # said, never guessed
+    unknown = old.assess({"probabilities": confident}, white)
+    assert not unknown.refer and NO_REFERENCE in unknown.notes and unknown.distance is None  # said, never guessed
     p = unsure
     want = apply_temperature(logits_from_probs(np.array([list(p.values())])), 1.7)[0]
     assert np.allclose(list(calibrated(p, 1.7).values()), want, atol=1e-9)
@@ -620,10 +620,12 @@ def test_the_refer_rule_flags_low_confidence_and_slices_unlike_the_training_data
 DOOR_FACTS = ("record_id", "file", "sha256")  # what differs by door in a record: its id, the name it came by, its bytes
 
 
-def test_the_three_doors_record_one_image_alike_and_a_dicom_arrival_joins_the_worklist(registry, files, tmp_path):
+def test_the_three_doors_record_one_image_alike_and_a_dicom_arrival_joins_the_worklist(registry, files, tmp_path,
+                                                                                        capsys):
     """The same two-frame DICOM through POST /v1/predict, the review page's upload and a C-STORE: each audit row
-    says the same prediction in the same columns (one function builds them all), and differs only in who sent it
-    and how; the instance the DICOM receiver took is a case on the worklist, judged as its audit row says."""
+    says the same prediction in the same columns (one function builds them all), with the same refer flag, reasons
+    and answer checks, and differs only in who sent it and how; `inference_with_mlflow.py --json` flags it alike;
+    the instance the DICOM receiver took is a case on the worklist, judged as its audit row says."""
     import uvicorn
     from pydicom import dcmread
     from pynetdicom import AE
@@ -690,6 +692,15 @@ def test_the_three_doors_record_one_image_alike_and_a_dicom_arrival_joins_the_wo
                 assert abs(a["confidence"] - d["confidence"]) < 1e-6
             assert [r["frame"] for r in api] == [1, 2] and {r["sop_instance_uid"] for r in api} == {mr.SOPInstanceUID}
             assert isinstance(api[0]["refer"], bool) and api[0]["flavor"] == "onnx"
+            assert all(isinstance(r["refer_reasons"], list) for r in api) and "ood_distance" in api[0]
+
+            # The command line judges the same file with the same rule: the same flags, the same reasons.
+            capsys.readouterr()
+            assert run_script("inference_with_mlflow", [*registry, "--model", MODEL, "--alias", "staging",
+                                                        "--image", tmp_path / "cine.dcm", "--json"]) == 0
+            cli = json.loads(capsys.readouterr().out)["predictions"]
+            flags = ("refer", "refer_reasons", "out_of_distribution", "prediction_set")
+            assert [{k: r[k] for k in flags} for r in cli] == [{k: r[k] for k in flags} for r in api]
             assert [(r["client"], r["filename"]) for r in by_door["dicom"]] == [
                 ("SCANNER@127.0.0.1", mr.SOPInstanceUID)] * 2
 

@@ -172,7 +172,8 @@ def test_answers_equal_the_cli_and_every_prediction_is_in_the_audit_log(server, 
         doc = r.json()
         assert (doc["model"], doc["version"], doc["alias"], doc["flavor"]) == (MODEL, "1", "staging", "onnx")
         assert doc["forced"] is True and doc["warning"] and doc["errors"] == []
-        assert "contract" not in doc and len(r.content) < 1000 * len(doc["predictions"])  # GET /v1/model has it
+        # GET /v1/model has the contract (its intensity histogram alone is 2,121 bytes), not every answer
+        assert "contract" not in doc and len(r.content) < 1500 * len(doc["predictions"])
         assert [p["file"] for p in doc["predictions"]] == [n for n in group for _ in range(3 if n == "cine.dcm" else 1)]
         for p in doc["predictions"]:
             assert_matches(p, expected, "1")
