@@ -5,6 +5,9 @@
   onnx_limit   ONNX Runtime alone on an already-preprocessed tensor: the fp32 limit
   int8_e2e     the int8 model (deploy/quantize.py: static QDQ, per-channel weights) end to end, as onnx_e2e
   int8_limit   the int8 model alone on the preprocessed tensor
+  ood_limit    the fp32 model with its out-of-distribution output (models.features.ScoredModel: a middle stage
+               pooled, and the Mahalanobis distance beside the logits) alone on the preprocessed tensor: what the
+               answer checks cost (docs/ood.md)
 
 Same weights, image and threads; the variants alternate call by call in one process. The int8 model is
 calibrated on generated phantoms: its speed is what counts here (its agreement with fp32 is the export gate's
@@ -34,7 +37,7 @@ from deploy.predictors import OnnxPredictor
 from deploy.quantize import calibration_reader, quantize_file
 from models.zoo import build_model
 
-VARIANTS = ("onnx_e2e", "torch_eager", "onnx_limit", "int8_e2e", "int8_limit")
+VARIANTS = ("onnx_e2e", "torch_eager", "onnx_limit", "int8_e2e", "int8_limit", "ood_limit")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -67,6 +70,21 @@ def exported_model(args, out_dir) -> tuple[torch.nn.Module, object, Contract]:
     return model, path, contract
 
 
+def scored_file(model: torch.nn.Module, onnx_path, contract: Contract, args) -> object:
+    """The model with the distance output, exported as training does (reused when present). The buffers are the
+    shapes a fitted check has (identity whitening): the cost does not depend on their values."""
+    from models.features import MIDDLE_LAYERS, FeatureModel, ScoredModel
+
+    path = onnx_path.with_name(f"{onnx_path.stem}_ood.onnx")
+    if not path.is_file():
+        middle = MIDDLE_LAYERS.get(args.model)
+        with torch.no_grad():
+            d = FeatureModel(model, middle)(torch.zeros(1, 3, args.img_size, args.img_size))[1].shape[1]
+        scored = ScoredModel(model, middle, torch.zeros(3, d), torch.eye(d), torch.zeros(d)).eval()
+        export_onnx(scored, contract, path)
+    return path
+
+
 def int8_model(onnx_path, contract: Contract, calibration: list) -> object:
     """The fp32 file quantized as export_model.py --format onnx-int8 does (reused when present)."""
     import onnxruntime
@@ -82,6 +100,7 @@ def variants(args, model, paths: tuple, contract, image_path) -> dict:
     threads = args.threads or usable_cpus()
     predictor = OnnxPredictor(paths[0], contract, providers=["CPUExecutionProvider"], threads=threads)
     int8 = OnnxPredictor(paths[1], contract, providers=["CPUExecutionProvider"], threads=threads)
+    scored = OnnxPredictor(paths[2], contract, providers=["CPUExecutionProvider"], threads=threads)
     pre = Preprocessor(contract.mean, contract.std).eval()
     x = predictor.preprocess(image_path)
 
@@ -94,7 +113,8 @@ def variants(args, model, paths: tuple, contract, image_path) -> dict:
             "torch_eager": torch_eager,
             "onnx_limit": lambda: predictor.predict_array(x),
             "int8_e2e": lambda: int8.predict_path(image_path)["probabilities"],
-            "int8_limit": lambda: int8.predict_array(x)}
+            "int8_limit": lambda: int8.predict_array(x),
+            "ood_limit": lambda: scored.infer(x).probs}
 
 
 def run(args) -> dict:
@@ -106,7 +126,8 @@ def run(args) -> dict:
     with harness.Stopwatch() as export:
         model, onnx_path, contract = exported_model(args, data_dir / "onnx")
         int8_path = int8_model(onnx_path, contract, images[1:])  # calibrated on the other images
-    calls = variants(args, model, (onnx_path, int8_path), contract, image_path)
+        ood_path = scored_file(model, onnx_path, contract, args)
+    calls = variants(args, model, (onnx_path, int8_path, ood_path), contract, image_path)
     e2e = np.asarray(list(calls["onnx_e2e"]().values()))
     assert np.allclose(e2e, calls["torch_eager"]()[0], atol=1e-3), "ONNX and PyTorch disagree"
     times = {v: [] for v in VARIANTS}
@@ -123,7 +144,8 @@ def run(args) -> dict:
               "onnx_e2e/torch_eager": med["onnx_e2e"] / med["torch_eager"],
               "int8_e2e/onnx_limit": med["int8_e2e"] / med["onnx_limit"],  # the int8 target
               "int8_limit/onnx_limit": med["int8_limit"] / med["onnx_limit"],
-              "int8_e2e/int8_limit": med["int8_e2e"] / med["int8_limit"]}
+              "int8_e2e/int8_limit": med["int8_e2e"] / med["int8_limit"],
+              "ood_limit/onnx_limit": med["ood_limit"] / med["onnx_limit"]}  # what the answer checks cost
     return {"latency": stats, "ratios": ratios, "export_s": export.seconds, "image": str(image_path)}
 
 

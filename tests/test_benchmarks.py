@@ -37,9 +37,10 @@ def test_training_smoke(tmp_path, capsys):
 
 def test_inference_smoke(tmp_path, capsys):
     results = run_smoke(bench_inference, tmp_path, capsys, "--threads", "1")
-    assert set(results["latency"]) == {"onnx_e2e", "torch_eager", "onnx_limit", "int8_e2e", "int8_limit"}
+    assert set(results["latency"]) == {"onnx_e2e", "torch_eager", "onnx_limit", "int8_e2e", "int8_limit", "ood_limit"}
     assert all(v["median_ms"] > 0 and v["p95_ms"] >= v["median_ms"] for v in results["latency"].values())
     assert results["ratios"]["onnx_e2e/onnx_limit"] > 0 and results["ratios"]["int8_e2e/onnx_limit"] > 0
+    assert results["ratios"]["ood_limit/onnx_limit"] > 0
 
 
 def test_data_smoke(tmp_path, capsys):
