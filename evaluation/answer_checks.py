@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from core.config import Config
     from data.manifest import Split
 
-EIGEN_FLOOR = 1e-4  # the smallest covariance eigenvalue kept, relative to the largest
+EIGEN_FLOOR = 1e-6  # the smallest covariance eigenvalue kept, relative to the largest
 FLOAT32_RESOLUTION = 1e-5  # a feature spread smaller than this share of the features' size is rounding noise
 METHOD = ("Mahalanobis distance of the features (a middle stage averaged over space, and the classifier's input) "
           "to the nearest class mean, shared covariance of the training split (Ledoit-Wolf shrinkage)")
