@@ -165,6 +165,26 @@ def test_a_forged_x_forwarded_for_does_not_reach_the_audit_trail(server, tmp_pat
     assert rows == [("127.0.0.1",)]
 
 
+def test_a_configured_proxy_is_believed_and_names_the_client(registered, tmp_path):
+    """Behind a reverse proxy listed in serving.trusted_proxies, the audit trail records the client the proxy
+    names, not the proxy's own address."""
+    client_address = "198.51.100.7"
+    jpeg = io.BytesIO()
+    Image.fromarray((slice_pixels() // 16).astype(np.uint8)).save(jpeg, format="JPEG")
+    srv = ServerProcess([*registered, "--model", MODEL, "--alias", "staging", "--database",
+                         f"sqlite:///{tmp_path / 'audit.db'}", "--poll-seconds", "0",
+                         "--set", "serving.trusted_proxies=[127.0.0.1]"], tmp_path)
+    try:
+        with srv.wait_ready().client() as client:
+            answer = client.post("/v1/predict", files={"files": ("proxied.jpg", jpeg.getvalue())},
+                                 headers={"X-Forwarded-For": client_address})
+        assert answer.status_code == 200, answer.text
+    finally:
+        srv.stop()
+    rows = audit_rows(tmp_path / "audit.db", "SELECT client FROM predictions WHERE filename = 'proxied.jpg'")
+    assert rows == [(client_address,)]
+
+
 # ---- 13. secrets on the command line and in readable files -------------------------------------------------
 
 SCRIPTS = sorted(p.stem for p in ROOT.glob("*.py") if "def get_args_parser" in p.read_text())
