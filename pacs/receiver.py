@@ -79,6 +79,26 @@ def image_transfer_syntaxes() -> list[str]:
     return list(UNCOMPRESSED) + decodable
 
 
+class OneLine(logging.Filter):
+    """Escapes what a peer could use to forge log lines (newlines, escape sequences, other control characters) in a
+    record's message: pynetdicom logs the UIDs a peer sends as they came."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.isprintable():
+            record.msg = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)
+            record.args = ()
+        return True
+
+
+def keep_library_logs_one_line() -> None:
+    """OneLine on every pynetdicom logger (a filter on a logger does not reach its children's records)."""
+    names = [n for n in logging.Logger.manager.loggerDict if n == "pynetdicom" or n.startswith("pynetdicom.")]
+    for logger in map(logging.getLogger, ["pynetdicom", *names]):
+        if not any(isinstance(f, OneLine) for f in logger.filters):
+            logger.addFilter(OneLine())
+
+
 def _ip(text: str) -> str:
     """An address in one spelling: IPv4-mapped IPv6 (::ffff:10.0.0.5) becomes 10.0.0.5."""
     try:
@@ -182,6 +202,7 @@ class Receiver:
         except OSError as exc:
             raise UserError(f"cannot listen for DICOM on {address[0]}:{address[1]}: {exc.strerror or exc}") from None
         self.server.verify_request = self._admits_connection  # before the connection takes an association slot
+        keep_library_logs_one_line()
         LOG.info("DICOM receiver %s listening on %s:%d", self.settings.ae_title, self.settings.host, self.port)
         return self
 

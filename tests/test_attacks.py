@@ -337,6 +337,7 @@ def test_a_command_uid_with_a_forged_log_line_is_refused_and_logged_as_one_line(
     ds.save_as(str(other), enforce_file_format=False)
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # the command UID comes from the file meta
     caplog.set_level("INFO", logger="pacs.receiver")
+    caplog.set_level("DEBUG", logger="pynetdicom")
     assoc = associate(receiver.port, [ExplicitVRLittleEndian])  # sent as stored, so in the file's own syntax
     try:
         assert assoc.send_c_store(path).Status == 0xC000
@@ -346,6 +347,10 @@ def test_a_command_uid_with_a_forged_log_line_is_refused_and_logged_as_one_line(
     assert not receiver.received
     stores = [r.getMessage() for r in caplog.records if r.name == "pacs.receiver" and "C-STORE" in r.getMessage()]
     assert len(stores) == 2 and all("\n" not in message for message in stores)
+    # pynetdicom's own log lines name the UID too: each stays one line, the forged one escaped
+    library = [r.getMessage() for r in caplog.records if r.name.startswith("pynetdicom")]
+    assert any("1.2.3\\nC-STORE" in message for message in library)
+    assert not any(set(message) & {"\n", "\r", "\x1b"} for message in library)
 
 
 # ---- 2. memory amplification in the result worker ---------------------------------------------------------------
