@@ -20,7 +20,7 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless
 from pynetdicom import AE
-from pynetdicom.sop_class import MRImageStorage
+from pynetdicom.sop_class import MRImageStorage, Verification
 
 from conftest import ROOT, write_dicom
 from core.config import load_config
@@ -92,6 +92,43 @@ def associate(port: int, syntaxes=None, calling: str = "ORTHANC"):
     ae = AE(ae_title=calling)
     ae.add_requested_context(MRImageStorage, syntaxes) if syntaxes else ae.add_requested_context(MRImageStorage)
     return ae.associate("127.0.0.1", port, ae_title="MRI_AI")
+
+
+# ---- 3. association slots held by connections that never ask --------------------------------------------------
+
+def test_connections_that_never_send_an_association_request_are_closed_after_the_request_timeout(tmp_path):
+    """An allowed address opens connections and sends nothing, or a PDU header a byte at a time: each is closed
+    after pacs.request_timeout_s, not timeout_s, and a real association then gets in."""
+    import socket
+    import time
+
+    settings = load_config(sets=["pacs.port=0", f"pacs.spool_dir={tmp_path / 'spool'}", "pacs.timeout_s=60",
+                                 "pacs.request_timeout_s=1", "pacs.max_associations=4",
+                                 "pacs.allow=[ORTHANC@127.0.0.1]"]).pacs
+    handle = start_receiver(settings, lambda ds, calling, peer: None)
+    try:
+        idle = [socket.create_connection(("127.0.0.1", handle.port)) for _ in range(3)]
+        started = time.monotonic()
+        dribbler = idle[0]
+        for byte in b"\x01\x00\x00\x00":  # the start of an A-ASSOCIATE-RQ, never finished
+            dribbler.sendall(bytes([byte]))
+            time.sleep(0.2)
+        for sock in idle:  # read until the receiver closes it (an A-ABORT may come first); 10 s would fail
+            sock.settimeout(10)
+            try:
+                while sock.recv(1024):
+                    pass
+            except ConnectionResetError:
+                pass
+            sock.close()
+        assert time.monotonic() - started < 8  # the request timeout, far under timeout_s (60 s)
+        ae = AE(ae_title="ORTHANC")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", handle.port, ae_title="MRI_AI")
+        assert assoc.is_established and assoc.send_c_echo().Status == 0
+        assoc.release()
+    finally:
+        handle.stop()
 
 
 # ---- 1. deflate bombs ---------------------------------------------------------------------------------------
