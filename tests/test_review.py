@@ -162,6 +162,8 @@ def log_in(page, server) -> None:
     with page.expect_navigation():
         page.click(".login button[type=submit]")
     assert page.url == server.url + "/review/studies"  # the reading room opens on the study list
+    page.click("#to-slices")  # uploads are dropped on the slice worklist
+    assert page.url == server.url + "/review/"
 
 
 def upload(page, named: dict[str, bytes]) -> None:
