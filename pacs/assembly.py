@@ -73,6 +73,12 @@ class SeriesState:
     def instances(self) -> list[str]:
         return sorted(a.sop_instance_uid for a in self.arrivals)
 
+    @property
+    def regrown(self) -> bool:
+        """Skipped for too few instances, and more have arrived since: to be read again."""
+        counted = (self.skipped or {}).get("instances")
+        return counted is not None and len(self.arrivals) > counted
+
     def instance_path(self, sop_uid: str) -> Path:
         return self.folder / f"{sop_uid}.dcm"
 
@@ -109,13 +115,20 @@ class SeriesStore:
         """New records for an instance already kept (classified again by another model version)."""
         write_json_atomic(state.folder / f"{arrival.sop_instance_uid}.json", arrival.to_json())
 
-    def skip(self, study_uid: str, series_uid: str, reason: str) -> bool:
-        """Mark the series as not read; True the first time (the caller writes its one audit row then)."""
+    def skip(self, study_uid: str, series_uid: str, reason: str, instances: int | None = None) -> bool:
+        """Mark the series as not read; True the first time (the caller writes its one audit row then).
+        `instances`: the series was too small with this many instances, and is read once it has more (the count is
+        kept up to date, with no new audit row); None: skipped for good (a localizer, another modality, ...)."""
         folder = self._open(study_uid, series_uid)
-        if (folder / "skipped.json").exists():
-            return False
-        write_json_atomic(folder / "skipped.json", {"reason": reason, "time": time.time()})
-        return True
+        first = not (folder / "skipped.json").exists()
+        if first or instances is not None:
+            write_json_atomic(folder / "skipped.json", {"reason": reason, "time": time.time(), "instances": instances})
+        return first
+
+    def unskip(self, state: SeriesState) -> None:
+        """The series grew past the reason it was skipped for and has been read."""
+        (state.folder / "skipped.json").unlink(missing_ok=True)
+        state.skipped = None
 
     def release(self, study_uid: str, series_uid: str) -> None:
         folder = self.folder(study_uid, series_uid)

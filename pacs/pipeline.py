@@ -122,10 +122,11 @@ class InstancePipeline:
             self.hooks.on_predictions(records, ds, calling_ae, peer, grays)
         return records
 
-    def skip(self, ds: Dataset, reason: str, client: str) -> None:
-        """A series the selection rules leave out: one audit row (the first time its instances arrive)."""
+    def skip(self, ds: Dataset, reason: str, client: str, instances: int | None = None) -> None:
+        """A series the selection rules leave out: one audit row (the first time its instances arrive);
+        `instances`: too few of them, so it is read when more arrive (pacs.assembly.SeriesStore.skip)."""
         study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
-        if self.store.skip(study, series, reason):
+        if self.store.skip(study, series, reason, instances):
             LOG.info("series %s skipped: %s", series, reason)
             if self.hooks.on_series:
                 self.hooks.on_series({"outcome": "skipped", "study_uid": study, "series_uid": series,

@@ -110,7 +110,7 @@ class SeriesReader(Worker):
             if self.store.expire(state, keep_s, now):
                 self._settled.pop(folder, None)
                 continue
-            if state.skipped or not state.arrivals or (state.results and
+            if (state.skipped and not state.regrown) or not state.arrivals or (state.results and
                                                       state.results[-1]["instances"] == state.instances):
                 if not (state.skipped or {}).get("reason", "").startswith("unreadable"):
                     self._settled[folder] = (stamp, max(state.last_arrival, (state.skipped or {}).get("time", 0.0)))
@@ -143,7 +143,8 @@ class SeriesReader(Worker):
         records = series_records(state)
         few = too_few_slices(len(records), self.settings.select)
         if few:
-            self.pipeline.skip(state.header(records[0]["sop_instance_uid"]), few, state.arrivals[-1].client)
+            self.pipeline.skip(state.header(records[0]["sop_instance_uid"]), few, state.arrivals[-1].client,
+                               len(state.arrivals))
             return
         result = read_records(records, self.rule)
         key = [records[i] for i in result.key_slices]
@@ -156,6 +157,8 @@ class SeriesReader(Worker):
         self.store.record_results(state, {"revision": output.revision, "instances": state.instances,
                                           "model": model.name, "version": str(model.version), "uids": uids,
                                           "result": result.as_dict(), "time": time.time()}, made[0])
+        if state.skipped:  # it was too small before: read now, and amended like any other from here on
+            self.store.unskip(state)
         LOG.info("series %s (%d slices): %s %.0f%%%s, revision %d, %d result(s) queued", state.series_uid,
                  result.n_slices, result.predicted_class, 100 * result.confidence, ", refer" if result.refer else "",
                  output.revision, queued)

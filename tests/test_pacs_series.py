@@ -186,6 +186,46 @@ def test_a_series_sent_by_orthanc_gets_one_sr_one_kos_and_one_capture_back(ortha
 
 
 @requires_orthanc
+def test_a_series_skipped_for_too_few_slices_is_read_once_more_arrive_and_a_localizer_stays_skipped(
+        orthanc, predictors, pictures, tmp_path):
+    """A series sent in two associations, the first with fewer slices than pacs.select.min_slices: skipped with its
+    audit row, then read once the rest arrive (one SR, one KOS, one SC). A localizer that grows stays skipped."""
+    onnx, _ = predictors
+    events = []
+    node = start_node(pacs_settings(tmp_path, orthanc.receiver_port, orthanc, *SERIES, "pacs.select.min_slices=5"),
+                      onnx, MODEL, ServerHooks(on_series=events.append))
+    study = generate_uid()
+
+    def send(datasets, folder) -> None:
+        ids = upload(orthanc, folder)
+        assert orthanc.store("mri_ai", ids[datasets[0].SOPInstanceUID])[0] == 200  # the series so far, one association
+
+    try:
+        first = write_series(tmp_path / "part1", pictures, 3, study)
+        series_uid = first[0].SeriesInstanceUID
+        scout = write_series(tmp_path / "scout1", pictures, 2, study, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+        send(first, tmp_path / "part1")
+        send(scout, tmp_path / "scout1")
+        wait_until(lambda: len([e for e in events if e["outcome"] == "skipped"]) == 2, 60)
+        few = next(e for e in events if e["series_uid"] == series_uid)
+        assert "fewer than pacs.select.min_slices (5)" in few["reason"]
+
+        rest = write_series(tmp_path / "part2", pictures, 3, study, series=series_uid, first_slice=3)
+        more_scout = write_series(tmp_path / "scout2", pictures, 2, study, series=scout[0].SeriesInstanceUID,
+                                  first_slice=2, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+        send(rest, tmp_path / "part2")
+        send(more_scout, tmp_path / "scout2")
+        found = wait_for(orthanc, study, 1)
+        assert [len(by_series(found[kind], first + rest)) for kind in ("SR", "KO", "OT")] == [1, 1, 1]
+        read = [e for e in events if e["outcome"] == "read"]
+        assert len(read) == 1 and read[0]["series_uid"] == series_uid and read[0]["n_slices"] == 6
+        time.sleep(2.0)  # the localizer's second part settles: still skipped, no second audit row, no result
+        assert [e["outcome"] for e in events].count("skipped") == 2 and len(result_series(orthanc, study)["SR"]) == 1
+    finally:
+        node.stop()
+
+
+@requires_orthanc
 def test_a_kill_9_between_receiving_and_sending_loses_nothing_and_duplicates_nothing(orthanc, predictors, pictures,
                                                                                       tmp_path):
     sets = [f"pacs.port={orthanc.receiver_port}", f"pacs.spool_dir={tmp_path / 'spool'}", "pacs.timeout_s=10",
