@@ -240,6 +240,13 @@ def image_files(items) -> list[Path]:
     return paths
 
 
+def frame_count(ds) -> int:
+    """The frames a DICOM data set holds, read from its NumberOfFrames the one way every stage reads it:
+    absent, empty or 0 is one frame; a value that is not a whole number raises ValueError or TypeError
+    (each caller reports it in its own terms). Bounding the count is the caller's job (images.max_frames)."""
+    return int(ds.get("NumberOfFrames", 1) or 1)
+
+
 def is_dicom(path: str | Path) -> bool:
     return Path(path).suffix.lower() in DICOM_EXTENSIONS
 
@@ -290,7 +297,7 @@ class DicomFile:
             self.ds = pydicom.dcmread(str(self.path))
             if "PixelData" not in self.ds:
                 raise ImageReadError(f"{self.path}: a DICOM file without pixel data")
-            self.frames = int(getattr(self.ds, "NumberOfFrames", 1) or 1)
+            self.frames = frame_count(self.ds)
             check_pixels(self.path, int(self.ds.Columns), int(self.ds.Rows), "frame")
             if self.frames > _limits.max_frames:
                 raise ImageReadError(f"{self.path}: {self.frames} frames, over the limit of {_limits.max_frames} "
