@@ -135,7 +135,7 @@ def finish(cfg: Config, t, tracker, outcome: str, main_rank: bool, split, again:
             tracker.log_artifact(out / "best_model.pth", "checkpoints")
         print(f"Checkpoints in {out} ({'early stop' if outcome == 'early_stop' else 'all epochs done'})")
         # registry.auto_register / auto_promote; never fails the run
-        release_after_training(cfg, t.device, tracker, again=again)
+        release_after_training(cfg, t.device, tracker, again=again, split=split)
     return 0
 
 

@@ -44,17 +44,18 @@ def open_for_scoring(args: argparse.Namespace) -> tuple[Config, OpenedCheckpoint
 
 def open_checkpoint(cfg: Config, checkpoint: str | Path | None = None, model_flag: str | None = None,
                     resplit: bool = False, same_split: bool = True, log=print,
-                    loaded: dict | None = None) -> OpenedCheckpoint:
+                    loaded: dict | None = None, split: Split | None = None) -> OpenedCheckpoint:
     """The checkpoint (default: this model's best_model.pth), checked against --model, and the config's split.
 
     same_split: refuse a checkpoint trained on another split (scoring it on this test split would leak).
     Export only needs real images for its parity check, so it passes False and gets a note instead.
-    loaded: the checkpoint already read from `checkpoint` (it is not read twice)."""
+    loaded: the checkpoint already read from `checkpoint` (it is not read twice).
+    split: the config's split already prepared in this process (the data set is not hashed again)."""
     path = Path(checkpoint) if checkpoint else default_checkpoint(cfg)
     ckpt = loaded if loaded is not None else load_checkpoint(path)
     if model_flag and ckpt["model_name"] != model_flag:
         raise UserError(f"{path} holds a {ckpt['model_name']} model, not {model_flag}")
-    split = prepare_split(cfg, resplit, log=log)
+    split = split if split is not None else prepare_split(cfg, resplit, log=log)
     trained_on = ckpt.get("data_fingerprint")
     if trained_on and trained_on != split.fingerprint:
         if same_split:
