@@ -250,6 +250,7 @@ class PacsSection(Section):
     max_decoded_mb: PositiveFloat = 512.0  # pixels of one instance once decoded (a 1.5 MB RLE can hold 294 MB)
     max_associations: PositiveInt = 4
     timeout_s: PositiveFloat = 30.0
+    request_timeout_s: PositiveFloat = 5.0  # a connection must send its A-ASSOCIATE-RQ within this, or is closed
     keep_patient_identity: bool = False  # store and return patient name and birth date
     refer_below: Fraction = 0.6          # refer flag when the top probability is below this (no other rule given)
     retry: PacsRetrySection = PacsRetrySection()

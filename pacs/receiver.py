@@ -9,6 +9,7 @@ A failure in one instance costs that instance a failure status, never the receiv
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import ipaddress
 import logging
@@ -77,6 +78,26 @@ def image_transfer_syntaxes() -> list[str]:
         except NotImplementedError:
             continue
     return list(UNCOMPRESSED) + decodable
+
+
+class OneLine(logging.Filter):
+    """Escapes what a peer could use to forge log lines (newlines, escape sequences, other control characters) in a
+    record's message: pynetdicom logs the UIDs a peer sends as they came."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.isprintable():
+            record.msg = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)
+            record.args = ()
+        return True
+
+
+def keep_library_logs_one_line() -> None:
+    """OneLine on every pynetdicom logger (a filter on a logger does not reach its children's records)."""
+    names = [n for n in logging.Logger.manager.loggerDict if n == "pynetdicom" or n.startswith("pynetdicom.")]
+    for logger in map(logging.getLogger, ["pynetdicom", *names]):
+        if not any(isinstance(f, OneLine) for f in logger.filters):
+            logger.addFilter(OneLine())
 
 
 def _ip(text: str) -> str:
@@ -163,7 +184,10 @@ class Receiver:
         ae = AE(ae_title=s.ae_title)
         ae.require_called_aet = True  # a peer must call us by our own AE title
         ae.maximum_associations = s.max_associations
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = s.timeout_s
+        ae.dimse_timeout = ae.network_timeout = s.timeout_s
+        # an accepted connection waits this long for its A-ASSOCIATE-RQ (and a release for its reply): an idle or
+        # dribbling peer gives its slot back after seconds, not after timeout_s
+        ae.acse_timeout = s.request_timeout_s
         ae.add_supported_context(Verification)
         images = image_transfer_syntaxes()
         for uid in IMAGE_SOP_CLASSES:
@@ -174,7 +198,8 @@ class Receiver:
         return ae
 
     def start(self) -> Receiver:
-        handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_store),
+        handlers = [(evt.EVT_CONN_OPEN, self._on_connected), (evt.EVT_REQUESTED, self._on_requested),
+                    (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_DATA_RECV, self._on_data), (evt.EVT_RELEASED, self._on_released)]
         address = (self.settings.host, self.settings.port)
         try:
@@ -182,6 +207,7 @@ class Receiver:
         except OSError as exc:
             raise UserError(f"cannot listen for DICOM on {address[0]}:{address[1]}: {exc.strerror or exc}") from None
         self.server.verify_request = self._admits_connection  # before the connection takes an association slot
+        keep_library_logs_one_line()
         LOG.info("DICOM receiver %s listening on %s:%d", self.settings.ae_title, self.settings.host, self.port)
         return self
 
@@ -202,6 +228,23 @@ class Receiver:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+
+    def _on_connected(self, event) -> None:
+        """A connection must have its association within request_timeout_s: pynetdicom's own ACSE timeout closes
+        an idle one, but a peer that sends an A-ASSOCIATE-RQ a byte at a time keeps its reader waiting for
+        timeout_s per byte; its socket is shut at the deadline."""
+        assoc = event.assoc
+
+        def deadline() -> None:
+            if not (assoc.is_established or assoc.is_released or assoc.is_aborted or assoc.is_rejected):
+                LOG.warning("DICOM connection from %s closed: no association request within %g s",
+                            assoc.requestor.address, self.settings.request_timeout_s)
+                with contextlib.suppress(OSError, AttributeError):
+                    assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+
+        timer = threading.Timer(self.settings.request_timeout_s, deadline)
+        timer.daemon = True
+        timer.start()
 
     def _on_requested(self, event) -> None:
         calling = event.assoc.requestor.primitive.calling_ae_title.strip()

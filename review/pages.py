@@ -28,6 +28,7 @@ from serving.app import read_form
 
 HERE = Path(__file__).resolve().parent
 PREFIX = "/review"
+HOME = PREFIX + "/studies"  # the reading room opens on the study list: the study is the unit of clinical work
 SESSION_COOKIE, LOGIN_COOKIE = "review_session", "review_login"
 STATIC = {"review.js": "text/javascript", "review.css": "text/css", "favicon.svg": "image/svg+xml"}
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -64,7 +65,7 @@ def local_next(value: str | None) -> str:
     """Where to go after the login: a path of this page only (no other host, no scheme)."""
     if value and value.startswith(PREFIX + "/") and "//" not in value and "\\" not in value:
         return value
-    return PREFIX + "/"
+    return HOME
 
 
 class Pages:
@@ -106,8 +107,8 @@ class Pages:
     # ---- routes -----------------------------------------------------------------------------------------
     def _add_routes(self) -> None:
         r = self.router
-        r.add_api_route("/", lambda: redirect(PREFIX + "/"), methods=["GET"])
-        r.add_api_route(PREFIX, lambda: redirect(PREFIX + "/"), methods=["GET"])
+        r.add_api_route("/", lambda: redirect(HOME), methods=["GET"])
+        r.add_api_route(PREFIX, lambda: redirect(HOME), methods=["GET"])
         r.add_api_route(PREFIX + "/static/{name}", self.static, methods=["GET"])
         r.add_api_route(PREFIX + "/login", self.login_form, methods=["GET"])
         r.add_api_route(PREFIX + "/login", self.login, methods=["POST"])
@@ -191,14 +192,18 @@ class Pages:
                     max_files=station.service.settings.max_files,
                     max_bytes=int(station.service.settings.max_upload_mb * 2**20))
 
-    async def studies(self, request: Request, status: str = "pending", predicted: str = ""):
-        """The study worklist: one row per study or upload batch, its series beneath it."""
+    async def studies(self, request: Request, status: str = "pending", predicted: str = "",
+                      page_no: int = Query(0, ge=0, le=MAX_PAGE)):
+        """The study worklist: one row per study or upload batch, its series beneath it, studies.PAGE a page."""
         who = await self.require(request)
         station = self.station
         status = status if status in studies.STUDY_FILTERS else "pending"
         rows = await asyncio.to_thread(studies.study_rows, station.engine, station.files.path, station.series_rule,
                                        status, station.settings.patient_id, station.keep_identity, predicted or None)
-        return page("studies.html", who=who, studies=rows, shown=status, filters=studies.STUDY_FILTERS,
+        shown_rows = rows[page_no * studies.PAGE:(page_no + 1) * studies.PAGE]
+        return page("studies.html", who=who, studies=shown_rows, shown=status, filters=studies.STUDY_FILTERS,
+                    page_no=page_no, page_size=studies.PAGE, more=len(rows) > (page_no + 1) * studies.PAGE,
+                    n_studies=len(rows),
                     predicted=predicted, classes=station.model_about()["classes"],
                     keep_identity=station.keep_identity, **await self._shared(who))
 

@@ -22,6 +22,7 @@ STUDY_FILTERS = ("pending", "reviewed", "referred", "all")
 HEADER = ("PatientID", "PatientName", "PatientBirthDate", "AccessionNumber", "StudyDate", "Modality",
           "StudyDescription", "SeriesDescription", "SeriesNumber")
 MAX_ITEMS = 20_000  # the study list reads at most this many worklist items (newest first)
+PAGE = 50  # studies a page of the study list shows
 
 
 @dataclass

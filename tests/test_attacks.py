@@ -20,7 +20,7 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless
 from pynetdicom import AE
-from pynetdicom.sop_class import MRImageStorage
+from pynetdicom.sop_class import MRImageStorage, Verification
 
 from conftest import ROOT, write_dicom
 from core.config import load_config
@@ -94,6 +94,43 @@ def associate(port: int, syntaxes=None, calling: str = "ORTHANC"):
     return ae.associate("127.0.0.1", port, ae_title="MRI_AI")
 
 
+# ---- 3. association slots held by connections that never ask --------------------------------------------------
+
+def test_connections_that_never_send_an_association_request_are_closed_after_the_request_timeout(tmp_path):
+    """An allowed address opens connections and sends nothing, or a PDU header a byte at a time: each is closed
+    after pacs.request_timeout_s, not timeout_s, and a real association then gets in."""
+    import socket
+    import time
+
+    settings = load_config(sets=["pacs.port=0", f"pacs.spool_dir={tmp_path / 'spool'}", "pacs.timeout_s=60",
+                                 "pacs.request_timeout_s=1", "pacs.max_associations=4",
+                                 "pacs.allow=[ORTHANC@127.0.0.1]"]).pacs
+    handle = start_receiver(settings, lambda ds, calling, peer: None)
+    try:
+        idle = [socket.create_connection(("127.0.0.1", handle.port)) for _ in range(3)]
+        started = time.monotonic()
+        dribbler = idle[0]
+        for byte in b"\x01\x00\x00\x00":  # the start of an A-ASSOCIATE-RQ, never finished
+            dribbler.sendall(bytes([byte]))
+            time.sleep(0.2)
+        for sock in idle:  # read until the receiver closes it (an A-ABORT may come first); 10 s would fail
+            sock.settimeout(10)
+            try:
+                while sock.recv(1024):
+                    pass
+            except ConnectionResetError:
+                pass
+            sock.close()
+        assert time.monotonic() - started < 8  # the request timeout, far under timeout_s (60 s)
+        ae = AE(ae_title="ORTHANC")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", handle.port, ae_title="MRI_AI")
+        assert assoc.is_established and assoc.send_c_echo().Status == 0
+        assoc.release()
+    finally:
+        handle.stop()
+
+
 # ---- 1. deflate bombs ---------------------------------------------------------------------------------------
 
 def test_a_deflate_bomb_is_refused_over_c_store_while_a_plain_deflated_image_is_taken(receiver, tmp_path):
@@ -163,6 +200,26 @@ def test_a_forged_x_forwarded_for_does_not_reach_the_audit_trail(server, tmp_pat
     assert answer.status_code == 200
     rows = audit_rows(server.workdir / "audit.db", "SELECT client FROM predictions WHERE filename = 'xff.jpg'")
     assert rows == [("127.0.0.1",)]
+
+
+def test_a_configured_proxy_is_believed_and_names_the_client(registered, tmp_path):
+    """Behind a reverse proxy listed in serving.trusted_proxies, the audit trail records the client the proxy
+    names, not the proxy's own address."""
+    client_address = "198.51.100.7"
+    jpeg = io.BytesIO()
+    Image.fromarray((slice_pixels() // 16).astype(np.uint8)).save(jpeg, format="JPEG")
+    srv = ServerProcess([*registered, "--model", MODEL, "--alias", "staging", "--database",
+                         f"sqlite:///{tmp_path / 'audit.db'}", "--poll-seconds", "0",
+                         "--set", "serving.trusted_proxies=[127.0.0.1]"], tmp_path)
+    try:
+        with srv.wait_ready().client() as client:
+            answer = client.post("/v1/predict", files={"files": ("proxied.jpg", jpeg.getvalue())},
+                                 headers={"X-Forwarded-For": client_address})
+        assert answer.status_code == 200, answer.text
+    finally:
+        srv.stop()
+    rows = audit_rows(tmp_path / "audit.db", "SELECT client FROM predictions WHERE filename = 'proxied.jpg'")
+    assert rows == [(client_address,)]
 
 
 # ---- 13. secrets on the command line and in readable files -------------------------------------------------
@@ -317,6 +374,7 @@ def test_a_command_uid_with_a_forged_log_line_is_refused_and_logged_as_one_line(
     ds.save_as(str(other), enforce_file_format=False)
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # the command UID comes from the file meta
     caplog.set_level("INFO", logger="pacs.receiver")
+    caplog.set_level("DEBUG", logger="pynetdicom")
     assoc = associate(receiver.port, [ExplicitVRLittleEndian])  # sent as stored, so in the file's own syntax
     try:
         assert assoc.send_c_store(path).Status == 0xC000
@@ -326,6 +384,10 @@ def test_a_command_uid_with_a_forged_log_line_is_refused_and_logged_as_one_line(
     assert not receiver.received
     stores = [r.getMessage() for r in caplog.records if r.name == "pacs.receiver" and "C-STORE" in r.getMessage()]
     assert len(stores) == 2 and all("\n" not in message for message in stores)
+    # pynetdicom's own log lines name the UID too: each stays one line, the forged one escaped
+    library = [r.getMessage() for r in caplog.records if r.name.startswith("pynetdicom")]
+    assert any("1.2.3\\nC-STORE" in message for message in library)
+    assert not any(set(message) & {"\n", "\r", "\x1b"} for message in library)
 
 
 # ---- 2. memory amplification in the result worker ---------------------------------------------------------------

@@ -161,7 +161,7 @@ def log_in(page, server) -> None:
     page.fill("input[name=password]", PASSWORD)
     with page.expect_navigation():
         page.click(".login button[type=submit]")
-    assert page.url == server.url + "/review/"
+    assert page.url == server.url + "/review/studies"  # the reading room opens on the study list
 
 
 def upload(page, named: dict[str, bytes]) -> None:
@@ -714,6 +714,58 @@ def test_the_three_doors_record_one_image_alike_and_a_dicom_arrival_joins_the_wo
             case = client.get(f"/review/case/{case_id}?frame=2")
             assert case.status_code == 200 and "from SCANNER@127.0.0.1" in case.text
             assert client.get(f"/review/case/{case_id}/slice.png?frame=2").headers["content-type"] == "image/png"
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def test_the_reading_room_opens_on_the_study_list_and_pages_it(registry, files, tmp_path, monkeypatch):
+    """After the login (and at / and /review) the study list comes first; it shows studies.PAGE studies a page,
+    with the next and previous pages linked, and a hostile page number is a 4xx."""
+    import uvicorn
+
+    import serve
+    from review import studies
+    from serving.app import create_app
+
+    monkeypatch.setattr(studies, "PAGE", 2)
+    db = tmp_path / "audit.db"
+    args = serve.get_args_parser().parse_args([*map(str, registry), "--model", MODEL, "--alias", "staging",
+                                               "--review", "--database", f"sqlite:///{db}", "--poll-seconds", "0",
+                                               "--set", f"review.store_dir={tmp_path / 'store'}"])
+    options = serve.options_from_args(args)
+    app = create_app(options, serve.build_extensions(options))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started and app.state.service.model is not None)
+        (tmp_path / "alice.pw").write_text(PASSWORD)
+        assert serve_cli(["add-reviewer", "alice", "--password-file", tmp_path / "alice.pw", "--database",
+                          f"sqlite:///{db}"], tmp_path).returncode == 0
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url) as anonymous:
+            assert anonymous.get("/").headers["location"] == "/review/studies"
+            form = anonymous.get("/review/login")
+            login_csrf = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
+            landed = anonymous.post("/review/login", data={"csrf": login_csrf, "name": "alice", "password": PASSWORD})
+            assert landed.headers["location"] == "/review/studies"  # no `next`: the study list
+        client, csrf = session(url)
+        with contextlib.closing(client):
+            for k in range(3):  # three uploads: three studies
+                made = client.post("/review/upload", data={"csrf": csrf},
+                                   files=[("files", (f"scan{k}.jpg", files["slice.jpg"]))])
+                assert made.status_code == 303, made.text
+            first = client.get("/review/studies?status=all")
+            assert first.text.count('class="study-row"') == 2 and "3 studies, 1–2 shown" in first.text
+            assert 'id="studies-next"' in first.text and 'id="studies-previous"' not in first.text
+            second = client.get("/review/studies?status=all&page_no=1")
+            assert second.text.count('class="study-row"') == 1 and 'id="studies-previous"' in second.text
+            assert 'id="studies-next"' not in second.text
+            for hostile in ("-1", "99999999999999999999", "x"):
+                answer = client.get(f"/review/studies?page_no={hostile}")
+                assert 400 <= answer.status_code < 500 and "Traceback" not in answer.text
     finally:
         server.should_exit = True
         thread.join(60)
