@@ -10,6 +10,7 @@ import argparse
 
 from core.cli import add_common_args, config_from_args, run
 from core.errors import UserError
+from data.images import configure_limits
 from data.manifest import prepare_split
 from data.normalization import compute_stats, load_stats, save_stats
 
@@ -40,6 +41,7 @@ def verify(saved: dict | None, fresh: dict, path) -> list[str]:
 
 def main(args) -> int:
     cfg = config_from_args(args)
+    configure_limits(cfg)  # this run's images: bounds on every decoder
     img_size = args.img_size or cfg.img_size
     print(f"📊 Dataset path: {cfg.dataset.path}")
     print(f"🖼️  Image size: {img_size} | 🎲 Seed: {cfg.dataset.seed}")

@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 
 from core.cli import add_common_args, config_from_args, run, same_data_flags
 from core.errors import UserError
+from data.images import configure_limits
 from deploy.aliases import deployment_lines, describe, move_alias, rollback_alias
 from deploy.registry import connect, registered_name, resolve_version, validate_alias
 
@@ -58,6 +59,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args) -> int:
     cfg = config_from_args(args)
+    configure_limits(cfg)  # this run's images: bounds on every decoder
     name = registered_name(cfg.model)
     client = connect(cfg.monitoring.mlflow)
     promote_on = cfg.registry.promote_on

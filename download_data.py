@@ -16,6 +16,7 @@ from pathlib import Path
 from core.cli import add_common_args, config_from_args, run
 from core.errors import UserError
 from data.download import DOI, EXPECTED_FILES, KAGGLE_DATASET, Request, obtain
+from data.images import configure_limits
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -40,6 +41,7 @@ def main(args) -> int:
         raise UserError("the demo data set is generated on first use, not downloaded: python train.py --model "
                         "resnet18 --demo")
     cfg = config_from_args(args)
+    configure_limits(cfg)  # this run's images: bounds on every decoder
     dest = Path(args.dest or cfg.dataset.path)
     report = obtain(Request(dest, args.source, Path(args.archive) if args.archive else None, args.sha256,
                             args.expected_files, args.kaggle_dataset))

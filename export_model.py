@@ -15,6 +15,8 @@ from pathlib import Path
 from core.cli import add_common_args, config_from_args, run
 from core.device import INT8_DOT_FLAGS, cpu_flags
 from core.errors import UserError
+from data.images import configure_limits
+from data.manifest import prepare_split
 from deploy.export import (
     FORMATS,
     INT8,
@@ -60,9 +62,10 @@ def print_source(src) -> None:
 
 def main(args) -> int:
     cfg = config_from_args(args)
+    configure_limits(cfg)  # this run's images: bounds on every decoder
     print("🚀 Model Export for Deployment")
-    src = export_source(open_checkpoint(cfg, args.checkpoint, args.model, args.resplit, same_split=False),
-                        args.parity_images)
+    opened = open_checkpoint(cfg, args.checkpoint, args.model, prepare_split(cfg, args.resplit), same_split=False)
+    src = export_source(opened, args.parity_images)
     model, contract, name = src.model, src.contract, src.contract.model_name
     out_dir = Path(args.output_dir or cfg.output_dir / "exported_models")
     print_source(src)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from core.cli import add_common_args, config_from_args, run
 from core.errors import UserError
-from data.images import ImageReadError, image_files
+from data.images import ImageReadError, configure_limits, image_files
 from deploy.policy import serving_warning
 from deploy.refer import ReferRule, judged_records
 from deploy.registry import INT8_FLAVOR, connect, load_predictor, registered_name, resolve_version
@@ -94,6 +94,7 @@ def predict_all(predictor, rule: ReferRule, paths: list[Path], as_json: bool) ->
 
 def main(args) -> int:
     cfg = config_from_args(args)
+    configure_limits(cfg)  # this run's images: bounds on every decoder
     alias = args.alias
     if args.stage:
         alias = args.stage.lower()

@@ -16,6 +16,7 @@ import numpy as np
 
 from core.cli import add_common_args, config_from_args, run
 from core.errors import UserError
+from data.images import configure_limits
 from deploy.aliases import deployment_lines
 from deploy.registry import (
     ONNX_LINK_TAG,
@@ -113,6 +114,7 @@ def search_by_tag(client, name: str) -> None:
 
 def main(args) -> int:
     cfg = config_from_args(args)
+    configure_limits(cfg)  # this run's images: bounds on every decoder
     client = connect(cfg.monitoring.mlflow)
     name = registered_name(cfg.model)
     mv = pick_version(client, name, args.version)

@@ -16,6 +16,7 @@ import argparse
 
 from core.checkpoint import load_checkpoint
 from core.cli import add_common_args, config_from_args, run, same_data_flags
+from data.images import configure_limits
 from deploy.aliases import describe
 from deploy.policy import is_production, production_refusal
 from deploy.registry import parse_tags, validate_alias, validate_semver
@@ -45,6 +46,7 @@ def main(args) -> int:
         loaded = load_checkpoint(args.checkpoint)
         args.model = loaded["model_name"]
     cfg = config_from_args(args)
+    configure_limits(cfg)  # this run's images: bounds on every decoder
     request = ReleaseRequest(validate_semver(args.version), validate_alias(args.alias), args.description,
                              parse_tags(args.tags), args.force, args.checkpoint, args.resplit, int8=args.int8,
                              loaded=loaded)

@@ -24,6 +24,7 @@ from archive.run import ArchiveRequest, new_run_id, prepare_job, run_archive
 from core.cli import add_common_args, config_from_args, run
 from core.errors import UserError
 from core.redaction import redact_text
+from data.images import configure_limits
 from deploy.policy import serving_warning
 from deploy.registry import INT8_FLAVOR, connect, registered_name, resolve_version
 from serving.audit import make_engine, migrate
@@ -70,6 +71,7 @@ def settings_from_args(args) -> EngineSettings:
 
 def main(args) -> int:
     cfg = config_from_args(args)
+    configure_limits(cfg)  # this run's images: bounds on every decoder
     settings = settings_from_args(args)
     if not args.root and not args.manifest:
         raise UserError("nothing to score: give --root DIR (repeatable) or --manifest CSV")

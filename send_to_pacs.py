@@ -17,6 +17,7 @@ from pathlib import Path
 
 from core.cli import add_common_args, config_from_args, run
 from core.errors import UserError
+from data.images import configure_limits
 from pacs.manual import queue_results
 from pacs.sender import Forwarder
 from pacs.spool import Spool
@@ -47,6 +48,7 @@ def destination_flag(args) -> str | None:
 def main(args) -> int:
     cfg = config_from_args(args, **{"pacs.destination": destination_flag(args), "pacs.ae_title": args.calling_ae,
                                     "pacs.refer_below": args.refer_below})
+    configure_limits(cfg)  # this run's images: bounds on every decoder
     settings, result_dir = cfg.pacs, Path(args.result_dir)
     if settings.destination_peer is None:
         raise UserError("no destination: give --host, --port and --ae-title (or set pacs.destination)")

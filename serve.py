@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 from core.cli import RefuseSecret, add_common_args, config_from_args, run
 from core.errors import UserError
+from data.images import configure_limits
 from deploy.registry import PRODUCTION, validate_alias
 from pacs.extension import dicom_extension
 from review import commands as review_commands
@@ -103,6 +104,7 @@ def options_from_args(args) -> ServeOptions:
              "queue_size": args.queue_size, "poll_seconds": args.poll_seconds, "cors_origins": args.cors_origin}
     dicom = dicom_flags(args)
     cfg = config_from_args(args, **{f"serving.{k}": v for k, v in flags.items()}, **dicom)
+    configure_limits(cfg)  # this run's images: bounds on every decoder
     if not cfg.pacs.enabled and any(v is not None for v in dicom.values()):
         raise UserError("DICOM flags without the receiver: give --dicom-port PORT (or set pacs.enabled: true)")
     alias = None if args.version is not None else validate_alias(args.alias) or PRODUCTION

@@ -16,6 +16,7 @@ from core.config import save_resolved
 from core.device import seed_everything, select_device
 from core.fileio import FolderLock
 from core.tracking import RunTracker, experiment_name, wandb_project
+from data.images import configure_limits
 from data.manifest import prepare_split
 from data.normalization import intensity_reference, resolve_normalization
 from deploy.automation import release_after_training
@@ -65,6 +66,7 @@ def train(args, info: DistInfo, device) -> int:
         "models.{model}.batch_size": args.batch_size, "models.{model}.lr": args.lr,
         "models.{model}.weights": args.weights, "models.{model}.pretrained": False if args.no_pretrained else None,
     })
+    configure_limits(cfg)  # this run's images: bounds on every decoder
     seed_everything(cfg.train.seed + info.rank, cfg.train.deterministic)
     device = device or select_device(args.device)
     log = print if info.is_main else (lambda *a, **k: None)
@@ -135,7 +137,7 @@ def finish(cfg: Config, t, tracker, outcome: str, main_rank: bool, split, again:
             tracker.log_artifact(out / "best_model.pth", "checkpoints")
         print(f"Checkpoints in {out} ({'early stop' if outcome == 'early_stop' else 'all epochs done'})")
         # registry.auto_register / auto_promote; never fails the run
-        release_after_training(cfg, t.device, tracker, again=again)
+        release_after_training(cfg, t.device, tracker, again=again, split=split)
     return 0
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, Optional
 
@@ -560,24 +559,7 @@ def load_config(
         raise UserError(unusable[cfg.model])
     for why in unusable.values():  # an entry the run does not select never refuses the file
         notice(f"{why}; the entry is ignored (this run trains {cfg.model})")
-    _LOADED[:] = [cfg]
-    for apply in _ON_LOAD:
-        apply(cfg)
     return cfg
-
-
-# Process-wide settings that follow the config in force (e.g. data.images' decoding limits register here,
-# so every entry point that loads a config bounds its decoders without a call of its own).
-_ON_LOAD: list[Callable[[Config], object]] = []
-_LOADED: list[Config] = []  # the config loaded last in this process
-
-
-def on_load(apply: Callable[[Config], object]) -> Callable[[Config], object]:
-    """Call `apply(cfg)` each time a config is loaded in this process (at once for one loaded already)."""
-    _ON_LOAD.append(apply)
-    if _LOADED:
-        apply(_LOADED[0])
-    return apply
 
 
 def save_resolved(cfg: Config, out_dir: str | Path, name: str = "resolved_config.yaml") -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.images import ImageReadError, frame_name, read_dicom
+from data.images import ImageReadError, frame_count, frame_name, read_dicom
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def inspect_dicom(path: str | Path, decode: bool = True) -> DicomRecords:
     path = Path(path)
     header = read_dicom_header(path)
     try:
-        frames = int(getattr(header, "NumberOfFrames", 1) or 1)
+        frames = frame_count(header)
     except (TypeError, ValueError):
         raise ImageReadError(f"{path}: unreadable NumberOfFrames {header.get('NumberOfFrames')!r}") from None
     if decode:

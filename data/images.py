@@ -6,9 +6,10 @@ so preprocessing cannot drift between training and deployment.
 Every file is bounded before it is decoded (ImageLimits: pixels per image or frame, frames per file,
 bytes per file), and every decoder failure (Pillow's decompression-bomb guard, pydicom and its
 plugins, a truncated or foreign file) is one ImageReadError naming the file, so a batch, a scan or a
-server reports it and goes on. The limits belong to the process: loading a config applies its images:
-section (configure_limits is registered with core.config.on_load); code that loads none keeps the
-defaults, which are safe. Pool workers and dataset copies in worker processes carry them along.
+server reports it and goes on. The limits belong to the process and importing this module sets nothing:
+every entry point (each script's main, the server's workers, the archive's tasks) calls
+configure_limits(cfg) once it has its config, which also turns Pillow's bomb warning into an error.
+Pool workers and dataset copies in worker processes carry the limits along (set_limits).
 """
 from __future__ import annotations
 
@@ -23,8 +24,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from core.config import on_load
-
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 # The only decoders Pillow may use, whatever a file is named: its other plugins (WebP, TGA, PCX, JPEG 2000, EPS
 # through Ghostscript ...) are attack surface no MRI slice needs.
@@ -37,10 +36,6 @@ BAND_PIXELS = 1 << 22  # >8-bit images are stretched in bands of ~4 Mpx: float32
 DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the whole data set is zlib-deflated
 INFLATE_CHUNK = 1 << 20
 DICOM_CODECS = "uncompressed, deflate, RLE, JPEG (baseline, extended, lossless), JPEG-LS, JPEG 2000, HTJ2K"
-
-# Pillow warns about a decompression bomb below twice its pixel limit: here that is an error too.
-warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
-
 
 class ImageReadError(Exception):
     """A file that cannot be decoded as an image (corrupt, truncated, empty, not an image, over a limit)."""
@@ -62,6 +57,8 @@ def set_limits(limits: ImageLimits) -> ImageLimits:
     global _limits
     previous, _limits = _limits, limits
     Image.MAX_IMAGE_PIXELS = limits.max_pixels  # Pillow's own guard, before it reads any pixel
+    # Pillow warns about a decompression bomb below twice its pixel limit: here that is an error too.
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
     return previous
 
 
@@ -69,14 +66,11 @@ def current_limits() -> ImageLimits:
     return _limits
 
 
-@on_load
 def configure_limits(cfg) -> ImageLimits:
-    """The config's images: section in force for this process (called by every config load)."""
+    """The config's images: section in force for this process: each entry point calls this once it has its config
+    (nothing is set at import). Returns the previous limits."""
     section = cfg.images
     return set_limits(ImageLimits(int(section.max_pixels), int(section.max_frames), int(section.max_bytes)))
-
-
-set_limits(_limits)
 
 
 @contextlib.contextmanager
@@ -240,6 +234,13 @@ def image_files(items) -> list[Path]:
     return paths
 
 
+def frame_count(ds) -> int:
+    """The frames a DICOM data set holds, read from its NumberOfFrames the one way every stage reads it:
+    absent, empty or 0 is one frame; a value that is not a whole number raises ValueError or TypeError
+    (each caller reports it in its own terms). Bounding the count is the caller's job (images.max_frames)."""
+    return int(ds.get("NumberOfFrames", 1) or 1)
+
+
 def is_dicom(path: str | Path) -> bool:
     return Path(path).suffix.lower() in DICOM_EXTENSIONS
 
@@ -290,7 +291,7 @@ class DicomFile:
             self.ds = pydicom.dcmread(str(self.path))
             if "PixelData" not in self.ds:
                 raise ImageReadError(f"{self.path}: a DICOM file without pixel data")
-            self.frames = int(getattr(self.ds, "NumberOfFrames", 1) or 1)
+            self.frames = frame_count(self.ds)
             check_pixels(self.path, int(self.ds.Columns), int(self.ds.Rows), "frame")
             if self.frames > _limits.max_frames:
                 raise ImageReadError(f"{self.path}: {self.frames} frames, over the limit of {_limits.max_frames} "

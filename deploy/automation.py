@@ -27,6 +27,7 @@ from evaluation.source import OpenedCheckpoint, open_checkpoint
 
 if TYPE_CHECKING:
     from core.config import Config
+    from data.manifest import Split
 
 HOW = "train.py (registry.auto_register)"
 
@@ -45,13 +46,14 @@ def skip_reason(cfg: Config) -> str | None:
     return None
 
 
-def release_after_training(cfg: Config, device, tracker, log=print, again: str = "") -> str:
+def release_after_training(cfg: Config, device, tracker, log=print, again: str = "", split: Split | None = None) -> str:
     """Evaluate, register @staging, promote to @production when allowed; returns the outcome (a run tag too).
-    `again`: the command-line flags the printed next commands need to find the same data and stores."""
+    `again`: the command-line flags the printed next commands need to find the same data and stores.
+    `split`: the split training used, so the data set is hashed once per run (prepared here when not given)."""
     model = cfg.model
     reason = skip_reason(cfg)
     if reason is None:
-        reason, validation, opened = evaluate_best(cfg, device, tracker, log)
+        reason, validation, opened = evaluate_best(cfg, device, tracker, log, split)
         if reason is None and not validation["deployment_ready"]:
             failed = ", ".join(g["name"] for g in validation["gates"] if not g["passed"])
             reason = f"the model fails the gates ({failed})"
@@ -70,13 +72,14 @@ def release_after_training(cfg: Config, device, tracker, log=print, again: str =
     return outcome
 
 
-def evaluate_best(cfg: Config, device, tracker, log) -> tuple[str | None, dict | None, OpenedCheckpoint | None]:
+def evaluate_best(cfg: Config, device, tracker, log,
+                  split: Split | None = None) -> tuple[str | None, dict | None, OpenedCheckpoint | None]:
     """The best checkpoint on the test split, its files written beside it and its figures on the training run;
     (why not, or None; the gates' verdict; the opened checkpoint, which registration then uses as it is)."""
     ckpt_path = default_checkpoint(cfg)
     log(f"\n🧪 Evaluating {ckpt_path} on the test split for the registry (registry.auto_register)")
     try:
-        opened = open_checkpoint(cfg, ckpt_path, cfg.model, log=lambda *a, **k: None)
+        opened = open_checkpoint(cfg, ckpt_path, cfg.model, log=lambda *a, **k: None, split=split)
         ev = evaluate_checkpoint(cfg, opened, device)
         files = write_evaluation_files(ckpt_path.parent, ev, opened.class_names)
     except UserError as exc:

@@ -17,7 +17,7 @@ from core.checkpoint import default_checkpoint
 from core.errors import UserError
 from core.fileio import write_text_atomic
 from core.tracking import RunTracker, experiment_name
-from data.manifest import sha256_file
+from data.manifest import prepare_split, sha256_file
 from deploy.aliases import Move, move_alias
 from deploy.export import check_parity, export_checked, export_source, parity_line, write_contract_json
 from deploy.model_card import Release, build_model_card
@@ -127,7 +127,8 @@ def _already_registered(client, mv, req: ReleaseRequest, sha: str, promote_on: s
 
 def _register_new(cfg: Config, client, req: ReleaseRequest, evidence: Evidence, tags: dict, log) -> dict[str, str]:
     names = {**registered_names(cfg.model), **(int8_registered_name(cfg.model) if req.int8 else {})}
-    opened = req.opened or open_checkpoint(cfg, req.checkpoint, cfg.model, req.resplit, same_split=False, log=log,
+    opened = req.opened or open_checkpoint(cfg, req.checkpoint, cfg.model, prepare_split(cfg, req.resplit, log=log),
+                                           same_split=False, log=log,
                                            loaded=req.loaded)
     src = export_source(opened, log=log)
     ckpt = src.opened.ckpt

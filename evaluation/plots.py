@@ -1,16 +1,25 @@
-"""Evaluation figures (matplotlib, Agg backend: no display needed): each function writes one PNG."""
+"""Evaluation figures: each function writes one PNG.
+
+Figures are matplotlib's Figure objects drawn straight to a file (Agg), never through pyplot's figure manager: no
+backend is chosen and no process-wide state is touched, at import or at a call, so a program that shows figures
+of its own keeps its backend."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_curve
 
 from core.fileio import atomic_file
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+
+def subplots(*args, figsize: tuple[float, float], **kwargs):
+    """pyplot.subplots without pyplot: (figure, axes)."""
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)  # this figure's own canvas; the process's backend stays as it is
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -18,7 +27,6 @@ def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     with atomic_file(path) as fh:
         fig.savefig(fh, format=path.suffix.lstrip(".") or "png", dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -35,7 +43,7 @@ def confusion_matrix_plot(cm, class_names: list[str], path, title: str = "Confus
     rows = cm.sum(axis=1, keepdims=True)
     pct = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0) * 100
     k = len(class_names)
-    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * k, 1.8 + 1.4 * k))
+    fig, ax = subplots(figsize=(2.2 + 1.6 * k, 1.8 + 1.4 * k))
     im = ax.imshow(pct, cmap="Blues", vmin=0, vmax=100)
     for i in range(k):
         for j in range(k):
@@ -61,7 +69,7 @@ def per_class_plot(per_class: dict, path) -> Path:
                           per_class[c]["sensitivity"]["ci_high"] - per_class[c]["sensitivity"]["value"]]
                          for c in names]).T
     x, width = np.arange(len(names)), 0.2
-    fig, ax = plt.subplots(figsize=(2 + 2 * len(names), 4.5))
+    fig, ax = subplots(figsize=(2 + 2 * len(names), 4.5))
     for i, (label, values) in enumerate(series.items()):
         err = sens_err if label == "sensitivity" else None
         ax.bar(x + (i - 1.5) * width, values, width, label=label, yerr=err, capsize=3)
@@ -76,7 +84,7 @@ def per_class_plot(per_class: dict, path) -> Path:
 def roc_curves_plot(y_true, y_prob, class_names: list[str], aucs: list, path) -> Path:
     """One-vs-rest ROC curve per class (classes absent from the test set are skipped)."""
     y_true = np.asarray(y_true)
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, ax = subplots(figsize=(5.5, 5))
     for k, (name, auc) in enumerate(zip(class_names, aucs)):
         if auc is None:
             continue
@@ -95,7 +103,7 @@ def reliability_plot(bins: dict, ece: float, path, after: dict | None = None, ec
     """Accuracy vs confidence per bin against the diagonal, with a count histogram underneath."""
     edges = np.asarray(bins["edges"])
     centers, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
-    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5.5, 6), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    fig, (ax, ax_n) = subplots(2, 1, figsize=(5.5, 6), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
     filled = np.asarray(bins["count"]) > 0
     ax.bar(centers[filled], np.asarray(bins["accuracy"])[filled], width * 0.9, alpha=0.7, edgecolor="k",
            label=f"accuracy per bin (ECE = {ece:.3f})")
@@ -122,7 +130,7 @@ def comparison_plot(rows: list[dict], path) -> Path:
     x = np.arange(len(names))
     acc = np.array([r["accuracy"] for r in rows])
     err = np.array([[r["accuracy"] - r["accuracy_ci_low"], r["accuracy_ci_high"] - r["accuracy"]] for r in rows]).T
-    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(4 + 2.2 * len(names), 4.5))
+    fig, (ax, ax_t) = subplots(1, 2, figsize=(4 + 2.2 * len(names), 4.5))
     ax.bar(x - 0.2, acc, 0.4, yerr=err, capsize=3, label="accuracy (95% CI)")
     ax.bar(x + 0.2, [r["macro_f1"] for r in rows], 0.4, label="macro F1")
     ax.set_xticks(x, names, rotation=20, ha="right")

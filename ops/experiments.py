@@ -275,17 +275,13 @@ def write_summary(experiments: list[Experiment], out_dir: Path, meta: dict) -> l
 
 def experiments_plot(experiments: list[Experiment], path: Path) -> Path:
     """Validation/test accuracy and macro F1 per model beside the training time; failed models marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    from evaluation.plots import legend_above
+    from evaluation.plots import legend_above, subplots
 
     names = [e.model for e in experiments]
     x = np.arange(len(names))
-    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(5 + 1.8 * len(names), 4.5))
+    fig, (ax, ax_t) = subplots(1, 2, figsize=(5 + 1.8 * len(names), 4.5))
     series = (("best val acc", "best_val_acc"), ("test acc", "test_acc"), ("test macro F1", "macro_f1"))
     for i, (label, key) in enumerate(series):
         values = [getattr(e, key) if getattr(e, key) is not None else np.nan for e in experiments]
@@ -305,7 +301,6 @@ def experiments_plot(experiments: list[Experiment], path: Path) -> Path:
     fig.tight_layout()
     with atomic_file(path) as fh:
         fig.savefig(fh, format="png", dpi=110)
-    plt.close(fig)
     return path
 
 

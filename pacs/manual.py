@@ -16,7 +16,7 @@ from pydicom.errors import InvalidDicomError
 
 from core.config import PacsSection
 from core.errors import UserError
-from data.images import frame_name, is_dicom, read_dicom, split_frame_name
+from data.images import frame_count, frame_name, is_dicom, read_dicom, split_frame_name
 from pacs.classify import instance_uids
 from pacs.pipeline import make_results
 from pacs.receiver import IMAGE_SOP_CLASSES, strip_identity
@@ -63,7 +63,7 @@ def file_results(path: Path, frames: list[tuple[int | None, dict]], model: Model
         raise ValueError(f"not readable as DICOM ({exc})") from None
     if str(ds.get("SOPClassUID", "")) not in IMAGE_SOP_CLASSES:
         raise ValueError("not an MR or secondary-capture image")
-    n = int(ds.get("NumberOfFrames", 1) or 1)
+    n = frame_count(ds)
     frames = sorted(frames, key=lambda item: item[0] or 1)
     if [f or 1 for f, _ in frames] != list(range(1, n + 1)):
         raise ValueError(f"the predictions cover {len(frames)} of its {n} frame(s)")

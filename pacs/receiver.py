@@ -36,7 +36,7 @@ from pynetdicom.sop_class import (
 from core.config import DicomPeer, PacsSection
 from core.errors import UserError
 from data.dicom_records import strip_identity
-from data.images import ImageReadError, current_limits, inflated_size
+from data.images import ImageReadError, current_limits, frame_count, inflated_size
 
 LOG = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def header_problem(ds: Dataset, settings: PacsSection) -> tuple[int, str] | None
         if not UID(str(ds.get(keyword, ""))).is_valid:  # results are filed under these: they must be UIDs
             return CANNOT_UNDERSTAND, f"no valid {keyword}"
     try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        frames = frame_count(ds)
         rows, columns = int(ds.Rows), int(ds.Columns)
         sample_bytes = int(ds.get("SamplesPerPixel", 1) or 1) * -(-int(ds.get("BitsAllocated", 16) or 16) // 8)
     except (AttributeError, TypeError, ValueError):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from data.dicom_records import read_dicom_header
-from data.images import ImageReadError, frame_name
+from data.images import ImageReadError, frame_count, frame_name
 
 # Slices whose normals differ by more than this (cosine) are not one stack: position cannot order them.
 PARALLEL = 0.99
@@ -102,7 +102,7 @@ def slices_of(ds, name: str | Path | None = None) -> list[SliceRef]:
     if not all(uids):
         raise ImageReadError(f"{name or 'instance'}: no Study/Series/SOP Instance UID")
     try:
-        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        frames = frame_count(ds)
         number = getattr(ds, "InstanceNumber", None)
         number = int(number) if number not in (None, "") else None
     except (TypeError, ValueError):

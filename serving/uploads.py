@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
-from data.images import DICOM_EXTENSIONS, ImageReadError, check_inflated
+from data.images import DICOM_EXTENSIONS, ImageReadError, check_inflated, frame_count
 from deploy.predictors import ModelInput
 
 log = logging.getLogger("serving.uploads")
@@ -70,7 +70,7 @@ def dicom_facts(path: Path) -> tuple[dict, int]:
 
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=True)
-        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        frames = frame_count(ds)
     except Exception:  # the decoder proper reports what is wrong with the file
         return {}, 1
     uids = {"study_uid": getattr(ds, "StudyInstanceUID", None), "series_uid": getattr(ds, "SeriesInstanceUID", None),

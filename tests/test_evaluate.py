@@ -189,11 +189,16 @@ def test_test_script_writes_confusion_matrix_and_logs_the_test_run(trained, caps
 
 
 def drawn_figures(monkeypatch, draw) -> list:
-    """The figures `draw()` makes, kept open for inspection (the plot functions close them after saving)."""
-    import matplotlib.pyplot as plt
+    """The figures `draw()` saves, kept for inspection."""
+    from matplotlib.figure import Figure
 
-    kept = []
-    monkeypatch.setattr(plt, "close", kept.append)
+    kept, save = [], Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        kept.append(fig)
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
     draw()
     return kept
 

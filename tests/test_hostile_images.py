@@ -52,7 +52,9 @@ def test_pixel_frame_and_byte_limits_are_errors_not_warnings(tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 100), dtype=np.uint8)).save(tmp_path / "a.png")
     write_dicom(tmp_path / "series.dcm", np.zeros((5, 16, 16)))
     set_limits(ImageLimits(max_pixels=9999, max_frames=4))
-    assert "100x100 pixels, over the limit of 9999" in one_line_error(lambda p: load_gray(p, 32), tmp_path / "a.png")
+    # Pillow's warning just over its cap is an error (set_limits), so it is Pillow that refuses it, at open
+    message = one_line_error(lambda p: load_gray(p, 32), tmp_path / "a.png")
+    assert "10000 pixels, over the limit of 9999 (images.max_pixels)" in message
     assert "5 frames, over the limit of 4" in one_line_error(lambda p: load_frames(p, 8), tmp_path / "series.dcm")
     set_limits(ImageLimits(max_bytes=100))
     for name in ("a.png", "series.dcm"):
@@ -196,11 +198,38 @@ def test_a_multi_frame_rgb_dicom_gives_a_grey_record_per_frame(tmp_path):
     assert name2.endswith("#frame=2") and first.shape == second.shape == (8, 8)
 
 
-def test_loading_a_config_bounds_the_decoders_of_the_process(tmp_path):
-    """Every entry point loads a config; that alone applies its images: section (no call of its own needed)."""
+def test_configure_limits_bounds_the_decoders_of_the_process(tmp_path):
+    """An entry point's one call applies its config's images: section; loading a config alone sets nothing."""
     Image.new("L", (400, 400)).save(tmp_path / "big.png")
-    load_config(None, ["images.max_pixels=10000"])
+    cfg = load_config(None, ["images.max_pixels=10000"])
+    assert load_gray(tmp_path / "big.png", 32).shape == (32, 32)  # loaded, not yet applied
+    configure_limits(cfg)
     with pytest.raises(ImageReadError, match="images.max_pixels"):
         load_gray(tmp_path / "big.png", 32)
-    load_config(None, [])  # the defaults again
+    configure_limits(load_config(None, []))  # the defaults again
     assert load_gray(tmp_path / "big.png", 32).shape == (32, 32)
+
+
+PROCESS_STATE = """
+import json, warnings
+import matplotlib
+from PIL import Image
+def state():
+    bomb = [f[0] for f in warnings.filters if f[2] is Image.DecompressionBombWarning]
+    return [bomb, Image.MAX_IMAGE_PIXELS, matplotlib.rcParams._get_backend_or_none()]
+before = state()
+import data.images, evaluation.plots, core.config
+core.config.load_config(None, [])
+after = state()
+print(json.dumps([before, after]))
+"""
+
+
+def test_importing_the_decoders_and_plots_changes_no_process_state():
+    """Importing the image loader and the figures (and loading a config) leaves the process as it was: warnings
+    filters, Pillow's pixel cap and matplotlib's backend are set only by an entry point's explicit call."""
+    done = subprocess.run([sys.executable, "-c", PROCESS_STATE], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    before, after = json.loads(done.stdout.splitlines()[-1])
+    assert after == before

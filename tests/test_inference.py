@@ -108,4 +108,4 @@ def test_the_pixel_limit_comes_from_the_config(registered, images, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert code == 1  # odd size.jpg is 97x131 = 12707 px: over; rgba.png (48x48) is predicted
     assert [p["path"] for p in doc["predictions"]] == [str(images / "rgba.png")]
-    assert "97x131 pixels, over the limit of 10000" in doc["errors"][0]["error"]
+    assert "12707 pixels, over the limit of 10000 (images.max_pixels)" in doc["errors"][0]["error"]

@@ -29,7 +29,7 @@ from pynetdicom.sop_class import ComprehensiveSRStorage, MRImageStorage, Verific
 from conftest import ROOT, run_script, write_dicom
 from core.config import load_config
 from core.errors import UserError
-from data.images import split_frame_name
+from data.images import configure_limits, split_frame_name
 from deploy.predictors import OnnxPredictor, TorchPredictor
 from deploy.refer import ReferRule
 from pacs.node import start_node
@@ -72,9 +72,11 @@ def write_mr(path, slices, **attrs):
 
 def pacs_settings(tmp_path, port: int, orthanc: Orthanc | None = None, *sets: str):
     destination = [f"pacs.destination=ORTHANC@127.0.0.1:{orthanc.dicom_port}"] if orthanc else []
-    return load_config(sets=["pacs.results=slice", f"pacs.port={port}", f"pacs.spool_dir={tmp_path / 'spool'}",
-                             "pacs.timeout_s=10",
-                             "pacs.retry.initial_s=0.2", "pacs.retry.max_s=1", *destination, *sets]).pacs
+    cfg = load_config(sets=["pacs.results=slice", f"pacs.port={port}", f"pacs.spool_dir={tmp_path / 'spool'}",
+                            "pacs.timeout_s=10",
+                            "pacs.retry.initial_s=0.2", "pacs.retry.max_s=1", *destination, *sets])
+    configure_limits(cfg)  # as serve.py does at startup
+    return cfg.pacs
 
 
 @pytest.fixture

@@ -20,7 +20,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import one_torch_thread, run_script
+import data.manifest
+from conftest import one_torch_thread, run_script, write_overlay
 from core.checkpoint import load_checkpoint
 from core.config import load_config
 from core.errors import UserError
@@ -274,6 +275,24 @@ def test_training_says_why_nothing_was_registered(trained, tmp_path, capsys):
         assert "Not registered: " in printed and reason in printed
         assert "Next: python evaluate.py --model resnet18" in printed
     assert not (tmp_path / "registry.db").exists()  # nothing was registered, or even connected to
+
+
+def test_training_with_auto_register_hashes_the_data_set_once(tiny_data, tmp_path, monkeypatch, capsys):
+    """The split is made (every image hashed) once per train.py run; the registry's evaluation reuses it."""
+    hashed: list[str] = []
+    real = data.manifest.sha256_file
+
+    def counting(path):
+        hashed.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(data.manifest, "sha256_file", counting)
+    overlay = write_overlay(tmp_path, tiny_data)
+    assert run_script("train", ["--config", overlay, "--model", "resnet18"]) == 0
+    printed = capsys.readouterr().out
+    assert "Evaluating" in printed and "registry.auto_register" in printed  # the registry's evaluation ran
+    images = sorted(str(p) for p in tiny_data.rglob("*") if p.is_file())
+    assert sorted(hashed) == images  # each image once
 
 
 def test_pt2_flavor_loads_only_with_the_pickle_guard(passing_run, tmp_path, monkeypatch):
