@@ -622,16 +622,11 @@ def test_the_refer_rule_flags_low_confidence_and_slices_unlike_the_training_data
 DOOR_FACTS = ("record_id", "file", "sha256")  # what differs by door in a record: its id, the name it came by, its bytes
 
 
-def test_the_three_doors_record_one_image_alike_and_a_dicom_arrival_joins_the_worklist(registry, files, tmp_path,
-                                                                                        capsys):
-    """The same two-frame DICOM through POST /v1/predict, the review page's upload and a C-STORE: each audit row
-    says the same prediction in the same columns (one function builds them all), with the same refer flag, reasons
-    and answer checks, and differs only in who sent it and how; `inference_with_mlflow.py --json` flags it alike;
-    the instance the DICOM receiver took is a case on the worklist, judged as its audit row says."""
+@contextlib.contextmanager
+def served_in_process(registry, tmp_path, *extra: str):
+    """serve.py --review in this process under a real uvicorn on a free loopback port, reviewer alice added:
+    (the app, its URL, the audit database), stopped on leaving."""
     import uvicorn
-    from pydicom import dcmread
-    from pynetdicom import AE
-    from pynetdicom.sop_class import MRImageStorage
 
     import serve
     from serving.app import create_app
@@ -639,9 +634,7 @@ def test_the_three_doors_record_one_image_alike_and_a_dicom_arrival_joins_the_wo
     db = tmp_path / "audit.db"
     args = serve.get_args_parser().parse_args([*map(str, registry), "--model", MODEL, "--alias", "staging",
                                                "--review", "--database", f"sqlite:///{db}", "--poll-seconds", "0",
-                                               "--dicom-port", str(free_port()), "--dicom-allow", "SCANNER@127.0.0.1",
-                                               "--set", f"pacs.spool_dir={tmp_path / 'spool'}",
-                                               "--set", f"review.store_dir={tmp_path / 'store'}"])
+                                               "--set", f"review.store_dir={tmp_path / 'store'}", *extra])
     options = serve.options_from_args(args)
     app = create_app(options, serve.build_extensions(options))
     port = free_port()
@@ -653,12 +646,30 @@ def test_the_three_doors_record_one_image_alike_and_a_dicom_arrival_joins_the_wo
         (tmp_path / "alice.pw").write_text(PASSWORD)
         assert serve_cli(["add-reviewer", "alice", "--password-file", tmp_path / "alice.pw", "--database",
                           f"sqlite:///{db}"], tmp_path).returncode == 0
+        yield app, f"http://127.0.0.1:{port}", db
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def test_the_three_doors_record_one_image_alike_and_a_dicom_arrival_joins_the_worklist(registry, files, tmp_path,
+                                                                                        capsys):
+    """The same two-frame DICOM through POST /v1/predict, the review page's upload and a C-STORE: each audit row
+    says the same prediction in the same columns (one function builds them all), with the same refer flag, reasons
+    and answer checks, and differs only in who sent it and how; `inference_with_mlflow.py --json` flags it alike;
+    the instance the DICOM receiver took is a case on the worklist, judged as its audit row says."""
+    from pydicom import dcmread
+    from pynetdicom import AE
+    from pynetdicom.sop_class import MRImageStorage
+
+    with served_in_process(registry, tmp_path, "--dicom-port", str(free_port()), "--dicom-allow",
+                           "SCANNER@127.0.0.1", "--set", f"pacs.spool_dir={tmp_path / 'spool'}") as (app, url, db):
         frames = np.stack([np.asarray(Image.open(io.BytesIO(files["slice.jpg"])).convert("L"))] * 2)
         frames[1] = 255 - frames[1]  # two frames the model tells apart
         mr = write_dicom(tmp_path / "cine.dcm", frames.astype(np.uint16) * 16, DICOM_WINDOW)
         data = (tmp_path / "cine.dcm").read_bytes()
 
-        client, csrf = session(f"http://127.0.0.1:{port}")
+        client, csrf = session(url)
         with contextlib.closing(client):
             assert client.post("/v1/predict", files=[("files", ("cine.dcm", data))]).status_code == 200
             assert client.post("/review/upload", data={"csrf": csrf},
@@ -716,37 +727,15 @@ def test_the_three_doors_record_one_image_alike_and_a_dicom_arrival_joins_the_wo
             case = client.get(f"/review/case/{case_id}?frame=2")
             assert case.status_code == 200 and "from SCANNER@127.0.0.1" in case.text
             assert client.get(f"/review/case/{case_id}/slice.png?frame=2").headers["content-type"] == "image/png"
-    finally:
-        server.should_exit = True
-        thread.join(60)
 
 
 def test_the_reading_room_opens_on_the_study_list_and_pages_it(registry, files, tmp_path, monkeypatch):
     """After the login (and at / and /review) the study list comes first; it shows studies.PAGE studies a page,
     with the next and previous pages linked, and a hostile page number is a 4xx."""
-    import uvicorn
-
-    import serve
     from review import studies
-    from serving.app import create_app
 
     monkeypatch.setattr(studies, "PAGE", 2)
-    db = tmp_path / "audit.db"
-    args = serve.get_args_parser().parse_args([*map(str, registry), "--model", MODEL, "--alias", "staging",
-                                               "--review", "--database", f"sqlite:///{db}", "--poll-seconds", "0",
-                                               "--set", f"review.store_dir={tmp_path / 'store'}"])
-    options = serve.options_from_args(args)
-    app = create_app(options, serve.build_extensions(options))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started and app.state.service.model is not None)
-        (tmp_path / "alice.pw").write_text(PASSWORD)
-        assert serve_cli(["add-reviewer", "alice", "--password-file", tmp_path / "alice.pw", "--database",
-                          f"sqlite:///{db}"], tmp_path).returncode == 0
-        url = f"http://127.0.0.1:{port}"
+    with served_in_process(registry, tmp_path) as (_, url, _db):
         with httpx.Client(base_url=url) as anonymous:
             assert anonymous.get("/").headers["location"] == "/review/studies"
             form = anonymous.get("/review/login")
@@ -768,9 +757,6 @@ def test_the_reading_room_opens_on_the_study_list_and_pages_it(registry, files, 
             for hostile in ("-1", "99999999999999999999", "x"):
                 answer = client.get(f"/review/studies?page_no={hostile}")
                 assert 400 <= answer.status_code < 500 and "Traceback" not in answer.text
-    finally:
-        server.should_exit = True
-        thread.join(60)
 
 
 def wait_for(condition, timeout: float = 300) -> None:
