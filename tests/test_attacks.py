@@ -357,6 +357,27 @@ def test_no_page_of_the_server_loads_scripts_from_elsewhere(server):
             assert page.status_code == 200 and not re.search(r"https?://", re.sub(r'xmlns="[^"]+"', "", page.text))
 
 
+def test_api_docs_when_turned_on_are_served_whole_from_the_server_itself(registered, tmp_path):
+    """serving.api_docs: true gives /docs (Swagger UI) and /redoc with every script and style they name served by
+    this server (the fastapi-offline assets): the pages work in an air-gapped network and load nothing from a CDN."""
+    srv = ServerProcess([*registered, "--model", MODEL, "--alias", "staging", "--database",
+                         f"sqlite:///{tmp_path / 'audit.db'}", "--poll-seconds", "0",
+                         "--set", "serving.api_docs=true"], tmp_path)
+    try:
+        with srv.wait_ready().client() as client:
+            for path in ("/docs", "/redoc"):
+                page = client.get(path)
+                assert page.status_code == 200 and "<html" in page.text.lower()
+                assets = re.findall(r'(?:src|href)=["\']([^"\']+\.(?:js|css))', page.text)
+                assets += re.findall(r'url: ["\']([^"\']+)["\']', page.text)  # Swagger UI's schema URL
+                assert assets, page.text[:500]
+                for asset in assets:
+                    assert not re.match(r"(https?:)?//", asset) or "127.0.0.1" in asset, asset
+                    assert client.get(asset).status_code == 200, asset
+    finally:
+        srv.stop()
+
+
 # ---- 11. DICOM log injection ------------------------------------------------------------------------------------
 
 def test_a_command_uid_with_a_forged_log_line_is_refused_and_logged_as_one_line(receiver, tmp_path, caplog,
