@@ -4,9 +4,10 @@ Building it starts nothing (each worker process builds its own); the station att
 """
 from __future__ import annotations
 
-from review.pages import PREFIX, Pages
+from review.pages import Pages
 from review.schema import MIGRATIONS
 from review.station import ReviewStation
+from review.urls import PREFIX
 from serving.app import Extension
 
 

@@ -24,11 +24,10 @@ from data.images import ImageReadError
 from review import auth, intake, studies, viewer, worklist
 from review.monitor import panel
 from review.station import ReviewStation
+from review.urls import HOME, PREFIX
 from serving.app import read_form
 
 HERE = Path(__file__).resolve().parent
-PREFIX = "/review"
-HOME = PREFIX + "/studies"  # the reading room opens on the study list: the study is the unit of clinical work
 SESSION_COOKIE, LOGIN_COOKIE = "review_session", "review_login"
 STATIC = {"review.js": "text/javascript", "review.css": "text/css", "favicon.svg": "image/svg+xml"}
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -40,6 +39,7 @@ MAX_FLAGS = 2048  # flagged slices one verdict may carry
 MAX_PAGE = 1_000_000  # worklist pages: beyond this an offset overflows the database's integer (a 500 before)
 MAX_FRAME = 1_000_000  # frames asked of a slice: more than any file holds (images.max_frames)
 TEMPLATES = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
+TEMPLATES.globals["prefix"] = PREFIX  # templates link with it, never with the path written out
 
 
 def _percent(value) -> str:

@@ -19,6 +19,7 @@ from sqlalchemy import Engine, and_, select
 from data.images import DicomFile, ImageReadError, dicom_window, is_dicom, open_image
 from review.render import MAX_SIDE, display_size
 from review.schema import cases, items
+from review.urls import PREFIX
 from review.worklist import Reading, items_where
 from series.rule import SeriesResult, SeriesRule, SliceCheck, read_series
 from series.slices import SliceRef, order_slices, read_slices
@@ -84,8 +85,8 @@ def viewer_data(engine: Engine, case_id: str, path_of, rule: SeriesRule) -> dict
                "filename": e["filename"], "predicted_class": e["predicted_class"], "confidence": e["confidence"],
                "probabilities": e["probabilities"], "refer": bool(e["refer"]), "reasons": e["reasons"],
                "status": e["status"], "key": i in reading.key_slices,
-               "pixels": f"/review/case/{e['case_id']}/pixels" + (f"?frame={e['frame']}" if e["frame"] else ""),
-               "heatmap": f"/review/heatmap/{e['prediction_id']}.png"} for i, e in enumerate(entries)]
+               "pixels": f"{PREFIX}/case/{e['case_id']}/pixels" + (f"?frame={e['frame']}" if e["frame"] else ""),
+               "heatmap": f"{PREFIX}/heatmap/{e['prediction_id']}.png"} for i, e in enumerate(entries)]
     return {"case_id": case_id, "slices": slices,
             "series": {**reading.as_dict(), "n": len(slices)}}
 

@@ -759,6 +759,15 @@ def test_the_reading_room_opens_on_the_study_list_and_pages_it(registry, files, 
                 assert 400 <= answer.status_code < 500 and "Traceback" not in answer.text
 
 
+def test_the_page_prefix_is_written_once():
+    """Every template link and every URL the page's code builds comes from review.urls.PREFIX: moving the page is
+    one line."""
+    written = [str(p.relative_to(ROOT)) for p in [*(ROOT / "review" / "templates").glob("*.html"),
+                                                  *(ROOT / "review").glob("*.py")]
+               if p.name != "urls.py" and re.search(r"""["'(]/review(?=[/"'])""", p.read_text())]
+    assert written == []
+
+
 def wait_for(condition, timeout: float = 300) -> None:
     import time
 
