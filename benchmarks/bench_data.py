@@ -60,10 +60,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def data_config(root, work, img_size: int, workers: int):
-    from core.config import load_config
-
     work = harness.Path(work)
-    return load_config(overrides={"dataset.path": str(root), "dataset.img_size": img_size,
+    return harness.load_config(overrides={"dataset.path": str(root), "dataset.img_size": img_size,
                                   "dataset.num_workers": workers, "dataset.manifest_dir": str(work / "splits"),
                                   "dataset.cache_dir": str(work / "cache"),
                                   "dataset.stats_path": str(work / "normalization_stats.json")})

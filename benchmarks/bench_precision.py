@@ -25,7 +25,6 @@ except ImportError:  # run as a file
 
 import torch
 
-from core.config import load_config
 from core.hardware import usable_cpus
 from data.manifest import prepare_split
 from data.normalization import resolve_normalization
@@ -107,7 +106,7 @@ def accuracy_ci(y, pred, n_classes: int, ev) -> tuple[float, float, float]:
 def run(args) -> dict:
     torch.set_num_threads(usable_cpus())
     sets = overrides(args)
-    cfg = load_config(None, sets + [f"train.seed={args.seed}"], demo=True)
+    cfg = harness.load_config(None, sets + [f"train.seed={args.seed}"], demo=True)
     split = prepare_split(cfg, log=lambda *a, **k: None)  # demo data, split, statistics and cache: before timing
     resolve_normalization(cfg, split, cfg.img_size, log=lambda *a, **k: None)
     runs = {p: train_once(args, p, sets) for p in args.precisions}

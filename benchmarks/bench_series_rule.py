@@ -27,7 +27,6 @@ import numpy as np
 import pydicom
 import torch
 
-from core.config import load_config
 from data.images import split_frame_name
 from data.preprocess import Preprocessor
 from evaluation.prediction import predict_split
@@ -103,7 +102,7 @@ def stress(scored, lesion: np.ndarray, ks: list[int], cases: list[tuple[int, boo
 
 
 def main(args) -> int:
-    cfg = load_config(args.config, demo=False if args.config else "dicom", overrides={"model": args.model})
+    cfg = harness.load_config(args.config, demo=False if args.config else "dicom", overrides={"model": args.model})
     opened = open_checkpoint(cfg, args.checkpoint, args.model, log=lambda *a, **k: None)
     model = model_from_checkpoint(opened.ckpt, "cpu")
     pre = Preprocessor(opened.contract.mean, opened.contract.std)

@@ -31,7 +31,6 @@ except ImportError:  # run as a file
 import torch
 from torch import nn
 
-from core.config import load_config
 from core.hardware import usable_cpus
 from data.cache import CacheSlot, open_cache
 from data.dataset import GrayImageDataset, make_loader
@@ -190,7 +189,7 @@ class Trainer:
 def pipeline_config(args) -> Config:
     """The config train.py would run with: the precision and memory format asked for."""
     precision = "bf16" if args.amp else args.precision
-    return load_config(overrides={"dataset.num_workers": args.workers, "model": args.model,
+    return harness.load_config(overrides={"dataset.num_workers": args.workers, "model": args.model,
                                   "performance.mixed_precision": precision != "fp32",  # CUDA
                                   "performance.cpu_precision": precision,
                                   "performance.channels_last": args.channels_last})

@@ -21,6 +21,16 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py`: make the toolk
 DEFAULT_DATA_DIR = Path(tempfile.gettempdir()) / "brain-mri-bench"
 
 
+def load_config(*args, **kwargs):
+    """core.config.load_config, then the config's image limits put in force, as every entry point does."""
+    from core.config import load_config as load
+    from data.images import configure_limits
+
+    cfg = load(*args, **kwargs)
+    configure_limits(cfg)
+    return cfg
+
+
 def _with_comment(jpeg: bytes, text: str) -> bytes:
     """The same JPEG with a COM segment after SOI: identical pixels, different bytes (and sha256)."""
     comment = text.encode()
