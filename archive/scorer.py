@@ -58,6 +58,6 @@ class Scorer:
         return {k: row[k] for k in OUTPUT.names if k in row} | {
             "predicted_class": record["predicted_class"], "class_index": record["class_index"],
             "confidence": record["confidence"], "probabilities": json.dumps(record["probabilities"]),
-            "refer": verdict.refer, "refer_reasons": "; ".join(r.text for r in verdict.reasons) or None,
+            "refer": verdict.refer, "refer_reasons": "; ".join(verdict.reason_texts) or None,
             "ood_distance": record.get("ood_distance"), "out_of_distribution": record.get("out_of_distribution"),
             "prediction_set": None if record.get("prediction_set") is None else json.dumps(record["prediction_set"])}

@@ -86,6 +86,8 @@ class Outputs:
 
     def __getitem__(self, rows: slice) -> Outputs:
         return Outputs(self.probs[rows], None if self.ood is None else self.ood[rows])
+
+
 @dataclass(frozen=True)
 class ModelInput:
     """One image as the model is given it: the file it came from, its frame (1-based; None for a single image),
@@ -202,15 +204,14 @@ class TorchPredictor(Predictor):
         import torch
 
         from core.checkpoint import load_checkpoint
-        from models.features import FEATURE_OOD_STATE, scored_model
+        from models.features import answering_model
         from models.loading import model_from_checkpoint
 
         ckpt = load_checkpoint(checkpoint_path)  # weights_only=True: nothing is unpickled
         self.contract = contract or Contract.from_checkpoint(ckpt)
         self.device = torch.device(device)
         self.model = model_from_checkpoint(ckpt, self.device)  # the plain module: Grad-CAM hooks into it
-        state = ckpt.get(FEATURE_OOD_STATE)
-        self.scored = None if state is None else scored_model(self.model, state)
+        self.answering = answering_model(self.model, ckpt)  # with its feature distance when the check was fitted
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         return self.outputs(x)[0]
@@ -220,10 +221,10 @@ class TorchPredictor(Predictor):
 
         with torch.no_grad():
             x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
-            if self.scored is None:
-                return self.model(x).float().cpu().numpy(), None
-            logits, distance = self.scored(x)
-        return logits.float().cpu().numpy(), distance.float().cpu().numpy()
+            out = self.answering(x)
+        if not isinstance(out, tuple):
+            return out.float().cpu().numpy(), None
+        return out[0].float().cpu().numpy(), out[1].float().cpu().numpy()
 
     def _cam_model(self):
         from data.preprocess import Preprocessor

@@ -94,10 +94,14 @@ class Assessment:
     def note(self) -> str | None:
         return "; ".join(self.notes) or None
 
+    @property
+    def reason_texts(self) -> list[str]:
+        """The reasons in words: a record's `refer_reasons`."""
+        return [r.text for r in self.reasons]
+
     def explained(self) -> dict:
         """The reasons and notes as stored with a worklist item (and shown on the page)."""
-        return {"reasons": [r.text for r in self.reasons], "codes": [r.code for r in self.reasons],
-                "note": self.note}
+        return {"reasons": self.reason_texts, "codes": [r.code for r in self.reasons], "note": self.note}
 
 
 def calibrated(probabilities: dict[str, float], temperature: float | None) -> dict[str, float]:
@@ -211,5 +215,5 @@ def judged_records(predictor, rule: ReferRule, inputs: list) -> list[dict]:
     for k, i in enumerate(inputs):
         record = predictor.record(i.name, out, k)
         verdict = rule.assess(record, i.gray)
-        records.append({**record, "refer": verdict.refer, "refer_reasons": [r.text for r in verdict.reasons]})
+        records.append({**record, "refer": verdict.refer, "refer_reasons": verdict.reason_texts})
     return records

@@ -116,7 +116,7 @@ class InstancePipeline:
         records, grays = classify_instance(predictor, path, ds)
         for record, gray in zip(records, grays):
             judged = refer.assess(record, gray)
-            record.update(refer=judged.refer, refer_reasons=[r.text for r in judged.reasons], model=model.name,
+            record.update(refer=judged.refer, refer_reasons=judged.reason_texts, model=model.name,
                           version=str(model.version))
         if self.hooks.on_predictions:
             self.hooks.on_predictions(records, ds, calling_ae, peer, grays)

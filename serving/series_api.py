@@ -16,7 +16,6 @@ import numpy as np
 import pydicom
 
 from data.images import frame_name
-from deploy.refer import Assessment
 from series.rule import SeriesRule, SliceCheck, read_series
 from series.slices import group_series, slices_of
 from serving.audit import series_row
@@ -58,17 +57,15 @@ def series_of(uploads: list[Upload]):
     return grouped[0], sop_of
 
 
-def read_answer(answer_body: dict, judged: list[Assessment], series, sop_of: dict[str, str],
-                rule: SeriesRule) -> tuple[dict, list[dict]]:
-    """(the series part of the answer, its slice records in reading order with `slice_index`, `refer`, its reasons
-    and the instance's UIDs) from a /v1/predict answer over the same files and the refer rule's verdict on each
-    record (`judged`, in the answer's order): the same slice checks the DICOM node hands the series rule."""
+def read_answer(answer_body: dict, series, sop_of: dict[str, str], rule: SeriesRule) -> tuple[dict, list[dict]]:
+    """(the series part of the answer, its slice records in reading order with `slice_index` and the instance's
+    UIDs) from a /v1/predict answer over the same files; each record's `refer` and `refer_reasons` (the version's
+    refer rule) are the slice checks the DICOM node hands the series rule too."""
     by_slice = {}
-    for record, verdict in zip(answer_body["predictions"], judged):
+    for record in answer_body["predictions"]:
         sop = sop_of[record["sha256"]]
         by_slice[frame_name(sop, record["frame"])] = {**record, "study_uid": series.study_uid,
-                                                      "series_uid": series.series_uid, "sop_instance_uid": sop,
-                                                      "refer_reasons": [r.text for r in verdict.reasons]}
+                                                      "series_uid": series.series_uid, "sop_instance_uid": sop}
     missing = [ref.name for ref in series.slices if ref.name not in by_slice]
     if missing:
         raise UploadError(422, "bad_image", f"{len(missing)} slice(s) could not be read; the series is incomplete")

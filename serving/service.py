@@ -256,7 +256,7 @@ class Service:
             judged = model.rule.assess(prediction, i.gray)
             received = Received(ctx.source, ctx.client, d.filename, d.sha256, d.dicom, ctx.case_id, d.pixels_ref)
             record, row = prediction_entry(stamp, received, prediction, i.frame, judged.refer,
-                                           [r.text for r in judged.reasons])
+                                           judged.reason_texts)
             answer.records.append(record)
             answer.judged.append(judged)
             answer.rows.append(row)
@@ -271,8 +271,7 @@ class Service:
         answer = await self.predict(uploads, ctx)
         if answer.status != 200:
             return answer
-        part, ordered = read_answer(answer.body, answer.judged, series, sop_of,
-                                    SeriesRule.from_config(self.cfg.series))
+        part, ordered = read_answer(answer.body, series, sop_of, SeriesRule.from_config(self.cfg.series))
         await self._commit([series_audit_row(part, answer.body, ctx.client)], series_results)
         body = {**{k: v for k, v in answer.body.items() if k != "predictions"}, "series": part, "predictions": ordered}
         return Answer(200, body, ordered)
