@@ -32,6 +32,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 HOSTILE_NAME = "<img src=x onerror=alert(1)>.jpg"
 DICOM_WINDOW = (2048, 1024)  # narrower than the 12-bit range: both ends saturate, as a reader sets it
+BROWSER_WAIT_MS = 120_000  # navigations and element waits
 
 
 # ---- the model, the server, a reviewer ---------------------------------------------------------------------
@@ -141,6 +142,9 @@ def browsing(browser, server):
     """A fresh browser context; on leaving, every request it made went to the server on 127.0.0.1 and no
     dialog (alert, confirm) ever opened."""
     context = browser.new_context(viewport={"width": 1280, "height": 960})
+    # an upload is a real prediction (and a first heat map loads the PyTorch model): on a busy 2-core machine
+    # that outlasts Playwright's 30 s default
+    context.set_default_timeout(BROWSER_WAIT_MS)
     requests, dialogs = [], []
     context.on("request", lambda r: requests.append(r.url))
     page = context.new_page()
