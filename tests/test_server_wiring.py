@@ -90,3 +90,22 @@ def test_serve_py_wires_the_dicom_node_to_the_worklist_of_its_own_process(tmp_pa
     assert dicom.on_startup.__self__.worklist == station.add_case  # the same process's station
     alone = serve.build_extensions(serve.options_from_args(parse([*base, "--dicom-port", "0"])))
     assert [e.name for e in alone] == ["dicom"] and alone[0].on_startup.__self__.worklist is None
+
+
+def test_the_metrics_folders_of_servers_killed_with_9_are_removed_by_the_next_server(tmp_path, monkeypatch):
+    """--workers N keeps the workers' Prometheus samples in a temp folder; a server that died by kill -9 could not
+    remove its own, so the next one does, and never a living server's."""
+    import tempfile
+
+    from serving.runner import METRICS_PREFIX, metrics_folder
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = [tmp_path / f"{METRICS_PREFIX}{dead.stdout.strip()}-abc", tmp_path / f"{METRICS_PREFIX}x1y2z3"]
+    living = tmp_path / f"{METRICS_PREFIX}{os.getppid()}-def"
+    for folder in (*stale, living):
+        folder.mkdir()
+        (folder / "counter_1.db").write_bytes(b"\0" * 16)
+    made = metrics_folder()
+    assert [p.exists() for p in stale] == [False, False] and living.is_dir()
+    assert os.path.basename(made).startswith(f"{METRICS_PREFIX}{os.getpid()}-")
