@@ -111,24 +111,40 @@ def _ip(text: str) -> str:
 
 
 class AllowList:
-    """Calling AE title + source address pairs; host names are resolved once, when the receiver starts."""
+    """Calling AE title + source address pairs. Host names are resolved when the receiver starts, and again when an
+    address it does not know calls (at most every `refresh_s`): a peer that started later (a container whose name
+    did not resolve yet) or that came back at another address is admitted without a restart."""
 
-    def __init__(self, peers: list[DicomPeer]):
+    def __init__(self, peers: list[DicomPeer], refresh_s: float = 30.0):
+        self.peers, self.refresh_s = peers, refresh_s
         self.pairs: set[tuple[str, str]] = set()
-        for peer in peers:
+        self._resolved_at = -float("inf")
+        self._lock = threading.Lock()
+        self.resolve()
+
+    def resolve(self) -> None:
+        pairs = set()
+        for peer in self.peers:
             try:
                 infos = socket.getaddrinfo(peer.host, None)
             except OSError as exc:
-                LOG.warning("DICOM allow list: cannot resolve %s (%s); it admits no one", peer, exc)
+                LOG.warning("DICOM allow list: cannot resolve %s (%s); it admits no one until it resolves", peer, exc)
                 continue
-            self.pairs.update((peer.ae_title, _ip(info[4][0])) for info in infos)
+            pairs.update((peer.ae_title, _ip(info[4][0])) for info in infos)
+        self.pairs, self._resolved_at = pairs, time.monotonic()
 
-    @property
-    def addresses(self) -> set[str]:
-        return {address for _, address in self.pairs}
+    def knows(self, address: str) -> bool:
+        """Whether an allowed peer has this address (names resolved again, at most every refresh_s, if not)."""
+        address = _ip(address)
+        if any(a == address for _, a in self.pairs):
+            return True
+        with self._lock:
+            if time.monotonic() - self._resolved_at >= self.refresh_s:
+                self.resolve()
+        return any(a == address for _, a in self.pairs)
 
     def admits(self, ae_title: str, address: str) -> bool:
-        return (ae_title.strip(), _ip(address)) in self.pairs
+        return self.knows(address) and (ae_title.strip(), _ip(address)) in self.pairs
 
 
 def header_problem(ds: Dataset, settings: PacsSection) -> tuple[int, str] | None:
@@ -215,7 +231,7 @@ class Receiver:
         """A TCP connection from an address no allowed peer has is closed at accept (four idle ones took every
         slot for timeout_s); one address holds at most all slots but one, so another peer always gets in."""
         address = _ip(str(client_address[0]))
-        if address not in self.allow.addresses:
+        if not self.allow.knows(address):
             LOG.warning("DICOM connection from %s closed: no allowed peer has this address", address)
             return False
         held = sum(1 for assoc in self.server.active_associations if _ip(assoc.requestor.address) == address)

@@ -40,12 +40,14 @@ from pacs.sender import Forwarder
 from pacs.spool import Spool, destination_key
 from tests.orthanc_server import Orthanc, free_port, requires_orthanc
 from tests.server_process import ServerProcess
+from tests.slowest import slow_setup
 
 MODEL = ModelInfo("brain-cancer-resnet18", "1")
 SR_MODALITY, SC_MODALITY = "SR", "OT"
 
 
 @pytest.fixture(scope="module")
+@slow_setup("exports the model to ONNX and loads it as ONNX and PyTorch")
 def predictors(trained, tmp_path_factory):
     """The tiny trained model as ONNX (it classifies) and as PyTorch (its Grad-CAM is burned in)."""
     overlay, _, ckpt = trained
@@ -588,3 +590,32 @@ def test_dicom_arrivals_follow_the_served_alias_to_a_new_version(orthanc, regist
     finally:
         server.stop()
     assert "Traceback" not in server.log()
+
+
+def test_a_peer_whose_name_resolves_late_or_moves_is_admitted_without_a_restart(monkeypatch):
+    """In compose or Kubernetes the PACS's name may not resolve yet when the node starts, and a restarted PACS
+    comes back at another address: names are looked up again when an unknown address calls (at most every
+    refresh_s, so strangers cannot make the node flood its resolver). The name service is the network's, so it is
+    stood in for here."""
+    from core.config import parse_peer
+    from pacs.receiver import AllowList
+
+    names: dict[str, str] = {}
+    lookups = []
+
+    def resolve(host, *args, **kwargs):
+        lookups.append(host)
+        if host not in names:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (names[host], 0))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    allow = AllowList([parse_peer("ORTHANC@orthanc")], refresh_s=0.3)
+    assert not allow.admits("ORTHANC", "10.0.0.5")  # not resolvable at start: no one is admitted
+    names["orthanc"] = "10.0.0.5"
+    assert not allow.knows("10.0.0.5") and len(lookups) == 1  # within refresh_s: no second lookup
+    time.sleep(0.35)
+    assert allow.admits("ORTHANC", "10.0.0.5") and not allow.admits("OTHER", "10.0.0.5")
+    names["orthanc"] = "10.0.0.9"  # the PACS restarted at another address
+    time.sleep(0.35)
+    assert allow.admits("ORTHANC", "10.0.0.9") and not allow.knows("10.0.0.5")
