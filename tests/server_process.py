@@ -35,6 +35,14 @@ class ServerProcess:
         argv = [sys.executable, str(ROOT / "serve.py"), *map(str, args), "--port", str(self.port)]
         self.start(argv, {**os.environ, "PYTHONUNBUFFERED": "1"})
 
+    @classmethod
+    def by_command(cls, argv: list[str], env: dict, workdir: Path, port: int, token: str | None = None):
+        """A server that another command starts (a container's entrypoint), listening on `port`."""
+        self = cls.__new__(cls)
+        self.port, self.workdir, self.token = port, Path(workdir), token
+        self.start(argv, env)
+        return self
+
     def start(self, argv: list[str], env: dict) -> None:
         """The server's command in its own process group, its output in the log."""
         self.log_path = self.workdir / f"server-{self.port}.log"
