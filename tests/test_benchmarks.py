@@ -81,6 +81,7 @@ def test_precision_smoke(tmp_path, capsys):
     assert results["runs"]["fp32"]["val_inside_reference_ci"]  # the reference lies inside its own interval
 
 
+@pytest.mark.slow("starts a local Ray beside the single-process loop it is compared with")
 def test_archive_smoke(tmp_path, capsys):
     pytest.importorskip("ray", reason="Ray is optional: pip install -r requirements-scale.txt")
     from benchmarks import bench_archive
@@ -89,3 +90,6 @@ def test_archive_smoke(tmp_path, capsys):
     assert results["loop"]["per_s"]["median"] > 0 and results["ray"]["per_s_past_startup"]["median"] > 0
     assert results["ray"]["runs"][0]["rows"] == 48 and results["ray"]["startup_s"]["median"] > 0
     assert results["ratios"]["ray_past_startup/loop"] > 0
+    first = results["loop"]["runs"][0]  # the loop's own split, and what it allows on these cores
+    assert first["decode_s"] > 0 and first["model_s"] > 0
+    assert 1 <= results["ratios"]["ceiling_from_loop_split"] <= results["threads"]
