@@ -24,6 +24,7 @@ from PIL import Image
 from server_process import ROOT, ServerProcess, free_port, write_token
 
 from conftest import run_script, write_dicom, write_overlay
+from tests.slowest import slow_setup
 
 MODEL = "brain-cancer-resnet18"
 PASSWORD = "correct horse battery"
@@ -32,12 +33,12 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 HOSTILE_NAME = "<img src=x onerror=alert(1)>.jpg"
 DICOM_WINDOW = (2048, 1024)  # narrower than the 12-bit range: both ends saturate, as a reader sets it
-BROWSER_WAIT_MS = 120_000  # navigations and element waits
 
 
 # ---- the model, the server, a reviewer ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
+@slow_setup("evaluates the model (temperature fit) and registers it")
 def registry(trained, tmp_path_factory):
     """The tiny model evaluated (with a fitted temperature) and registered @staging, forced (it fails the gates)."""
     overlay, _, ckpt_path = trained
@@ -71,6 +72,7 @@ def serve_cli(args: list, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
+@slow_setup("starts serve.py --review with its model loaded")
 def station(registry, tmp_path_factory):
     """serve.py --review behind a bearer token (the page logs in on its own), a reviewer added by the CLI."""
     tmp = tmp_path_factory.mktemp("review_server")
@@ -113,6 +115,7 @@ def windowed(stored: np.ndarray, center: float, width: float) -> np.ndarray:
 # ---- the browser ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
+@slow_setup("launches Chromium")
 def browser():
     if not CHROMIUM.exists():
         pytest.skip("the review page's browser tests need Debian's chromium at /usr/bin/chromium "
@@ -142,9 +145,6 @@ def browsing(browser, server):
     """A fresh browser context; on leaving, every request it made went to the server on 127.0.0.1 and no
     dialog (alert, confirm) ever opened."""
     context = browser.new_context(viewport={"width": 1280, "height": 960})
-    # an upload is a real prediction (and a first heat map loads the PyTorch model): on a busy 2-core machine
-    # that outlasts Playwright's 30 s default
-    context.set_default_timeout(BROWSER_WAIT_MS)
     requests, dialogs = [], []
     context.on("request", lambda r: requests.append(r.url))
     page = context.new_page()
@@ -166,7 +166,8 @@ def log_in(page, server) -> None:
     with page.expect_navigation():
         page.click(".login button[type=submit]")
     assert page.url == server.url + "/review/studies"  # the reading room opens on the study list
-    page.click("#to-slices")  # uploads are dropped on the slice worklist
+    with page.expect_navigation():  # loaded: the file input's change handler is attached at DOMContentLoaded
+        page.click("#to-slices")  # uploads are dropped on the slice worklist
     assert page.url == server.url + "/review/"
 
 
