@@ -17,6 +17,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 import core  # noqa: E402,F401  (library telemetry off before any test imports MLflow)
 from tests import cleanup  # noqa: E402
+from tests.slowest import slow_setup  # noqa: E402
 
 CHECKOUT, PROBLEMS = pytest.StashKey[dict](), pytest.StashKey[list]()
 
@@ -137,6 +138,7 @@ def default_image_limits():
 
 
 @pytest.fixture(scope="session")
+@slow_setup("writes the tiny phantom data set the session's tests share")
 def tiny_data(tmp_path_factory) -> Path:
     """A synthetic data set, 8 images per class at 48 px (class root)."""
     from data.synthetic import generate_dataset
@@ -157,6 +159,7 @@ def run_script(name: str, argv: list[str]) -> int:
 
 
 @pytest.fixture(scope="session")
+@slow_setup("trains resnet18 for one epoch, the model most tests share")
 def trained(tmp_path_factory, tiny_data):
     """A resnet18 trained for one epoch on the tiny set: (overlay path, tmp dir, checkpoint path)."""
     tmp = tmp_path_factory.mktemp("trained run")
@@ -166,6 +169,7 @@ def trained(tmp_path_factory, tiny_data):
 
 
 @pytest.fixture(scope="session")
+@slow_setup("registers the trained model in MLflow (ONNX, int8 and PyTorch flavors)")
 def registered(trained, tmp_path_factory):
     """The trained model registered as brain-cancer-resnet18 @staging (forced: the tiny model is never evaluated,
     so it may never be @production) in a registry of its own: the argv prefix that points a script at it."""
@@ -212,6 +216,7 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
+@slow_setup("trains resnet18 for three epochs to a model that passes the gates, then registers it")
 def passing_run(tmp_path_factory):
     """resnet18 trained for three epochs on distinct classes with the default registry automation (it passes the
     gates, so train.py registers and promotes it): (overlay path, tmp dir, train.py's console output). Two epochs

@@ -71,6 +71,8 @@ def runs(db: Path) -> list[dict]:
         return [dict(r) for r in conn.execute("SELECT * FROM archive_runs ORDER BY started_at")]
 
 
+@pytest.mark.slow("starts a local Ray, then scores the archive three times: all of it, a no-op rerun, a changed "
+                  "file")
 def test_an_archive_is_scored_a_rerun_is_a_no_op_and_a_changed_file_is_scored_again(registered, archive, tmp_path):
     out, db = tmp_path / "preds.parquet", tmp_path / "audit.db"
     first = score(registered, "--root", archive, "--out", out, "--database", f"sqlite:///{db}", "--cpus", 2,

@@ -29,6 +29,7 @@ from pacs.receiver import start_receiver
 from review.auth import read_password
 from serving.guard import read_token
 from tests.server_process import ServerProcess
+from tests.slowest import slow_setup
 
 MODEL = "brain-cancer-resnet18"
 PASSWORD = "correct horse battery"
@@ -51,6 +52,7 @@ def write_deflated(path, bomb_mb: int = 0):
 
 
 @pytest.fixture(scope="module")
+@slow_setup("starts serve.py --review with its model loaded")
 def server(registered, tmp_path_factory):
     """serve.py --review without a token, on loopback, with a 1 MB body cap, 4 queue places; reviewer alice."""
     tmp = tmp_path_factory.mktemp("attacked server")

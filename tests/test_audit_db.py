@@ -21,11 +21,13 @@ from sqlalchemy.exc import DBAPIError
 
 from core.errors import UserError
 from serving.audit import AuditLog, Migration, find_predictions, make_engine, migrate, predictions
+from tests.slowest import slow_setup
 
 MODEL = "brain-cancer-resnet18"
 
 
 @pytest.fixture(scope="module")
+@slow_setup("initdb and pg_ctl start a throwaway PostgreSQL cluster")
 def postgres():
     pytest.importorskip("psycopg", reason="PostgreSQL's driver: pip install -r requirements.txt")
     try:

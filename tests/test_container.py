@@ -23,6 +23,8 @@ import httpx
 import pytest
 from server_process import ROOT, ServerProcess, free_port, write_token
 
+from tests.slowest import slow_setup
+
 opt_in = pytest.mark.skipif(os.environ.get("BRAIN_MRI_IMAGE_TEST") != "1",
                             reason="builds the container image (minutes): BRAIN_MRI_IMAGE_TEST=1 to run it")
 # The import names of requirements-train.txt's packages that the image lacks (scikit-learn and matplotlib come
@@ -65,6 +67,7 @@ def test_the_server_starts_without_pytorch_as_in_the_image():
 
 
 @pytest.fixture(scope="module")
+@slow_setup("builds a Debian base with mmdebstrap and the toolkit's image on it with podman")
 def image():
     """The image's tag, its configuration (podman image inspect) and its file system mounted read-only."""
     if os.geteuid() != 0 or not (shutil.which("podman") and shutil.which("mmdebstrap")):

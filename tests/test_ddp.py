@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import ROOT, write_overlay
@@ -14,6 +15,7 @@ from core.checkpoint import load_checkpoint
 TRAIN = str(ROOT / "train.py")
 
 
+@pytest.mark.slow("torchrun starts two training processes that meet over gloo")
 def test_torchrun_two_processes_on_cpu(tmp_path, tiny_data):
     overlay = write_overlay(tmp_path, tiny_data, **{"train.epochs": 2, "monitoring.mlflow.enabled": False,
                                                     "models.resnet18.batch_size": 4})
@@ -31,6 +33,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, tiny_data):
     assert not any(k.startswith("module.") for k in last["model_state"])  # saved unwrapped, loadable anywhere
 
 
+@pytest.mark.slow("torchrun starts two training processes, and one waits out the other's failure")
 def test_when_rank_0_fails_first_every_rank_leaves_with_one_line(tmp_path, tiny_data):
     overlay = write_overlay(tmp_path, tmp_path / "no such data set", **{"monitoring.mlflow.enabled": False})
     torchrun = Path(sys.executable).with_name("torchrun")

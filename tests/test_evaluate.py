@@ -11,6 +11,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_s
 
 from core.errors import UserError
 from tests.conftest import run_script, write_overlay
+from tests.slowest import slow_setup
 
 OUTPUTS = ["evaluation_metrics.json", "medical_validation.json", "predictions.csv", "evaluation_report.txt",
            "confusion_matrix.png", "per_class_metrics.png", "roc_curves.png", "reliability_diagram.png"]
@@ -19,6 +20,7 @@ PASS_ALL = ["--set", "evaluation.gates.accuracy=0", "--set", "evaluation.gates.s
 
 
 @pytest.fixture(scope="module")
+@slow_setup("one evaluate.py --detailed --medical-validation --compare run (bootstrap CIs, plots)")
 def full_run(trained):
     """One evaluate.py --detailed --medical-validation --compare run (1-epoch model: the gates fail)."""
     overlay, tmp, best = trained

@@ -14,6 +14,7 @@ from core.checkpoint import load_checkpoint
 from core.config import load_config
 from core.errors import UserError
 from ops.experiments import MLFLOW_EXPERIMENT, last_error_line, run_child, settings_hash
+from tests.slowest import slow_setup
 
 MODELS = ["resnet18", "not_a_model", "efficientnet_b0"]
 
@@ -25,6 +26,7 @@ def run_experiments(overlay, *extra) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
+@slow_setup("run_experiments.py trains three models, each in its own process")
 def experiments(tmp_path_factory, tiny_data):
     """One real run: (overlay, tmp dir, completed process, summary JSON)."""
     tmp = tmp_path_factory.mktemp("experiments run")

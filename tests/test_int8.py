@@ -19,11 +19,13 @@ from core.contract import Contract
 from core.errors import UserError
 from deploy.predictors import OnnxPredictor, read_contract
 from deploy.quantize import judge_int8
+from tests.slowest import slow_setup
 
 EV = SimpleNamespace(bootstrap_samples=500, confidence=0.95, bootstrap_seed=0)
 
 
 @pytest.fixture(scope="module")
+@slow_setup("exports the model to ONNX and quantizes it to int8")
 def int8_export(trained, tmp_path_factory):
     """The shared one-epoch checkpoint copied into a folder of its own and exported as int8 there."""
     overlay, _, ckpt_path = trained
@@ -160,6 +162,7 @@ def int8_store(overlay, ckpt_path, tmp) -> tuple[list, str]:
 
 
 @pytest.fixture(scope="module")
+@slow_setup("exports and quantizes the model to int8 and registers it")
 def int8_registry(trained, tmp_path_factory):
     """brain-cancer-resnet18 1.0.0 @staging registered with --int8 (forced: a one-epoch model fails the gates)."""
     overlay, _, ckpt_path = trained

@@ -20,6 +20,7 @@ from core.feature_ood import FEATURE_OOD_KEY, OOD_OUTPUT
 from data.synthetic import generate_dataset
 from models.features import FEATURE_OOD_STATE, MIDDLE_LAYERS, FeatureModel, ScoredModel, split_classifier
 from models.zoo import build_model
+from tests.slowest import slow_setup
 
 
 # ---- the feature cut ------------------------------------------------------------------------------
@@ -159,6 +160,7 @@ def write_far_images(src_dir: Path, out_dir: Path, n: int = 12) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
+@slow_setup("trains resnet18 for two epochs on the quick start's phantoms")
 def phantom_run(tmp_path_factory):
     """resnet18 trained for two epochs at 32 px on the quick start's phantoms (20 per class)."""
     tmp = tmp_path_factory.mktemp("ood run")

@@ -30,6 +30,7 @@ from data.manifest import sha256_file
 from deploy.automation import release_after_training
 from deploy.policy import judge, loosened_gates, production_refusal, version_tags
 from deploy.registry import PICKLE_SWITCH, connect, download, load_pytorch_flavor, validate_alias, validate_semver
+from tests.slowest import slow_setup
 
 NAME = "brain-cancer-resnet18"
 PASS_ALL = ["--set", "evaluation.gates.accuracy=0", "--set", "evaluation.gates.sensitivity=0",
@@ -53,6 +54,7 @@ def client_for(db) -> MlflowClient:
 
 
 @pytest.fixture(scope="module")
+@slow_setup("copies the passing run's registry, then evaluates and registers v2 in it")
 def released_again(passing_run, tmp_path_factory):
     """A copy of the passing run's registry where the README's quick start ran: a plain evaluate.py, then
     register_model.py --version 1.0.0 (v2 beside the automatic v1)."""

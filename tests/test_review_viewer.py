@@ -27,6 +27,7 @@ from test_review import (  # noqa: F401  (module fixtures: the registered model 
 )
 
 from conftest import write_dicom
+from tests.slowest import slow_setup
 
 N_SLICES = 24
 SPACING_MM = 5.0
@@ -35,6 +36,7 @@ SCANNER = "SCANNER"
 
 
 @pytest.fixture(scope="module")
+@slow_setup("starts serve.py --review with its DICOM node and model loaded")
 def node_server(registry, tmp_path_factory):  # noqa: F811 (the fixture imported above)
     """serve.py --review with its DICOM node on a free port, a reviewer added by the CLI."""
     tmp = tmp_path_factory.mktemp("viewer_server")

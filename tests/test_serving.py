@@ -29,6 +29,7 @@ from server_process import ServerProcess, free_port, write_token
 from conftest import run_script, write_dicom
 from core.errors import UserError
 from data.images import split_frame_name
+from tests.slowest import slow_setup
 
 MODEL = "brain-cancer-resnet18"
 TOL = 1e-6
@@ -47,6 +48,7 @@ def perturbed_checkpoint(src: Path, dst: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
+@slow_setup("evaluates and registers two versions of the model")
 def registry(trained, tmp_path_factory):
     """v1 (@staging, evaluated) and v2 (no alias, never evaluated) of brain-cancer-resnet18, both forced: a
     one-epoch model fails the gates."""
@@ -126,6 +128,7 @@ def store_args(registry) -> list:
 
 
 @pytest.fixture(scope="module")
+@slow_setup("starts serve.py with its model loaded")
 def server(registry, tmp_path_factory):
     """The server most tests share: a token, small caps (1 MB bodies, 4 files), 3 s timeouts."""
     tmp = tmp_path_factory.mktemp("server")
