@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from core.cli import add_common_args, config_from_args, run
+from core.cli import add_common_args, add_registered_model_args, config_from_args, run
 from core.errors import UserError
 from data.images import ImageReadError, configure_limits, image_files
 from deploy.policy import serving_warning
@@ -31,13 +31,9 @@ from serving.model import read_evidence
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Predict MRI images with a registered model (MLflow Model Registry)")
     add_common_args(p, model=False)
-    p.add_argument("--model", dest="registered_model", required=True,
-                   help="registered model, e.g. brain-cancer-resnet18 (or the zoo name resnet18)")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--alias", default=None, help="model version alias (default: production)")
+    which = add_registered_model_args(p, version_help="model version number (default: the @production version)")
     which.add_argument("--stage", default=None, help="deprecated MLflow stage name (Production, Staging); used as the "
                                                      "lower-case alias")
-    which.add_argument("--version", default=None, help="model version number (default: the @production version)")
     p.add_argument("--image", nargs="+", required=True, metavar="PATH", help="image files or folders of images")
     p.add_argument("--img-size", type=int, default=None, help="default: the image size of the model's contract")
     p.add_argument("--flavor", choices=["auto", "onnx", "pytorch", INT8_FLAVOR], default="auto",

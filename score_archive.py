@@ -21,7 +21,7 @@ from archive.audit import MIGRATIONS
 from archive.engine import EngineSettings
 from archive.inputs import list_inputs
 from archive.run import ArchiveRequest, new_run_id, prepare_job, run_archive
-from core.cli import add_common_args, config_from_args, run
+from core.cli import add_common_args, add_registered_model_args, config_from_args, run
 from core.errors import UserError
 from core.redaction import redact_text
 from data.images import configure_limits
@@ -34,11 +34,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Score every image and DICOM frame of an archive with a registered "
                                             "model into a Parquet table (Ray Data)")
     add_common_args(p, model=False)
-    p.add_argument("--model", dest="registered_model", required=True,
-                   help="registered model, e.g. brain-cancer-resnet18 (or the zoo name resnet18)")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--alias", default=None, help="model version alias (default: production)")
-    which.add_argument("--version", default=None, help="model version number")
+    add_registered_model_args(p)
     p.add_argument("--flavor", choices=["auto", "onnx", INT8_FLAVOR], default="auto",
                    help="the registered ONNX model (auto, onnx) or its int8 twin (onnx-int8)")
     p.add_argument("--root", action="append", default=[], metavar="DIR",

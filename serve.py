@@ -21,10 +21,10 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from core.cli import RefuseSecret, add_common_args, config_from_args, run
+from core.cli import RefuseSecret, add_common_args, add_registered_model_args, config_from_args, run
 from core.errors import UserError
 from data.images import configure_limits
-from deploy.registry import PRODUCTION, validate_alias
+from deploy.registry import PRODUCTION, registered_name, validate_alias
 from pacs.extension import dicom_extension
 from review import commands as review_commands
 from review.extension import review_extension
@@ -45,12 +45,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Serve a registered model over HTTP (FastAPI + uvicorn), with an "
                                             "audit log of every prediction")
     add_common_args(p, model=False)
-    p.add_argument("--model", dest="registered_model", required=True,
-                   help="registered model, e.g. brain-cancer-resnet18")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--alias", default=None, help="serve the version this alias points at, and follow it "
-                                                     f"(default: {PRODUCTION})")
-    which.add_argument("--version", default=None, help="serve this version number, pinned")
+    add_registered_model_args(p, f"serve the version this alias points at, and follow it (default: {PRODUCTION})",
+                              "serve this version number, pinned")
     p.add_argument("--flavor", default="auto", help="auto (ONNX when registered), onnx, onnx-int8 (the int8 model "
                                                     "of a release registered with --int8), pytorch, or another "
                                                     "flavor the registry holds for the version")
@@ -109,7 +105,8 @@ def options_from_args(args) -> ServeOptions:
         raise UserError("DICOM flags without the receiver: give --dicom-port PORT (or set pacs.enabled: true)")
     alias = None if args.version is not None else validate_alias(args.alias) or PRODUCTION
     extensions = (["review"] if args.review else []) + (["dicom"] if cfg.pacs.enabled else [])
-    return ServeOptions(cfg.to_values(), args.registered_model, alias, args.version, args.flavor, extensions)
+    return ServeOptions(cfg.to_values(), registered_name(args.registered_model), alias, args.version, args.flavor,
+                        extensions)
 
 
 def build_extensions(options: ServeOptions) -> list[Extension]:

@@ -35,6 +35,18 @@ def add_common_args(parser: argparse.ArgumentParser, model: bool = True, checkpo
     return parser
 
 
+def add_registered_model_args(parser: argparse.ArgumentParser, alias_help: str = "model version alias (default: "
+                              "production)", version_help: str = "model version number") -> argparse._ArgumentGroup:
+    """--model (a registered model) and one of --alias / --version, as every script that reads the registry takes
+    them; returns the --alias/--version group for a script that adds another way to choose."""
+    parser.add_argument("--model", dest="registered_model", required=True,
+                        help="registered model, e.g. brain-cancer-resnet18 (or the zoo name resnet18)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--alias", default=None, help=alias_help)
+    which.add_argument("--version", default=None, help=version_help)
+    return which
+
+
 def same_data_flags(args: argparse.Namespace) -> str:
     """The flags a printed next command needs to find what this one used (--demo, --config, --set), shell-quoted,
     with a leading space: a hint that is copied and run works."""
