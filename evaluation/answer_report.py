@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from core.conformal import set_members
+from evaluation.calibration import apply_temperature, logits_from_probs
 from evaluation.series_level import exact_interval
 from evaluation.uncertainty import with_interval
 
@@ -61,11 +62,15 @@ def conformal_report(y_true, y_prob, spec: dict, class_names: list[str], ev) -> 
 
 
 def refer_reasons(y_prob, refer_below: float, set_sizes: np.ndarray | None, ood: np.ndarray | None,
-                  ood_limit: float | None, intensity: np.ndarray | None, intensity_limit: float | None) -> dict:
+                  ood_limit: float | None, intensity: np.ndarray | None, intensity_limit: float | None,
+                  temperature: float | None = None) -> dict:
     """Which reason refers which image (booleans per image), keyed by the refer rule's reason codes
     (deploy.refer.ReferRule, which judges one image at a time with the same comparisons); a check the model lacks
-    is left out."""
+    is left out. `temperature`: the version's fitted temperature, which the served rule applies before it compares
+    the top probability with refer_below."""
     y_prob = np.asarray(y_prob)
+    if temperature:
+        y_prob = apply_temperature(logits_from_probs(y_prob), temperature)
     reasons = {"low_confidence": y_prob.max(axis=1) < refer_below}
     if intensity is not None and intensity_limit is not None:
         reasons["unlike_training"] = np.asarray(intensity) > intensity_limit

@@ -108,7 +108,7 @@ def evaluate_checkpoint(cfg: Config, opened: OpenedCheckpoint, device, calibrate
     record["monitoring_reference"] = monitoring_reference(test.y_prob, opened.class_names,
                                                           record["calibration"]["temperature"], distances,
                                                           check_figures(contract, test))
-    record["answer_checks"] = answer_checks_record(cfg, contract, test, distances)
+    record["answer_checks"] = answer_checks_record(cfg, contract, test, distances, record["calibration"]["temperature"])
     return TestEvaluation(record, check_gates(record, cfg.evaluation.gates, strict), test, model, s.pre, s.bins,
                           s.bins_after, series, answering)
 
@@ -127,14 +127,16 @@ def check_figures(contract, test: Scored) -> dict:
             "set_size": None if sizes is None else [int(s) for s in sizes]}
 
 
-def answer_checks_record(cfg: Config, contract, test: Scored, intensity: list[float] | None) -> dict:
-    """The conformal sets' coverage and size and the refer rule's rate and reasons on the test split."""
+def answer_checks_record(cfg: Config, contract, test: Scored, intensity: list[float] | None,
+                         temperature: float | None = None) -> dict:
+    """The conformal sets' coverage and size and the refer rule's rate and reasons on the test split, as the served
+    rule judges them (with the fitted `temperature`, when there is one)."""
     names = list(contract.class_names)
     spec = contract.extra.get(CONFORMAL_KEY)
     ood_spec = contract.extra.get(FEATURE_OOD_KEY)
     reasons = refer_reasons(test.y_prob, cfg.review.refer_below, set_sizes(contract, test.y_prob), test.ood,
                             feature_limit(ood_spec), None if intensity is None else np.asarray(intensity),
-                            reference_limit(contract.extra.get(REFERENCE_KEY), cfg.review.drift_limit))
+                            reference_limit(contract.extra.get(REFERENCE_KEY), cfg.review.drift_limit), temperature)
     out = {"refer": refer_report(test.y_true, test.y_prob, reasons, cfg.review.refer_below, cfg.evaluation),
            "conformal": None if spec is None else conformal_report(test.y_true, test.y_prob, spec, names,
                                                                    cfg.evaluation),

@@ -309,3 +309,26 @@ def test_the_refer_rule_says_each_check_in_words():
     older = rule.assess(base, None)  # a model trained before the checks: judged on what it has
     assert not fine.refer and not older.refer
     assert NO_FEATURE_CHECK in older.notes and NO_FEATURE_CHECK not in fine.notes  # said, never guessed
+
+
+def test_evaluate_counts_referrals_as_the_served_rule_makes_them_with_the_fitted_temperature():
+    """evaluate.py's refer rate is a promise about serving: for every image, its reasons are the ones the served
+    rule (deploy.refer.ReferRule, with the version's temperature) gives. Without the temperature, a calibrated
+    model's low-confidence referrals were counted on the raw probabilities."""
+    from deploy.refer import ReferRule
+    from evaluation.answer_report import refer_reasons
+
+    rng = np.random.default_rng(3)
+    names = ["glioma", "meningioma", "pituitary"]
+    y_prob = rng.dirichlet([0.6, 0.6, 0.6], size=400)
+    sizes, ood, limit = rng.integers(1, 3, 400), rng.gamma(2.0, 10.0, 400), 35.0
+    for temperature in (None, 1.8, 0.6):
+        counted = refer_reasons(y_prob, 0.6, sizes, ood, limit, None, None, temperature)
+        rule = ReferRule(0.6, temperature)
+        served = [rule.assess({"probabilities": dict(zip(names, p)), "ood_distance": float(d), "ood_limit": limit,
+                               "out_of_distribution": bool(d > limit),
+                               "prediction_set": names[:int(n)]}, None).reasons for p, d, n in zip(y_prob, ood, sizes)]
+        for code in ("low_confidence", "out_of_distribution", "prediction_set"):
+            assert [any(r.code == code for r in reasons) for reasons in served] == counted[code].tolist(), \
+                (temperature, code)
+        assert counted["low_confidence"].any() and not counted["low_confidence"].all()
