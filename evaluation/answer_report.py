@@ -61,21 +61,19 @@ def conformal_report(y_true, y_prob, spec: dict, class_names: list[str], ev) -> 
                                    for k, c in enumerate(class_names) if (y_true == k).any()}}
 
 
-def refer_reasons(y_prob, refer_below: float, set_sizes: np.ndarray | None, ood: np.ndarray | None,
-                  ood_limit: float | None, intensity: np.ndarray | None, intensity_limit: float | None,
-                  temperature: float | None = None) -> dict:
+def refer_reasons(y_prob, refer_below: float, set_sizes: np.ndarray | None, ood: tuple | None,
+                  intensity: tuple | None, temperature: float | None = None) -> dict:
     """Which reason refers which image (booleans per image), keyed by the refer rule's reason codes
     (deploy.refer.ReferRule, which judges one image at a time with the same comparisons); a check the model lacks
-    is left out. `temperature`: the version's fitted temperature, which the served rule applies before it compares
-    the top probability with refer_below."""
+    is left out. `ood`, `intensity`: (each image's distance, the limit), or None. `temperature`: the version's
+    fitted temperature, which the served rule applies before it compares the top probability with refer_below."""
     y_prob = np.asarray(y_prob)
     if temperature:
         y_prob = apply_temperature(logits_from_probs(y_prob), temperature)
     reasons = {"low_confidence": y_prob.max(axis=1) < refer_below}
-    if intensity is not None and intensity_limit is not None:
-        reasons["unlike_training"] = np.asarray(intensity) > intensity_limit
-    if ood is not None and ood_limit is not None:
-        reasons["out_of_distribution"] = np.asarray(ood) > ood_limit
+    for code, check in (("unlike_training", intensity), ("out_of_distribution", ood)):
+        if check is not None and check[0] is not None and check[1] is not None:
+            reasons[code] = np.asarray(check[0]) > check[1]
     if set_sizes is not None:
         reasons["prediction_set"] = np.asarray(set_sizes) > 1
     return reasons

@@ -134,9 +134,10 @@ def answer_checks_record(cfg: Config, contract, test: Scored, intensity: list[fl
     names = list(contract.class_names)
     spec = contract.extra.get(CONFORMAL_KEY)
     ood_spec = contract.extra.get(FEATURE_OOD_KEY)
-    reasons = refer_reasons(test.y_prob, cfg.review.refer_below, set_sizes(contract, test.y_prob), test.ood,
-                            feature_limit(ood_spec), None if intensity is None else np.asarray(intensity),
-                            reference_limit(contract.extra.get(REFERENCE_KEY), cfg.review.drift_limit), temperature)
+    reasons = refer_reasons(test.y_prob, cfg.review.refer_below, set_sizes(contract, test.y_prob),
+                            (test.ood, feature_limit(ood_spec)),
+                            (None if intensity is None else np.asarray(intensity),
+                             reference_limit(contract.extra.get(REFERENCE_KEY), cfg.review.drift_limit)), temperature)
     out = {"refer": refer_report(test.y_true, test.y_prob, reasons, cfg.review.refer_below, cfg.evaluation),
            "conformal": None if spec is None else conformal_report(test.y_true, test.y_prob, spec, names,
                                                                    cfg.evaluation),

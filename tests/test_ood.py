@@ -323,7 +323,7 @@ def test_evaluate_counts_referrals_as_the_served_rule_makes_them_with_the_fitted
     y_prob = rng.dirichlet([0.6, 0.6, 0.6], size=400)
     sizes, ood, limit = rng.integers(1, 3, 400), rng.gamma(2.0, 10.0, 400), 35.0
     for temperature in (None, 1.8, 0.6):
-        counted = refer_reasons(y_prob, 0.6, sizes, ood, limit, None, None, temperature)
+        counted = refer_reasons(y_prob, 0.6, sizes, (ood, limit), None, temperature)
         rule = ReferRule(0.6, temperature)
         served = [rule.assess({"probabilities": dict(zip(names, p)), "ood_distance": float(d), "ood_limit": limit,
                                "out_of_distribution": bool(d > limit),
