@@ -43,6 +43,7 @@ def test_inference_smoke(tmp_path, capsys):
     assert results["ratios"]["ood_limit/onnx_limit"] > 0
 
 
+@pytest.mark.slow("each data-path task in its own subprocess (for its peak memory), at 1x and 10x the data set")
 def test_data_smoke(tmp_path, capsys):
     results = run_smoke(bench_data, tmp_path, capsys)
     for scale in ("1x", "10x"):

@@ -47,9 +47,7 @@ from tests.conftest import ROOT, run_script, stop_process_group, tool_env
 from tests.original_readme import OPENING, fenced_blocks, original_config_yaml
 
 # The quick start trains the real demo model: more than the default per-test limit on a busy 2-core machine.
-pytestmark = [pytest.mark.timeout(1800),
-              pytest.mark.slow("runs the original README's lines as a user would: eight architectures trained, "
-                               "evaluated, exported and registered")]
+pytestmark = pytest.mark.timeout(1800)
 
 # This project's scripts: those on disk, and those its README promises (a missing one fails its line).
 OUR_SCRIPTS = ({p.name for p in ROOT.glob("*.py")} | {p.name for p in ROOT.glob("*.sh")}
@@ -387,7 +385,24 @@ def place_test_image(ws: Workspace) -> None:
 LINES = commands()
 
 
-@pytest.mark.parametrize("line", LINES, ids=lambda ln: f"L{ln.number} {ln.text[:70]}")
+def why_slow(line: Line) -> str:
+    """What makes a README line take long, said beside its time (tests/slowest.py)."""
+    argv = shlex.split(line.text)
+    script = argv[1] if argv[0].startswith("python") else argv[0]
+    model = _model_of(argv) or QUICK_START_MODEL
+    if line.key == "python train.py --model resnet18":
+        return "the quick start itself: the demo's 1,200 phantoms generated, resnet18 trained for its 10 epochs"
+    if script == "train.py":
+        return f"trains {model} (one epoch; the small demo unless it is the quick start's model)"
+    if script == "run_experiments.py":
+        return "run_experiments.py trains each model in its own process"
+    if script == "export_model.py":
+        return f"exports {model} and checks each file against PyTorch"
+    return f"runs {script} as the README writes it"
+
+
+@pytest.mark.parametrize("line", [pytest.param(ln, marks=pytest.mark.slow(why_slow(ln))) for ln in LINES],
+                         ids=lambda ln: f"L{ln.number} {ln.text[:70]}")
 def test_readme_line(line: Line, ws: Workspace, capsys):
     place_test_image(ws)
     argv = adapt(line.text, ws)
