@@ -235,6 +235,28 @@ def test_a_series_from_the_dicom_node_is_read_in_the_viewer_and_judged_as_one(no
     flagged_sop = sop_of[flagged_pid]
     assert dcmread(written[0], stop_before_pixels=True).SOPInstanceUID == flagged_sop
 
+    # D + a number changes the series' verdict: a new row on every slice naming that class (the first rows stay),
+    # and the export follows the newest verdict
+    with browsing(browser, node_server) as page:
+        log_in(page, node_server)
+        page.goto(f"{node_server.url}/review/case/{middle}")
+        page.wait_for_selector("#viewer.live")
+        names = [t.split(" ", 1)[1] for t in page.locator("#choices button.choice:not(.finding)").all_inner_texts()]
+        other = next(n for n in names if n != data["series"]["predicted_class"])
+        with page.expect_navigation():
+            page.keyboard.press("d")
+            page.keyboard.press(str(names.index(other) + 1))
+    changed = rows(node_server.db, "SELECT prediction_id, reviewer_class, finding FROM review_verdicts ORDER BY id")
+    assert len(changed) == 2 * N_SLICES
+    assert {(r[1], r[2]) for r in changed[N_SLICES:]} == {(other, None)}
+    assert sorted(r[0] for r in changed[N_SLICES:]) == sorted(r[0] for r in changed[:N_SLICES])
+    out = node_server.workdir / "export-changed"
+    done = serve_cli(["export-reviews", out, "--database", f"sqlite:///{node_server.db}", "--store-dir",
+                      node_server.workdir / "store"], node_server.workdir)
+    assert done.returncode == 0, done.stderr
+    assert {p.parent.relative_to(out).as_posix() for p in out.rglob("*.dcm")} == {other}
+    assert len(list(out.rglob("*.dcm"))) == N_SLICES
+
 
 # ---- the study worklist ---------------------------------------------------------------------------------------
 
