@@ -48,7 +48,9 @@ def node_server(registry, tmp_path_factory):  # noqa: F811 (the fixture imported
     srv = ServerProcess([*registry, "--model", MODEL, "--alias", "staging", "--review", "--token-file", token_file,
                          "--database", db, "--poll-seconds", "0", "--dicom-port", free_port(), "--ae-title", "MRI_AI",
                          "--set", f"pacs.allow=[{SCANNER}@127.0.0.1]", "--set", f"pacs.spool_dir={tmp / 'spool'}",
-                         "--set", f"review.store_dir={tmp / 'store'}"], tmp, token)
+                         "--set", f"review.store_dir={tmp / 'store'}",
+                         # names shown, so that a hostile PatientName reaches the page (and is shown as text)
+                         "--set", "pacs.keep_patient_identity=true"], tmp, token)
     srv.db = tmp / "audit.db"
     srv.dicom_port = int(srv.proc.args[srv.proc.args.index("--dicom-port") + 1])
     try:
@@ -261,7 +263,8 @@ def test_a_series_from_the_dicom_node_is_read_in_the_viewer_and_judged_as_one(no
 # ---- the study worklist ---------------------------------------------------------------------------------------
 
 HOSTILE = {"PatientID": "<img src=x onerror=alert(1)>", "StudyDescription": "<script>alert(2)</script>",
-           "SeriesDescription": "<svg onload=document.body.dataset.pwned=1>"}
+           "SeriesDescription": "<svg onload=document.body.dataset.pwned=1>",
+           "PatientName": "<iframe srcdoc='<b>x</b>' onload=alert(3)>"}
 
 
 def study_rows(page) -> list[dict[str, str]]:
@@ -317,8 +320,9 @@ def test_the_study_worklist_shows_studies_with_their_series_and_dicom_text_as_te
         # a DICOM's text fields are shown as text, never run
         xss = by_accession["ACC-9"]
         assert (xss["Patient"], xss["Description"]) == (HOSTILE["PatientID"], HOSTILE["StudyDescription"])
+        assert xss["Name"] == HOSTILE["PatientName"]  # pacs.keep_patient_identity: the name, as text
         assert HOSTILE["SeriesDescription"] in page.locator("#studies").inner_text()
-        assert page.locator("img[src='x']").count() == 0 and page.locator("main svg").count() == 0
+        assert page.locator("img[src='x']").count() == 0 and page.locator("main svg, main iframe").count() == 0
         # the pending list: referred studies first, a fully judged study is gone from it
         page.goto(f"{node_server.url}/review/studies")
         pending = study_rows(page)
@@ -342,7 +346,7 @@ def test_the_study_worklist_shows_studies_with_their_series_and_dicom_text_as_te
         page.wait_for_selector("#viewer.live")
         line = page.locator("#study-line").inner_text()
         assert all(v in line for v in HOSTILE.values())
-        assert page.locator("img[src='x']").count() == 0 and page.locator("main svg").count() == 0
+        assert page.locator("img[src='x']").count() == 0 and page.locator("main svg, main iframe").count() == 0
         assert page.evaluate("document.body.dataset.pwned") is None
 
 
