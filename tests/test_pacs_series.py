@@ -267,6 +267,45 @@ def test_a_kill_9_between_receiving_and_sending_loses_nothing_and_duplicates_not
     assert read_key_objects(found["KO"][0])[0][0] in {ds.SOPInstanceUID for ds in series}
 
 
+@requires_orthanc
+def test_a_kill_9_between_a_skip_for_too_few_slices_and_the_rest_still_reads_the_series_once(
+        orthanc, predictors, pictures, tmp_path):
+    """The skip (and the slice count it was made at) is in the spool: a node killed after skipping a series for too
+    few slices, and a new one that receives the rest, read the series once, with every slice."""
+    sets = [f"pacs.port={orthanc.receiver_port}", f"pacs.spool_dir={tmp_path / 'spool'}", "pacs.timeout_s=10",
+            "pacs.retry.initial_s=0.3", "pacs.retry.max_s=2", *SERIES, "pacs.select.min_slices=5",
+            f"pacs.destination=ORTHANC@127.0.0.1:{orthanc.dicom_port}"]
+    spool = tmp_path / "spool" / destination_key(load_config(sets=sets).pacs.destination_peer)
+    study = generate_uid()
+    first = write_series(tmp_path / "part1", pictures, 3, study)
+    rest = write_series(tmp_path / "part2", pictures, 3, study, series=first[0].SeriesInstanceUID, first_slice=3)
+    children = []
+    with open(tmp_path / "node.log", "w") as log:
+        try:
+            children.append(start_child(sets, predictors[0].onnx_path, whole=True, log=log))
+            ids = upload(orthanc, tmp_path / "part1")
+            assert orthanc.store("mri_ai", ids[first[0].SOPInstanceUID])[0] == 200
+            wait_until(lambda: any((spool / "series").glob("*/skipped.json")), 60)
+            os.kill(children[0].pid, signal.SIGKILL)  # skipped, and nothing more to do until more slices come
+            children[0].wait()
+            children.append(start_child(sets, predictors[0].onnx_path, whole=True, log=log))
+            ids = upload(orthanc, tmp_path / "part2")
+            assert orthanc.store("mri_ai", ids[rest[0].SOPInstanceUID])[0] == 200
+            found = wait_for(orthanc, study, 1)
+            time.sleep(1.0)  # anything sent twice would have arrived by now
+        finally:
+            for child in children:
+                child.kill()
+                child.wait()
+    assert [len(by_series(found[kind], first + rest)) for kind in ("SR", "KO", "OT")] == [1, 1, 1]
+    results = [ds.SOPInstanceUID for kind in found.values() for ds in kind]
+    assert [arrivals(orthanc, uid) for uid in results] == [1, 1, 1]
+    report = read_series_report(found["SR"][0])
+    assert {sop for sop, _ in report["key_slices"]} <= {ds.SOPInstanceUID for ds in first + rest}
+    (folder,) = [p for p in (spool / "series").iterdir() if p.is_dir()]
+    assert not (folder / "skipped.json").exists() and len(files(folder, "*.dcm")) == 6
+
+
 def test_selection_rules_and_the_nodes_own_output(tmp_path, pictures):
     select = load_config().pacs.select
     study = generate_uid()
