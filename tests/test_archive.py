@@ -50,10 +50,10 @@ def archive(tiny_data, tmp_path_factory) -> Path:
     return root
 
 
-def score(registered, *args, cwd: Path) -> subprocess.CompletedProcess:
+def score(registered, *args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     argv = [sys.executable, str(ROOT / "score_archive.py"), *map(str, registered), "--model", MODEL,
             "--alias", "staging", *map(str, args)]
-    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
 
 
 def cli_probabilities(registered, paths: list[Path]) -> dict:
@@ -146,3 +146,55 @@ def test_user_errors_are_one_line(registered, archive, tmp_path):
                        (["--root", archive, "--out", tmp_path / "o", "--actors", "0"], "--actors must be at least 1")):
         done = score(registered, *args, cwd=tmp_path)
         assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.slow("starts a Ray head node (ray start --head), then scores the archive on it")
+def test_a_running_ray_cluster_is_joined_with_address(registered, archive, tmp_path):
+    """`ray start --head` on loopback with a cluster token, as a site starts its cluster's head, and score_archive.py
+    --address HOST:PORT on it with the same token in its environment: the same rows as a local Ray, the run's engine
+    naming the cluster; the head is stopped by the test."""
+    import os
+    import secrets
+    import signal
+    import tempfile
+    import time
+
+    from server_process import free_port
+
+    port, session = free_port(), tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must be short
+    # Ray's token authentication: the token in the environment of the head and of every driver, never in argv
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    ray = Path(sys.executable).parent / "ray"
+    log = open(tmp_path / "head.log", "w")
+    head = subprocess.Popen([str(ray), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+                             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+                             f"--temp-dir={session}"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([str(ray), "status", f"--address=127.0.0.1:{port}"], capture_output=True,
+                             env=env).returncode:
+            assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()[-3000:]
+            time.sleep(1)
+        out, db = tmp_path / "preds.parquet", tmp_path / "audit.db"
+        without = score(registered, "--root", archive, "--out", out, "--database", f"sqlite:///{db}", "--address",
+                        f"127.0.0.1:{port}", cwd=tmp_path, env={k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"})
+        assert without.returncode == 2 and "cannot join the Ray cluster" in without.stderr  # no token: one line
+        assert "Traceback" not in without.stderr
+        done = score(registered, "--root", archive, "--out", out, "--database", f"sqlite:///{db}", "--address",
+                     f"127.0.0.1:{port}", cwd=tmp_path, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        log.close()
+        shutil.rmtree(session, ignore_errors=True)
+    table = read_output(out).to_pylist()
+    assert len(table) == 14 and sum(r["error"] is not None for r in table) == 2
+    [run] = runs(db)
+    assert run["engine"].startswith("ray ") and f"cluster 127.0.0.1:{port}" in run["engine"]
