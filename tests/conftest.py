@@ -25,7 +25,7 @@ CHECKOUT, PROBLEMS = pytest.StashKey[dict](), pytest.StashKey[list]()
 MAX_WORKERS = 4
 # Files that take longest start first, so that the others fill the remaining workers around them.
 LONG_FILES = ("test_original_readme.py", "test_experiments.py", "test_serving.py", "test_review.py",
-              "test_pacs.py", "test_registry.py")
+              "test_archive.py", "test_pacs.py", "test_registry.py")
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
