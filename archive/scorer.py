@@ -4,19 +4,20 @@ the refer flag. Error rows pass through with their error."""
 from __future__ import annotations
 
 import json
-import tempfile
+import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from archive.table import OUTPUT
+from core.fileio import process_temp_dir
 from data.preprocess_numpy import preprocess_numpy
 from deploy.refer import ReferRule
 from deploy.registry import onnx_predictor
 
+MODEL_PREFIX = "brain-mri-scorer-"  # a scorer's copy of the model while its session is built
 # ONNX Runtime's threads spin after each call by default, taking the cores the decoding tasks need
 SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
 
@@ -34,10 +35,15 @@ class Scorer:
 
     def __init__(self, model: ScoringModel, onnx_bytes: bytes):
         what = f"{model.identity['model_name']} v{model.identity['model_version']}"
-        with tempfile.TemporaryDirectory() as tmp:  # the session reads the file once, at creation
-            path = Path(tmp) / "model.onnx"
-            path.write_bytes(onnx_bytes)
-            self.predictor = onnx_predictor(path, model.identity["flavor"], what, SESSION_CONFIG, model.threads)
+        # the session reads the file once, at creation; an actor Ray stops while it starts leaves its folder, which
+        # the next scorer to start removes
+        folder = process_temp_dir(MODEL_PREFIX)
+        try:
+            (folder / "model.onnx").write_bytes(onnx_bytes)
+            self.predictor = onnx_predictor(folder / "model.onnx", model.identity["flavor"], what, SESSION_CONFIG,
+                                            model.threads)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         self.model = model
 
     def __call__(self, batch: pa.Table) -> pa.Table:

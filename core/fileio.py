@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -193,3 +194,27 @@ def describe_holder(text: str) -> str:
         return f"{h['what']} (pid {h['pid']} on {h['host']}, started {h['started']})"
     except (ValueError, KeyError, TypeError):
         return "another process (it has not said who it is yet)"
+
+
+def process_temp_dir(prefix: str) -> Path:
+    """A new private (0700) temporary folder named for this process ("{prefix}{pid}-..."). Those a process of the
+    same prefix left behind when it died without cleaning up (kill -9, power loss) are removed first, so that a
+    server's model copies and uploads do not pile up in the temp folder. Never another living process's folder,
+    never another user's."""
+    root = Path(tempfile.gettempdir())
+    for old in root.glob(prefix + "*"):
+        owner = old.name.removeprefix(prefix).split("-")[0]
+        with contextlib.suppress(OSError, KeyError):  # gone meanwhile, or a uid without a name
+            if old.is_dir() and old.stat().st_uid == os.getuid() and not (owner.isdigit() and pid_alive(int(owner))):
+                shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -1,19 +1,19 @@
 """Start uvicorn on the app: the checks a server makes before it opens a port, then one or N worker processes."""
 from __future__ import annotations
 
-import getpass
 import os
 import shutil
-import tempfile
-from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
+from core.fileio import process_temp_dir
 from deploy.registry import connect, resolve_version
 from serving.app import ExtensionBuilder
 from serving.audit import make_engine, migrate
 from serving.guard import check_bind, read_token
 from serving.options import ServeOptions
+
+METRICS_PREFIX = "brain-mri-metrics-"  # the workers' Prometheus samples, one folder per server
 
 
 def preflight(options: ServeOptions, build: ExtensionBuilder) -> None:
@@ -36,30 +36,6 @@ def preflight(options: ServeOptions, build: ExtensionBuilder) -> None:
         engine.dispose()
 
 
-METRICS_PREFIX = "brain-mri-metrics-"
-
-
-def metrics_folder() -> str:
-    """A new folder for the workers' Prometheus samples, named for this server's pid. Those of servers that died
-    without removing theirs (kill -9, power loss) are removed first, so they do not pile up in the temp folder."""
-    tmp = Path(tempfile.gettempdir())
-    for old in tmp.glob(METRICS_PREFIX + "*"):
-        owner = old.name.removeprefix(METRICS_PREFIX).split("-")[0]
-        if old.is_dir() and old.owner() == getpass.getuser() and not (owner.isdigit() and alive(int(owner))):
-            shutil.rmtree(old, ignore_errors=True)
-    return tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def run_server(options: ServeOptions, build: ExtensionBuilder, factory: str) -> None:
     """`factory`: the import string of the app factory each worker process calls (uvicorn starts workers by
     name), e.g. "serve:worker_app", which builds its extensions with `build`."""
@@ -70,7 +46,7 @@ def run_server(options: ServeOptions, build: ExtensionBuilder, factory: str) -> 
     options.to_env()
     metrics_dir = None
     if s.workers > 1:  # the workers' Prometheus samples meet in one folder
-        metrics_dir = metrics_folder()
+        metrics_dir = str(process_temp_dir(METRICS_PREFIX))
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     where = f"@{options.spec.alias}" if options.spec.alias else f"v{options.spec.version}"
     print(f"🧠 Serving {options.model} {where} on http://{s.host}:{s.port} (API schema: /openapi.json; "

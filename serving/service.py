@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.fileio import process_temp_dir
 from core.hardware import usable_cpus
 from data.images import frame_name
 from deploy.predictors import Outputs
@@ -59,6 +60,9 @@ class Answer:
     rows: list[dict] = field(default_factory=list)          # the audit rows committed for them
 
 
+SERVICE_PREFIX = "brain-mri-serve-"  # the folder of a server process's uploads and model files
+
+
 class NotReady(Exception):
     """No model is loaded yet (or loading failed): 503 until one is."""
 
@@ -73,7 +77,7 @@ class Service:
         self.settings, self.spec = self.cfg.serving, options.spec
         self.audit, self.metrics, self.pixel_store = audit, metrics, pixel_store
         self.client = connect(self.cfg.monitoring.mlflow)
-        self.root = Path(tempfile.mkdtemp(prefix="brain-mri-serve-"))  # 0700: uploads and model files
+        self.root = process_temp_dir(SERVICE_PREFIX)  # 0700: uploads and model files
         (self.root / "uploads").mkdir()
         self.decode_pool = ThreadPoolExecutor(self.settings.decode_threads or usable_cpus(), "decode")
         self.model_pool = ThreadPoolExecutor(1, "model")      # one batch at a time: the runtime uses every core

@@ -33,7 +33,8 @@ class ServerProcess:
     def __init__(self, args: list, workdir: Path, token: str | None = None):
         self.port, self.workdir, self.token = free_port(), Path(workdir), token
         argv = [sys.executable, str(ROOT / "serve.py"), *map(str, args), "--port", str(self.port)]
-        self.start(argv, {**os.environ, "PYTHONUNBUFFERED": "1"})
+        # the server's temp folders (uploads, model copies) in the test's folder: removed with it, even after kill -9
+        self.start(argv, {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(self.workdir)})
 
     @classmethod
     def by_command(cls, argv: list[str], env: dict, workdir: Path, port: int, token: str | None = None):

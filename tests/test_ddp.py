@@ -15,12 +15,17 @@ from core.checkpoint import load_checkpoint
 TRAIN = str(ROOT / "train.py")
 
 
+def ddp_env(tmp_path) -> dict:
+    """One thread per rank, no GPU; torchrun's rendezvous files in the test's folder (a failed run leaves them)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TMPDIR": str(tmp_path)}
+
+
 @pytest.mark.slow("torchrun starts two training processes that meet over gloo")
 def test_torchrun_two_processes_on_cpu(tmp_path, tiny_data):
     overlay = write_overlay(tmp_path, tiny_data, **{"train.epochs": 2, "monitoring.mlflow.enabled": False,
                                                     "models.resnet18.batch_size": 4})
     torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = ddp_env(tmp_path)
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", TRAIN, "--config", str(overlay),
                            "--model", "resnet18"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -37,7 +42,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, tiny_data):
 def test_when_rank_0_fails_first_every_rank_leaves_with_one_line(tmp_path, tiny_data):
     overlay = write_overlay(tmp_path, tmp_path / "no such data set", **{"monitoring.mlflow.enabled": False})
     torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = ddp_env(tmp_path)
     # torchrun looks at its workers every 10 s: a rank still waiting then would be killed (exit code -15)
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2", "--monitor-interval=10", TRAIN,
                            "--config", str(overlay), "--model", "resnet18"], cwd=tmp_path, env=env, capture_output=True,

@@ -92,20 +92,24 @@ def test_serve_py_wires_the_dicom_node_to_the_worklist_of_its_own_process(tmp_pa
     assert [e.name for e in alone] == ["dicom"] and alone[0].on_startup.__self__.worklist is None
 
 
-def test_the_metrics_folders_of_servers_killed_with_9_are_removed_by_the_next_server(tmp_path, monkeypatch):
-    """--workers N keeps the workers' Prometheus samples in a temp folder; a server that died by kill -9 could not
-    remove its own, so the next one does, and never a living server's."""
+def test_the_temp_folders_of_servers_killed_with_9_are_removed_by_the_next_server(tmp_path, monkeypatch):
+    """A server keeps its uploads and model copies (and with --workers N the workers' Prometheus samples) in temp
+    folders named for its pid; one that died by kill -9 could not remove them, so the next server does, and
+    never a living server's."""
     import tempfile
 
-    from serving.runner import METRICS_PREFIX, metrics_folder
+    from core.fileio import process_temp_dir
+    from serving.runner import METRICS_PREFIX
+    from serving.service import SERVICE_PREFIX
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = [tmp_path / f"{METRICS_PREFIX}{dead.stdout.strip()}-abc", tmp_path / f"{METRICS_PREFIX}x1y2z3"]
-    living = tmp_path / f"{METRICS_PREFIX}{os.getppid()}-def"
-    for folder in (*stale, living):
-        folder.mkdir()
-        (folder / "counter_1.db").write_bytes(b"\0" * 16)
-    made = metrics_folder()
-    assert [p.exists() for p in stale] == [False, False] and living.is_dir()
-    assert os.path.basename(made).startswith(f"{METRICS_PREFIX}{os.getpid()}-")
+    for prefix in (SERVICE_PREFIX, METRICS_PREFIX):
+        stale = [tmp_path / f"{prefix}{dead.stdout.strip()}-abc", tmp_path / f"{prefix}x1y2z3"]
+        living = tmp_path / f"{prefix}{os.getppid()}-def"
+        for folder in (*stale, living):
+            (folder / "models").mkdir(parents=True)
+            (folder / "models" / "model.onnx").write_bytes(b"\0" * 16)
+        made = process_temp_dir(prefix)
+        assert [p.exists() for p in stale] == [False, False] and living.is_dir()
+        assert made.name.startswith(f"{prefix}{os.getpid()}-") and made.stat().st_mode & 0o077 == 0
