@@ -41,7 +41,7 @@ class ServerProcess:
         """A server that another command starts (a container's entrypoint), listening on `port`."""
         self = cls.__new__(cls)
         self.port, self.workdir, self.token = port, Path(workdir), token
-        self.start(argv, env)
+        self.start(argv, {**env, "TMPDIR": str(self.workdir)})
         return self
 
     def start(self, argv: list[str], env: dict) -> None:
