@@ -6,10 +6,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import secrets
 import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from server_process import free_port
 
-from conftest import ROOT, run_script, write_dicom
+from conftest import ROOT, run_script, stop_process_group, write_dicom
 
 pytest.importorskip("ray", reason="Ray is optional: pip install -r requirements-scale.txt")
 
@@ -153,14 +158,6 @@ def test_a_running_ray_cluster_is_joined_with_address(registered, archive, tmp_p
     """`ray start --head` on loopback with a cluster token, as a site starts its cluster's head, and score_archive.py
     --address HOST:PORT on it with the same token in its environment: the same rows as a local Ray, the run's engine
     naming the cluster; the head is stopped by the test."""
-    import os
-    import secrets
-    import signal
-    import tempfile
-    import time
-
-    from server_process import free_port
-
     port, session = free_port(), tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must be short
     # Ray's token authentication: the token in the environment of the head and of every driver, never in argv
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
@@ -186,12 +183,7 @@ def test_a_running_ray_cluster_is_joined_with_address(registered, archive, tmp_p
                      f"127.0.0.1:{port}", cwd=tmp_path, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        stop_process_group(head, timeout=90)  # Ray drains for up to 30 s on SIGTERM
         log.close()
         shutil.rmtree(session, ignore_errors=True)
     table = read_output(out).to_pylist()

@@ -11,12 +11,12 @@ import re
 import shlex
 import subprocess
 
-import pytest
 import yaml
 from orthanc_server import Orthanc, requires_orthanc
-from postgres_server import PASSWORD, ROLE, PostgresServer, postgres_bin
+from postgres_server import PASSWORD, ROLE
 from pydicom.uid import generate_uid
 from server_process import ServerProcess, free_port
+from test_audit_db import postgres  # noqa: F401  (a fixture: a throwaway PostgreSQL)
 from test_pacs_series import pictures, upload, wait_for, write_series  # noqa: F401  (pictures: a fixture)
 
 from conftest import ROOT, tool_env
@@ -61,17 +61,6 @@ class Stack:
                 .replace("/data/", f"{self.tmp / 'data'}/"))
 
 
-@pytest.fixture
-def postgres():
-    if postgres_bin() is None:
-        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql)")
-    server = PostgresServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def pgpass_line(host: str, port: int, database: str) -> str:
     """A pgpass line: ':' and '\\' in a field are escaped with '\\' (the password here has a ':')."""
     def field(value) -> str:
@@ -81,7 +70,7 @@ def pgpass_line(host: str, port: int, database: str) -> str:
 
 @requires_orthanc
 def test_the_compose_stack_takes_a_series_from_orthanc_audits_it_in_postgresql_and_sends_results_back(
-        postgres, registered, pictures, tmp_path):  # noqa: F811
+        postgres, registered, pictures, tmp_path):  # noqa: F811 (fixtures imported above)
     compose = yaml.safe_load(COMPOSE.read_text())
     services = compose["services"]
     assert services["server"]["depends_on"].keys() >= {"postgres", "orthanc"}
